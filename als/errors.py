@@ -1,0 +1,42 @@
+"""The exceptions als raises, one family per concern.
+
+Callers at the edges (the FUSE adapter, the CLI) turn these into errno values
+or exit codes; everything below raises them with a message an operator can act
+on.
+"""
+
+
+class ALSError(Exception):
+    """Base class of every error als raises on purpose."""
+
+
+class FormatError(ALSError):
+    """A layer blob, footer or TOC is not what its format promises."""
+
+
+class VerificationError(FormatError):
+    """Content does not match the digest that the manifest or TOC vouches for."""
+
+
+class RegistryError(ALSError):
+    """The registry could not be reached, refused, or answered nonsense."""
+
+
+class AuthError(RegistryError):
+    """The registry refused our credentials or we have none it accepts."""
+
+
+class BlockedError(RegistryError):
+    """registries.conf marks the registry as blocked."""
+
+
+class NotFoundError(RegistryError):
+    """The registry says the manifest or blob does not exist."""
+
+
+class ConfigError(ALSError):
+    """A configuration file has a bad key or value."""
+
+
+class CacheError(ALSError):
+    """The chunk cache could not store or load an entry."""

@@ -1,0 +1,79 @@
+"""The format-neutral table of contents every layer format is parsed into.
+
+eStargz and zstd:chunked describe files and chunks differently (next-offset
+versus end-offset, gzip members versus zstd frames). Parsers normalise both
+into these classes so the layer view and the chunk reader never look at a
+format's JSON again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Entry types, as both formats spell them.
+DIR = "dir"
+REG = "reg"
+SYMLINK = "symlink"
+HARDLINK = "hardlink"
+CHAR = "char"
+BLOCK = "block"
+FIFO = "fifo"
+ENTRY_TYPES = frozenset({DIR, REG, SYMLINK, HARDLINK, CHAR, BLOCK, FIFO})
+
+# Compression of the byte ranges a Chunk points at.
+GZIP = "gzip"
+ZSTD = "zstd"
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One verifiable piece of a regular file.
+
+    ``blob_start``/``blob_end`` bound the compressed bytes to fetch; after
+    decompressing them, ``inner_offset`` bytes are skipped and ``size`` bytes
+    are the chunk, whose sha256 must equal ``digest``. ``zeros`` marks a chunk
+    that is all zero bytes and needs no fetch (zstd:chunked).
+    """
+
+    offset: int  # position of the chunk within the file
+    size: int  # uncompressed length
+    blob_start: int
+    blob_end: int  # exclusive
+    digest: str  # "sha256:<hex>" of the uncompressed chunk
+    inner_offset: int = 0
+    zeros: bool = False
+
+
+@dataclass(slots=True)
+class Entry:
+    """One file system entry of a layer, as the tar stream had it.
+
+    ``name`` is cleaned (no leading "/" or "./", no "..", root is ""). Whiteout
+    and opaque markers (``.wh.*``) are kept as the tar has them: turning them
+    into overlay form is the layer view's job, because it is an overlay
+    concern, not a format one.
+    """
+
+    name: str
+    type: str
+    mode: int = 0  # permission bits including setuid, setgid and sticky (0o7777)
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime: int = 0  # seconds since the epoch
+    linkname: str = ""  # symlink target, or the cleaned name a hard link points at
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    digest: str = ""  # "sha256:<hex>" of the whole content, regular files only
+    chunks: list[Chunk] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class TOC:
+    """A parsed, verified table of contents."""
+
+    entries: list[Entry]
+    digest: str  # the TOC digest the manifest annotation vouches for
+    compression: str  # GZIP or ZSTD: how Chunk byte ranges are compressed
+    data_end: int  # offset where file data ends (start of the TOC): blob bytes beyond it hold no chunk
