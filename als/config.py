@@ -1,0 +1,101 @@
+"""The daemon's TOML configuration, as dataclasses with defaults.
+
+Every key is documented in ``config/config.toml``. Unknown keys and wrong
+types are errors naming the key, because a silently ignored typo in a store
+that sits under every container is worse than a refusal to start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from als.errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/als/config.toml")
+
+
+@dataclass
+class ResolveConfig:
+    timeout: float = 30.0  # seconds a lookup may wait for an image and its layers
+    ttl: float = 120.0  # seconds a resolved tag is trusted before it is resolved again
+    allow_unverified: bool = False  # serve eStargz layers that carry no TOC digest annotation
+    platform: str = ""  # "os/arch[/variant]" picked from an index; empty: this host's
+    tail_size: int = 512 << 10  # bytes read from a blob's end at once, hoping the TOC is in them
+    max_toc_size: int = 64 << 20  # largest (uncompressed) TOC accepted
+
+
+@dataclass
+class RegistryConfig:
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    retries: int = 3  # per request, with exponential backoff
+    registries_conf: str = ""  # override $CONTAINERS_REGISTRIES_CONF / /etc/containers/registries.conf
+
+
+@dataclass
+class CacheConfig:
+    memory_bytes: int = 32 << 20  # in-memory tier of decompressed chunks
+
+
+@dataclass
+class FuseConfig:
+    entry_timeout: float = 3600.0  # content is immutable: let the kernel cache names ...
+    attr_timeout: float = 3600.0  # ... and attributes
+    negative_timeout: float = 60.0  # and misses (Python's import path probing)
+
+
+@dataclass
+class Config:
+    resolve: ResolveConfig = field(default_factory=ResolveConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    fuse: FuseConfig = field(default_factory=FuseConfig)
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read ``path``; None means the default file, which may be missing."""
+    if path is None:
+        if not DEFAULT_CONFIG.exists():
+            return Config()
+        path = DEFAULT_CONFIG
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    return _build(Config, raw, str(path), "")
+
+
+def _build(cls, raw: dict, source: str, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: [{prefix.rstrip('.')}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        f = fields.get(key)
+        if f is None:
+            raise ConfigError(f"{source}: unknown key {prefix}{key}")
+        default = getattr(cls(), key)
+        if dataclasses.is_dataclass(default):
+            values[key] = _build(type(default), value, source, f"{prefix}{key}.")
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise ConfigError(f"{source}: {prefix}{key} must be a {type(default).__name__}, not {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"{source}: {prefix}{key} must not be negative")
+        values[key] = value
+    return cls(**values)

@@ -1,0 +1,84 @@
+"""`als serve`: wire config, registry, cache and store together and mount them."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+from als.cache import ChunkCache
+from als.config import load_config
+from als.errors import ALSError
+from als.fetch import ChunkFetcher
+from als.fusefs import ALSFuse
+from als.registry.client import RegistryClient
+from als.registry.sysregistries import RegistriesConf
+from als.state import StateDir
+from als.store import Store
+
+log = logging.getLogger("als")
+
+
+def clear_stale_mount(mountpoint: Path) -> None:
+    """Lazily unmount a FUSE mount whose daemon died ("Transport endpoint is not connected")."""
+    try:
+        os.stat(mountpoint)
+        return
+    except OSError as e:
+        if e.errno != errno.ENOTCONN:
+            return
+    log.warning("clearing the stale mount on %s left by a store that died", mountpoint)
+    for cmd in (["fusermount3", "-u", "-z", str(mountpoint)], ["fusermount", "-u", "-z", str(mountpoint)],
+                ["umount", "-l", str(mountpoint)]):
+        try:
+            if subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0:
+                return
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    raise ALSError(f"cannot clear the stale mount on {mountpoint}")
+
+
+def fuse_options(config) -> list[str]:
+    f = config.fuse
+    return [
+        "allow_other",  # the engine, conmon and containers are not always the mounting user
+        "default_permissions",  # the kernel enforces each file's mode bits
+        "use_ino",  # our inode numbers: hard links share one
+        "suid", "dev",  # setuid binaries and device nodes in images work as after a normal pull
+        "kernel_cache",  # content never changes: keep pages across opens
+        "fsname=als", "subtype=als",
+        f"entry_timeout={f.entry_timeout:g}", f"attr_timeout={f.attr_timeout:g}",
+        f"negative_timeout={f.negative_timeout:g}",
+        "max_read=1048576",
+    ]
+
+
+def build_store(root: Path, config) -> Store:
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    registries = RegistriesConf.load(config.registry.registries_conf or None)
+    client = RegistryClient(registries, connect_timeout=config.registry.connect_timeout,
+                            read_timeout=config.registry.read_timeout, retries=config.registry.retries)
+    cache = ChunkCache(root / "cache", memory_bytes=config.cache.memory_bytes)
+    return Store(config, client, ChunkFetcher(cache), StateDir(root / "state"))
+
+
+def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
+    config = load_config(config_path)
+    clear_stale_mount(mountpoint)
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    store = build_store(root, config)
+    server = ALSFuse(store, usage="als serve", dash_s_do="setsingle")
+    server.multithreaded = True
+    server.fuse_args.mountpoint = str(mountpoint)
+    server.fuse_args.setmod("foreground")
+    for opt in fuse_options(config):
+        server.fuse_args.add(opt)
+    log.info("serving the additional layer store at %s (cache and state in %s)", mountpoint, root)
+    try:
+        server.main()
+    finally:
+        store.close()
+    log.info("unmounted %s", mountpoint)
+    return 0

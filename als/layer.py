@@ -1,0 +1,219 @@
+"""The layer view: an immutable file tree built once from a parsed TOC.
+
+Everything a FUSE lookup, getattr, readdir, readlink or getxattr needs is
+computed here at resolve time (overlay whiteouts and opaque markers, hard link
+counts, inode numbers), so those operations are dictionary lookups with no I/O.
+Reads only need the node's chunk list; the chunk reader fetches the bytes.
+
+The tree follows tar extraction semantics (a later entry replaces an earlier
+one of the same name) but refuses anything that could reach outside the layer:
+names are already cleaned by the format parser, entries below a non-directory
+(a path through a symlink) and hard links to missing or non-regular entries
+are dropped with a logged reason.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+
+from als.formats import toc as T
+
+log = logging.getLogger("als.layer")
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+HIDDEN_AT_ROOT = frozenset({".prefetch.landmark", ".no.prefetch.landmark", "stargz.index.json"})
+OPAQUE_XATTRS = {"trusted.overlay.opaque": b"y", "user.overlay.opaque": b"y"}
+DIR_SIZE = 4096  # what ext4/xfs report, so `ls -l` matches a normally pulled layer
+
+_TYPE_BITS = {
+    T.DIR: stat.S_IFDIR,
+    T.REG: stat.S_IFREG,
+    T.SYMLINK: stat.S_IFLNK,
+    T.CHAR: stat.S_IFCHR,
+    T.BLOCK: stat.S_IFBLK,
+    T.FIFO: stat.S_IFIFO,
+}
+
+
+@dataclass(eq=False, slots=True)
+class Node:
+    """One inode of the layer; hard links are one Node under several names."""
+
+    ino: int
+    mode: int  # full st_mode: type bits | permission bits
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime: int = 0
+    nlink: int = 1
+    rdev: int = 0
+    target: str = ""  # symlink target
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    children: dict[str, "Node"] | None = None  # directories only
+    chunks: list[T.Chunk] = field(default_factory=list)
+    chunk_offsets: list[int] = field(default_factory=list)  # for bisect
+
+    @property
+    def is_dir(self) -> bool:
+        return self.children is not None
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    def chunks_for(self, offset: int, size: int) -> list[T.Chunk]:
+        """The chunks that cover file bytes [offset, offset+size)."""
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return []
+        i = max(bisect.bisect_right(self.chunk_offsets, offset) - 1, 0)
+        out = []
+        while i < len(self.chunks) and self.chunks[i].offset < end:
+            out.append(self.chunks[i])
+            i += 1
+        return out
+
+
+class LayerView:
+    """The tree of one layer. ``ino_base`` keeps inode numbers unique across layers."""
+
+    def __init__(self, entries: list[T.Entry], ino_base: int = 0, label: str = "layer"):
+        self._next_ino = ino_base + 1
+        self.label = label
+        self.root = self._new_node(stat.S_IFDIR | 0o755, children={})
+        self.rejected: list[str] = []
+        self.file_count = 0
+        self._build(entries)
+
+    # ---- building ---------------------------------------------------------------
+    def _new_node(self, mode: int, **kw) -> Node:
+        node = Node(ino=self._next_ino, mode=mode, **kw)
+        self._next_ino += 1
+        return node
+
+    def _reject(self, name: str, why: str) -> None:
+        self.rejected.append(f"{name}: {why}")
+        log.warning("%s: ignoring TOC entry %r: %s", self.label, name, why)
+
+    def _parent_of(self, parts: list[str], name: str) -> Node | None:
+        """The directory that will hold ``parts[-1]``, creating missing ones like tar does."""
+        node = self.root
+        for part in parts[:-1]:
+            child = node.children.get(part)
+            if child is None:
+                child = self._new_node(stat.S_IFDIR | 0o755, children={})
+                node.children[part] = child
+            elif not child.is_dir:
+                self._reject(name, "a parent path component is not a directory")
+                return None
+            node = child
+        return node
+
+    def _build(self, entries: list[T.Entry]) -> None:
+        by_name: dict[str, Node] = {"": self.root}
+        opaque: list[Node] = []
+        whiteouts: list[tuple[Node, str]] = []
+        for e in entries:
+            if e.name == "":
+                self._apply_meta(self.root, e)
+                continue
+            parts = e.name.split("/")
+            base = parts[-1]
+            if len(parts) == 1 and base in HIDDEN_AT_ROOT:
+                continue
+            parent = self._parent_of(parts, e.name)
+            if parent is None:
+                continue
+            if base == OPAQUE_MARKER:
+                opaque.append(parent)
+                continue
+            if base.startswith(WHITEOUT_PREFIX):
+                whiteouts.append((parent, base[len(WHITEOUT_PREFIX):]))
+                continue
+            node = self._node_for(e, by_name)
+            if node is None:
+                continue
+            old = parent.children.get(base)
+            if old is not None and old.is_dir and node.is_dir:
+                # tar semantics: a repeated directory updates metadata, keeps contents
+                self._apply_meta(old, e)
+                by_name[e.name] = old
+                continue
+            if old is not None and not old.is_dir:
+                old.nlink -= 1
+            parent.children[base] = node
+            by_name[e.name] = node
+        for parent, name in whiteouts:
+            # a real entry of the same name in this layer wins over its whiteout
+            if name and name not in parent.children:
+                parent.children[name] = self._new_node(stat.S_IFCHR, rdev=0)
+        for d in opaque:
+            d.xattrs.update(OPAQUE_XATTRS)
+        self._count_dir_links(self.root)
+
+    def _apply_meta(self, node: Node, e: T.Entry) -> None:
+        node.mode = stat.S_IFMT(node.mode) | (e.mode & 0o7777)
+        node.uid, node.gid, node.mtime = e.uid, e.gid, e.mtime
+        node.xattrs = dict(e.xattrs)
+
+    def _node_for(self, e: T.Entry, by_name: dict[str, Node]) -> Node | None:
+        if e.type == T.HARDLINK:
+            target = by_name.get(e.linkname)
+            if target is None:
+                self._reject(e.name, f"hard link to {e.linkname!r}, which is not an earlier entry")
+                return None
+            if target.is_dir:
+                self._reject(e.name, "hard link to a directory")
+                return None
+            target.nlink += 1
+            return target
+        bits = _TYPE_BITS.get(e.type)
+        if bits is None:
+            self._reject(e.name, f"unknown entry type {e.type!r}")
+            return None
+        node = self._new_node(bits | (e.mode & 0o7777), uid=e.uid, gid=e.gid, mtime=e.mtime,
+                              xattrs=dict(e.xattrs))
+        if e.type == T.DIR:
+            node.children = {}
+            node.size = DIR_SIZE
+        elif e.type == T.REG:
+            node.size = e.size
+            node.chunks = list(e.chunks)
+            node.chunk_offsets = [c.offset for c in e.chunks]
+            self.file_count += 1
+        elif e.type == T.SYMLINK:
+            node.target = e.linkname
+            node.size = len(e.linkname.encode("utf-8", "surrogateescape"))
+        elif e.type in (T.CHAR, T.BLOCK):
+            node.rdev = os.makedev(e.devmajor, e.devminor)
+        return node
+
+    def _count_dir_links(self, root: Node) -> None:
+        root.size = DIR_SIZE
+        stack = [root]
+        while stack:
+            d = stack.pop()
+            subdirs = [c for c in d.children.values() if c.is_dir]
+            d.nlink = 2 + len(subdirs)
+            stack.extend(subdirs)
+
+    # ---- queries ------------------------------------------------------------------
+    def lookup(self, parts: list[str]) -> Node | None:
+        """The node at ``parts`` below the root, or None. Never follows symlinks."""
+        node = self.root
+        for part in parts:
+            if node.children is None:
+                return None
+            node = node.children.get(part)
+            if node is None:
+                return None
+        return node
+
+    @property
+    def max_ino(self) -> int:
+        return self._next_ino - 1

@@ -1,0 +1,90 @@
+"""What the store remembers across restarts: manifests, configs and TOCs.
+
+Podman bakes ``<mount>/<ref>/<digest>/diff`` into its graph root for good, so
+after a restart the store must answer for layers of tags that may have moved
+since, and should not need the registry just to rebuild a layer's tree. Small
+immutable metadata is kept here, keyed by digest, and checked against that
+digest whenever it is read back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+from als.cache import sha256_digest
+
+log = logging.getLogger("als.state")
+
+
+class StateDir:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        for sub in ("blobs", "tocs", "refs"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _hex(digest: str) -> str:
+        algo, _, h = digest.partition(":")
+        if algo != "sha256" or len(h) != 64:
+            raise ValueError(f"not a sha256 digest: {digest!r}")
+        return h
+
+    def _write(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(f".{path.name}.{threading.get_ident()}")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            log.warning("cannot save %s: %s", path, e)
+
+    def put_blob(self, digest: str, data: bytes) -> None:
+        """Keep a manifest or config (the caller has verified ``data`` against ``digest``)."""
+        path = self.root / "blobs" / self._hex(digest)
+        if not path.exists():
+            self._write(path, data)
+
+    def get_blob(self, digest: str) -> bytes | None:
+        try:
+            data = (self.root / "blobs" / self._hex(digest)).read_bytes()
+        except OSError:
+            return None
+        return data if sha256_digest(data) == digest else None
+
+    def put_toc(self, toc_digest: str, toc_offset: int, member: bytes) -> None:
+        """Keep a TOC's raw bytes and blob offset; parsing them again verifies the digest."""
+        path = self.root / "tocs" / self._hex(toc_digest)
+        if not path.exists():
+            self._write(path, b"%d\n" % toc_offset + member)
+
+    def get_toc(self, toc_digest: str) -> tuple[int, bytes] | None:
+        """``(toc_offset, member)`` as saved by ``put_toc``, or None."""
+        try:
+            data = (self.root / "tocs" / self._hex(toc_digest)).read_bytes()
+            offset, _, member = data.partition(b"\n")
+            return int(offset), member
+        except (OSError, ValueError):
+            return None
+
+    def _ref_file(self, ref: str) -> Path:
+        return self.root / "refs" / hashlib.sha256(ref.encode()).hexdigest()
+
+    def add_manifest(self, ref: str, manifest_digest: str) -> None:
+        """Record that ``ref`` once resolved to ``manifest_digest``."""
+        with self._lock:
+            known = self.manifests(ref)
+            if manifest_digest not in known:
+                self._write(self._ref_file(ref), "\n".join([manifest_digest, *known]).encode())
+
+    def manifests(self, ref: str) -> list[str]:
+        """Manifest digests ``ref`` resolved to, newest first."""
+        try:
+            text = self._ref_file(ref).read_text()
+        except OSError:
+            return []
+        return [line for line in text.splitlines() if line.startswith("sha256:")]
