@@ -11,7 +11,7 @@ in one chunk without re-reading and re-hashing it.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
 import os
 import threading
@@ -19,18 +19,9 @@ from pathlib import Path
 
 from cachetools import LRUCache
 
+from als.digest import hex_of, sha256_digest
+
 log = logging.getLogger("als.cache")
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def _hex_of(digest: str) -> str:
-    algo, _, hexpart = digest.partition(":")
-    if algo != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
-        raise ValueError(f"not a sha256 digest: {digest!r}")
-    return hexpart
 
 
 class ChunkCache:
@@ -46,7 +37,7 @@ class ChunkCache:
         self.hits = self.misses = self.corrupt = 0
 
     def path(self, digest: str) -> Path:
-        h = _hex_of(digest)
+        h = hex_of(digest)
         return self.dir / h[:2] / h
 
     def get(self, digest: str) -> bytes | None:
@@ -88,7 +79,8 @@ class ChunkCache:
                 f.write(data)
             os.replace(tmp, path)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             log.warning("chunk cache: cannot store %s (%s); serving it from memory", digest, e)
 
     def _remember(self, digest: str, data: bytes) -> None:

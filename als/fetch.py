@@ -17,7 +17,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Callable
 
-from als.cache import ChunkCache, sha256_digest
+from als.cache import ChunkCache
+from als.digest import sha256_digest
 from als.errors import FormatError, RegistryError, VerificationError
 from als.formats import estargz
 from als.formats import toc as T

@@ -29,7 +29,8 @@ import fuse
 from als.errors import ALSError
 from als.fetch import ChunkFetcher
 from als.layer import Node
-from als.store import BlobReader, Layer, LayerUnavailable, Store, decode_ref, is_digest
+from als.digest import is_sha256
+from als.store import BlobReader, Layer, LayerUnavailable, Store, decode_ref
 
 fuse.fuse_python_api = (0, 2)
 log = logging.getLogger("als.fuse")
@@ -111,7 +112,7 @@ class ALSFuse(fuse.Fuse):
                 raise OSError(errno.ENOENT, path)
         if len(parts) > 1:
             digest = parts[1]
-            if not is_digest(digest):
+            if not is_sha256(digest):
                 raise OSError(errno.ENOENT, path)
         if len(parts) > 2:
             name = parts[2]
@@ -232,7 +233,7 @@ class ALSFuse(fuse.Fuse):
         xattrs = self._xattrs(path)
         if name not in xattrs:
             return -errno.ENODATA
-        value = xattrs[name]
+        value = xattrs[name].decode("ascii")  # the layer view admits ASCII values only
         if size == 0:
             return len(value)
         if size < len(value):

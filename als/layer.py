@@ -87,6 +87,7 @@ class LayerView:
         self.label = label
         self.root = self._new_node(stat.S_IFDIR | 0o755, children={})
         self.rejected: list[str] = []
+        self.unservable: list[str] = []  # reasons the FUSE binding cannot present this layer faithfully
         self.file_count = 0
         self._build(entries)
 
@@ -161,7 +162,20 @@ class LayerView:
         node.uid, node.gid, node.mtime = e.uid, e.gid, e.mtime
         node.xattrs = dict(e.xattrs)
 
+    def _check_presentable(self, e: T.Entry) -> None:
+        """fuse-python passes names as UTF-8 and xattr values as str measured in characters,
+        so only ASCII values arrive intact; such a layer is declined rather than served wrong."""
+        try:
+            e.name.encode("utf-8")
+            e.linkname.encode("utf-8")
+        except UnicodeEncodeError:
+            self.unservable.append(f"{e.name!r}: name is not valid UTF-8")
+        for key, value in e.xattrs.items():
+            if not (key.isascii() and value.isascii()):
+                self.unservable.append(f"{e.name}: xattr {key} has a non-ASCII value")
+
     def _node_for(self, e: T.Entry, by_name: dict[str, Node]) -> Node | None:
+        self._check_presentable(e)
         if e.type == T.HARDLINK:
             target = by_name.get(e.linkname)
             if target is None:

@@ -9,13 +9,14 @@ digest whenever it is read back.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import threading
 from pathlib import Path
 
-from als.cache import sha256_digest
+from als.digest import hex_of, sha256_digest
 
 log = logging.getLogger("als.state")
 
@@ -27,45 +28,39 @@ class StateDir:
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _hex(digest: str) -> str:
-        algo, _, h = digest.partition(":")
-        if algo != "sha256" or len(h) != 64:
-            raise ValueError(f"not a sha256 digest: {digest!r}")
-        return h
-
     def _write(self, path: Path, data: bytes) -> None:
         tmp = path.with_name(f".{path.name}.{threading.get_ident()}")
         try:
             tmp.write_bytes(data)
             os.replace(tmp, path)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             log.warning("cannot save %s: %s", path, e)
 
     def put_blob(self, digest: str, data: bytes) -> None:
         """Keep a manifest or config (the caller has verified ``data`` against ``digest``)."""
-        path = self.root / "blobs" / self._hex(digest)
+        path = self.root / "blobs" / hex_of(digest)
         if not path.exists():
             self._write(path, data)
 
     def get_blob(self, digest: str) -> bytes | None:
         try:
-            data = (self.root / "blobs" / self._hex(digest)).read_bytes()
+            data = (self.root / "blobs" / hex_of(digest)).read_bytes()
         except OSError:
             return None
         return data if sha256_digest(data) == digest else None
 
     def put_toc(self, toc_digest: str, toc_offset: int, member: bytes) -> None:
         """Keep a TOC's raw bytes and blob offset; parsing them again verifies the digest."""
-        path = self.root / "tocs" / self._hex(toc_digest)
+        path = self.root / "tocs" / hex_of(toc_digest)
         if not path.exists():
             self._write(path, b"%d\n" % toc_offset + member)
 
     def get_toc(self, toc_digest: str) -> tuple[int, bytes] | None:
         """``(toc_offset, member)`` as saved by ``put_toc``, or None."""
         try:
-            data = (self.root / "tocs" / self._hex(toc_digest)).read_bytes()
+            data = (self.root / "tocs" / hex_of(toc_digest)).read_bytes()
             offset, _, member = data.partition(b"\n")
             return int(offset), member
         except (OSError, ValueError):

@@ -124,11 +124,6 @@ def decode_ref(name: str) -> str | None:
     return ref
 
 
-def is_digest(name: str) -> bool:
-    algo, _, hexpart = name.partition(":")
-    return algo == "sha256" and len(hexpart) == 64 and all(c in "0123456789abcdef" for c in hexpart)
-
-
 def host_platform() -> tuple[str, str, str]:
     machine = platform.machine().lower()
     arch, variant = {"x86_64": ("amd64", ""), "amd64": ("amd64", ""), "aarch64": ("arm64", "v8"),
@@ -355,6 +350,9 @@ class Store:
             layer_id = self._next_layer_id
             self._next_layer_id += 1
         view = LayerView(toc.entries, ino_base=layer_id << 32, label=label)
+        if view.unservable:
+            raise FormatError(f"it cannot be presented faithfully over FUSE ({len(view.unservable)} entries, "
+                              f"first: {view.unservable[0]})")
         source = BlobSource(label=label, read_range=read_range, compression=toc.compression)
         return Layer(ref=ref, desc=desc, toc_digest=toc.digest, diff_size=diff_size, view=view, source=source)
 

@@ -105,7 +105,7 @@ def default_auth_files() -> list[AuthFile]:
 
 def normalize_registry(host: str) -> str:
     """The auth-file spelling of a registry host: Docker Hub's many names become docker.io."""
-    host = host.strip().rstrip("/").lower() if "/" not in host else host.strip().rstrip("/")
+    host = host.strip().rstrip("/")
     return DOCKER_HUB if host.lower() in _DOCKER_HUB_ALIASES else host
 
 
@@ -247,10 +247,7 @@ def parse_challenges(header: str) -> list[Challenge]:
             name = token()
             skip(" \t")
             if not name or i >= n or header[i] != "=":
-                i = save  # not a parameter: the next challenge (or a token68) starts here
-                if name and (i + len(name) >= n or header[i + len(name)] in " \t,"):
-                    # token68 such as "Basic abc==" is not used by registries; skip it
-                    pass
+                i = save  # not a parameter: the next challenge starts here
                 break
             i += 1
             skip(" \t")
@@ -295,6 +292,7 @@ class _Hint:
     service: str = ""
     scope: str = ""
     insecure: bool = False
+    basic: str = field(default="", repr=False)  # the Basic header value, for scheme "basic"
 
 
 CredentialLookup = Callable[[str, str], "Credentials | None"]
@@ -329,10 +327,9 @@ class Authenticator:
         if hint is None:
             return None
         if hint.scheme == "basic":
-            creds = self._credentials(host, repository)
-            return _basic(creds) if creds and creds.username else None
-        token = self._token(hint, host, repository, fetch=False)
-        return f"Bearer {token}" if token else None
+            return hint.basic or None
+        # Known realm: an expired token is fetched again without waiting for a 401.
+        return f"Bearer {self._token(hint, host, repository)}"
 
     def answer(self, host: str, repository: str, actions: str, header: str,
                insecure: bool, stale: str | None = None) -> str:
@@ -342,24 +339,32 @@ class Authenticator:
         equal to it is dropped first. Raises AuthError if we cannot answer.
         """
         challenges = {c.scheme: c for c in parse_challenges(header or "")}
-        if stale:
-            self.forget(host, repository, actions, stale)
         if "bearer" in challenges and challenges["bearer"].params.get("realm"):
             c = challenges["bearer"]
             scope = c.params.get("scope") or f"repository:{repository}:{actions}"
             hint = _Hint("bearer", c.params["realm"], c.params.get("service", ""), scope, insecure)
-            token = self._token(hint, host, repository, fetch=True)
+            with self._lock:
+                old = self._hints.get((host, repository, actions))
+            # A token refused for the scope it was issued for is dead; one refused
+            # because the request needs a wider scope stays good for its own scope.
+            if stale and (old is None or (old.realm, old.service, old.scope) ==
+                          (hint.realm, hint.service, hint.scope)):
+                self._drop_token((hint.realm, hint.service, hint.scope), stale)
+            token = self._token(hint, host, repository)
             with self._lock:
                 self._hints[(host, repository, actions)] = hint
             return f"Bearer {token}"
+        if stale:
+            self.forget(host, repository, actions, stale)
         if "basic" in challenges:
             creds = self._credentials(host, repository)
             if creds is None or not creds.username:
                 raise AuthError(f"registry {host} requires a login for repository {repository} "
                                 "and no credentials for it were found in the auth files")
+            header = _basic(creds)
             with self._lock:
-                self._hints[(host, repository, actions)] = _Hint("basic")
-            return _basic(creds)
+                self._hints[(host, repository, actions)] = _Hint("basic", basic=header)
+            return header
         raise AuthError(f"registry {host} refused access to repository {repository} with an "
                         f"authentication challenge als does not support ({header!r:.80})")
 
@@ -372,18 +377,24 @@ class Authenticator:
                 tok = self._tokens.get(key)
                 if tok is not None and (stale is None or stale == f"Bearer {tok.value}"):
                     del self._tokens[key]
+            elif hint is not None and (stale is None or stale == hint.basic):
+                del self._hints[(host, repository, actions)]
+
+    def _drop_token(self, key: tuple[str, str, str], stale: str) -> None:
+        with self._lock:
+            tok = self._tokens.get(key)
+            if tok is not None and stale == f"Bearer {tok.value}":
+                del self._tokens[key]
 
     # -- token service --------------------------------------------------------
-    def _token(self, hint: _Hint, host: str, repository: str, fetch: bool) -> str | None:
+    def _token(self, hint: _Hint, host: str, repository: str) -> str:
+        """The cached token for ``hint``, or a freshly fetched one (one fetch per key at a time)."""
         key = (hint.realm, hint.service, hint.scope)
         with self._lock:
             tok = self._tokens.get(key)
             if tok and tok.expires > time.monotonic():
                 return tok.value
             lock = self._fetching.setdefault(key, threading.Lock())
-        if not fetch and tok is None:
-            # Known realm, token expired or dropped: fetch again without waiting for a 401.
-            pass
         with lock:
             with self._lock:
                 tok = self._tokens.get(key)
@@ -411,7 +422,8 @@ class Authenticator:
         headers = {"User-Agent": self._user_agent}
         kwargs = dict(timeout=self._timeout, verify=not hint.insecure, headers=headers,
                       allow_redirects=True)
-        self.token_fetches += 1
+        with self._lock:
+            self.token_fetches += 1
         log.debug("asking token service %s for %s as %s", realm.netloc, hint.scope, who)
         try:
             if creds is not None and creds.identity_token:

@@ -302,6 +302,9 @@ def _bool(t: dict, key: str, source: str) -> bool:
 def _check_location(value: str, source: str, what: str, rewrite: bool = False) -> str:
     if "://" in value:
         raise ConfigError(f"{source}: {what} {value!r} must not contain a URL scheme")
+    if "*" in value:
+        raise ConfigError(f"{source}: {what} {value!r}: a wildcard is allowed only as a whole "
+                          "'*.example.com' prefix")
     if not _LOCATION.fullmatch(value):
         raise ConfigError(f"{source}: {what} {value!r} is not host[:port][/path]")
     if rewrite and _has_tag_or_digest(value):

@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -82,8 +83,7 @@ def _check_mountpoint(path: str) -> None:
         raise FileNotFoundError(
             f"additional layer store {path!r} is not usable ({e}); Podman would fail on "
             f"every storage operation (clear a dead mount with `fusermount -u -z {path}`)") from e
-    import stat as _stat
-    if not _stat.S_ISDIR(st.st_mode):
+    if not stat.S_ISDIR(st.st_mode):
         raise NotADirectoryError(f"additional layer store {path!r} is not a directory")
 
 
@@ -119,6 +119,8 @@ class Podman:
                  pid_namespace: bool = True,
                  keep: bool = False,
                  podman_bin: str = PODMAN_BIN):
+        if additional_layer_store is not None:
+            _check_mountpoint(str(additional_layer_store))  # before creating anything
         if workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="als-podman-"))
             self._own_workdir = True
@@ -158,8 +160,6 @@ class Podman:
         self.registries_conf = self.conf_dir / "registries.conf"
         self.auth_file = self.conf_dir / "auth.json"
         self._write_configs()
-        if self.additional_layer_store is not None:
-            _check_mountpoint(self.additional_layer_store)
 
     # ------------------------------------------------------------------ config
     def _write_configs(self) -> None:
@@ -295,9 +295,14 @@ class Podman:
         out = self.run("import", "--quiet", *extra, str(tar_path), ref).stdout.split()
         return out[-1] if out else ""
 
-    def load(self, archive: str | os.PathLike) -> str:
-        """``podman load -i`` a docker-archive / oci-archive; returns podman's output."""
-        return self.run("load", "-i", str(archive)).stdout
+    def load(self, archive: str | os.PathLike) -> list[str]:
+        """``podman load -i`` a docker-archive / oci-archive; returns the loaded names."""
+        out = self.run("load", "-i", str(archive)).stdout
+        names = []
+        for line in out.splitlines():
+            if line.startswith("Loaded image"):
+                names += [n.strip() for n in line.split(":", 1)[1].split(",") if n.strip()]
+        return names
 
     def rmi(self, *refs: str, force: bool = True) -> None:
         self.run("rmi", *(["--force"] if force else []), *refs)

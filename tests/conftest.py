@@ -1,0 +1,32 @@
+"""Shared fixtures: a real registry, a client for it, and a real `als serve` mount."""
+
+from __future__ import annotations
+
+import pytest
+
+from als.registry.client import RegistryClient
+from als.registry.sysregistries import RegistriesConf
+from tests.support.registry import RegistryProcess
+from tests.support.store_process import StoreProcess, write_registries_conf
+
+
+@pytest.fixture(scope="module")
+def registry():
+    with RegistryProcess() as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def registries_conf(registry, tmp_path_factory):
+    return write_registries_conf(tmp_path_factory.mktemp("conf") / "registries.conf", [registry.host])
+
+
+@pytest.fixture(scope="module")
+def client(registries_conf):
+    return RegistryClient(RegistriesConf.load(str(registries_conf)), retries=1)
+
+
+@pytest.fixture(scope="module")
+def store(registries_conf, tmp_path_factory):
+    with StoreProcess(tmp_path_factory.mktemp("als"), registries_conf=registries_conf) as s:
+        yield s

@@ -1,0 +1,102 @@
+"""`als serve` as a real process with a real FUSE mount, for tests, demo and bench."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def is_mounted(path: Path) -> bool:
+    target = str(Path(path).resolve())
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
+def force_unmount(path: Path) -> None:
+    for cmd in (["fusermount3", "-u", "-z", str(path)], ["umount", "-l", str(path)]):
+        if not is_mounted(path):
+            return
+        subprocess.run(cmd, capture_output=True, timeout=30)
+
+
+def write_registries_conf(path: Path, insecure_hosts: list[str]) -> Path:
+    path.write_text("".join(f'[[registry]]\nlocation = "{h}"\ninsecure = true\n\n' for h in insecure_hosts))
+    return path
+
+
+class StoreProcess:
+    """Runs ``python -m als serve`` on ``mountpoint``; ``stop()`` ends it and clears the mount."""
+
+    def __init__(self, workdir: Path, *, registries_conf: Path | None = None, config: str = "",
+                 log_level: str = "debug", env: dict | None = None):
+        self.workdir = Path(workdir)
+        self.mountpoint = self.workdir / "store"
+        self.root = self.workdir / "root"
+        self.log_path = self.workdir / "als.log"
+        self.config_path = self.workdir / "config.toml"
+        self.config_path.write_text(config)
+        self.registries_conf = registries_conf
+        self.log_level = log_level
+        self.env = env or {}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 20.0) -> "StoreProcess":
+        env = dict(os.environ, PYTHONPATH=str(REPO), **self.env)
+        if self.registries_conf:
+            env["CONTAINERS_REGISTRIES_CONF"] = str(self.registries_conf)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "als", "serve", "--root", str(self.root), "--config", str(self.config_path),
+             "--log-level", self.log_level, str(self.mountpoint)],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, cwd=REPO)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"als serve exited {self.proc.returncode}: {self.log()[-3000:]}")
+            if is_mounted(self.mountpoint):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"als serve did not mount in {timeout}s: {self.log()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        rc = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(sig)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout)
+            rc = self.proc.returncode
+            self.proc = None
+        force_unmount(self.mountpoint)
+        return rc
+
+    def kill(self) -> None:
+        """SIGKILL, leaving the dead mount behind as a crash would."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def layer_dir(self, ref: str, digest: str) -> Path:
+        return self.mountpoint / base64.b64encode(ref.encode()).decode() / digest
+
+    def __enter__(self) -> "StoreProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

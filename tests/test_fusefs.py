@@ -1,0 +1,210 @@
+"""The store through a real FUSE mount, fed by a real registry.
+
+A multi-layer eStargz image exercising every entry type is pushed to
+docker-registry; `als serve` mounts the store; the tests walk `diff/` and
+compare it with the source tars entry by entry, and check `info`, `blob`,
+`use`/`rmdir` and the decline path the way containers/storage uses them.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import io
+import json
+import os
+import stat
+import tarfile
+
+import pytest
+
+from als.formats import estargz
+from als.image import estargz_layer, gzip_layer, push_image
+from als.reference import parse_reference
+from tests.support import images
+
+CHUNK = 256 << 10
+
+
+@pytest.fixture(scope="module")
+def tree_image(registry, client):
+    tars = images.tree_layers()
+    layers = [estargz_layer(io.BytesIO(t), chunk_size=CHUNK) for t in tars]
+    ref = f"{registry.host}/tree:esgz"
+    push_image(client, parse_reference(ref), layers)
+    return ref, tars, layers
+
+
+@pytest.fixture(scope="module")
+def plain_image(registry, client):
+    tars = images.tree_layers()[:1]
+    layers = [gzip_layer(t) for t in tars]
+    ref = f"{registry.host}/tree:gzip"
+    push_image(client, parse_reference(ref), layers)
+    return ref, layers
+
+
+def blob_bytes(layer) -> bytes:
+    layer.blob.seek(0)
+    return layer.blob.read()
+
+
+# ---- what a layer should look like, from its tar --------------------------------------
+def expected_tree(tar_bytes: bytes) -> dict[str, tuple]:
+    """path -> comparable tuple, after overlay conversion of whiteouts and opaque markers."""
+    out: dict[str, tuple] = {}
+    contents: dict[str, bytes] = {}
+    links: dict[str, str] = {}
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tf:
+        for m in tf.getmembers():
+            name = os.path.normpath("/" + m.name).lstrip("/")
+            if not name:
+                continue
+            parent, base = os.path.split(name)
+            if base == ".wh..wh..opq":
+                out[parent] = out[parent][:-1] + ({"trusted.overlay.opaque": b"y", "user.overlay.opaque": b"y"},)
+                continue
+            if base.startswith(".wh."):
+                wpath = os.path.join(parent, base[4:])
+                out.setdefault(wpath, ("char", 0, 0, 0, 0, (0, 0), "", None, {}))
+                continue
+            xattrs = {k[len("SCHILY.xattr."):]: v.encode("utf-8", "surrogateescape")
+                      for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")}
+            if m.islnk():
+                target = os.path.normpath("/" + m.linkname).lstrip("/")
+                links[name] = target
+                out[name] = out[target]
+                continue
+            kind = {tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.CHRTYPE: "char",
+                    tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo"}.get(m.type, "reg")
+            digest = None
+            if kind == "reg":
+                contents[name] = tf.extractfile(m).read()
+                digest = hashlib.sha256(contents[name]).hexdigest()
+            dev = (m.devmajor, m.devminor) if kind in ("char", "block") else (0, 0)
+            out[name] = (kind, m.mode & 0o7777, m.uid, m.gid, int(m.mtime), dev,
+                         m.linkname if kind == "symlink" else "", digest, xattrs)
+    return out
+
+
+def actual_tree(diff: str) -> tuple[dict[str, tuple], dict[str, os.stat_result]]:
+    out, stats = {}, {}
+    for dirpath, dirnames, filenames in os.walk(diff):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            rel = os.path.relpath(p, diff)
+            st = os.lstat(p)
+            stats[rel] = st
+            kind = {stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "char",
+                    stat.S_IFBLK: "block", stat.S_IFIFO: "fifo", stat.S_IFREG: "reg"}[stat.S_IFMT(st.st_mode)]
+            digest = None
+            if kind == "reg":
+                with open(p, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+            xattrs = {x: os.getxattr(p, x, follow_symlinks=False) for x in os.listxattr(p, follow_symlinks=False)}
+            dev = (os.major(st.st_rdev), os.minor(st.st_rdev)) if kind in ("char", "block") else (0, 0)
+            out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, int(st.st_mtime), dev,
+                        os.readlink(p) if kind == "symlink" else "", digest, xattrs)
+    return out, stats
+
+
+# ---- tests ----------------------------------------------------------------------------------
+def test_diff_matches_each_source_tar(store, tree_image):
+    ref, tars, layers = tree_image
+    linked = 0
+    for tar, layer in zip(tars, layers):
+        diff = str(store.layer_dir(ref, layer.digest) / "diff")
+        want = expected_tree(tar)
+        got, stats = actual_tree(diff)
+        assert set(got) == set(want), f"entries differ: {set(got) ^ set(want)}"
+        for path in want:
+            assert got[path] == want[path], path
+        # hard links share one inode and count their names
+        by_ino: dict[int, list[str]] = {}
+        for path, st in stats.items():
+            if stat.S_ISREG(st.st_mode):
+                by_ino.setdefault(st.st_ino, []).append(path)
+        for paths in by_ino.values():
+            assert all(stats[p].st_nlink == len(paths) for p in paths), paths
+            linked += len(paths) > 1
+    assert linked, "the test tree should hold hard links"
+
+
+def test_info_is_exact_for_both_kinds_of_key(store, tree_image):
+    ref, tars, layers = tree_image
+    for tar, layer in zip(tars, layers):
+        uncompressed = gzip.decompress(blob_bytes(layer))
+        info = json.loads((store.layer_dir(ref, layer.digest) / "info").read_bytes())
+        assert info == {"compressed-diff-digest": layer.digest, "compressed-size": layer.size,
+                        "diff-digest": layer.diff_id, "diff-size": len(uncompressed), "compression": 2}
+        assert layer.diff_id == "sha256:" + hashlib.sha256(uncompressed).hexdigest()
+        toc = layer.annotations[estargz.TOC_DIGEST_ANNOTATION]
+        by_toc = json.loads((store.layer_dir(ref, toc) / "info").read_bytes())
+        assert by_toc["toc-digest"] == toc
+        assert by_toc["flags"] == {"expected-layer-diffid": layer.diff_id}
+        assert by_toc["diff-size"] == len(uncompressed) and "diff-digest" not in by_toc
+        assert os.path.isdir(store.layer_dir(ref, toc) / "diff")
+
+
+def test_blob_reads_back_the_compressed_layer(store, tree_image):
+    ref, _, layers = tree_image
+    layer = layers[0]
+    want = blob_bytes(layer)
+    path = store.layer_dir(ref, layer.digest) / "blob"
+    assert os.stat(path).st_size == len(want)
+    with open(path, "rb") as f:
+        got = b"".join(iter(lambda: f.read(100_000), b""))
+    assert got == want
+
+
+def test_use_and_release_answer_enoent_and_count(store, tree_image):
+    ref, _, layers = tree_image
+    d = store.layer_dir(ref, layers[0].digest)
+    with pytest.raises(FileNotFoundError):
+        os.open(d / "use", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+    assert not (d / "use").exists()
+    with pytest.raises(FileNotFoundError):
+        os.rmdir(d)
+    assert (d / "diff").is_dir()  # nothing was removed
+    log = store.log()
+    assert f"layer {layers[0].digest}: in use (1)" in log and f"layer {layers[0].digest}: released (0)" in log
+
+
+def test_plain_gzip_layer_is_declined(store, plain_image):
+    ref, layers = plain_image
+    d = store.layer_dir(ref, layers[0].digest)
+    with pytest.raises(OSError) as e:
+        os.stat(d / "diff")
+    assert e.value.errno == errno.EIO
+    assert f"image {ref} layer {layers[0].digest}: declined" in store.log()
+
+
+def test_unknown_names_do_not_exist(store, tree_image):
+    ref, _, layers = tree_image
+    assert not (store.mountpoint / "not-base64!").exists()
+    assert not store.layer_dir(ref, "sha256:" + "ab" * 32).joinpath("diff").exists()
+    assert not store.layer_dir(ref, layers[0].digest).joinpath("other").exists()
+    with pytest.raises(OSError) as e:
+        (store.layer_dir(ref, layers[0].digest) / "diff" / "new").write_text("x")
+    assert e.value.errno in (errno.EROFS, errno.EACCES, errno.ENOSYS, errno.EPERM)
+
+
+def test_a_read_fetches_only_the_chunks_it_touches(store, registry, client):
+    data = os.urandom(16 * CHUNK)  # fresh content: nothing of it is cached yet
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("big")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    layer = estargz_layer(io.BytesIO(buf.getvalue()), chunk_size=CHUNK)
+    ref = f"{registry.host}/big:esgz"
+    push_image(client, parse_reference(ref), [layer])
+    big = store.layer_dir(ref, layer.digest) / "diff" / "big"
+    assert big.stat().st_size == len(data)  # resolved: footer and TOC are read
+    mark = registry.mark()
+    with open(big, "rb") as f:
+        f.seek(5 * CHUNK + 10)
+        assert f.read(100) == data[5 * CHUNK + 10:5 * CHUNK + 110]
+    fetched = sum(a.written for a in registry.accesses_since(mark) if layer.digest in a.uri)
+    assert 0 < fetched <= 2 * CHUNK + 4096, fetched
