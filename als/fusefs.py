@@ -253,7 +253,6 @@ class ALSFuse(fuse.Fuse):
             return {}
         return self._layer_node(path)[1].xattrs
 
-    @_errors
     def statfs(self):
         return fuse.StatVfs(f_bsize=4096, f_frsize=4096, f_namemax=255)
 
