@@ -2,7 +2,8 @@
 
 Every ``podman`` command runs with its own storage.conf / containers.conf /
 registries.conf / auth.json (graphroot, runroot, tmp dir, file locks and network
-config all under a work directory) and inside ``unshare --mount --propagation
+config all under a work directory; the runroot moves to a short /tmp/alsp-*
+directory when the work dir's path is long, see MAX_RUNROOT_LEN) and inside ``unshare --mount --propagation
 private`` with ``/var/lib/containers/cache`` (Podman's blob-info cache, which
 ignores the configured graphroot), ``/run/runc`` (runc's state) and
 ``/run/containers/networks`` (netavark's rootful run dir) bind-mounted from
@@ -11,7 +12,9 @@ directories of our own, so the host's Podman state is never touched.
 By default each command also gets its own PID namespace (``--pid --fork
 --mount-proc``): conmon and ``podman container cleanup`` die and are reaped with
 the command, so nothing (not even a zombie: this machine's PID 1 does not reap
-orphans) outlives it. ``pid_namespace=False`` is needed for ``run -d``.
+orphans) outlives it. ``pid_namespace=False`` is needed for ``run -d`` (the
+container would die with the command otherwise); then each container's conmon
+ends as a zombie child of PID 1 once the container is gone.
 
 Because each command runs in a private mount namespace, the overlay mounts
 Podman makes for containers exist only in that namespace and vanish with it: no
@@ -48,6 +51,11 @@ HOST_STATE_PATHS = {
     "/run/runc": "runc",                         # runc container state
     "/run/containers/networks": "netavark-run",  # netavark run dir (rootful: fixed)
 }
+
+# A runroot path longer than ~50 bytes makes every `podman run` stall 20 s here
+# ("Exceeded conmon timeout waiting for container to exit"; measured: 50 works,
+# 52 stalls), e.g. under pytest's tmp_path. Longer ones are replaced.
+MAX_RUNROOT_LEN = 40
 
 # Inside the private mount namespace: bind "SRC TARGET" pairs, then exec the
 # remaining arguments (podman ...).
@@ -107,7 +115,11 @@ class Podman:
     command. ``insecure_registries``: ``host:port`` entries marked ``insecure =
     true``. ``partial_pulls``: ``enable_partial_images = "true"`` (Podman then
     consumes eStargz / zstd:chunked itself). ``env_extra``: added to the
-    environment of every podman command.
+    environment of every podman command. ``storage_options``: more
+    ``[storage.options]`` string keys. ``pid_namespace``: see the module doc.
+
+    Attributes: ``graphroot``, ``runroot``, ``storage_conf``, ``containers_conf``,
+    ``registries_conf``, ``auth_file``, ``env`` (the environment of podman).
     """
 
     def __init__(self, workdir: str | os.PathLike | None = None, *,
@@ -142,7 +154,11 @@ class Podman:
         w = self.workdir
         self.conf_dir = w / "conf"
         self.graphroot = w / "storage"
+        self._short_dir: Path | None = None
         self.runroot = w / "run"
+        if len(str(self.runroot)) > MAX_RUNROOT_LEN:
+            self._short_dir = Path(tempfile.mkdtemp(prefix="alsp-", dir="/tmp"))
+            self.runroot = self._short_dir / "run"
         self.tmp_dir = w / "tmp"            # libpod tmp_dir (state, events, file locks)
         self.image_tmp_dir = w / "imgtmp"   # TMPDIR / image_copy_tmp_dir (big temp files)
         self.network_dir = w / "networks"
@@ -350,13 +366,19 @@ class Podman:
             if self._own_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
             else:
-                for d in self._created + [self.conf_dir]:
+                for d in self._created:
                     shutil.rmtree(d, ignore_errors=True)
+            if self._short_dir is not None:
+                shutil.rmtree(self._short_dir, ignore_errors=True)
+
+    @property
+    def _markers(self) -> list[bytes]:
+        return [str(self.workdir).encode() + b"/", str(self.runroot).encode()]
 
     def leftover_pids(self) -> list[int]:
         """PIDs (other than ours) whose command line or environment names our work dir
-        (conmon, podman cleanup processes); started by us through podman."""
-        marker = str(self.workdir).encode()
+        or runroot (conmon, podman cleanup processes); started by us through podman."""
+        markers = self._markers
         pids = []
         me = os.getpid()
         for name in os.listdir("/proc"):
@@ -365,7 +387,8 @@ class Podman:
             for what in ("cmdline", "environ"):
                 try:
                     with open(f"/proc/{name}/{what}", "rb") as f:
-                        if marker in f.read():
+                        data = f.read()
+                        if any(m in data for m in markers):
                             pids.append(int(name))
                             break
                 except OSError:
@@ -388,13 +411,13 @@ class Podman:
                 time.sleep(0.05)
 
     def leftover_mounts(self) -> list[str]:
-        """Mount points in the host's mount namespace under our work dir."""
-        root = str(self.workdir) + "/"
+        """Mount points in the host's mount namespace under our work dir or runroot."""
+        roots = [str(self.workdir) + "/", str(self.runroot)]
         out = []
         with open("/proc/mounts") as f:
             for line in f:
                 mnt = line.split()[1].encode().decode("unicode_escape")
-                if mnt.startswith(root):
+                if any(mnt.startswith(r) for r in roots):
                     out.append(mnt)
         return out
 
