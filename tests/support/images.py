@@ -608,6 +608,7 @@ def python_rootfs_tar(path: str | os.PathLike | None = None, *,
         try:
             with os.fdopen(fd, "wb") as out:
                 b.write(out)
+            os.chmod(tmp, 0o644)
             os.replace(tmp, cached)
         except BaseException:
             os.unlink(tmp)

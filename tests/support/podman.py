@@ -11,10 +11,10 @@ directories of our own, so the host's Podman state is never touched.
 
 By default each command also gets its own PID namespace (``--pid --fork
 --mount-proc``): conmon and ``podman container cleanup`` die and are reaped with
-the command, so nothing (not even a zombie: this machine's PID 1 does not reap
-orphans) outlives it. ``pid_namespace=False`` is needed for ``run -d`` (the
-container would die with the command otherwise); then each container's conmon
-ends as a zombie child of PID 1 once the container is gone.
+the command, so nothing outlives it (without it, each conmon ends as a zombie
+child of PID 1, which on this machine reaps orphans only after a long while).
+``pid_namespace=False`` is needed for ``run -d`` (the container would die with
+the command otherwise).
 
 Because each command runs in a private mount namespace, the overlay mounts
 Podman makes for containers exist only in that namespace and vanish with it: no
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -371,14 +372,15 @@ class Podman:
             if self._short_dir is not None:
                 shutil.rmtree(self._short_dir, ignore_errors=True)
 
-    @property
-    def _markers(self) -> list[bytes]:
-        return [str(self.workdir).encode() + b"/", str(self.runroot).encode()]
-
     def leftover_pids(self) -> list[int]:
-        """PIDs (other than ours) whose command line or environment names our work dir
-        or runroot (conmon, podman cleanup processes); started by us through podman."""
-        markers = self._markers
+        """PIDs (other than ours) of processes this instance started through podman
+        and that still run: their command line names our graphroot, runroot or tmp
+        dir (conmon, ``podman container cleanup``) or their environment has our
+        CONTAINERS_CONF (podman itself). Never another program that merely has
+        a path under the work dir in its arguments."""
+        markers = [str(self.graphroot).encode() + b"/", str(self.runroot).encode() + b"/",
+                   str(self.tmp_dir).encode() + b"/",
+                   b"CONTAINERS_CONF=" + str(self.containers_conf).encode() + b"\0"]
         pids = []
         me = os.getpid()
         for name in os.listdir("/proc"):
@@ -416,7 +418,7 @@ class Podman:
         out = []
         with open("/proc/mounts") as f:
             for line in f:
-                mnt = line.split()[1].encode().decode("unicode_escape")
+                mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[1])
                 if any(mnt.startswith(r) for r in roots):
                     out.append(mnt)
         return out
