@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -21,14 +22,28 @@ from als.store import Store
 log = logging.getLogger("als")
 
 
+def _mounted(path: Path) -> bool:
+    target = str(path.resolve())
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
 def clear_stale_mount(mountpoint: Path) -> None:
-    """Lazily unmount a FUSE mount whose daemon died ("Transport endpoint is not connected")."""
+    """Lazily unmount a FUSE mount whose daemon died ("Transport endpoint is not connected").
+
+    A live mount (another store still serving) is left alone and is an error.
+    Reading the directory, not stat, tells the two apart: the kernel may answer
+    stat from its attribute cache even when the daemon is gone.
+    """
     try:
-        os.stat(mountpoint)
-        return
+        if not _mounted(mountpoint):
+            return
+        os.listdir(mountpoint)
     except OSError as e:
         if e.errno != errno.ENOTCONN:
-            return
+            raise ALSError(f"cannot use {mountpoint}: {e}") from None
+    else:
+        raise ALSError(f"{mountpoint} is already mounted by a running store")
     log.warning("clearing the stale mount on %s left by a store that died", mountpoint)
     for cmd in (["fusermount3", "-u", "-z", str(mountpoint)], ["fusermount", "-u", "-z", str(mountpoint)],
                 ["umount", "-l", str(mountpoint)]):
@@ -75,6 +90,8 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
     server.fuse_args.setmod("foreground")
     for opt in fuse_options(config):
         server.fuse_args.add(opt)
+    # libfuse installs its SIGINT handler (unmount and return) only over the default one.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     log.info("serving the additional layer store at %s (cache and state in %s)", mountpoint, root)
     try:
         server.main()

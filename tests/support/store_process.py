@@ -15,8 +15,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 def is_mounted(path: Path) -> bool:
     target = str(Path(path).resolve())
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == target for line in f)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def is_serving(path: Path) -> bool:
+    """Mounted and answering: a dead mount left by a crash fails readdir with ENOTCONN."""
+    if not is_mounted(path):
+        return False
+    try:
+        os.listdir(path)
+    except OSError:
+        return False
+    return True
 
 
 def force_unmount(path: Path) -> None:
@@ -61,7 +72,7 @@ class StoreProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"als serve exited {self.proc.returncode}: {self.log()[-3000:]}")
-            if is_mounted(self.mountpoint):
+            if is_serving(self.mountpoint):
                 return self
             time.sleep(0.05)
         self.stop()
