@@ -16,6 +16,7 @@ import json
 import os
 import stat
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -208,3 +209,63 @@ def test_a_read_fetches_only_the_chunks_it_touches(store, registry, client):
         assert f.read(100) == data[5 * CHUNK + 10:5 * CHUNK + 110]
     fetched = sum(a.written for a in registry.accesses_since(mark) if layer.digest in a.uri)
     assert 0 < fetched <= 2 * CHUNK + 4096, fetched
+
+
+def single_file_image(registry, client, name: str, data: bytes):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    layer = estargz_layer(io.BytesIO(buf.getvalue()), chunk_size=CHUNK)
+    ref = f"{registry.host}/{name}:esgz"
+    push_image(client, parse_reference(ref), [layer])
+    return ref, layer
+
+
+def test_concurrent_readers_share_one_fetch_per_chunk(store, registry, client):
+    data = os.urandom(8 * CHUNK)
+    ref, layer = single_file_image(registry, client, "shared", data)
+    path = store.layer_dir(ref, layer.digest) / "diff" / "shared"
+    assert path.stat().st_size == len(data)
+    mark = registry.mark()
+
+    def read_all(_):
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    with ThreadPoolExecutor(16) as pool:
+        results = set(pool.map(read_all, range(32)))
+    assert results == {hashlib.sha256(data).hexdigest()}
+    fetched = sum(a.written for a in registry.accesses_since(mark) if layer.digest in a.uri)
+    assert fetched <= layer.size, f"{fetched} bytes fetched for a {layer.size}-byte layer"
+
+
+def test_a_tampered_chunk_reads_as_eio_and_is_never_cached(store, registry, client):
+    data = os.urandom(4 * CHUNK)
+    ref, layer = single_file_image(registry, client, "tampered", data)
+    path = store.layer_dir(ref, layer.digest) / "diff" / "tampered"
+    assert path.stat().st_size == len(data)  # resolved from the honest TOC
+    h = layer.digest.split(":")[1]
+    blob = registry.root / "data" / "docker/registry/v2/blobs/sha256" / h[:2] / h / "data"
+    raw = bytearray(blob.read_bytes())
+    raw[CHUNK + CHUNK // 2] ^= 0xFF  # inside the second chunk's compressed bytes
+    blob.write_bytes(bytes(raw))
+    with open(path, "rb") as f:
+        assert f.read(1000) == data[:1000]  # the first chunk is intact
+        f.seek(CHUNK + 10)
+        with pytest.raises(OSError) as e:
+            f.read(1000)
+        assert e.value.errno == errno.EIO
+    assert f"layer {layer.digest} file /tampered: read failed" in store.log()
+    cached = [p for p in (store.root / "cache" / "chunks" / "sha256").rglob("*") if p.is_file()]
+    assert cached and all(hashlib.sha256(p.read_bytes()).hexdigest() == p.name for p in cached)
+
+
+def test_an_unreachable_registry_declines_within_the_bound(store):
+    from tests.support.registry import free_port
+    ref = f"127.0.0.1:{free_port()}/nothing:here"
+    with pytest.raises(OSError) as e:
+        os.stat(store.layer_dir(ref, "sha256:" + "cd" * 32) / "diff")
+    assert e.value.errno in (errno.EIO, errno.ENOENT)
+    assert f"image {ref}: cannot resolve" in store.log()
