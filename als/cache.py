@@ -24,6 +24,26 @@ from als.digest import hex_of, sha256_digest
 log = logging.getLogger("als.cache")
 
 
+def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> bool:
+    """Write ``data`` under a temporary name and rename it into place.
+
+    A crash leaves either nothing or the whole file under ``path``, never a
+    prefix of it. Failures (a full disk, a read-only directory) are logged and
+    reported as False: callers keep serving from memory.
+    """
+    tmp = tmp_dir / f".{path.name}.{os.getpid()}.{threading.get_ident()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return True
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        log.warning("cannot store %s: %s", path, e)
+        return False
+
+
 class ChunkCache:
     def __init__(self, root: Path, memory_bytes: int = 32 << 20):
         self.dir = Path(root) / "chunks" / "sha256"
@@ -72,16 +92,9 @@ class ChunkCache:
         path = self.path(digest)
         if path.exists():
             return
-        tmp = self._tmp / f"{path.name}.{threading.get_ident()}"
-        try:
+        with contextlib.suppress(OSError):
             path.parent.mkdir(exist_ok=True, mode=0o700)
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            log.warning("chunk cache: cannot store %s (%s); serving it from memory", digest, e)
+        atomic_write(path, data, self._tmp)
 
     def _remember(self, digest: str, data: bytes) -> None:
         if len(data) <= self._mem.maxsize:

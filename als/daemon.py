@@ -11,6 +11,7 @@ from pathlib import Path
 
 from als.cache import ChunkCache
 from als.config import load_config
+from als.control import ControlServer, socket_path
 from als.errors import ALSError
 from als.fetch import ChunkFetcher
 from als.fusefs import ALSFuse
@@ -79,11 +80,17 @@ def build_store(root: Path, config) -> Store:
     return Store(config, client, ChunkFetcher(cache), StateDir(root / "state"))
 
 
+def control_handlers(store: Store) -> dict:
+    """What the control socket answers, by operation name."""
+    return {"ping": lambda req: "pong"}
+
+
 def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
     config = load_config(config_path)
     clear_stale_mount(mountpoint)
     mountpoint.mkdir(parents=True, exist_ok=True)
     store = build_store(root, config)
+    control = ControlServer(socket_path(root), control_handlers(store)).start()
     server = ALSFuse(store, usage="als serve", dash_s_do="setsingle")
     server.multithreaded = True
     server.fuse_args.mountpoint = str(mountpoint)
@@ -96,6 +103,7 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
     try:
         server.main()
     finally:
+        control.close()
         store.close()
     log.info("unmounted %s", mountpoint)
     return 0

@@ -9,13 +9,12 @@ digest whenever it is read back.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import os
 import threading
 from pathlib import Path
 
+from als.cache import atomic_write
 from als.digest import hex_of, sha256_digest
 
 log = logging.getLogger("als.state")
@@ -29,14 +28,7 @@ class StateDir:
         self._lock = threading.Lock()
 
     def _write(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.{threading.get_ident()}")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            log.warning("cannot save %s: %s", path, e)
+        atomic_write(path, data, path.parent)
 
     def put_blob(self, digest: str, data: bytes) -> None:
         """Keep a manifest or config (the caller has verified ``data`` against ``digest``)."""
