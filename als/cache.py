@@ -15,6 +15,8 @@ import contextlib
 import logging
 import os
 import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 from cachetools import LRUCache
@@ -44,26 +46,72 @@ def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> bool:
         return False
 
 
+@dataclass
+class CacheStats:
+    entries: int
+    bytes: int
+    max_bytes: int
+    hits: int
+    misses: int
+    corrupt: int
+    evicted: int
+
+
 class ChunkCache:
-    def __init__(self, root: Path, memory_bytes: int = 32 << 20):
+    """Chunks on disk under ``root/chunks``, with a byte limit and LRU eviction.
+
+    The index (digest -> size, in least-recently-used order) lives in memory,
+    rebuilt from the directory at start, oldest access first. Eviction only
+    removes files: a reader that is waiting for a chunk gets it from the
+    fetch that produced it, never from disk, so eviction cannot take data
+    from under a read.
+    """
+
+    def __init__(self, root: Path, memory_bytes: int = 32 << 20, max_bytes: int = 0):
         self.dir = Path(root) / "chunks" / "sha256"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._tmp = Path(root) / "chunks" / "tmp"
         self._tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
         for stale in self._tmp.iterdir():  # left by a crash mid-write
             stale.unlink(missing_ok=True)
+        self.max_bytes = max_bytes  # 0: no limit
         self._mem: LRUCache = LRUCache(maxsize=max(memory_bytes, 1), getsizeof=len)
         self._lock = threading.Lock()
-        self.hits = self.misses = self.corrupt = 0
+        self._index: OrderedDict[str, int] = OrderedDict()
+        self._disk_bytes = 0
+        self.hits = self.misses = self.corrupt = self.evicted = 0
+        self._load_index()
+
+    def _load_index(self) -> None:
+        found = []
+        for sub in self.dir.iterdir():
+            if not sub.is_dir():
+                continue
+            for entry in os.scandir(sub):
+                try:
+                    st = entry.stat()
+                except OSError:
+                    continue
+                found.append((max(st.st_atime, st.st_mtime), "sha256:" + entry.name, st.st_size))
+        for _, digest, size in sorted(found):
+            self._index[digest] = size
+            self._disk_bytes += size
+        self._evict()
 
     def path(self, digest: str) -> Path:
         h = hex_of(digest)
         return self.dir / h[:2] / h
 
+    def contains(self, digest: str) -> bool:
+        """Cached on disk or in memory (not verified: a later ``get`` still checks)."""
+        return digest in self._index or digest in self._mem
+
     def get(self, digest: str) -> bytes | None:
         """The verified chunk, or None if it is not cached (or was corrupt)."""
         with self._lock:
             data = self._mem.get(digest)
+            if digest in self._index:
+                self._index.move_to_end(digest)
         if data is not None:
             self.hits += 1
             return data
@@ -71,6 +119,7 @@ class ChunkCache:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
+            self._forget(digest)
             self.misses += 1
             return None
         except OSError as e:
@@ -81,6 +130,7 @@ class ChunkCache:
             self.corrupt += 1
             log.warning("chunk cache: entry %s does not match its digest; dropping it", digest)
             path.unlink(missing_ok=True)
+            self._forget(digest)
             return None
         self.hits += 1
         self._remember(digest, data)
@@ -89,12 +139,63 @@ class ChunkCache:
     def put(self, digest: str, data: bytes) -> None:
         """Store a chunk the caller has verified. A full disk is logged, not fatal."""
         self._remember(digest, data)
-        path = self.path(digest)
-        if path.exists():
+        if digest in self._index:
             return
+        path = self.path(digest)
         with contextlib.suppress(OSError):
             path.parent.mkdir(exist_ok=True, mode=0o700)
-        atomic_write(path, data, self._tmp)
+        if atomic_write(path, data, self._tmp):
+            with self._lock:
+                if digest not in self._index:
+                    self._index[digest] = len(data)
+                    self._disk_bytes += len(data)
+            self._evict()
+
+    def stats(self) -> CacheStats:
+        return CacheStats(entries=len(self._index), bytes=self._disk_bytes, max_bytes=self.max_bytes,
+                          hits=self.hits, misses=self.misses, corrupt=self.corrupt, evicted=self.evicted)
+
+    def prune(self, max_bytes: int) -> int:
+        """Evict least recently used entries until at most ``max_bytes`` remain; return bytes freed."""
+        before = self._disk_bytes
+        self._evict(max_bytes)
+        return before - self._disk_bytes
+
+    def verify(self) -> tuple[int, int]:
+        """Hash every entry; drop those that do not match. Returns (checked, removed)."""
+        checked = removed = 0
+        for digest in list(self._index):
+            checked += 1
+            path = self.path(digest)
+            try:
+                ok = sha256_digest(path.read_bytes()) == digest
+            except OSError:
+                ok = False
+            if not ok:
+                removed += 1
+                path.unlink(missing_ok=True)
+                self._forget(digest)
+        return checked, removed
+
+    def _evict(self, limit: int | None = None) -> None:
+        if limit is None:
+            if not self.max_bytes:
+                return
+            limit = self.max_bytes
+        while True:
+            with self._lock:
+                if self._disk_bytes <= limit or not self._index:
+                    return
+                digest, size = self._index.popitem(last=False)
+                self._disk_bytes -= size
+                self.evicted += 1
+            self.path(digest).unlink(missing_ok=True)
+
+    def _forget(self, digest: str) -> None:
+        with self._lock:
+            size = self._index.pop(digest, None)
+            if size is not None:
+                self._disk_bytes -= size
 
     def _remember(self, digest: str, data: bytes) -> None:
         if len(data) <= self._mem.maxsize:

@@ -38,6 +38,21 @@ class RegistryConfig:
 @dataclass
 class CacheConfig:
     memory_bytes: int = 32 << 20  # in-memory tier of decompressed chunks
+    max_bytes: int = 20 << 30  # disk cache limit (least recently used chunks go first); 0: no limit
+
+
+@dataclass
+class FetchConfig:
+    prefetch_size: int = 0  # bytes from the blob start to prefetch when a layer has no landmark
+    prefetch_request: int = 64 << 20  # largest single request of a prefetch
+    background: bool = True  # stream the rest of each layer into the cache after it resolves
+    background_layers: int = 2  # layers fetched in the background at once
+    background_step: int = 4 << 20  # bytes per background request
+    readahead_min: int = 256 << 10  # first read-ahead window once misses turn sequential
+    readahead_max: int = 8 << 20  # largest read-ahead window
+    coalesce_gap: int = 64 << 10  # fetch the bytes between two missing chunks closer than this
+    max_request: int = 16 << 20  # largest foreground request
+    read_timeout: float = 60.0  # longest a read waits for a chunk someone else is fetching
 
 
 @dataclass
@@ -52,6 +67,7 @@ class Config:
     resolve: ResolveConfig = field(default_factory=ResolveConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
 
 

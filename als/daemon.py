@@ -76,8 +76,12 @@ def build_store(root: Path, config) -> Store:
     registries = RegistriesConf.load(config.registry.registries_conf or None)
     client = RegistryClient(registries, connect_timeout=config.registry.connect_timeout,
                             read_timeout=config.registry.read_timeout, retries=config.registry.retries)
-    cache = ChunkCache(root / "cache", memory_bytes=config.cache.memory_bytes)
-    return Store(config, client, ChunkFetcher(cache), StateDir(root / "state"))
+    cache = ChunkCache(root / "cache", memory_bytes=config.cache.memory_bytes, max_bytes=config.cache.max_bytes)
+    f = config.fetch
+    fetcher = ChunkFetcher(cache, coalesce_gap=f.coalesce_gap, max_request=f.max_request,
+                           wait_timeout=f.read_timeout, readahead_min=f.readahead_min,
+                           readahead_max=f.readahead_max)
+    return Store(config, client, fetcher, StateDir(root / "state"))
 
 
 def control_handlers(store: Store) -> dict:

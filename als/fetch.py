@@ -6,16 +6,23 @@ decompressed and checked against its digest before anything sees it.
 Concurrent readers of the same chunk share one fetch (an in-flight table of
 futures), so a burst of reads after a container starts costs one round trip
 per region, not one per reader.
+
+Three producers feed the same table, so a read never fetches what another is
+already fetching: the foreground (FUSE reads, with an adaptive read-ahead in
+blob order that grows while misses stay sequential, like the kernel's), the
+prefetch of a layer's prioritised region at resolve time, and the background
+fetch of the rest of the blob, which waits whenever a foreground read is in
+flight.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from als.cache import ChunkCache
 from als.digest import sha256_digest
@@ -29,42 +36,152 @@ Decompressor = Callable[[bytes, T.Chunk], bytes]
 DECOMPRESSORS: dict[str, Decompressor] = {T.GZIP: estargz.decompress_chunk}
 
 
-@dataclass(frozen=True)
 class BlobSource:
-    """Where a layer's compressed bytes come from, and how its chunks are compressed."""
+    """A layer's compressed blob: where its bytes come from and its chunks in blob order.
 
-    label: str  # "image <ref> layer <digest>", for log lines
-    read_range: Callable[[int, int], bytes]  # [start, end) of the compressed blob
-    compression: str = T.GZIP
+    It also carries the layer's read-ahead state: the window grows while
+    foreground misses follow each other in blob order (a container reading a
+    directory tree reads the blob front to back) and collapses on a jump.
+    """
+
+    def __init__(self, label: str, read_range: Callable[[int, int], bytes], compression: str = T.GZIP,
+                 chunks: Sequence[T.Chunk] = ()):
+        self.label = label  # "image <ref> layer <digest>", for log lines
+        self.read_range = read_range  # [start, end) of the compressed blob
+        self.compression = compression
+        self.chunks = sorted({c for c in chunks if not c.zeros}, key=lambda c: (c.blob_start, c.inner_offset))
+        self._starts = [c.blob_start for c in self.chunks]
+        self._lock = threading.Lock()
+        self._expect = -1  # blob index a sequential miss would start at
+        self._window = 0  # read-ahead bytes (compressed)
+
+    def index_of(self, chunk: T.Chunk) -> int:
+        i = bisect.bisect_left(self._starts, chunk.blob_start)
+        while i < len(self.chunks) and self.chunks[i] != chunk and self._starts[i] == chunk.blob_start:
+            i += 1
+        return i if i < len(self.chunks) and self.chunks[i] == chunk else -1
+
+    def after(self, first: T.Chunk, last: T.Chunk, min_window: int, max_window: int) -> list[T.Chunk]:
+        """The chunks to read ahead after a foreground miss of ``first``..``last`` (blob order)."""
+        start, end = self.index_of(first), self.index_of(last)
+        if start < 0 or end < 0:
+            return []
+        with self._lock:
+            sequential = self._expect >= 0 and self._expect - 1 <= start <= self._expect + 2
+            self._window = min(max(self._window * 2, min_window), max_window) if sequential else 0
+            limit = last.blob_end + self._window
+            stop = end + 1
+            while stop < len(self.chunks) and self.chunks[stop].blob_end <= limit:
+                stop += 1
+            self._expect = stop
+        return self.chunks[end + 1:stop]
 
 
 class ChunkFetcher:
-    def __init__(self, cache: ChunkCache, *, coalesce_gap: int = 64 << 10,
-                 max_request: int = 16 << 20, wait_timeout: float = 120.0):
+    def __init__(self, cache: ChunkCache, *, coalesce_gap: int = 64 << 10, max_request: int = 16 << 20,
+                 wait_timeout: float = 120.0, readahead_min: int = 256 << 10, readahead_max: int = 8 << 20):
         self.cache = cache
         self.coalesce_gap = coalesce_gap
         self.max_request = max_request
         self.wait_timeout = wait_timeout
+        self.readahead_min = readahead_min
+        self.readahead_max = readahead_max
         self._inflight: dict[str, Future] = {}
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._foreground = 0  # reads waiting on the network right now
         self.bytes_fetched = 0
+        self.requests = 0
 
+    # ---- the three producers ---------------------------------------------------------
     def read(self, source: BlobSource, chunks: list[T.Chunk]) -> list[bytes]:
         """The verified bytes of each chunk, in order. Raises ALSError subclasses."""
         out: dict[T.Chunk, bytes] = {}
-        mine: list[tuple[T.Chunk, Future]] = []
-        theirs: list[tuple[T.Chunk, Future]] = []
-        for c in chunks:
-            if c in out:
-                continue
+        missing = []
+        for c in dict.fromkeys(chunks):
             if c.zeros:
                 out[c] = bytes(c.size)
                 continue
             data = self.cache.get(c.digest)
             if data is not None:
                 out[c] = data
-                continue
+            else:
+                missing.append(c)
+        if not missing:
+            return [out[c] for c in chunks]
+        mine, theirs = self._claim(missing)
+        with self._lock:
+            self._foreground += 1
+        try:
+            if mine:
+                by_offset = sorted((c for c, _ in mine), key=lambda c: c.blob_start)
+                ahead = source.after(by_offset[0], by_offset[-1], self.readahead_min, self.readahead_max)
+                extra, _ = self._claim([c for c in ahead if not self.cache.contains(c.digest)])
+                self._fetch(source, mine + extra)
+            for c, fut in mine + theirs:
+                try:
+                    out[c] = fut.result(timeout=self.wait_timeout)
+                except FutureTimeout:
+                    raise RegistryError(f"timed out waiting for chunk {c.digest} of {source.label}") from None
+        finally:
             with self._lock:
+                self._foreground -= 1
+                self._idle.notify_all()
+        return [out[c] for c in chunks]
+
+    def prefetch(self, source: BlobSource, chunks: Sequence[T.Chunk], max_request: int) -> int:
+        """Fetch ``chunks`` (the prioritised front of a layer) in as few requests as allowed.
+
+        Claims them first, so foreground reads that arrive meanwhile wait for
+        these fetches instead of starting their own. Returns bytes fetched.
+        """
+        mine, _ = self._claim([c for c in chunks if not c.zeros and not self.cache.contains(c.digest)])
+        before = self.bytes_fetched
+        if mine:
+            self._fetch(source, mine, max_request=max_request)
+        return self.bytes_fetched - before
+
+    def background(self, source: BlobSource, stop: threading.Event, step: int = 4 << 20) -> int:
+        """Fetch every chunk of ``source`` not cached yet, yielding to foreground reads.
+
+        Returns the bytes fetched. Errors end the pass (the next read or the
+        next resolve retries); a failed background fetch never fails a read.
+        """
+        fetched = 0
+        chunks = source.chunks
+        i = 0
+        while i < len(chunks) and not stop.is_set():
+            batch: list[T.Chunk] = []
+            while i < len(chunks) and (not batch or chunks[i].blob_end - batch[0].blob_start <= step):
+                if not self.cache.contains(chunks[i].digest):
+                    batch.append(chunks[i])
+                i += 1
+            if not batch:
+                continue
+            self._wait_idle(stop)
+            mine, _ = self._claim(batch)
+            if not mine:
+                continue
+            before = self.bytes_fetched
+            self._fetch(source, mine)
+            fetched += self.bytes_fetched - before
+            failed = next((f.exception() for _, f in mine if f.exception() is not None), None)
+            if failed is not None:
+                log.info("%s: background fetch stopped: %s", source.label, failed)
+                return fetched
+        return fetched
+
+    def _wait_idle(self, stop: threading.Event) -> None:
+        with self._lock:
+            while self._foreground and not stop.is_set():
+                self._idle.wait(0.1)
+
+    # ---- mechanics ----------------------------------------------------------------------
+    def _claim(self, chunks: Sequence[T.Chunk]) -> tuple[list, list]:
+        """Split chunks into those this caller must fetch and those already being fetched."""
+        mine, theirs = [], []
+        with self._lock:
+            for c in chunks:
                 fut = self._inflight.get(c.digest)
                 if fut is None:
                     fut = Future()
@@ -72,40 +189,49 @@ class ChunkFetcher:
                     mine.append((c, fut))
                 else:
                     theirs.append((c, fut))
-        if mine:
-            self._fetch(source, mine)
-        for c, fut in mine + theirs:
-            try:
-                out[c] = fut.result(timeout=self.wait_timeout)
-            except FutureTimeout:
-                raise RegistryError(f"timed out waiting for chunk {c.digest} of {source.label}") from None
-        return [out[c] for c in chunks]
+        return mine, theirs
 
-    def _fetch(self, source: BlobSource, claimed: list[tuple[T.Chunk, Future]]) -> None:
-        claimed.sort(key=lambda cf: cf[0].blob_start)
-        for run in self._runs(claimed):
+    def _fetch(self, source: BlobSource, claimed: list, max_request: int | None = None) -> None:
+        claimed.sort(key=lambda cf: (cf[0].blob_start, cf[0].inner_offset))
+        for run in self._runs(claimed, max_request or self.max_request):
             start, end = run[0][0].blob_start, max(c.blob_end for c, _ in run)
             try:
                 data = source.read_range(start, end)
-                self.bytes_fetched += len(data)
             except Exception as e:  # every waiter must hear about it
                 for c, fut in run:
                     self._finish(c, fut, exc=e)
                 continue
-            for c, fut in run:
-                try:
-                    chunk = self._decode(source, c, data[c.blob_start - start:c.blob_end - start])
-                except Exception as e:
-                    self._finish(c, fut, exc=e)
-                else:
-                    self.cache.put(c.digest, chunk)
-                    self._finish(c, fut, result=chunk)
+            with self._lock:
+                self.bytes_fetched += len(data)
+                self.requests += 1
+            self._deliver(source, run, data, start)
 
-    def _runs(self, claimed):
+    def absorb(self, source: BlobSource, data: bytes, start: int) -> int:
+        """Cache the chunks that lie wholly inside blob bytes already fetched for another reason
+        (the tail read that found the TOC); returns how many were new."""
+        end = start + len(data)
+        inside = [c for c in source.chunks if c.blob_start >= start and c.blob_end <= end
+                  and not self.cache.contains(c.digest)]
+        mine, _ = self._claim(inside)
+        if mine:
+            self._deliver(source, mine, data, start)
+        return len(mine)
+
+    def _deliver(self, source: BlobSource, claimed: list, data: bytes, start: int) -> None:
+        for c, fut in claimed:
+            try:
+                chunk = self._decode(source, c, data[c.blob_start - start:c.blob_end - start])
+            except Exception as e:
+                self._finish(c, fut, exc=e)
+            else:
+                self.cache.put(c.digest, chunk)
+                self._finish(c, fut, result=chunk)
+
+    def _runs(self, claimed, max_request: int):
         run = [claimed[0]]
         for c, fut in claimed[1:]:
             first, last = run[0][0], run[-1][0]
-            if c.blob_start - last.blob_end <= self.coalesce_gap and c.blob_end - first.blob_start <= self.max_request:
+            if c.blob_start - last.blob_end <= self.coalesce_gap and c.blob_end - first.blob_start <= max_request:
                 run.append((c, fut))
             else:
                 yield run

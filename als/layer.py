@@ -228,6 +228,18 @@ class LayerView:
                 return None
         return node
 
+    def chunks(self) -> list[T.Chunk]:
+        """Every chunk of every regular file, once (hard links share theirs)."""
+        out, seen, stack = [], set(), [self.root]
+        while stack:
+            node = stack.pop()
+            if node.children is not None:
+                stack.extend(node.children.values())
+            elif node.chunks and node.ino not in seen:
+                seen.add(node.ino)
+                out.extend(node.chunks)
+        return out
+
     @property
     def max_ino(self) -> int:
         return self._next_ino - 1

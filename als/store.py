@@ -90,7 +90,7 @@ class Layer:
     diff_size: int
     view: LayerView
     source: BlobSource
-    uses: int = 0
+    prefetch: list[T.Chunk] = field(default_factory=list)  # fetched as soon as the layer resolves
 
     def info(self, key: str) -> bytes:
         """The `info` JSON for the digest Podman used to name the layer."""
@@ -139,6 +139,9 @@ class Store:
         self.fetcher = fetcher
         self.state = state
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="als-resolve")
+        self._warmers = ThreadPoolExecutor(max_workers=max(config.fetch.background_layers, 1),
+                                           thread_name_prefix="als-background")
+        self._stop = threading.Event()
         self._lock = threading.Lock()
         self._resolutions: dict[str, _Resolution] = {}
         self._layers: dict[tuple[str, str], Layer] = {}  # (ref, digest or TOC digest) -> Layer
@@ -151,7 +154,9 @@ class Store:
             self._platform = host_platform()
 
     def close(self) -> None:
+        self._stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._warmers.shutdown(wait=False, cancel_futures=True)
 
     # ---- the ALS protocol -------------------------------------------------------------
     def prepare(self, ref: str) -> None:
@@ -243,6 +248,8 @@ class Store:
             return
         log.info("image %s layer %s: ready: %d files, %d bytes compressed, %d uncompressed, in %.2fs",
                  ref, desc.digest, layer.view.file_count, desc.size, layer.diff_size, time.monotonic() - t0)
+        if layer.prefetch or self.config.fetch.background:
+            self._warmers.submit(self._warm, layer)
         fut.set_result(layer)
 
     def _find_elsewhere(self, ref: str, digest: str, res: _Resolution) -> tuple[LayerDescriptor, _Resolution]:
@@ -345,7 +352,7 @@ class Store:
         r = parse_reference(ref)
         label = f"image {ref} layer {desc.digest}"
         read_range = partial(self.client.read_range, r, desc.digest)
-        toc = self._load_toc(label, desc, toc_digest, read_range)
+        toc, tail, tail_start = self._load_toc(label, desc, toc_digest, read_range)
         with self._lock:
             layer_id = self._next_layer_id
             self._next_layer_id += 1
@@ -353,15 +360,50 @@ class Store:
         if view.unservable:
             raise FormatError(f"it cannot be presented faithfully over FUSE ({len(view.unservable)} entries, "
                               f"first: {view.unservable[0]})")
-        source = BlobSource(label=label, read_range=read_range, compression=toc.compression)
-        return Layer(ref=ref, desc=desc, toc_digest=toc.digest, diff_size=diff_size, view=view, source=source)
+        source = BlobSource(label, read_range, toc.compression, view.chunks())
+        if tail:
+            self.fetcher.absorb(source, tail[:max(toc.data_end - tail_start, 0)], tail_start)
+        return Layer(ref=ref, desc=desc, toc_digest=toc.digest, diff_size=diff_size, view=view, source=source,
+                     prefetch=self._prefetch_chunks(toc, source))
 
-    def _load_toc(self, label: str, desc: LayerDescriptor, toc_digest: str, read_range) -> T.TOC:
+    def _prefetch_chunks(self, toc: T.TOC, source: BlobSource) -> list[T.Chunk]:
+        """What to fetch as soon as the layer resolves: landmarks first, else the configured size."""
+        names = {e.name: e for e in toc.entries if e.name in (estargz.PREFETCH_LANDMARK,
+                                                               estargz.NO_PREFETCH_LANDMARK)}
+        if estargz.NO_PREFETCH_LANDMARK in names:
+            return []
+        landmark = names.get(estargz.PREFETCH_LANDMARK)
+        if landmark is not None and landmark.chunks:
+            end = landmark.chunks[0].blob_start
+        else:
+            end = self.config.fetch.prefetch_size
+        return [c for c in source.chunks if c.blob_end <= end]
+
+    def _warm(self, layer: Layer) -> None:
+        """Prefetch the layer's prioritised front, then stream the rest of it in the background."""
+        label = layer.source.label
+        try:
+            if layer.prefetch:
+                t0 = time.monotonic()
+                n = self.fetcher.prefetch(layer.source, layer.prefetch, self.config.fetch.prefetch_request)
+                log.info("%s: prefetched %d chunks (%d bytes) in %.2fs", label, len(layer.prefetch), n,
+                         time.monotonic() - t0)
+            if self.config.fetch.background and not self._stop.is_set():
+                t0 = time.monotonic()
+                n = self.fetcher.background(layer.source, self._stop, self.config.fetch.background_step)
+                if not self._stop.is_set():
+                    log.info("%s: background fetch done: %d bytes in %.2fs", label, n, time.monotonic() - t0)
+        except Exception as e:  # warming is an optimisation: reads fetch what it missed
+            log.warning("%s: prefetch or background fetch failed: %s", label, e)
+
+    def _load_toc(self, label: str, desc: LayerDescriptor, toc_digest: str,
+                  read_range) -> tuple[T.TOC, bytes, int]:
+        """The verified TOC, and the blob tail read to find it (empty when the TOC was saved)."""
         max_toc = self.config.resolve.max_toc_size
         saved = self.state.get_toc(toc_digest) if toc_digest else None
         if saved is not None:
             try:
-                return estargz.parse_toc(saved[1], toc_digest, toc_offset=saved[0], max_toc_size=max_toc)
+                return estargz.parse_toc(saved[1], toc_digest, toc_offset=saved[0], max_toc_size=max_toc), b"", 0
             except FormatError:
                 log.warning("%s: saved TOC is unusable; reading it from the registry again", label)
         size = desc.size
@@ -379,7 +421,7 @@ class Store:
         toc = estargz.parse_toc(member, toc_digest or None, toc_offset=toc_offset, max_toc_size=max_toc)
         if toc_digest:
             self.state.put_toc(toc_digest, toc_offset, member)
-        return toc
+        return toc, tail, tail_start
 
     def _wait(self, fut: Future, deadline: float, what: str):
         try:

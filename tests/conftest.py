@@ -10,6 +10,9 @@ from tests.support.registry import RegistryProcess
 from tests.support.store_process import StoreProcess, write_registries_conf
 
 
+NO_BACKGROUND = "[fetch]\nbackground = false\n"
+
+
 @pytest.fixture(scope="module")
 def registry():
     with RegistryProcess() as r:
@@ -28,5 +31,7 @@ def client(registries_conf):
 
 @pytest.fixture(scope="module")
 def store(registries_conf, tmp_path_factory):
-    with StoreProcess(tmp_path_factory.mktemp("als"), registries_conf=registries_conf) as s:
+    # No background fetch here: these tests measure what reads alone fetch.
+    with StoreProcess(tmp_path_factory.mktemp("als"), registries_conf=registries_conf,
+                      config=NO_BACKGROUND) as s:
         yield s

@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   pushed {ref}: one layer, {mib(layer.size)} compressed")
 
         (work / "store-work").mkdir()
-        with StoreProcess(work / "store-work", registries_conf=conf, log_level="info") as store:
+        # Background fetch off, so the figure below is what the container's reads fetched.
+        with StoreProcess(work / "store-work", registries_conf=conf, log_level="info",
+                          config="[fetch]\nbackground = false\n") as store:
             print(f"2. als serve is mounted at {store.mountpoint}")
             with Podman(work / "podman", additional_layer_store=store.mountpoint,
                         insecure_registries=[registry.host]) as podman:

@@ -1,0 +1,158 @@
+"""The chunk fetcher against a real registry: one fetch per chunk, prefetch,
+background fetch, read-ahead, and the cache limit."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import pytest
+
+from als.cache import ChunkCache
+from als.fetch import BlobSource, ChunkFetcher
+from als.formats import estargz
+from als.image import estargz_layer, push_image
+from als.layer import LayerView
+from als.reference import parse_reference
+
+CHUNK = 64 << 10
+
+
+@pytest.fixture(scope="module")
+def layer_source(registry, client):
+    """A pushed layer of 20 files x 4 chunks of random bytes, and a way to make BlobSources for it."""
+    files = {f"f{i:02d}": os.urandom(4 * CHUNK) for i in range(20)}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    layer = estargz_layer(io.BytesIO(buf.getvalue()), chunk_size=CHUNK, level=1)
+    ref = parse_reference(f"{registry.host}/fetch:1")
+    push_image(client, ref, [layer])
+    layer.blob.seek(0)
+    blob = layer.blob.read()
+    toc_offset, footer = estargz.parse_footer(blob[-estargz.FOOTER_SIZE:], len(blob))
+    toc = estargz.parse_toc(blob[toc_offset:len(blob) - footer], None, toc_offset=toc_offset)
+    view = LayerView(toc.entries)
+
+    def make() -> BlobSource:
+        return BlobSource("test layer", partial(client.read_range, ref, layer.digest), toc.compression,
+                          view.chunks())
+
+    return make, view, files, layer
+
+
+def served(registry, mark, digest):
+    got = [a for a in registry.accesses_since(mark) if a.uri.endswith(digest)]
+    return len(got), sum(a.written for a in got)
+
+
+def read_file(fetcher, source, view, name):
+    node = view.lookup([name])
+    return b"".join(fetcher.read(source, node.chunks_for(0, node.size)))
+
+
+def test_concurrent_reads_of_one_chunk_fetch_it_once(tmp_path, registry, layer_source):
+    make, view, files, layer = layer_source
+    fetcher, source = ChunkFetcher(ChunkCache(tmp_path), readahead_max=0), make()
+    chunk = view.lookup(["f03"]).chunks[1]
+    mark = registry.mark()
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda _: fetcher.read(source, [chunk])[0], range(64)))
+    assert all(r == files["f03"][CHUNK:2 * CHUNK] for r in results)
+    assert served(registry, mark, layer.digest)[0] == 1
+
+
+def test_prefetch_claims_first_so_readers_wait_for_it(tmp_path, registry, layer_source):
+    make, view, files, layer = layer_source
+    fetcher, source = ChunkFetcher(ChunkCache(tmp_path), readahead_max=0), make()
+    front = [c for c in source.chunks if c.blob_end <= source.chunks[len(source.chunks) // 2].blob_start]
+    mark = registry.mark()
+    t = threading.Thread(target=fetcher.prefetch, args=(source, front, 64 << 20))
+    t.start()
+    got = read_file(fetcher, source, view, "f00")
+    t.join(30)
+    assert got == files["f00"]
+    requests, _ = served(registry, mark, layer.digest)
+    assert requests <= 2  # the prefetch's one request, plus at most a read that won the race
+    mark = registry.mark()
+    assert read_file(fetcher, source, view, "f05") == files["f05"]
+    assert served(registry, mark, layer.digest) == (0, 0)
+
+
+def test_background_fetches_every_chunk_once_then_reads_stay_local(tmp_path, registry, layer_source):
+    make, view, files, layer = layer_source
+    fetcher, source = ChunkFetcher(ChunkCache(tmp_path)), make()
+    mark = registry.mark()
+    fetched = fetcher.background(source, threading.Event(), step=256 << 10)
+    requests, written = served(registry, mark, layer.digest)
+    assert written == fetched and written <= layer.size
+    assert requests >= 4  # in steps, so foreground reads can get in between
+    mark = registry.mark()
+    for name, data in files.items():
+        assert read_file(fetcher, source, view, name) == data
+    assert served(registry, mark, layer.digest) == (0, 0)
+
+
+def test_background_waits_while_a_foreground_read_is_in_flight(tmp_path, layer_source):
+    make, view, files, layer = layer_source
+    fetcher = ChunkFetcher(ChunkCache(tmp_path))
+    stop = threading.Event()
+    with fetcher._lock:
+        fetcher._foreground = 1  # as read() does while it waits on the network
+    t = threading.Thread(target=fetcher.background, args=(make(), stop))
+    t.start()
+    t.join(0.5)
+    assert t.is_alive() and fetcher.bytes_fetched == 0
+    with fetcher._lock:
+        fetcher._foreground = 0
+        fetcher._idle.notify_all()
+    t.join(30)
+    assert not t.is_alive() and fetcher.bytes_fetched > 0
+
+
+def test_read_ahead_grows_on_sequential_misses_only(tmp_path, registry, layer_source):
+    make, view, files, layer = layer_source
+    names = sorted(files)
+    fetcher, source = ChunkFetcher(ChunkCache(tmp_path), readahead_min=CHUNK, readahead_max=1 << 20), make()
+    mark = registry.mark()
+    for name in names:  # a tree walk reads files in blob order
+        assert read_file(fetcher, source, view, name) == files[name]
+    sequential_requests, _ = served(registry, mark, layer.digest)
+    assert sequential_requests < len(names) / 2
+
+    fetcher, source = ChunkFetcher(ChunkCache(tmp_path / "other"), readahead_min=CHUNK,
+                                   readahead_max=1 << 20), make()
+    mark = registry.mark()
+    scattered = names[::7]  # jumps: no read-ahead, so nothing extra is fetched
+    for name in scattered:
+        assert read_file(fetcher, source, view, name) == files[name]
+    requests, written = served(registry, mark, layer.digest)
+    assert requests == len(scattered)
+    assert written == sum(c.blob_end - c.blob_start for n in scattered for c in view.lookup([n]).chunks)
+
+
+def test_cache_limit_evicts_least_recently_used(tmp_path):
+    cache = ChunkCache(tmp_path, memory_bytes=0, max_bytes=3000)
+    from als.digest import sha256_digest
+    blobs = [bytes([i]) * 1000 for i in range(4)]
+    digests = [sha256_digest(b) for b in blobs]
+    for d, b in zip(digests[:3], blobs[:3]):
+        cache.put(d, b)
+    assert cache.get(digests[0]) == blobs[0]  # now the most recently used
+    cache.put(digests[3], blobs[3])  # over the limit: digests[1] goes
+    assert not cache.contains(digests[1]) and not cache.path(digests[1]).exists()
+    assert all(cache.contains(d) for d in (digests[0], digests[2], digests[3]))
+    st = cache.stats()
+    assert (st.entries, st.bytes, st.evicted) == (3, 3000, 1)
+    again = ChunkCache(tmp_path, memory_bytes=0, max_bytes=3000)  # the index is rebuilt from disk
+    assert again.stats().bytes == 3000
+    assert again.prune(1000) == 2000 and again.stats().entries == 1
+    again.path(next(iter(again._index))).write_bytes(b"x" * 1000)
+    assert again.verify() == (1, 1) and again.stats().entries == 0
