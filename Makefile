@@ -1,9 +1,14 @@
 # als: make demo (the main job, end to end) and make test (the suite).
 PYTHON ?= python3
-APT_PACKAGES = fuse3 podman runc docker-registry containerd stargz-snapshotter apache2-utils busybox-static python3 uidmap
+APT_PACKAGES = fuse3 podman runc docker-registry containerd stargz-snapshotter apache2-utils busybox-static python3 uidmap systemd
 PYTEST_ARGS ?=
 
-.PHONY: deps demo test test-fast bench install clean
+SYSTEMD_UNIT_DIR ?= /etc/systemd/system
+CONFIG_DIR ?= /etc/als
+DOC_DIR ?= /usr/share/doc/als
+DESTDIR ?=
+
+.PHONY: deps demo test test-fast bench install install-files clean
 
 # Install what the demo and the tests need: Debian packages (as root) and the package itself.
 deps:
@@ -12,7 +17,7 @@ deps:
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
-	@$(PYTHON) -c 'import importlib.metadata as m; m.version("als"); import fuse, requests, zstandard, cachetools, pytest, hypothesis, cryptography' 2>/dev/null || \
+	@$(PYTHON) -c 'import importlib.metadata as m; m.version("als"); import fuse, requests, zstandard, cachetools, prometheus_client, pytest, hypothesis, cryptography, yaml' 2>/dev/null || \
 		$(PYTHON) -m pip install -q --root-user-action=ignore -e '.[test]'
 
 # Start a registry, push a small eStargz image, serve it with `als serve`, run it with Podman.
@@ -26,8 +31,30 @@ test: deps
 test-fast: deps
 	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# The package, the systemd unit (ExecStart = the installed `als`), a sample config if none exists.
 install: deps
 	$(PYTHON) -m pip install -q --root-user-action=ignore .
+	$(MAKE) --no-print-directory install-files
+	@if [ -d /run/systemd/system ] && [ -z "$(DESTDIR)" ]; then systemctl daemon-reload; fi
+	@echo "next: systemctl enable --now als.service, then add \"/var/lib/als/store:ref\" to additionallayerstores (README: Operating als)"
+
+install-files:
+	@bin="$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/als"; \
+	install -d -m 0755 "$(DESTDIR)$(SYSTEMD_UNIT_DIR)" "$(DESTDIR)$(DOC_DIR)"; \
+	sed "s|/usr/local/bin/als|$$bin|" contrib/systemd/als.service > "$(DESTDIR)$(SYSTEMD_UNIT_DIR)/als.service"; \
+	chmod 0644 "$(DESTDIR)$(SYSTEMD_UNIT_DIR)/als.service"; \
+	install -m 0644 README.md "$(DESTDIR)$(DOC_DIR)/README.md"; \
+	echo "installed $(DESTDIR)$(SYSTEMD_UNIT_DIR)/als.service (ExecStart=$$bin)"; \
+	if [ -e "$(DESTDIR)$(CONFIG_DIR)/config.toml" ]; then \
+		echo "kept $(DESTDIR)$(CONFIG_DIR)/config.toml"; \
+	else \
+		install -D -m 0644 config/config.toml "$(DESTDIR)$(CONFIG_DIR)/config.toml"; \
+		echo "installed $(DESTDIR)$(CONFIG_DIR)/config.toml"; \
+	fi
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
+
+# Normal pulls against lazy pulls through als, side by side, over an emulated 20 ms / 200 Mbit/s link.
+bench: deps
+	$(PYTHON) -m tests.support.bench $(BENCH_ARGS)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -65,9 +66,14 @@ class ChunkCache:
     removes files: a reader that is waiting for a chunk gets it from the
     fetch that produced it, never from disk, so eviction cannot take data
     from under a read.
+
+    Writes happen on a writer thread, off the read path: a verified chunk is
+    served from memory (``_pending``) until it is on disk. Past
+    ``pending_bytes`` waiting, ``put`` writes itself, so memory stays bounded.
     """
 
-    def __init__(self, root: Path, memory_bytes: int = 32 << 20, max_bytes: int = 0):
+    def __init__(self, root: Path, memory_bytes: int = 32 << 20, max_bytes: int = 0,
+                 pending_bytes: int = 16 << 20):
         self.dir = Path(root) / "chunks" / "sha256"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._tmp = Path(root) / "chunks" / "tmp"
@@ -80,7 +86,15 @@ class ChunkCache:
         self._index: OrderedDict[str, int] = OrderedDict()
         self._disk_bytes = 0
         self.hits = self.misses = self.corrupt = self.evicted = 0
+        for i in range(256):  # every fan-out directory exists, so a write is one create and one rename
+            (self.dir / f"{i:02x}").mkdir(exist_ok=True, mode=0o700)
         self._load_index()
+        self._pending: dict[str, bytes] = {}
+        self._pending_size = 0
+        self.pending_bytes = pending_bytes
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_loop, name="als-cache-writer", daemon=True)
+        self._writer.start()
 
     def _load_index(self) -> None:
         found = []
@@ -104,12 +118,12 @@ class ChunkCache:
 
     def contains(self, digest: str) -> bool:
         """Cached on disk or in memory (not verified: a later ``get`` still checks)."""
-        return digest in self._index or digest in self._mem
+        return digest in self._index or digest in self._mem or digest in self._pending
 
     def get(self, digest: str) -> bytes | None:
         """The verified chunk, or None if it is not cached (or was corrupt)."""
         with self._lock:
-            data = self._mem.get(digest)
+            data = self._mem.get(digest) or self._pending.get(digest)
             if digest in self._index:
                 self._index.move_to_end(digest)
         if data is not None:
@@ -139,11 +153,38 @@ class ChunkCache:
     def put(self, digest: str, data: bytes) -> None:
         """Store a chunk the caller has verified. A full disk is logged, not fatal."""
         self._remember(digest, data)
-        if digest in self._index:
-            return
+        with self._lock:
+            if digest in self._index or digest in self._pending:
+                return
+            if self._pending_size + len(data) <= self.pending_bytes:
+                self._pending[digest] = data
+                self._pending_size += len(data)
+                self._queue.put(digest)
+                return
+        self._write(digest, data)  # the writer is behind: write here, which also slows the producer
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every accepted chunk is on disk (or failed to get there)."""
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            with self._lock:
+                data = self._pending.get(item)
+            if data is not None:
+                self._write(item, data)
+                with self._lock:
+                    self._pending.pop(item, None)
+                    self._pending_size -= len(data)
+
+    def _write(self, digest: str, data: bytes) -> None:
         path = self.path(digest)
-        with contextlib.suppress(OSError):
-            path.parent.mkdir(exist_ok=True, mode=0o700)
         if atomic_write(path, data, self._tmp):
             with self._lock:
                 if digest not in self._index:

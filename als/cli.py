@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from als import __version__
@@ -28,7 +27,33 @@ def _serve_parser(sub) -> None:
                    help="TOML config file (default: /etc/als/config.toml if it exists); keys are "
                         "documented in config/config.toml")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="default: %(default)s")
+    p.add_argument("--log-format", default="text", choices=("text", "json"),
+                   help="text lines, or one JSON object per line for log collectors (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
+
+
+def _status_parser(sub) -> None:
+    p = sub.add_parser(
+        "status", help="what the running store serves, caches and fetches",
+        description="Ask the running `als serve` (through its control socket under --root, so as the "
+                    "same user, root for a system store) for its mounted images and layers, how much of "
+                    "each layer is cached, fetches in flight, cache use and recent registry errors.")
+    p.add_argument("--root", default="/var/lib/als", help="as given to `als serve` (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="the whole status as one JSON document")
+    p.set_defaults(func=cmd_status)
+
+
+def _cache_parser(sub) -> None:
+    p = sub.add_parser("cache", help="show, prune or verify the chunk cache",
+                       description="Manage the chunk cache under --root. Safe while `als serve` runs: "
+                                   "a chunk removed here is fetched again when read.")
+    p.add_argument("action", choices=("stats", "prune", "verify"),
+                   help="stats: entries and bytes; prune: evict least recently used chunks down to "
+                        "--max-bytes (default: all); verify: hash every chunk, drop corrupt ones")
+    p.add_argument("--root", default="/var/lib/als", help="as given to `als serve` (default: %(default)s)")
+    p.add_argument("--max-bytes", type=int, default=0, help="prune down to this many bytes")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_cache)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,13 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"als {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _serve_parser(sub)
+    _status_parser(sub)
+    _cache_parser(sub)
+    from als import authhelper
+    authhelper.add_parser(sub)
+    from als import imagecli
+    imagecli.add_parsers(sub)
     return parser
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
+def setup_logging(level: str, fmt: str = "text") -> None:
+    from als import logfmt
+    logfmt.setup(level, fmt)
 
 
 def cmd_serve(args) -> int:
@@ -52,9 +82,43 @@ def cmd_serve(args) -> int:
     return serve(Path(args.mountpoint), Path(args.root), args.config)
 
 
+def cmd_status(args) -> int:
+    import json
+
+    from als import control, status
+    st = control.request(Path(args.root), "status", timeout=30)
+    print(json.dumps(st, indent=2) if args.json else status.render(st))
+    return 0
+
+
+def cmd_cache(args) -> int:
+    import json
+
+    from als.cache import ChunkCache
+    cache_dir = Path(args.root) / "cache"
+    if not (cache_dir / "chunks").is_dir():
+        raise ALSError(f"no chunk cache under {args.root}")
+    cache = ChunkCache(cache_dir, memory_bytes=0)
+    if args.action == "prune":
+        result = {"freed_bytes": cache.prune(args.max_bytes)}
+    elif args.action == "verify":
+        checked, removed = cache.verify()
+        result = {"checked": checked, "removed": removed}
+    else:
+        result = {}
+    st = cache.stats()
+    result.update(entries=st.entries, bytes=st.bytes)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key.replace('_', ' '):>12}: {value}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(getattr(args, "log_level", "info"))
+    setup_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     try:
         return args.func(args)
     except ALSError as e:

@@ -25,6 +25,8 @@ class ResolveConfig:
     platform: str = ""  # "os/arch[/variant]" picked from an index; empty: this host's
     tail_size: int = 512 << 10  # bytes read from a blob's end at once, hoping the TOC is in them
     max_toc_size: int = 64 << 20  # largest (uncompressed) TOC accepted
+    max_toc_entries: int = 1 << 20  # most TOC entries (and, with 64Ki implicit directories, tree nodes)
+    failure_ttl: float = 5.0  # seconds a resolution that failed for a transient reason is kept
 
 
 @dataclass
@@ -32,12 +34,17 @@ class RegistryConfig:
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
     retries: int = 3  # per request, with exponential backoff
+    request_deadline: float = 60.0  # seconds one request may take in all: retries, backoff, a slow body
     registries_conf: str = ""  # override $CONTAINERS_REGISTRIES_CONF / /etc/containers/registries.conf
+    certs_dir: str = ""  # per-host TLS dirs (<dir>/<host:port>/*.crt, *.cert, *.key); "": Podman's
+    global_auth_file: str = ""  # CRI-O's global_auth_file, read before Podman's auth files
+    kubelet_config: str = "/var/lib/kubelet/config.json"  # read after Podman's auth files; "": off
+    credential_helper_timeout: float = 10.0  # seconds a docker-credential-<name> may take
 
 
 @dataclass
 class CacheConfig:
-    memory_bytes: int = 32 << 20  # in-memory tier of decompressed chunks
+    memory_bytes: int = 8 << 20  # in-memory tier of decompressed chunks, and as much again awaiting disk
     max_bytes: int = 20 << 30  # disk cache limit (least recently used chunks go first); 0: no limit
 
 
@@ -49,7 +56,7 @@ class FetchConfig:
     background_layers: int = 2  # layers fetched in the background at once
     background_step: int = 4 << 20  # bytes per background request
     readahead_min: int = 256 << 10  # first read-ahead window once misses turn sequential
-    readahead_max: int = 8 << 20  # largest read-ahead window
+    readahead_max: int = 4 << 20  # largest read-ahead window
     coalesce_gap: int = 64 << 10  # fetch the bytes between two missing chunks closer than this
     max_request: int = 16 << 20  # largest foreground request
     read_timeout: float = 60.0  # longest a read waits for a chunk someone else is fetching
@@ -63,12 +70,18 @@ class FuseConfig:
 
 
 @dataclass
+class MetricsConfig:
+    address: str = ""  # Prometheus exporter: "" (off), "127.0.0.1:PORT", "[::1]:PORT" or "unix:/path"
+
+
+@dataclass
 class Config:
     resolve: ResolveConfig = field(default_factory=ResolveConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     fetch: FetchConfig = field(default_factory=FetchConfig)
     fuse: FuseConfig = field(default_factory=FuseConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def load_config(path: str | Path | None) -> Config:

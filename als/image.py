@@ -7,6 +7,7 @@ config, a manifest and the layer annotations fit together.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -51,10 +52,9 @@ def estargz_layer(tar: BinaryIO, *, chunk_size: int = 4 << 20, level: int = 9,
                                    estargz.UNCOMPRESSED_SIZE_ANNOTATION: str(r.uncompressed_size)})
 
 
-def gzip_layer(tar: bytes) -> BuiltLayer:
+def gzip_layer(tar: bytes, level: int = 9) -> BuiltLayer:
     """A plain gzip layer (not lazily servable), for comparisons and fallbacks."""
-    import gzip
-    blob = gzip.compress(tar, mtime=0)
+    blob = gzip.compress(tar, compresslevel=level, mtime=0)
     return BuiltLayer(blob=io.BytesIO(blob), digest="sha256:" + hashlib.sha256(blob).hexdigest(),
                       size=len(blob), diff_id="sha256:" + hashlib.sha256(tar).hexdigest())
 

@@ -20,6 +20,8 @@ import os
 import stat
 from dataclasses import dataclass, field
 
+from als.errors import FormatError
+from als.formats import estargz
 from als.formats import toc as T
 
 log = logging.getLogger("als.layer")
@@ -82,8 +84,10 @@ class Node:
 class LayerView:
     """The tree of one layer. ``ino_base`` keeps inode numbers unique across layers."""
 
-    def __init__(self, entries: list[T.Entry], ino_base: int = 0, label: str = "layer"):
+    def __init__(self, entries: list[T.Entry], ino_base: int = 0, label: str = "layer",
+                 max_nodes: int = estargz.MAX_TOC_ENTRIES + 65536):
         self._next_ino = ino_base + 1
+        self._last_ino = ino_base + max_nodes  # implicit parents too: a hostile TOC cannot build a huge tree
         self.label = label
         self.root = self._new_node(stat.S_IFDIR | 0o755, children={})
         self.rejected: list[str] = []
@@ -93,6 +97,8 @@ class LayerView:
 
     # ---- building ---------------------------------------------------------------
     def _new_node(self, mode: int, **kw) -> Node:
+        if self._next_ino > self._last_ino:
+            raise FormatError(f"its tree has more than {self._last_ino - self.root.ino + 1} nodes")
         node = Node(ino=self._next_ino, mode=mode, **kw)
         self._next_ino += 1
         return node
@@ -116,7 +122,6 @@ class LayerView:
         return node
 
     def _build(self, entries: list[T.Entry]) -> None:
-        by_name: dict[str, Node] = {"": self.root}
         opaque: list[Node] = []
         whiteouts: list[tuple[Node, str]] = []
         for e in entries:
@@ -134,21 +139,22 @@ class LayerView:
                 opaque.append(parent)
                 continue
             if base.startswith(WHITEOUT_PREFIX):
-                whiteouts.append((parent, base[len(WHITEOUT_PREFIX):]))
+                if base[len(WHITEOUT_PREFIX):] in (".", ".."):
+                    self._reject(e.name, "a whiteout of '.' or '..'")
+                else:
+                    whiteouts.append((parent, base[len(WHITEOUT_PREFIX):]))
                 continue
-            node = self._node_for(e, by_name)
+            node = self._node_for(e)
             if node is None:
                 continue
             old = parent.children.get(base)
             if old is not None and old.is_dir and node.is_dir:
                 # tar semantics: a repeated directory updates metadata, keeps contents
                 self._apply_meta(old, e)
-                by_name[e.name] = old
                 continue
-            if old is not None and not old.is_dir:
-                old.nlink -= 1
+            if old is not None:
+                self._unlink(old)
             parent.children[base] = node
-            by_name[e.name] = node
         for parent, name in whiteouts:
             # a real entry of the same name in this layer wins over its whiteout
             if name and name not in parent.children:
@@ -174,10 +180,24 @@ class LayerView:
             if not (key.isascii() and value.isascii()):
                 self.unservable.append(f"{e.name}: xattr {key} has a non-ASCII value")
 
-    def _node_for(self, e: T.Entry, by_name: dict[str, Node]) -> Node | None:
+    def _unlink(self, old: Node) -> None:
+        """A name is replaced: its node, and everything below it if a directory, loses that name.
+
+        Link counts stay exact, and a later hard link cannot reach what is gone
+        (hard links resolve against the tree as built so far, not by name).
+        """
+        stack = [old]
+        while stack:
+            node = stack.pop()
+            if node.is_dir:
+                stack.extend(node.children.values())
+            else:
+                node.nlink -= 1
+
+    def _node_for(self, e: T.Entry) -> Node | None:
         self._check_presentable(e)
         if e.type == T.HARDLINK:
-            target = by_name.get(e.linkname)
+            target = self.lookup(e.linkname.split("/")) if e.linkname else self.root
             if target is None:
                 self._reject(e.name, f"hard link to {e.linkname!r}, which is not an earlier entry")
                 return None

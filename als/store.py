@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -24,10 +25,12 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from functools import partial
 
+from als import metrics
+from als.access import AccessRecorder
 from als.config import Config
-from als.errors import ALSError, FormatError, NotFoundError, VerificationError
+from als.errors import ALSError, BlockedError, FormatError, NotFoundError, RegistryError, VerificationError
 from als.fetch import BlobSource, ChunkFetcher
-from als.formats import estargz
+from als.formats import estargz, zstdchunked
 from als.formats import toc as T
 from als.layer import LayerView
 from als.reference import parse_reference
@@ -41,15 +44,21 @@ INDEX_TYPES = {"application/vnd.oci.image.index.v1+json",
 GZIP_LAYER_TYPES = {"application/vnd.oci.image.layer.v1.tar+gzip",
                     "application/vnd.docker.image.rootfs.diff.tar.gzip"}
 COMPRESSION_GZIP = 2  # containers/storage archive.Gzip
+COMPRESSION_ZSTD = 4  # containers/storage archive.Zstd
+ZSTD_LAYER_TYPES = {zstdchunked.MEDIA_TYPE}
 MAX_METADATA = 8 << 20  # largest manifest or config accepted
+# TOC parsing is pure Python under the GIL: running more at once gains no speed but multiplies
+# peak memory, which a hostile TOC can push to ~25x its size. Two slots let a small layer pass a big one.
+_PARSE_SLOTS = threading.BoundedSemaphore(2)
 
 
 class LayerUnavailable(ALSError):
     """A lookup the store answers with an errno: ENOENT (no such layer) or EIO (declined)."""
 
-    def __init__(self, err: int, message: str):
+    def __init__(self, err: int, message: str, transient: bool = False):
         super().__init__(message)
         self.errno = err
+        self.transient = transient  # the cause may pass (registry trouble): retried after failure_ttl
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,11 @@ class LayerDescriptor:
 
     @property
     def toc_digest(self) -> str:
-        return self.annotations.get(estargz.TOC_DIGEST_ANNOTATION, "")
+        """The eStargz TOC digest, or the zstd:chunked manifest checksum (either annotation spelling)."""
+        for key in (estargz.TOC_DIGEST_ANNOTATION, *zstdchunked.CHECKSUM_ANNOTATIONS):
+            if key in self.annotations:
+                return self.annotations[key]
+        return ""
 
 
 @dataclass
@@ -94,13 +107,14 @@ class Layer:
 
     def info(self, key: str) -> bytes:
         """The `info` JSON for the digest Podman used to name the layer."""
+        compression = COMPRESSION_ZSTD if self.source.compression == T.ZSTD else COMPRESSION_GZIP
         if key == self.desc.digest:
             body = {"compressed-diff-digest": self.desc.digest, "compressed-size": self.desc.size,
                     "diff-digest": self.desc.diff_id, "diff-size": self.diff_size,
-                    "compression": COMPRESSION_GZIP}
+                    "compression": compression}
         else:  # named by TOC digest: Podman >= 5.1 keeps TOC-trusted layers apart from DiffID ones
             body = {"toc-digest": self.toc_digest, "compressed-size": self.desc.size,
-                    "diff-size": self.diff_size, "compression": COMPRESSION_GZIP,
+                    "diff-size": self.diff_size, "compression": compression,
                     "flags": {"expected-layer-diffid": self.desc.diff_id}}
         return (json.dumps(body) + "\n").encode()
 
@@ -113,7 +127,13 @@ class _Resolution:
     image: Future = field(default_factory=Future)  # -> Image
     layers: dict[str, Future] = field(default_factory=dict)  # blob digest -> Future[Layer]
 
+    def failed_transiently(self) -> bool:
+        """Whether the image or one of its layers failed for a reason that may pass by now."""
+        return any(f.done() and getattr(f.exception(), "transient", False)
+                   for f in (self.image, *self.layers.values()))
 
+
+@functools.lru_cache(maxsize=1024)
 def decode_ref(name: str) -> str | None:
     """The image reference a top-level directory name encodes (std base64), or None."""
     try:
@@ -147,6 +167,7 @@ class Store:
         self._layers: dict[tuple[str, str], Layer] = {}  # (ref, digest or TOC digest) -> Layer
         self._uses: dict[tuple[str, str], int] = {}
         self._next_layer_id = 1
+        self.accesses = AccessRecorder()  # `als optimize` switches it on through the control socket
         if config.resolve.platform:
             parts = config.resolve.platform.split("/")
             self._platform = (parts[0], parts[1] if len(parts) > 1 else "", parts[2] if len(parts) > 2 else "")
@@ -170,10 +191,20 @@ class Store:
             return layer
         deadline = time.monotonic() + self.config.resolve.timeout
         res = self._resolution(ref)
-        image = self._wait(res.image, deadline, f"image {ref}")
-        desc = image.find(digest)
-        if desc is None:
-            desc, res = self._find_elsewhere(ref, digest, res)
+        try:
+            image = self._wait(res.image, deadline, f"image {ref}")
+        except LayerUnavailable as e:
+            # The registry is down or the tag is gone: Podman's graph root still names this
+            # layer (after a restart, say), and what we saved of it is enough to serve it.
+            found = self._from_saved(ref, digest)
+            if found is None:
+                raise
+            log.warning("image %s layer %s: serving it from saved metadata: %s", ref, digest, e)
+            desc, res = found
+        else:
+            desc = image.find(digest)
+            if desc is None:
+                desc, res = self._find_elsewhere(ref, digest, res)
         layer = self._wait(res.layers[desc.digest], deadline, f"image {ref} layer {digest}")
         with self._lock:
             self._layers[(ref, desc.digest)] = layer
@@ -207,12 +238,20 @@ class Store:
         with self._lock:
             return list({id(l): l for l in self._layers.values()}.values())
 
+    def resolutions(self) -> dict[str, _Resolution]:
+        """The current resolution of each image reference looked up, for `als status`."""
+        with self._lock:
+            return dict(self._resolutions)
+
     # ---- resolution -------------------------------------------------------------------
     def _resolution(self, ref: str, *, fresh: bool = False) -> _Resolution:
         now = time.monotonic()
         with self._lock:
             res = self._resolutions.get(ref)
-            if res is not None and not fresh and now - res.started < self.config.resolve.ttl:
+            age = now - res.started if res is not None else 0.0
+            # A registry that was down must not pin a decline for the whole TTL.
+            if res is not None and not fresh and age < self.config.resolve.ttl and not (
+                    age >= self.config.resolve.failure_ttl and res.failed_transiently()):
                 return res
             res = _Resolution(started=now)
             self._resolutions[ref] = res
@@ -244,10 +283,13 @@ class Store:
             layer = self._resolve_layer(ref, desc)
         except Exception as e:
             log.warning("image %s layer %s: declined: %s", ref, desc.digest, e)
-            fut.set_exception(LayerUnavailable(errno.EIO, f"image {ref} layer {desc.digest}: {e}"))
+            metrics.layer_declined()
+            fut.set_exception(LayerUnavailable(errno.EIO, f"image {ref} layer {desc.digest}: {e}",
+                                               transient=_transient(e)))
             return
         log.info("image %s layer %s: ready: %d files, %d bytes compressed, %d uncompressed, in %.2fs",
                  ref, desc.digest, layer.view.file_count, desc.size, layer.diff_size, time.monotonic() - t0)
+        metrics.layer_resolved()
         if layer.prefetch or self.config.fetch.background:
             self._warmers.submit(self._warm, layer)
         fut.set_result(layer)
@@ -263,6 +305,13 @@ class Store:
                     return desc, res
             except LayerUnavailable:
                 pass
+        found = self._from_saved(ref, digest)
+        if found is None:
+            raise LayerUnavailable(errno.ENOENT, f"image {ref} has no layer {digest}")
+        return found
+
+    def _from_saved(self, ref: str, digest: str) -> tuple[LayerDescriptor, _Resolution] | None:
+        """The layer from a manifest ``ref`` resolved to before (kept in the state dir), if any."""
         for mdigest in self.state.manifests(ref):
             try:
                 image = self._image_from(ref, mdigest, self._saved(mdigest), lambda _r, d: self._saved(d))
@@ -275,7 +324,7 @@ class Store:
                 old.image.set_result(image)
                 self._start_layers(image, old)
                 return desc, old
-        raise LayerUnavailable(errno.ENOENT, f"image {ref} has no layer {digest}")
+        return None
 
     def _saved(self, digest: str) -> bytes:
         data = self.state.get_blob(digest)
@@ -339,24 +388,24 @@ class Store:
         return sorted(candidates)[0][1]
 
     def _resolve_layer(self, ref: str, desc: LayerDescriptor) -> Layer:
-        if desc.media_type not in GZIP_LAYER_TYPES:
-            raise FormatError(f"media type {desc.media_type or '(none)'} is not served lazily")
-        toc_digest = desc.toc_digest
-        if not toc_digest and not self.config.resolve.allow_unverified:
-            raise FormatError(f"no {estargz.TOC_DIGEST_ANNOTATION} annotation, so its TOC cannot be verified")
-        try:
-            diff_size = int(desc.annotations[estargz.UNCOMPRESSED_SIZE_ANNOTATION])
-        except (KeyError, ValueError):
-            raise FormatError(f"no valid {estargz.UNCOMPRESSED_SIZE_ANNOTATION} annotation, "
-                              "so the exact diff size is unknown") from None
         r = parse_reference(ref)
         label = f"image {ref} layer {desc.digest}"
         read_range = partial(self.client.read_range, r, desc.digest)
-        toc, tail, tail_start = self._load_toc(label, desc, toc_digest, read_range)
+        if desc.media_type in ZSTD_LAYER_TYPES:
+            toc, diff_size = self._load_zstd_toc(label, desc, read_range)
+            tail, tail_start = b"", 0
+        else:
+            toc, diff_size, tail, tail_start = self._load_estargz_toc(label, desc, read_range)
         with self._lock:
             layer_id = self._next_layer_id
             self._next_layer_id += 1
-        view = LayerView(toc.entries, ino_base=layer_id << 32, label=label)
+        for warning in toc.warnings[:20]:
+            log.warning("%s: %s", label, warning)
+        if len(toc.warnings) > 20:
+            log.warning("%s: %d more TOC entries confined the same way", label, len(toc.warnings) - 20)
+        with _PARSE_SLOTS:
+            view = LayerView(toc.entries, ino_base=layer_id << 32, label=label,
+                             max_nodes=self.config.resolve.max_toc_entries + 65536)
         if view.unservable:
             raise FormatError(f"it cannot be presented faithfully over FUSE ({len(view.unservable)} entries, "
                               f"first: {view.unservable[0]})")
@@ -390,11 +439,63 @@ class Store:
                          time.monotonic() - t0)
             if self.config.fetch.background and not self._stop.is_set():
                 t0 = time.monotonic()
-                n = self.fetcher.background(layer.source, self._stop, self.config.fetch.background_step)
+                left = sum(c.blob_end - c.blob_start for c in layer.source.chunks
+                           if not self.fetcher.cache.contains(c.digest))
+                with metrics.background_fetch(label, left) as progress:
+                    n = self.fetcher.background(layer.source, self._stop, self.config.fetch.background_step,
+                                                progress=progress.advance)
                 if not self._stop.is_set():
                     log.info("%s: background fetch done: %d bytes in %.2fs", label, n, time.monotonic() - t0)
         except Exception as e:  # warming is an optimisation: reads fetch what it missed
             log.warning("%s: prefetch or background fetch failed: %s", label, e)
+
+    def _load_estargz_toc(self, label: str, desc: LayerDescriptor, read_range) -> tuple[T.TOC, int, bytes, int]:
+        """An eStargz layer's verified TOC, its diff size, and the blob tail read to find the TOC."""
+        if desc.media_type not in GZIP_LAYER_TYPES:
+            raise FormatError(f"media type {desc.media_type or '(none)'} is not served lazily")
+        toc_digest = desc.annotations.get(estargz.TOC_DIGEST_ANNOTATION, "")
+        if not toc_digest and not self.config.resolve.allow_unverified:
+            raise FormatError(f"no {estargz.TOC_DIGEST_ANNOTATION} annotation, so its TOC cannot be verified")
+        try:
+            diff_size = int(desc.annotations[estargz.UNCOMPRESSED_SIZE_ANNOTATION])
+        except (KeyError, ValueError):
+            raise FormatError(f"no valid {estargz.UNCOMPRESSED_SIZE_ANNOTATION} annotation, "
+                              "so the exact diff size is unknown") from None
+        toc, tail, tail_start = self._load_toc(label, desc, toc_digest, read_range)
+        return toc, diff_size, tail, tail_start
+
+    def _load_zstd_toc(self, label: str, desc: LayerDescriptor, read_range) -> tuple[T.TOC, int]:
+        """A zstd:chunked layer's verified TOC (located by its annotations) and its exact diff size.
+
+        The size comes from the uncompressed-size annotation when the writer
+        gave one (``als convert`` does), else it is computed from the blob's
+        header frames (Podman writes none): containers/storage needs it exact.
+        """
+        if not zstdchunked.is_zstd_chunked(desc.annotations):
+            raise FormatError("a zstd layer without zstd:chunked annotations is not served lazily")
+        max_toc = self.config.resolve.max_toc_size
+        loc = zstdchunked.locate(desc.annotations, desc.size, max_toc_size=max_toc)
+        saved = self.state.get_toc(loc.checksum)
+        toc = None
+        if saved is not None:
+            try:
+                with _PARSE_SLOTS:
+                    toc = zstdchunked.parse_manifest(saved[1], loc)
+            except FormatError:
+                log.warning("%s: saved TOC is unusable; reading it from the registry again", label)
+        if toc is None:
+            data = read_range(loc.offset, loc.offset + loc.length)
+            with _PARSE_SLOTS:
+                toc = zstdchunked.parse_manifest(data, loc)
+            self.state.put_toc(loc.checksum, loc.offset, data)
+        try:
+            diff_size = int(desc.annotations[zstdchunked.UNCOMPRESSED_SIZE_ANNOTATION])
+        except (KeyError, ValueError):
+            t0 = time.monotonic()
+            diff_size = zstdchunked.uncompressed_size(toc, read_range)
+            log.info("%s: computed its uncompressed size, %d bytes, from its header frames in %.2fs",
+                     label, diff_size, time.monotonic() - t0)
+        return toc, diff_size
 
     def _load_toc(self, label: str, desc: LayerDescriptor, toc_digest: str,
                   read_range) -> tuple[T.TOC, bytes, int]:
@@ -403,7 +504,9 @@ class Store:
         saved = self.state.get_toc(toc_digest) if toc_digest else None
         if saved is not None:
             try:
-                return estargz.parse_toc(saved[1], toc_digest, toc_offset=saved[0], max_toc_size=max_toc), b"", 0
+                with _PARSE_SLOTS:
+                    return estargz.parse_toc(saved[1], toc_digest, toc_offset=saved[0], max_toc_size=max_toc,
+                                             max_entries=self.config.resolve.max_toc_entries), b"", 0
             except FormatError:
                 log.warning("%s: saved TOC is unusable; reading it from the registry again", label)
         size = desc.size
@@ -418,7 +521,9 @@ class Store:
             member = tail[toc_offset - tail_start:member_end - tail_start]
         else:
             member = read_range(toc_offset, tail_start) + tail[:member_end - tail_start]
-        toc = estargz.parse_toc(member, toc_digest or None, toc_offset=toc_offset, max_toc_size=max_toc)
+        with _PARSE_SLOTS:
+            toc = estargz.parse_toc(member, toc_digest or None, toc_offset=toc_offset, max_toc_size=max_toc,
+                                    max_entries=self.config.resolve.max_toc_entries)
         if toc_digest:
             self.state.put_toc(toc_digest, toc_offset, member)
         return toc, tail, tail_start
@@ -441,12 +546,18 @@ def _json(data: bytes, what: str) -> dict:
     return doc
 
 
+def _transient(e: Exception) -> bool:
+    """Registry trouble that may pass (unreachable, timeouts, 5xx, refused credentials), unlike
+    a bad layer, a missing image or a blocked registry: worth trying again before the TTL ends."""
+    return isinstance(e, RegistryError) and not isinstance(e, (NotFoundError, BlockedError))
+
+
 def _as_unavailable(e: Exception, what: str) -> LayerUnavailable:
     if isinstance(e, LayerUnavailable):
         return e
     if isinstance(e, NotFoundError):
         return LayerUnavailable(errno.ENOENT, f"{what}: {e}")
-    return LayerUnavailable(errno.EIO, f"{what}: {e}")
+    return LayerUnavailable(errno.EIO, f"{what}: {e}", transient=_transient(e))
 
 
 class BlobReader:

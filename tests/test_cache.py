@@ -8,7 +8,9 @@ from als.cache import ChunkCache, sha256_digest
 def test_put_get_and_survives_a_new_instance(tmp_path):
     data = b"hello chunk" * 1000
     d = sha256_digest(data)
-    ChunkCache(tmp_path).put(d, data)
+    first = ChunkCache(tmp_path)
+    first.put(d, data)
+    assert first.flush()
     fresh = ChunkCache(tmp_path, memory_bytes=0)
     assert fresh.get(d) == data
     assert fresh.get(sha256_digest(b"other")) is None
@@ -19,6 +21,7 @@ def test_corrupt_entry_is_dropped_not_served(tmp_path):
     d = sha256_digest(data)
     c = ChunkCache(tmp_path, memory_bytes=0)
     c.put(d, data)
+    assert c.flush()
     c.path(d).write_bytes(b"y" * 5000)  # a bit flip, a torn write or a planted file
     assert c.get(d) is None and not c.path(d).exists() and c.corrupt == 1
 
@@ -38,4 +41,5 @@ def test_unwritable_disk_keeps_serving_from_memory(tmp_path):
     data = b"z" * 100
     d = "sha256:" + hashlib.sha256(data).hexdigest()
     c.put(d, data)
+    assert c.flush()
     assert c.get(d) == data and not c.path(d).exists()

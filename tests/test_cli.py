@@ -64,3 +64,20 @@ def test_a_stale_mount_from_a_killed_store_is_cleared_at_start(tmp_path):
         assert os.path.isdir(s.mountpoint) and "clearing the stale mount" in s.log()
     finally:
         s.stop()
+
+
+def test_cache_stats_prune_verify(tmp_path):
+    from als.cache import ChunkCache
+    from als.digest import sha256_digest
+    cache = ChunkCache(tmp_path / "cache")
+    for i in range(3):
+        cache.put(sha256_digest(bytes([i]) * 100), bytes([i]) * 100)
+    r = als("cache", "stats", "--root", str(tmp_path), "--json")
+    assert r.returncode == 0 and '"entries": 3' in r.stdout and '"bytes": 300' in r.stdout
+    victim = next((tmp_path / "cache" / "chunks" / "sha256").rglob("*/*"))
+    victim.write_bytes(b"bad")
+    r = als("cache", "verify", "--root", str(tmp_path), "--json")
+    assert '"checked": 3' in r.stdout and '"removed": 1' in r.stdout
+    r = als("cache", "prune", "--root", str(tmp_path))
+    assert r.returncode == 0 and "freed bytes: 200" in r.stdout and "entries: 0" in r.stdout
+    assert als("cache", "stats", "--root", str(tmp_path / "nope")).returncode == 1

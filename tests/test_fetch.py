@@ -145,8 +145,10 @@ def test_cache_limit_evicts_least_recently_used(tmp_path):
     digests = [sha256_digest(b) for b in blobs]
     for d, b in zip(digests[:3], blobs[:3]):
         cache.put(d, b)
+    assert cache.flush()
     assert cache.get(digests[0]) == blobs[0]  # now the most recently used
     cache.put(digests[3], blobs[3])  # over the limit: digests[1] goes
+    assert cache.flush()
     assert not cache.contains(digests[1]) and not cache.path(digests[1]).exists()
     assert all(cache.contains(d) for d in (digests[0], digests[2], digests[3]))
     st = cache.stats()

@@ -9,20 +9,14 @@ on the client's requests session.
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import hashlib
 import io
 import json
 import logging
 import random
 import socket
 import subprocess
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -32,114 +26,15 @@ from requests.adapters import BaseAdapter, HTTPAdapter
 
 from als.errors import (AuthError, BlockedError, ConfigError, NotFoundError, RegistryError,
                         VerificationError)
-from als.reference import Reference, parse_reference
+from als.reference import parse_reference
 from als.registry.auth import (AuthFile, Credentials, default_auth_files, find_credentials,
                                parse_challenges)
 from als.registry.client import OCI_MANIFEST, Manifest, RegistryClient
 from als.registry.sysregistries import Endpoint, RegistriesConf
 from tests.support.registry import RegistryProcess, free_port
-
-PASSWORD = "s3cr3t-Pa55w0rd!"
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-# ---------------------------------------------------------------------------
-# fixtures and helpers
-# ---------------------------------------------------------------------------
-
-@pytest.fixture(autouse=True)
-def hermetic_env(monkeypatch, tmp_path):
-    """No test may see the host's credentials or registries.conf."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
-    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
-    monkeypatch.delenv("CONTAINERS_REGISTRIES_CONF", raising=False)
-    for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
-                  "all_proxy"):
-        monkeypatch.delenv(proxy, raising=False)  # every request stays on 127.0.0.1
-    return tmp_path
-
-
-def wait_accesses(reg: RegistryProcess, mark: int, pred, n: int = 1, timeout: float = 5.0):
-    """The registry's log entries since ``mark`` that satisfy ``pred``, once there are ``n``.
-
-    docker-registry writes a request's log line just after the response, so
-    it may trail what the client already has.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [a for a in reg.accesses_since(mark) if pred(a)]
-        if len(found) >= n or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
-
-
-def write_conf(dir_: Path, text: str) -> RegistriesConf:
-    path = dir_ / "registries.conf"
-    path.write_text(text)
-    return RegistriesConf.load(str(path))
-
-
-def insecure(*hosts: str) -> str:
-    return "".join(f'[[registry]]\nlocation = "{h}"\ninsecure = true\n\n' for h in hosts)
-
-
-def auth_file(path: Path, entries: dict[str, dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"auths": entries}))
-    return path
-
-
-def b64auth(user: str, password: str) -> str:
-    return base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
-@dataclass
-class Image:
-    ref: Reference
-    config: bytes
-    layer: bytes
-    manifest: bytes
-    digest: str
-
-
-def make_image(seed: int = 1, size: int = 300_000) -> tuple[bytes, bytes, bytes]:
-    rnd = random.Random(seed)
-    layer = rnd.randbytes(size)
-    config = json.dumps({"architecture": "amd64", "os": "linux", "seed": seed}).encode()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": sha(config), "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": sha(layer), "size": len(layer)}],
-    }).encode()
-    return config, layer, manifest
-
-
-def push_image(client: RegistryClient, ref: Reference, seed: int = 1) -> Image:
-    config, layer, manifest = make_image(seed)
-    client.push_blob(ref, config, sha(config), len(config))
-    client.push_blob(ref, io.BytesIO(layer), sha(layer), len(layer))
-    digest = client.put_manifest(ref, manifest, OCI_MANIFEST)
-    return Image(ref, config, layer, manifest, digest)
-
-
-def fast_client(conf: RegistriesConf, **kw) -> RegistryClient:
-    kw.setdefault("retries", 1)
-    kw.setdefault("backoff", 0.01)
-    kw.setdefault("connect_timeout", 2.0)
-    kw.setdefault("read_timeout", 5.0)
-    client = RegistryClient(conf, **kw)
-    client.session.trust_env = False  # no proxy or .netrc from the environment: 127.0.0.1 only
-    return client
+from tests.support.regtest import (PASSWORD, auth_file, b64auth, fast_client, hermetic_env,  # noqa: F401
+                                   http_server, insecure, push_image, sha, wait_accesses,
+                                   write_conf)
 
 
 @pytest.fixture(scope="module")
@@ -162,21 +57,6 @@ def client(plain):
     _, conf, _ = plain
     with fast_client(conf) as c:
         yield c
-
-
-@contextlib.contextmanager
-def http_server(handler_cls):
-    """A throwaway HTTP server on 127.0.0.1, stopped on exit."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 class FakeTransport(BaseAdapter):

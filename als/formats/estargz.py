@@ -48,7 +48,15 @@ _BLOCK = tarfile.BLOCKSIZE
 _TAR_EOF = bytes(2 * _BLOCK)
 _COPY_PIECE = 1 << 20  # how much file payload the writer holds in memory at once
 _MAX_NAME_COMPONENT = 255  # NAME_MAX, in bytes
+_MAX_PATH = 4095  # PATH_MAX less its NUL: no extractor could create a longer name or symlink target
+_MAX_XATTR_VALUE = 65536  # XATTR_SIZE_MAX: no file system takes a larger value
 _MAX_INT64 = (1 << 63) - 1
+# Limits that keep a hostile TOC's cost bounded. A chunk is held in memory
+# whole (inflated, plus its compressed range), so both are capped; sgz writes
+# 4 MiB chunks. MAX_TOC_ENTRIES bounds the objects a TOC turns into.
+MAX_CHUNK = 32 << 20  # innerOffset + size of one chunk, uncompressed
+MAX_CHUNK_SPAN = 64 << 20  # compressed bytes fetched for one chunk
+MAX_TOC_ENTRIES = 1 << 20
 
 _HEX16_RE = re.compile(rb"[0-9a-fA-F]{16}")
 _RFC3339_RE = re.compile(
@@ -286,10 +294,17 @@ def clean_name(name: str, what: str = "name") -> str:
     """
     _check_text(name, what)
     cleaned = posixpath.normpath("/" + name).lstrip("/")
+    if len(_check_text(cleaned, what)) > _MAX_PATH:
+        raise FormatError(f"{what} {name!r:.300} is longer than {_MAX_PATH} bytes")
     for component in cleaned.split("/"):
         if len(_check_text(component, what)) > _MAX_NAME_COMPONENT:
             raise FormatError(f"{what} {name!r:.300} has a component longer than 255 bytes")
     return cleaned
+
+
+def _climbs(name: str) -> bool:
+    """Whether a relative name uses ".." to reach above its root (``clean_name`` confines it)."""
+    return posixpath.normpath(name.lstrip("/") or ".").split("/")[0] == ".."
 
 
 def _parse_modtime(text: str, where: str) -> int:
@@ -324,6 +339,8 @@ def _decode_xattrs(raw: dict[str, str], where: str) -> dict[str, bytes]:
             out[key] = base64.b64decode(value, validate=True)
         except ValueError:
             raise FormatError(f"{where}: xattr {key!r} is not valid base64") from None
+        if len(out[key]) > _MAX_XATTR_VALUE:
+            raise FormatError(f"{where}: xattr {key!r} is longer than {_MAX_XATTR_VALUE} bytes")
     return out
 
 
@@ -349,7 +366,8 @@ def _entry(raw: _RawEntry, index: int) -> toc.Entry:
     elif raw.type == toc.SYMLINK:
         if not raw.link_name:
             raise FormatError(f"{where}: symlink without linkName")
-        _check_text(raw.link_name, "symlink target")
+        if len(_check_text(raw.link_name, "symlink target")) > _MAX_PATH:
+            raise FormatError(f"{where}: symlink target is longer than {_MAX_PATH} bytes")
         linkname = raw.link_name
     digest = ""
     if raw.type == toc.REG and raw.digest:
@@ -422,6 +440,11 @@ def _attach_chunks(
             digest = entry.digest
         _check_digest(digest, f"{where}: chunkDigest")
         start, end = raw.offset, ends[i]
+        if raw.inner_offset + size > MAX_CHUNK or end - start > MAX_CHUNK_SPAN:
+            raise FormatError(
+                f"{where}: chunk at {raw.chunk_offset} needs {raw.inner_offset + size} bytes inflated "
+                f"from {end - start} compressed, over the limits of {MAX_CHUNK} and {MAX_CHUNK_SPAN}"
+            )
         if not start < end <= toc_offset:
             raise FormatError(
                 f"{where}: chunk at {raw.chunk_offset} has compressed range "
@@ -449,7 +472,7 @@ def _attach_chunks(
     entry.chunks = chunks
 
 
-def _normalise(doc: object, digest: str, toc_offset: int) -> toc.TOC:
+def _normalise(doc: object, digest: str, toc_offset: int, max_entries: int = MAX_TOC_ENTRIES) -> toc.TOC:
     if not isinstance(doc, dict):
         raise FormatError("TOC JSON is not an object")
     version = doc.get("version")
@@ -458,6 +481,8 @@ def _normalise(doc: object, digest: str, toc_offset: int) -> toc.TOC:
     items = doc.get("entries", [])
     if not isinstance(items, list):
         raise FormatError("TOC 'entries' is not a list")
+    if len(items) > max_entries:
+        raise FormatError(f"TOC has {len(items)} entries, over the limit of {max_entries}")
     raws = [_raw_entry(obj, i) for i, obj in enumerate(items)]
     ends = _blob_ends(raws, toc_offset)
     # sgz's fallback: a layer without any chunkDigest (and without chunk
@@ -465,6 +490,7 @@ def _normalise(doc: object, digest: str, toc_offset: int) -> toc.TOC:
     digest_fallback = not any(r.chunk_digest or r.type == CHUNK for r in raws)
 
     entries: list[toc.Entry] = []
+    warnings: list[str] = []
     files: list[tuple[toc.Entry, list[int]]] = []
     current: tuple[toc.Entry, list[int]] | None = None
     for i, raw in enumerate(raws):
@@ -479,12 +505,15 @@ def _normalise(doc: object, digest: str, toc_offset: int) -> toc.TOC:
             continue
         entry = _entry(raw, i)
         entries.append(entry)
+        if _climbs(raw.name) or (raw.type == toc.HARDLINK and _climbs(raw.link_name)):
+            warnings.append(f"TOC entry {i} {raw.name!r:.300} (link {raw.link_name!r:.300}) climbs above "
+                            f"the layer root with '..'; confined to {entry.name!r:.300}")
         current = (entry, [i]) if raw.type == toc.REG else None
         if current is not None:
             files.append(current)
     for entry, members in files:
         _attach_chunks(entry, members, raws, ends, toc_offset, digest_fallback)
-    return toc.TOC(entries=entries, digest=digest, compression=toc.GZIP, data_end=toc_offset)
+    return toc.TOC(entries=entries, digest=digest, compression=toc.GZIP, data_end=toc_offset, warnings=warnings)
 
 
 def parse_toc(
@@ -493,6 +522,7 @@ def parse_toc(
     *,
     toc_offset: int,
     max_toc_size: int = 64 << 20,
+    max_entries: int = MAX_TOC_ENTRIES,
 ) -> toc.TOC:
     """Decode, verify and normalise the TOC member of an eStargz blob.
 
@@ -527,7 +557,7 @@ def parse_toc(
         doc = json.loads(raw_json)
     except (ValueError, RecursionError) as e:
         raise FormatError(f"TOC is not valid JSON: {e}") from None
-    return _normalise(doc, digest, toc_offset)
+    return _normalise(doc, digest, toc_offset, max_entries)
 
 
 def decompress_chunk(data: bytes, chunk: toc.Chunk) -> bytes:
@@ -539,7 +569,7 @@ def decompress_chunk(data: bytes, chunk: toc.Chunk) -> bytes:
     checked here: compare ``sha256_digest(result)`` with ``chunk.digest``.
     """
     want = chunk.inner_offset + chunk.size
-    if chunk.size <= 0 or chunk.inner_offset < 0:
+    if chunk.size <= 0 or chunk.inner_offset < 0 or want > MAX_CHUNK:
         raise FormatError(f"bad chunk bounds: inner offset {chunk.inner_offset}, size {chunk.size}")
     out = _Gunzip(data, multi_member=True).read(want)
     if len(out) < want:
@@ -668,6 +698,61 @@ def _lenient_clean(name: str) -> str:
     return posixpath.normpath("/" + name).lstrip("/")
 
 
+def tar_header_and_entry(info: tarfile.TarInfo) -> tuple[str, bytes, dict, int]:
+    """The TOC type, the tar header bytes to emit, the TOC entry and the payload size of one tar entry.
+
+    Shared by the eStargz and zstd:chunked writers, whose TOC entries use the
+    same vocabulary: headers are re-emitted as PAX, sparse files in full.
+    """
+    kind = _TOC_TYPES.get(info.type)
+    if kind is None:
+        raise FormatError(f"tar entry {info.name!r}: unsupported type {info.type!r}")
+    info = copy.copy(info)
+    info.pax_headers = {
+        k: v
+        for k, v in info.pax_headers.items()
+        if k not in _RECOMPUTED_PAX and not k.startswith("GNU.sparse.")
+    }
+    if kind == toc.REG:
+        info.type = tarfile.REGTYPE  # sparse files are written out in full
+        info.sparse = None
+    else:
+        info.size = 0
+    header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+    entry: dict = {"name": info.name + ("/" if kind == toc.DIR and not info.name.endswith("/") else "")}
+    entry["type"] = kind
+    if kind == toc.REG and info.size:
+        entry["size"] = info.size
+    modtime = _rfc3339(info.mtime)
+    if modtime:
+        entry["modtime"] = modtime
+    if kind in (toc.SYMLINK, toc.HARDLINK) and info.linkname:
+        entry["linkName"] = info.linkname
+    for key, value in (
+        ("mode", info.mode & 0o7777),
+        ("uid", info.uid),
+        ("gid", info.gid),
+        ("userName", info.uname),
+        ("groupName", info.gname),
+    ):
+        if value:
+            entry[key] = value
+    if kind in (toc.CHAR, toc.BLOCK):
+        if info.devmajor:
+            entry["devMajor"] = info.devmajor
+        if info.devminor:
+            entry["devMinor"] = info.devminor
+    xattrs = {
+        k[len(_XATTR_PREFIX) :]: base64.b64encode(v.encode("utf-8", "surrogateescape")).decode("ascii")
+        for k, v in info.pax_headers.items()
+        if k.startswith(_XATTR_PREFIX)
+    }
+    if xattrs:
+        entry["xattrs"] = xattrs
+    return kind, header, entry, info.size
+
+
 class _Writer:
     """Emits tar entries as eStargz members and collects their TOC entries."""
 
@@ -678,56 +763,11 @@ class _Writer:
 
     def add(self, info: tarfile.TarInfo, payload: BinaryIO | None) -> None:
         """Write one entry; ``payload`` supplies ``info.size`` bytes for a regular file."""
-        kind = _TOC_TYPES.get(info.type)
-        if kind is None:
-            raise FormatError(f"tar entry {info.name!r}: unsupported type {info.type!r}")
-        info = copy.copy(info)
-        info.pax_headers = {
-            k: v
-            for k, v in info.pax_headers.items()
-            if k not in _RECOMPUTED_PAX and not k.startswith("GNU.sparse.")
-        }
-        if kind == toc.REG:
-            info.type = tarfile.REGTYPE  # sparse files are written out in full
-            info.sparse = None
-        else:
-            info.size = 0
-        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        kind, header, entry, size = tar_header_and_entry(info)
         self._gz.write(header)
-
-        entry: dict = {"name": info.name + ("/" if kind == toc.DIR and not info.name.endswith("/") else "")}
-        entry["type"] = kind
-        if kind == toc.REG and info.size:
-            entry["size"] = info.size
-        modtime = _rfc3339(info.mtime)
-        if modtime:
-            entry["modtime"] = modtime
-        if kind in (toc.SYMLINK, toc.HARDLINK) and info.linkname:
-            entry["linkName"] = info.linkname
-        for key, value in (
-            ("mode", info.mode & 0o7777),
-            ("uid", info.uid),
-            ("gid", info.gid),
-            ("userName", info.uname),
-            ("groupName", info.gname),
-        ):
-            if value:
-                entry[key] = value
-        if kind in (toc.CHAR, toc.BLOCK):
-            if info.devmajor:
-                entry["devMajor"] = info.devmajor
-            if info.devminor:
-                entry["devMinor"] = info.devminor
-        xattrs = {
-            k[len(_XATTR_PREFIX) :]: base64.b64encode(v.encode("utf-8", "surrogateescape")).decode("ascii")
-            for k, v in info.pax_headers.items()
-            if k.startswith(_XATTR_PREFIX)
-        }
-        if xattrs:
-            entry["xattrs"] = xattrs
         self._entries.append(entry)
         if kind == toc.REG:
-            self._write_payload(entry, payload, info.size)
+            self._write_payload(entry, payload, size)
 
     def _write_payload(self, entry: dict, payload: BinaryIO | None, size: int) -> None:
         """Write the file content, one gzip member per chunk, and fill the TOC."""

@@ -77,3 +77,6 @@ class TOC:
     digest: str  # the TOC digest the manifest annotation vouches for
     compression: str  # GZIP or ZSTD: how Chunk byte ranges are compressed
     data_end: int  # offset where file data ends (start of the TOC): blob bytes beyond it hold no chunk
+    # Entries the parser accepted only after confining them (a name climbing out with ".."),
+    # in operator words: the store logs them with the layer's name.
+    warnings: list[str] = field(default_factory=list)

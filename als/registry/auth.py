@@ -121,73 +121,140 @@ def _normalize_key(key: str) -> tuple[str, bool]:
     return normalize_registry(host) + (f"/{path}" if sep else ""), False
 
 
+HelperLookup = Callable[[str, str], "Credentials | None"]  # (helper name, registry) -> creds
+
+
 def find_credentials(registry: str, repository: str,
-                     files: list[AuthFile] | None = None) -> Credentials | None:
+                     files: list[AuthFile] | None = None,
+                     helper: HelperLookup | None = None) -> Credentials | None:
     """Credentials for ``registry/repository``, or None.
 
-    The first file with a matching entry wins; inside a file the most
-    specific key (``registry/ns/repo`` before ``registry/ns`` before
-    ``registry``) wins. ``files`` defaults to :func:`default_auth_files`.
+    The first file with a matching entry wins, as in containers/image. In a
+    file, a ``credHelpers`` entry for the registry host is asked first (and,
+    as in containers/image, only by host: helpers hold no per-namespace
+    credentials); then the most specific ``auths`` key (``registry/ns/repo``
+    before ``registry/ns`` before ``registry``); then the file's ``credsStore``
+    (Docker's default helper, which containers/image ignores). ``files``
+    defaults to :func:`default_auth_files`; ``helper`` runs a credential
+    helper (default: :func:`credhelper.helper_get`, uncached).
     """
     registry = normalize_registry(registry)
     parts = [p for p in repository.split("/") if p]
     keys = [f"{registry}/{'/'.join(parts[:i])}" for i in range(len(parts), 0, -1)] + [registry]
     for f in default_auth_files() if files is None else files:
-        entries = _load_auth_file(f, registry)
+        content = _load_auth_file(f)
+        name = content.helpers.get(registry)
+        if name:
+            creds = _ask_helper(helper, name, registry, f.path, "credHelpers")
+            if creds is not None:
+                return creds
+            continue  # containers/image: a credHelpers entry settles this file
         for key in keys:
-            if key in entries:
-                creds = _decode_entry(entries[key], f.path, key)
+            if key in content.entries:
+                creds = _decode_entry(content.entries[key], f.path, key)
                 if creds is not None:
                     log.debug("credentials for %s/%s: %s from %s", registry, repository,
                               creds.describe(), f.path)
                     return creds
+        if content.store:
+            creds = _ask_helper(helper, content.store, registry, f.path, "credsStore")
+            if creds is not None:
+                return creds
     return None
 
 
-def _load_auth_file(f: AuthFile, registry: str) -> dict[str, dict]:
-    """Normalised key -> entry. Missing, unreadable or malformed files give {}."""
+def _ask_helper(helper: HelperLookup | None, name: str, registry: str, path: Path,
+                field_name: str) -> Credentials | None:
+    from .credhelper import HelperError, helper_get
+    try:
+        creds = helper(name, registry) if helper is not None else helper_get(name, registry)
+    except HelperError as exc:
+        log.warning("%s (named by %s in %s); going on without it", exc, field_name, path)
+        return None
+    if creds is not None:
+        log.debug("credentials for %s: %s from credential helper %s (%s in %s)", registry,
+                  creds.describe(), name, field_name, path)
+    return creds
+
+
+@dataclass
+class _AuthFileContent:
+    """What one auth file says: normalised key -> entry, and the helpers it names."""
+
+    entries: dict[str, dict] = field(default_factory=dict)
+    helpers: dict[str, str] = field(default_factory=dict)  # credHelpers: registry -> helper name
+    store: str = ""  # credsStore: the helper for every registry
+
+
+def _load_auth_file(f: AuthFile) -> _AuthFileContent:
+    """Parse ``f``. Missing, unreadable or malformed files are empty."""
+    empty = _AuthFileContent()
     try:
         raw = f.path.read_bytes()
     except FileNotFoundError:
-        return {}
+        return empty
     except OSError as exc:
         log.debug("cannot read auth file %s: %s", f.path, exc.strerror)
-        return {}
+        return empty
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         log.warning("ignoring auth file %s: it is not valid JSON", f.path)
-        return {}
+        return empty
     if not isinstance(doc, dict):
         log.warning("ignoring auth file %s: it is not a JSON object", f.path)
-        return {}
+        return empty
+    out = _AuthFileContent()
     if f.legacy:
         auths = doc
     else:
         auths = doc.get("auths", {})
-        helpers = doc.get("credHelpers")
-        if (isinstance(helpers, dict) and registry in helpers) or doc.get("credsStore"):
-            log.debug("auth file %s names a credential helper; als does not run helpers", f.path)
+        helpers = doc.get("credHelpers", {})
+        if isinstance(helpers, dict):
+            out.helpers = {normalize_registry(k): v for k, v in helpers.items()
+                           if isinstance(k, str) and isinstance(v, str) and _helper_name_ok(v)}
+        else:
+            log.warning("ignoring 'credHelpers' in auth file %s: it is not a JSON object", f.path)
+        store = doc.get("credsStore", "")
+        if isinstance(store, str) and _helper_name_ok(store):
+            out.store = store
+        elif store:
+            log.warning("ignoring 'credsStore' in auth file %s: not a helper name", f.path)
     if not isinstance(auths, dict):
         log.warning("ignoring auth file %s: 'auths' is not a JSON object", f.path)
-        return {}
-    out: dict[str, tuple[dict, bool]] = {}
+        return out
+    seen: dict[str, tuple[dict, bool]] = {}
     for key, entry in auths.items():
         if not isinstance(key, str) or not isinstance(entry, dict):
             continue
         norm, legacy = _normalize_key(key)
         # The form Podman writes (no scheme) beats a legacy URL for the same registry.
-        if norm not in out or (out[norm][1] and not legacy):
-            out[norm] = (entry, legacy)
-    return {k: v[0] for k, v in out.items()}
+        if norm not in seen or (seen[norm][1] and not legacy):
+            seen[norm] = (entry, legacy)
+    out.entries = {k: v[0] for k, v in seen.items()}
+    return out
 
 
-def _decode_entry(entry: dict, path: Path, key: str) -> Credentials | None:
+def _helper_name_ok(name: str) -> bool:
+    """A helper name becomes part of a program name: no paths, no options."""
+    return bool(name) and "/" not in name and not name.startswith("-") and len(name) < 128
+
+
+def _decode_entry(entry: dict, path: Path, key: str, plain: bool = False) -> Credentials | None:
+    """The credentials of one ``auths`` entry, or None (logged when malformed).
+
+    ``plain`` also accepts separate ``username``/``password`` fields, which
+    the kubelet's config.json may carry; containers/image reads only ``auth``.
+    """
     auth = entry.get("auth") or ""
     token = entry.get("identitytoken") or ""
     if not isinstance(auth, str) or not isinstance(token, str):
         log.warning("ignoring entry %r in auth file %s: malformed", key, path)
         return None
+    if plain and not auth and not token:
+        user, pw = entry.get("username") or "", entry.get("password") or ""
+        if isinstance(user, str) and isinstance(pw, str) and user:
+            return Credentials(username=user, password=pw)
     username = password = ""
     if auth:
         try:

@@ -22,13 +22,17 @@ from typing import BinaryIO, Callable, Iterator, TypeVar
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from .. import __version__
-from ..errors import AuthError, NotFoundError, RegistryError, VerificationError
+from ..errors import AuthError, ConfigError, NotFoundError, RegistryError, VerificationError
 from ..reference import Reference
-from .auth import Authenticator, CredentialLookup, TransientError, find_credentials
+from .auth import Authenticator, CredentialLookup, TransientError
+from .keychain import Keychain
+from .redirects import BlobLocations
 from .sysregistries import Endpoint, RegistriesConf
+from .tls import TLSAdapter, TLSContexts
 
 log = logging.getLogger("als.registry")
 
@@ -74,11 +78,14 @@ class RegistryClient:
     """
 
     def __init__(self, conf: RegistriesConf | None = None, *,
-                 credentials: CredentialLookup = find_credentials,
+                 credentials: CredentialLookup | None = None,
                  connect_timeout: float = 10.0, read_timeout: float = 30.0,
                  retries: int = 3, backoff: float = 0.2, max_backoff: float = 5.0,
                  retry_deadline: float = 60.0, pool_size: int = 16,
+                 certs_dir: str | None = None,
                  user_agent: str = f"als/{__version__}") -> None:
+        """``credentials`` defaults to a :class:`Keychain` with registries.conf's
+        credential-helpers; ``certs_dir`` replaces Podman's certs.d directories."""
         self.conf = conf if conf is not None else RegistriesConf.load()
         self.timeout = (connect_timeout, read_timeout)
         self.retries = max(0, retries)
@@ -86,12 +93,18 @@ class RegistryClient:
         self.max_backoff = max_backoff
         self.retry_deadline = retry_deadline
         self.user_agent = user_agent
+        if credentials is None:
+            credentials = Keychain(helpers=self.conf.credential_helpers)
         self._credentials = credentials
+        self.keychain = credentials if isinstance(credentials, Keychain) else None
+        self.tls = TLSContexts(certs_dir)
+        self.locations = BlobLocations()
         self.session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=max(16, pool_size), pool_maxsize=max(16, pool_size),
-                              max_retries=0, pool_block=False)
-        self.session.mount("https://", adapter)
-        self.session.mount("http://", adapter)
+        size = max(16, pool_size)
+        self.session.mount("https://", TLSAdapter(self.tls, pool_connections=size, pool_maxsize=size,
+                                                  max_retries=0, pool_block=False))
+        self.session.mount("http://", HTTPAdapter(pool_connections=size, pool_maxsize=size,
+                                                  max_retries=0, pool_block=False))
         self.session.headers["User-Agent"] = user_agent
         self.auth = Authenticator(self.session, credentials, self.timeout, user_agent)
         self._lock = threading.Lock()
@@ -164,6 +177,9 @@ class RegistryClient:
             return b""
         req = _Request(ref, f"bytes {start}-{end - 1} of blob {digest}")
         headers = {"Range": f"bytes={start}-{end - 1}"}
+        # Socket timeouts bound each wait, not the whole: a body trickling in a byte at a time
+        # would hold a FUSE read for hours. The retry deadline bounds the body too.
+        deadline = time.monotonic() + self.retry_deadline
 
         def consume(resp: requests.Response, ep: Endpoint) -> bytes:
             skip = self._range_start(resp, start, end, req, ep)
@@ -175,7 +191,7 @@ class RegistryClient:
                      and int(length) <= end - start + _CHUNK)
             out = bytearray()
             want = end - start
-            for chunk in resp.iter_content(_CHUNK):
+            for chunk in _body(resp, deadline, f"registry {ep.host} sent {req.what} of image {ref}"):
                 if skip:
                     if len(chunk) <= skip:
                         skip -= len(chunk)
@@ -356,7 +372,10 @@ class RegistryClient:
     def _attempt(self, ep: Endpoint, repo: str, req: _Request, method: str, target: str,
                  headers: dict[str, str], consume: Callable[[requests.Response, Endpoint], T],
                  keep_open: bool = False) -> T:
-        resp = self._exchange(ep, repo, req, method, target, headers)
+        if method == "GET" and "/blobs/" in target:
+            resp = self._blob_exchange(ep, repo, req, target, headers)
+        else:
+            resp = self._exchange(ep, repo, req, method, target, headers)
         ok = False
         try:
             result = consume(resp, ep)
@@ -368,6 +387,32 @@ class RegistryClient:
         finally:
             if not (ok and keep_open):
                 _release(resp)
+
+    def _blob_exchange(self, ep: Endpoint, repo: str, req: _Request, target: str,
+                       headers: dict[str, str]) -> requests.Response:
+        """A blob GET: straight to the storage URL the registry redirected us to last time,
+        if we have one that still works, else through the registry (remembering a redirect)."""
+        url = self.locations.get(ep.host, target)
+        if url is not None:
+            try:
+                resp = self._send_authed(ep, repo, req, "GET", url, headers, None)
+            except (requests.RequestException, AuthError) as exc:
+                why = _why(exc) if isinstance(exc, requests.RequestException) else "refused"
+            else:
+                if resp.status_code in (200, 206):
+                    return resp
+                why = f"HTTP {resp.status_code}"
+                _release(resp)
+            self.locations.forget(ep.host, target, url)
+            log.info("registry %s: the storage URL it gave for blob %s of image %s no longer "
+                     "works (%s); asking the registry again", ep.host, target.rsplit("/", 1)[-1],
+                     req.ref, why)
+        resp = self._exchange(ep, repo, req, "GET", target, headers)
+        if resp.history and resp.status_code in (200, 206) and resp.url:
+            self.locations.remember(ep.host, target, resp.url)
+            log.debug("registry %s redirects blob %s to %s", ep.host, target.rsplit("/", 1)[-1],
+                      _redact_url(resp.url))
+        return resp
 
     def _scheme(self, ep: Endpoint) -> str:
         with self._lock:
@@ -401,9 +446,7 @@ class RegistryClient:
                     raise TransientError(f"TLS with registry {ep.host} failed for {req.what} of "
                                          f"image {req.ref} ({_why(exc)})") from None
                 raise RegistryError(f"TLS with registry {ep.host} failed for {req.what} of image "
-                                    f"{req.ref} ({_why(exc)}); if it serves plain HTTP or a "
-                                    "self-signed certificate, mark it insecure in "
-                                    "registries.conf") from None
+                                    f"{req.ref} ({_why(exc)}); {self._tls_hint(ep, exc)}") from None
             except requests.ConnectionError as exc:
                 if n + 1 < len(urls):
                     log.info("registry %s: HTTPS failed (%s); trying plain HTTP, as it is marked "
@@ -454,10 +497,25 @@ class RegistryClient:
         if not verify and url.startswith("https:"):
             self._note_insecure(ep.host)
         log.debug("%s %s", method, _redact_url(url))
-        return self.session.request(method, url, headers=h,
-                                    data=body.rewound() if body is not None else None,
-                                    stream=True, timeout=self.timeout, verify=verify,
-                                    allow_redirects=True)
+        try:
+            return self.session.request(method, url, headers=h,
+                                        data=body.rewound() if body is not None else None,
+                                        stream=True, timeout=self.timeout, verify=verify,
+                                        allow_redirects=True)
+        except ConfigError as exc:  # a broken certs.d directory: nothing to retry
+            raise RegistryError(f"registry {ep.host}: {exc}") from None
+
+    def _tls_hint(self, ep: Endpoint, exc: BaseException) -> str:
+        """What the operator can do about a TLS failure, naming our certs.d directories."""
+        where = self.tls.describe(ep.host)
+        if _tls_wants_client_cert(exc):
+            if self.tls.client_cert(ep.host) is None:
+                return (f"it asks for a client certificate: put client.cert and client.key in "
+                        f"{where}")
+            return "it refused our client certificate"
+        return (f"if it uses a private CA, put the CA certificate (*.crt) in {where}; if it "
+                "serves plain HTTP or a self-signed certificate, mark it insecure in "
+                "registries.conf")
 
     def _note_insecure(self, host: str) -> None:
         with self._lock:
@@ -689,6 +747,31 @@ def _release(resp: requests.Response, drain_limit: int = 64 * 1024) -> None:
     resp.close()
 
 
+def _body(resp: requests.Response, deadline: float, what: str) -> Iterator[bytes]:
+    """The response body in pieces as they arrive (one socket read each), until ``deadline``.
+
+    ``iter_content`` waits for whole 64 KiB pieces, so a trickle would never
+    reach a deadline check; ``read1`` returns what one read brought.
+    """
+    read1 = getattr(resp.raw, "read1", None)
+    if read1 is None:  # urllib3 < 2: the deadline is checked between whole pieces
+        pieces = resp.iter_content(_CHUNK)
+    else:
+        pieces = iter(lambda: _read1(read1), b"")
+    for piece in pieces:
+        yield piece
+        if time.monotonic() > deadline:
+            raise RegistryError(f"{what} too slowly: not complete within the request deadline "
+                                "(registry.request_deadline)")
+
+
+def _read1(read1: Callable[[int], bytes]) -> bytes:
+    try:
+        return read1(_CHUNK)
+    except urllib3.exceptions.HTTPError as e:  # what iter_content would have wrapped
+        raise requests.ConnectionError(e) from None
+
+
 def _check_digest(digest: str) -> None:
     if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
         raise ValueError(f"invalid digest {digest!r}: expected sha256:<64 hex> or sha512:<128 hex>")
@@ -759,8 +842,21 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         todo += [x for x in nxt if isinstance(x, BaseException)]
 
 
+_CLIENT_CERT_ALERTS = ("TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_BAD_CERTIFICATE",
+                       "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "TLSV1_ALERT_UNKNOWN_CA",
+                       "SSLV3_ALERT_HANDSHAKE_FAILURE", "TLSV1_ALERT_ACCESS_DENIED")
+
+
+def _tls_wants_client_cert(exc: BaseException) -> bool:
+    """The server refused the handshake over our (missing) client certificate."""
+    return any(isinstance(e, ssl.SSLError) and getattr(e, "reason", None) in _CLIENT_CERT_ALERTS
+               for e in _causes(exc))
+
+
 def _tls_is_definitive(exc: BaseException) -> bool:
     """A TLS failure that trying again will not fix: bad certificate, not TLS at all."""
+    if _tls_wants_client_cert(exc):
+        return True
     for e in _causes(exc):
         if isinstance(e, ssl.SSLCertVerificationError):
             return True

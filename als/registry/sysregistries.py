@@ -79,6 +79,9 @@ class RegistriesConf:
     registries: list[RegistryEntry] = field(default_factory=list)
     unqualified_search_registries: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)  # the files actually read
+    # ``credential-helpers``: None when no file sets it (containers/image's
+    # default, ["containers-auth.json"], applies); the last file setting it wins.
+    credential_helpers: list[str] | None = None
 
     @classmethod
     def load(cls, path: str | None = None) -> "RegistriesConf":
@@ -120,19 +123,23 @@ class RegistriesConf:
         by_prefix: dict[str, RegistryEntry] = {}
         search: list[str] = []
         read: list[Path] = []
+        helpers: list[str] | None = None
         for f in files:
             data = _read_toml(Path(f))
             if data is None:
                 continue
             read.append(Path(f))
             entries, file_search = _entries_from(data, str(f))
+            file_helpers = _credential_helpers(data, str(f))
+            if file_helpers is not None:
+                helpers = file_helpers
             for e in entries:
                 by_prefix.pop(e.prefix, None)  # re-insert: keep file order for ties
                 by_prefix[e.prefix] = e
             if file_search is not None:
                 search = file_search
         return cls(registries=list(by_prefix.values()),
-                   unqualified_search_registries=search, files=read)
+                   unqualified_search_registries=search, files=read, credential_helpers=helpers)
 
     @classmethod
     def from_string(cls, text: str, source: str = "<string>") -> "RegistriesConf":
@@ -142,7 +149,8 @@ class RegistriesConf:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: invalid TOML: {exc}") from None
         entries, search = _entries_from(data, source)
-        return cls(registries=entries, unqualified_search_registries=search or [])
+        return cls(registries=entries, unqualified_search_registries=search or [],
+                   credential_helpers=_credential_helpers(data, source))
 
     def find(self, ref: Reference) -> tuple[RegistryEntry, str] | None:
         """The entry with the longest matching prefix, and the part of the name it matched."""
@@ -194,6 +202,20 @@ def _read_toml(path: Path) -> dict | None:
         return tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def _credential_helpers(data: dict, source: str) -> list[str] | None:
+    """``credential-helpers``: "containers-auth.json" (the auth files) or helper names."""
+    helpers = data.get("credential-helpers")
+    if helpers is None:
+        return None
+    if not (isinstance(helpers, list) and all(isinstance(h, str) and h for h in helpers)):
+        raise ConfigError(f"{source}: credential-helpers must be a list of helper names")
+    for h in helpers:
+        if "/" in h or h.startswith("-"):
+            raise ConfigError(f"{source}: credential-helpers: {h!r} is not a helper name "
+                              "(docker-credential-<name> is run from PATH)")
+    return list(helpers)
 
 
 def _entries_from(data: dict, source: str) -> tuple[list[RegistryEntry], list[str] | None]:

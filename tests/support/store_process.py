@@ -46,7 +46,8 @@ class StoreProcess:
     """Runs ``python -m als serve`` on ``mountpoint``; ``stop()`` ends it and clears the mount."""
 
     def __init__(self, workdir: Path, *, registries_conf: Path | None = None, config: str = "",
-                 log_level: str = "debug", env: dict | None = None):
+                 log_level: str = "debug", env: dict | None = None, args: tuple[str, ...] = (),
+                 wrapper: tuple[str, ...] = ()):
         self.workdir = Path(workdir)
         self.mountpoint = self.workdir / "store"
         self.root = self.workdir / "root"
@@ -56,6 +57,8 @@ class StoreProcess:
         self.registries_conf = registries_conf
         self.log_level = log_level
         self.env = env or {}
+        self.args = tuple(args)  # more `als serve` options, e.g. ("--log-format", "json")
+        self.wrapper = tuple(wrapper)  # a command that execs the rest, e.g. setpriv with its options
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20.0) -> "StoreProcess":
@@ -64,8 +67,8 @@ class StoreProcess:
             env["CONTAINERS_REGISTRIES_CONF"] = str(self.registries_conf)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "als", "serve", "--root", str(self.root), "--config", str(self.config_path),
-             "--log-level", self.log_level, str(self.mountpoint)],
+            [*self.wrapper, sys.executable, "-m", "als", "serve", "--root", str(self.root),
+             "--config", str(self.config_path), "--log-level", self.log_level, *self.args, str(self.mountpoint)],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, cwd=REPO)
         log.close()
         deadline = time.monotonic() + timeout

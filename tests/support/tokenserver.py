@@ -54,21 +54,31 @@ class TokenServer:
 
     def __post_init__(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="als-tokenserver-")
-        self._key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.issuer)])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        self._cert = (x509.CertificateBuilder()
-                      .subject_name(name).issuer_name(name)
-                      .public_key(self._key.public_key())
-                      .serial_number(x509.random_serial_number())
-                      .not_valid_before(now - datetime.timedelta(days=1))
-                      .not_valid_after(now + datetime.timedelta(days=1))
-                      .sign(self._key, hashes.SHA256()))
         self.cert_path = Path(self._tmp.name) / "root.pem"
-        self.cert_path.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.rotate_key()
+
+    def rotate_key(self) -> None:
+        """A new signing key and certificate (rewritten at ``cert_path``).
+
+        A registry restarted after this refuses every token issued before:
+        the way to make a real registry answer 401 to a token we still cache.
+        """
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.issuer)])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder()
+                .subject_name(name).issuer_name(name)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(days=1))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .sign(key, hashes.SHA256()))
+        with self._lock:
+            self._key, self._cert = key, cert
+        self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
     # -- lifecycle ------------------------------------------------------------
     def start(self) -> "TokenServer":
@@ -168,15 +178,17 @@ class TokenServer:
                              "issued_at": datetime.datetime.now(datetime.timezone.utc).isoformat()})
 
     def _jwt(self, subject: str, access: list[dict]) -> str:
-        der = self._cert.public_bytes(serialization.Encoding.DER)
+        with self._lock:
+            key, cert = self._key, self._cert
+        der = cert.public_bytes(serialization.Encoding.DER)
         header = {"typ": "JWT", "alg": "ES256", "x5c": [base64.b64encode(der).decode("ascii")]}
         now = int(time.time())
         claims = {"iss": self.issuer, "sub": subject, "aud": self.service, "exp": now + self.ttl,
                   "nbf": now - 10, "iat": now, "jti": secrets.token_hex(8), "access": access}
         signing_input = (_b64url(json.dumps(header).encode()) + "."
                          + _b64url(json.dumps(claims).encode()))
-        r, s = decode_dss_signature(self._key.sign(signing_input.encode("ascii"),
-                                                   ec.ECDSA(hashes.SHA256())))
+        r, s = decode_dss_signature(key.sign(signing_input.encode("ascii"),
+                                             ec.ECDSA(hashes.SHA256())))
         return signing_input + "." + _b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
 
     @staticmethod

@@ -1,0 +1,77 @@
+"""What a process costs, from /proc: peak memory and thread count, sampled while a test runs.
+
+Memory and thread bounds are claims about the daemon process, so they are
+measured on it (``VmHWM``, ``Threads`` in /proc/<pid>/status), not inferred
+from the test's own process.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def status(pid: int) -> dict[str, str]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.strip()
+    return out
+
+
+def _kib(value: str) -> int:
+    return int(value.split()[0])
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM: the highest resident set size since start or since ``reset_peak``."""
+    return _kib(status(pid)["VmHWM"]) / 1024
+
+
+def rss_mib(pid: int) -> float:
+    return _kib(status(pid)["VmRSS"]) / 1024
+
+
+def threads(pid: int) -> int:
+    return int(status(pid)["Threads"])
+
+
+def reset_peak(pid: int) -> None:
+    """Make VmHWM start again from the current RSS (Linux: "5" to clear_refs)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+@dataclass
+class Sampler:
+    """Samples a process's thread count and RSS every ``interval`` seconds in a thread of its own."""
+
+    pid: int
+    interval: float = 0.02
+    max_threads: int = 0
+    max_rss_mib: float = 0.0
+    samples: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> "Sampler":
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                st = status(self.pid)
+            except OSError:
+                return
+            self.max_threads = max(self.max_threads, int(st["Threads"]))
+            self.max_rss_mib = max(self.max_rss_mib, _kib(st["VmRSS"]) / 1024)
+            self.samples += 1
+            time.sleep(self.interval)

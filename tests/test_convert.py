@@ -1,0 +1,464 @@
+"""`als convert` against a real registry and real OCI layouts, its output served by a real mount.
+
+The source images are pushed as plain gzip (or zstd, or uncompressed) by our
+own als.image helpers; `als convert` runs as the command a user would run; its
+output is checked three ways: the manifest and config it wrote, the TOC
+verified by our reader, and the files read back through `als serve`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import pty
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from als.formats import estargz, zstdchunked
+from als.image import BuiltLayer, estargz_layer, gzip_layer, push_image
+from als.reference import parse_reference
+from tests.support import images
+from tests.support.store_process import REPO
+from tests.test_fusefs import actual_tree, expected_tree
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+LABELS = {"org.example.team": "als", "org.opencontainers.image.title": "python"}
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def run_als(*args: str, conf: Path, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), CONTAINERS_REGISTRIES_CONF=str(conf))
+    env.pop("REGISTRY_AUTH_FILE", None)
+    return subprocess.run([sys.executable, "-m", "als", *args], env=env, cwd=REPO, timeout=timeout,
+                          capture_output=True, text=True, **kw)
+
+
+_MEASURE = ("import os, subprocess, sys\n"
+            "p = subprocess.Popen(sys.argv[1:])\n"
+            "_, status, usage = os.wait4(p.pid, 0)\n"
+            "print('MAXRSS_KIB', usage.ru_maxrss, flush=True)\n"
+            "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
+def run_als_measured(args: list[str], conf: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``als ARGS`` under a tiny wrapper that prints the command's peak RSS last."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), CONTAINERS_REGISTRIES_CONF=str(conf))
+    return subprocess.run([sys.executable, "-c", _MEASURE, sys.executable, "-m", "als", *args], env=env,
+                          cwd=REPO, timeout=timeout, capture_output=True, text=True)
+
+
+def config_for(layers: list[BuiltLayer], *, arch: str = "amd64") -> bytes:
+    return json.dumps({
+        "architecture": arch, "os": "linux",
+        "config": {"Env": ["PATH=/usr/bin:/bin"], "Cmd": ["/bin/sh"], "Labels": LABELS},
+        "rootfs": {"type": "layers", "diff_ids": [l.diff_id for l in layers]},
+        "history": [{"created_by": f"step {i}", "comment": "kept"} for i in range(len(layers))],
+    }).encode()
+
+
+def get_json(registry, repo: str, reference: str, accept: str = OCI_MANIFEST) -> dict:
+    import urllib.request
+    req = urllib.request.Request(f"{registry.url}/v2/{repo}/manifests/{reference}", headers={"Accept": accept})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def get_blob(registry, repo: str, digest: str) -> bytes:
+    import urllib.request
+    with urllib.request.urlopen(f"{registry.url}/v2/{repo}/blobs/{digest}", timeout=60) as r:
+        data = r.read()
+    assert sha(data) == digest
+    return data
+
+
+def manifest_exists(registry, repo: str, tag: str) -> bool:
+    import urllib.error
+    try:
+        get_json(registry, repo, tag)
+    except urllib.error.HTTPError as e:
+        assert e.code == 404
+        return False
+    return True
+
+
+def tar_of(files: dict[str, bytes]) -> bytes:
+    entries = [images.Entry("data", images.DIR, 0o755)]
+    entries += [images.Entry(f"data/{n}", images.FILE, 0o644, data=d) for n, d in files.items()]
+    return images.layer_tar(entries)
+
+
+def read_toc(blob: bytes, desc: dict) -> list:
+    toc_digest = desc["annotations"][estargz.TOC_DIGEST_ANNOTATION]
+    offset, footer = estargz.parse_footer(blob[-estargz.FOOTER_SIZE:], len(blob))
+    return estargz.parse_toc(blob[offset:len(blob) - footer], toc_digest, toc_offset=offset).entries
+
+
+@pytest.fixture(scope="module")
+def python_rootfs() -> bytes:
+    return images.python_rootfs_tar().read_bytes()
+
+
+@pytest.fixture(scope="module")
+def gzip_python(registry, client, python_rootfs):
+    """The Debian+python3 root file system as a plain gzip image (not lazily servable)."""
+    layer = gzip_layer(python_rootfs)
+    ref = f"{registry.host}/conv/python:gzip"
+    push_image(client, parse_reference(ref), [layer], config_for([layer]))
+    return ref, layer
+
+
+@pytest.fixture(scope="module")
+def converted_python(registry, registries_conf, gzip_python):
+    ref, _ = gzip_python
+    dst = f"{registry.host}/conv/python:esgz"
+    res = run_als("convert", "--chunk-size", "1M", ref, dst, conf=registries_conf)
+    assert res.returncode == 0, res.stderr
+    return dst, res
+
+
+def test_convert_gzip_python_image_to_estargz(registry, gzip_python, converted_python, python_rootfs):
+    _, source = gzip_python
+    dst, res = converted_python
+    assert res.stdout.strip().startswith(f"{dst}@sha256:")
+    assert res.stderr == ""  # quiet in a pipe
+    manifest = get_json(registry, "conv/python", "esgz")
+    assert manifest["mediaType"] == OCI_MANIFEST
+    [desc] = manifest["layers"]
+    assert desc["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
+    assert desc["digest"] != source.digest
+    blob = get_blob(registry, "conv/python", desc["digest"])
+    raw = gzip.decompress(blob)
+    assert int(desc["annotations"][estargz.UNCOMPRESSED_SIZE_ANNOTATION]) == len(raw)
+    config = json.loads(get_blob(registry, "conv/python", manifest["config"]["digest"]))
+    assert config["rootfs"]["diff_ids"] == [sha(raw)]
+    assert config["config"]["Labels"] == LABELS
+    assert config["history"] == [{"created_by": "step 0", "comment": "kept"}]
+    # Every file of the source is in the TOC with its content digest.
+    toc = {e.name: e for e in read_toc(blob, desc)}
+    with tarfile.open(fileobj=io.BytesIO(python_rootfs)) as tf:
+        for m in tf:
+            name = os.path.normpath("/" + m.name).lstrip("/")
+            if m.isreg() and m.size:
+                assert toc[name].digest == sha(tf.extractfile(m).read()), name
+    assert max(len(e.chunks) for e in toc.values()) == -(-6831736 // (1 << 20))  # --chunk-size 1M
+
+
+def test_converted_image_is_served_lazily(store, registry, converted_python, python_rootfs):
+    dst, _ = converted_python
+    manifest = get_json(registry, "conv/python", "esgz")
+    [desc] = manifest["layers"]
+    mark = registry.mark()
+    diff = store.layer_dir(dst, desc["digest"]) / "diff"
+    with open(diff / "etc/passwd", "rb") as f:
+        assert f.read().startswith(b"root:x:0:0")
+    fetched = sum(a.written for a in registry.accesses_since(mark) if desc["digest"] in a.uri)
+    assert 0 < fetched < desc["size"] / 2
+    got, _ = actual_tree(str(diff))
+    want = expected_tree(python_rootfs)
+    assert {k: v for k, v in got.items()} == want
+
+
+def test_multi_platform_oci_layout_converts_each_platform(registry, registries_conf, tmp_path):
+    layout = tmp_path / "layout"
+    src_tars = {"amd64": tar_of({"arch": b"amd64\n"}), "arm64": tar_of({"arch": b"arm64\n", "more": b"x" * 5000})}
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    manifests = []
+    for arch, t in src_tars.items():
+        layer = gzip_layer(t)
+        cfg = config_for([layer], arch=arch)
+        man = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                          "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                     "digest": sha(cfg), "size": len(cfg)},
+                          "layers": [layer.descriptor()]}).encode()
+        for data in (layer.blob.getvalue(), cfg, man):
+            (blobs / sha(data)[7:]).write_bytes(data)
+        manifests.append({"mediaType": OCI_MANIFEST, "digest": sha(man), "size": len(man),
+                          "platform": {"os": "linux", "architecture": arch}})
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests,
+                        "annotations": {"org.example.index": "yes"}}).encode()
+    (blobs / sha(index)[7:]).write_bytes(index)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": OCI_INDEX, "digest": sha(index), "size": len(index),
+         "annotations": {"org.opencontainers.image.ref.name": "multi"}}]}))
+
+    dst = f"{registry.host}/conv/multi:esgz"
+    res = run_als("convert", f"oci:{layout}:multi", dst, conf=registries_conf)
+    assert res.returncode == 0, res.stderr
+    out = get_json(registry, "conv/multi", "esgz", OCI_INDEX)
+    assert out["mediaType"] == OCI_INDEX and out["annotations"] == {"org.example.index": "yes"}
+    assert [m["platform"]["architecture"] for m in out["manifests"]] == ["amd64", "arm64"]
+    for entry in out["manifests"]:
+        man = get_json(registry, "conv/multi", entry["digest"])
+        [desc] = man["layers"]
+        toc = {e.name: e for e in read_toc(get_blob(registry, "conv/multi", desc["digest"]), desc)}
+        arch = entry["platform"]["architecture"]
+        assert toc["data/arch"].digest == sha(f"{arch}\n".encode())
+
+    # --platform picks one and writes a plain image manifest, here into an OCI layout.
+    res = run_als("convert", "--platform", "linux/arm64", f"oci:{layout}:multi", f"oci:{tmp_path / 'out'}:one",
+                  conf=registries_conf)
+    assert res.returncode == 0, res.stderr
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    [entry] = index["manifests"]
+    assert entry["annotations"]["org.opencontainers.image.ref.name"] == "one"
+    man = json.loads((tmp_path / "out" / "blobs" / "sha256" / entry["digest"][7:]).read_bytes())
+    cfg = json.loads((tmp_path / "out" / "blobs" / "sha256" / man["config"]["digest"][7:]).read_bytes())
+    assert cfg["architecture"] == "arm64"
+    res = run_als("convert", "--platform", "linux/s390x", f"oci:{layout}:multi", f"oci:{tmp_path / 'none'}",
+                  conf=registries_conf)
+    assert res.returncode == 1 and "no image for platform linux/s390x" in res.stderr
+    assert not (tmp_path / "none").exists()
+
+
+def test_zstd_and_uncompressed_layers_convert_and_estargz_layers_are_kept(registry, client, registries_conf,
+                                                                          tmp_path):
+    files = [tar_of({"a": b"first\n"}), tar_of({"b": b"second\n" * 1000}), tar_of({"c": b"third\n"})]
+    zstd_blob = zstandard.ZstdCompressor().compress(files[0])
+    zl = BuiltLayer(blob=io.BytesIO(zstd_blob), digest=sha(zstd_blob), size=len(zstd_blob), diff_id=sha(files[0]))
+    plain = BuiltLayer(blob=io.BytesIO(files[1]), digest=sha(files[1]), size=len(files[1]), diff_id=sha(files[1]))
+    esgz = estargz_layer(io.BytesIO(files[2]))
+    ref = parse_reference(f"{registry.host}/conv/mixed:src")
+    config = config_for([zl, plain, esgz])
+    # push_image writes every layer as gzip; set the real media types by hand.
+    for l in (zl, plain, esgz):
+        l.blob.seek(0)
+        client.push_blob(ref, l.blob, l.digest, l.size)
+    client.push_blob(ref, config, sha(config), len(config))
+    types = ["application/vnd.oci.image.layer.v1.tar+zstd", "application/vnd.oci.image.layer.v1.tar",
+             "application/vnd.oci.image.layer.v1.tar+gzip"]
+    layers = [dict(l.descriptor(), mediaType=t) for l, t in zip((zl, plain, esgz), types)]
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                      "digest": sha(config), "size": len(config)},
+                           "layers": layers}).encode()
+    client.put_manifest(ref, manifest, OCI_MANIFEST)
+
+    res = run_als("convert", str(ref), f"{registry.host}/conv/mixed:esgz", conf=registries_conf)
+    assert res.returncode == 0, res.stderr
+    out = get_json(registry, "conv/mixed", "esgz")
+    assert out["layers"][2] == esgz.descriptor()  # already eStargz: kept as it is
+    cfg = json.loads(get_blob(registry, "conv/mixed", out["config"]["digest"]))
+    assert cfg["rootfs"]["diff_ids"][2] == esgz.diff_id
+    for i, (desc, name) in enumerate(zip(out["layers"][:2], ("a", "b"))):
+        blob = get_blob(registry, "conv/mixed", desc["digest"])
+        assert cfg["rootfs"]["diff_ids"][i] == sha(gzip.decompress(blob))
+        assert f"data/{name}" in {e.name for e in read_toc(blob, desc)}
+
+    # Asked to, it converts that layer too (here with a profile, so its landmark changes).
+    profile = tmp_path / "profile"
+    profile.write_text("data/c\n")
+    for flag, changed in (("--reconvert", True), ("--log-level=warning", False)):
+        res = run_als("convert", flag, "--prioritize", str(profile), str(ref), f"{registry.host}/conv/mixed:again",
+                      conf=registries_conf)
+        assert res.returncode == 0, res.stderr
+        again = get_json(registry, "conv/mixed", "again")
+        assert (again["layers"][2]["digest"] != esgz.digest) == changed
+
+
+def test_zstd_chunked_output_is_served_lazily_with_exact_info(store, registry, registries_conf, gzip_python,
+                                                             python_rootfs):
+    ref, _ = gzip_python
+    dst = f"{registry.host}/conv/python:zstd"
+    res = run_als("convert", "--zstd-chunked", "--chunk-size", "512K", ref, dst, conf=registries_conf)
+    assert res.returncode == 0, res.stderr
+    manifest = get_json(registry, "conv/python", "zstd")
+    [desc] = manifest["layers"]
+    assert desc["mediaType"] == zstdchunked.MEDIA_TYPE
+    assert zstdchunked.OLD_CHECKSUM_ANNOTATION in desc["annotations"]
+    mark = registry.mark()
+    layer_dir = store.layer_dir(dst, desc["digest"])
+    with open(layer_dir / "diff/usr/bin/python3.11", "rb") as f:
+        head = f.read(4096)
+    assert head.startswith(b"\x7fELF")
+    fetched = sum(a.written for a in registry.accesses_since(mark) if desc["digest"] in a.uri)
+    assert 0 < fetched < desc["size"] / 2
+    info = json.loads((layer_dir / "info").read_bytes())
+    blob = get_blob(registry, "conv/python", desc["digest"])
+    raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob), read_across_frames=True).read()
+    cfg = json.loads(get_blob(registry, "conv/python", manifest["config"]["digest"]))
+    assert info == {"compressed-diff-digest": desc["digest"], "compressed-size": desc["size"],
+                    "diff-digest": cfg["rootfs"]["diff_ids"][0], "diff-size": len(raw), "compression": 4}
+    assert cfg["rootfs"]["diff_ids"][0] == sha(raw)
+    got, _ = actual_tree(str(layer_dir / "diff"))
+    assert got == expected_tree(python_rootfs)
+
+
+def test_prioritized_files_come_first_with_a_landmark(registry, registries_conf, gzip_python, tmp_path):
+    ref, _ = gzip_python
+    profile = tmp_path / "profile.txt"
+    profile.write_text("# files python reads first\n/usr/bin/python3.11\netc/passwd\nnot/in/the/image\n")
+    res = run_als("convert", "--prioritize", str(profile), ref, f"{registry.host}/conv/python:prio",
+                  conf=registries_conf)
+    assert res.returncode == 0, res.stderr
+    [desc] = get_json(registry, "conv/python", "prio")["layers"]
+    names = [e.name for e in read_toc(get_blob(registry, "conv/python", desc["digest"]), desc)]
+    landmark = names.index(estargz.PREFETCH_LANDMARK)
+    assert {"usr/bin/python3.11", "etc/passwd"} <= set(names[:landmark])
+    assert names.index("usr/bin/python3.11") < names.index("etc/passwd") < landmark
+    assert estargz.NO_PREFETCH_LANDMARK not in names
+
+
+# ---- bad input: a clear message, and nothing under DST ------------------------------------
+
+def pushed_to(registry, mark, repo: str) -> list:
+    return [a for a in registry.accesses_since(mark) if f"/v2/{repo}/" in a.uri and a.method in ("PUT", "POST", "PATCH")]
+
+
+def bad_image(registry, client, repo: str, layers: list[tuple[bytes, str]], skip_blob: int | None = None) -> str:
+    ref = parse_reference(f"{registry.host}/{repo}:src")
+    diff_ids = []
+    descs = []
+    for i, (blob, media_type) in enumerate(layers):
+        client.push_blob(ref, blob, sha(blob), len(blob))
+        descs.append({"mediaType": media_type, "digest": sha(blob), "size": len(blob)})
+        diff_ids.append(sha(blob))
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    client.push_blob(ref, config, sha(config), len(config))
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                      "digest": sha(config), "size": len(config)},
+                           "layers": descs}).encode()
+    client.put_manifest(ref, manifest, OCI_MANIFEST)
+    if skip_blob is not None:  # the registry refuses a manifest naming a missing blob: delete it after
+        import urllib.request
+        req = urllib.request.Request(f"{registry.url}/v2/{repo}/blobs/{sha(layers[skip_blob][0])}", method="DELETE")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 202
+    return str(ref)
+
+
+GZ = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("missing-blob", "is missing from the registry"),
+    ("not-a-tar", "not a readable gzip tar stream"),
+    ("garbage-in-gzip", "input is not a readable tar stream"),
+    ("unknown-media-type", "media type application/vnd.example.thing is not a layer"),
+])
+def test_bad_input_fails_clearly_and_pushes_nothing(registry, client, registries_conf, case, expect):
+    good = gzip.compress(tar_of({"ok": b"fine\n"}), mtime=0)
+    repo = f"conv/bad-{case}"
+    if case == "missing-blob":
+        src = bad_image(registry, client, repo, [(good, GZ), (gzip.compress(b"y" * 10, mtime=0), GZ)], skip_blob=1)
+    elif case == "not-a-tar":
+        src = bad_image(registry, client, repo, [(good, GZ), (os.urandom(3000), GZ)])
+    elif case == "garbage-in-gzip":
+        src = bad_image(registry, client, repo, [(good, GZ), (gzip.compress(os.urandom(3000), mtime=0), GZ)])
+    else:
+        src = bad_image(registry, client, repo, [(good, GZ), (b"{}", "application/vnd.example.thing")])
+    dst_repo = f"conv/bad-{case}-out"
+    mark = registry.mark()
+    res = run_als("convert", src, f"{registry.host}/{dst_repo}:esgz", conf=registries_conf)
+    assert res.returncode == 1
+    assert expect in res.stderr and "layer 2/2" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert pushed_to(registry, mark, dst_repo) == []
+    assert not manifest_exists(registry, dst_repo, "esgz")
+
+
+def test_progress_on_a_terminal(registry, registries_conf, gzip_python):
+    ref, _ = gzip_python
+    master, slave = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=str(REPO), CONTAINERS_REGISTRIES_CONF=str(registries_conf))
+    proc = subprocess.Popen([sys.executable, "-m", "als", "convert", "--compression-level", "1", ref,
+                             f"{registry.host}/conv/python:tty"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=slave, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    out = b""
+    try:
+        while True:
+            try:
+                piece = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not piece:
+                break
+            out += piece
+    finally:
+        os.close(master)
+        proc.wait(120)
+    assert proc.returncode == 0, out
+    text = out.decode(errors="replace")
+    assert "layer 1/1" in text and "MiB/s" in text and "converting" in text
+    assert "pushing sha256:" in text
+
+
+def test_memory_stays_bounded_for_a_large_layer(registry, registries_conf, tmp_path):
+    """A 240 MiB layer converts with a peak RSS below 200 MiB: streamed in, spooled to disk, pushed from it.
+
+    gzip level 0 (stored) on both sides keeps the test fast and the output as
+    large as the input, so buffering either one in memory would show.
+    """
+    size = 240 << 20
+    layout = tmp_path / "big"
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    gz_path = tmp_path / "layer.gz"
+    raw_hash, gz_hash = hashlib.sha256(), hashlib.sha256()
+    piece = (b"als-memory-test " * 4096)[:65536]
+
+    class Tee:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            gz_hash.update(b)
+            return self.f.write(b)
+
+        def flush(self):
+            self.f.flush()
+
+    with open(gz_path, "wb") as f:
+        with gzip.GzipFile(fileobj=Tee(f), mode="wb", compresslevel=0, mtime=0) as gz:
+            info = tarfile.TarInfo("big.bin")
+            info.size = size
+            header = info.tobuf(tarfile.PAX_FORMAT)
+            for chunk in (header,):
+                gz.write(chunk)
+                raw_hash.update(chunk)
+            for _ in range(size // len(piece)):
+                gz.write(piece)
+                raw_hash.update(piece)
+            tail = bytes(2 * 512)
+            gz.write(tail)
+            raw_hash.update(tail)
+    gz_digest = "sha256:" + gz_hash.hexdigest()
+    gz_path.rename(blobs / gz_digest[7:])
+    gz_size = (blobs / gz_digest[7:]).stat().st_size
+    cfg = json.dumps({"architecture": "amd64", "os": "linux",
+                      "rootfs": {"type": "layers", "diff_ids": ["sha256:" + raw_hash.hexdigest()]}}).encode()
+    man = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                      "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(cfg),
+                                 "size": len(cfg)},
+                      "layers": [{"mediaType": GZ, "digest": gz_digest, "size": gz_size}]}).encode()
+    for data in (cfg, man):
+        (blobs / sha(data)[7:]).write_bytes(data)
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": sha(man), "size": len(man)}]}))
+
+    # A small wrapper process starts the command and reports its peak RSS: measured from pytest's
+    # own fork, the child's peak would include the pages it shared with pytest before exec.
+    res = run_als_measured(["convert", "--compression-level", "0", f"oci:{layout}", f"{registry.host}/conv/big:esgz"],
+                           registries_conf)
+    assert res.returncode == 0, res.stderr
+    peak = int(res.stdout.strip().splitlines()[-1].removeprefix("MAXRSS_KIB "))
+    assert peak < 200 << 10, f"peak RSS {peak >> 10} MiB"
+    [desc] = get_json(registry, "conv/big", "esgz")["layers"]
+    assert int(desc["annotations"][estargz.UNCOMPRESSED_SIZE_ANNOTATION]) > size
+    assert desc["size"] > 200 << 20
