@@ -80,13 +80,15 @@ class BlobSource:
 
 class ChunkFetcher:
     def __init__(self, cache: ChunkCache, *, coalesce_gap: int = 64 << 10, max_request: int = 16 << 20,
-                 wait_timeout: float = 120.0, readahead_min: int = 256 << 10, readahead_max: int = 8 << 20):
+                 wait_timeout: float = 120.0, readahead_min: int = 256 << 10, readahead_max: int = 8 << 20,
+                 file_readahead: int = 0):
         self.cache = cache
         self.coalesce_gap = coalesce_gap
         self.max_request = max_request
         self.wait_timeout = wait_timeout
         self.readahead_min = readahead_min
         self.readahead_max = readahead_max
+        self.file_readahead = file_readahead
         self._inflight: dict[str, Future] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -100,8 +102,14 @@ class ChunkFetcher:
             return len(self._inflight)
 
     # ---- the three producers ---------------------------------------------------------
-    def read(self, source: BlobSource, chunks: list[T.Chunk]) -> list[bytes]:
-        """The verified bytes of each chunk, in order. Raises ALSError subclasses."""
+    def read(self, source: BlobSource, chunks: list[T.Chunk], file_chunks: Sequence[T.Chunk] = ()) -> list[bytes]:
+        """The verified bytes of each chunk, in order. Raises ALSError subclasses.
+
+        ``file_chunks`` are all the chunks of the file being read: on a miss,
+        the rest of a file up to ``file_readahead`` compressed bytes comes in
+        the same request. Programs and libraries are mapped and paged in out
+        of order, so one request for the whole file beats one per page fault.
+        """
         out: dict[T.Chunk, bytes] = {}
         missing = []
         for c in dict.fromkeys(chunks):
@@ -122,7 +130,8 @@ class ChunkFetcher:
             if mine:
                 by_offset = sorted((c for c, _ in mine), key=lambda c: c.blob_start)
                 ahead = source.after(by_offset[0], by_offset[-1], self.readahead_min, self.readahead_max)
-                extra, _ = self._claim([c for c in ahead if not self.cache.contains(c.digest)])
+                ahead += self._rest_of_file(file_chunks, by_offset[0])
+                extra, _ = self._claim([c for c in dict.fromkeys(ahead) if not self.cache.contains(c.digest)])
                 self._fetch(source, mine + extra)
             for c, fut in mine + theirs:
                 try:
@@ -134,6 +143,19 @@ class ChunkFetcher:
                 self._foreground -= 1
                 self._idle.notify_all()
         return _sized(source, chunks, out)
+
+    def _rest_of_file(self, file_chunks: Sequence[T.Chunk], first: T.Chunk) -> list[T.Chunk]:
+        """The file's chunks from ``first`` on, within ``file_readahead`` compressed bytes."""
+        if not self.file_readahead or len(file_chunks) < 2:
+            return []
+        out = []
+        for c in file_chunks:
+            if c.blob_start < first.blob_start or c.zeros:
+                continue
+            if c.blob_end - first.blob_start > self.file_readahead:
+                break
+            out.append(c)
+        return out
 
     def prefetch(self, source: BlobSource, chunks: Sequence[T.Chunk], max_request: int) -> int:
         """Fetch ``chunks`` (the prioritised front of a layer) in as few requests as allowed.

@@ -83,7 +83,7 @@ class _Handle:
         if not chunks:
             return b""
         try:
-            pieces = self.fetcher.read(self.layer.source, chunks)
+            pieces = self.fetcher.read(self.layer.source, chunks, self.node.chunks)
         except ALSError as e:
             log.error("image %s layer %s file /%s: read failed: %s", self.layer.ref, self.layer.desc.digest,
                       self.path, e)
