@@ -105,10 +105,10 @@ class ChunkFetcher:
     def read(self, source: BlobSource, chunks: list[T.Chunk], file_chunks: Sequence[T.Chunk] = ()) -> list[bytes]:
         """The verified bytes of each chunk, in order. Raises ALSError subclasses.
 
-        ``file_chunks`` are all the chunks of the file being read: on a miss,
-        the rest of a file up to ``file_readahead`` compressed bytes comes in
-        the same request. Programs and libraries are mapped and paged in out
-        of order, so one request for the whole file beats one per page fault.
+        ``file_chunks`` are all the chunks of the file being read, given for
+        programs and libraries: they are mapped and paged in out of order, so
+        on a miss the rest of the file, up to ``file_readahead`` compressed
+        bytes, comes in the same request instead of one per page fault.
         """
         out: dict[T.Chunk, bytes] = {}
         missing = []

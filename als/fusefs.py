@@ -70,6 +70,12 @@ def _errors(method):
     return wrapper
 
 
+def _paged_in(node: Node, path: str) -> bool:
+    """Programs and shared libraries: mapped and paged in out of order, so worth fetching whole."""
+    base = path.rsplit("/", 1)[-1]
+    return bool(node.mode & 0o111) or base.endswith(".so") or ".so." in base
+
+
 class _Handle:
     """An open regular file of a layer: reads go through the chunk fetcher."""
 
@@ -83,7 +89,8 @@ class _Handle:
         if not chunks:
             return b""
         try:
-            pieces = self.fetcher.read(self.layer.source, chunks, self.node.chunks)
+            pieces = self.fetcher.read(self.layer.source, chunks,
+                                       self.node.chunks if _paged_in(self.node, self.path) else ())
         except ALSError as e:
             log.error("image %s layer %s file /%s: read failed: %s", self.layer.ref, self.layer.desc.digest,
                       self.path, e)

@@ -2,9 +2,10 @@
 
 Live tests run docker-registry on 127.0.0.1 (tests/support/registry.py) and,
 for bearer tokens, a token service in a thread (tests/support/tokenserver.py).
-A few behaviours no real registry shows on demand (ignoring Range, 503s,
-tampered manifests, revoked tokens) are tested with a fake transport mounted
-on the client's requests session.
+A few corner cases (tampered manifests, exact retry counts) are also tested
+with a fake transport mounted on the client's requests session; each
+behaviour has a real-registry test as well, here or in
+test_registry_{auth,tls,transport,mirrors,e2e}.py.
 """
 
 from __future__ import annotations
@@ -312,6 +313,22 @@ def test_conf_default_prefers_the_per_user_file(hermetic_env):
     assert conf.endpoints(parse_reference("a.io/x"))[0][0].insecure
     with pytest.raises(BlockedError):
         conf.endpoints(parse_reference("b.io/x"))
+
+
+def test_conf_credential_helpers_last_file_wins(tmp_path):
+    (tmp_path / "registries.conf").write_text('credential-helpers = ["a", "containers-auth.json"]\n')
+    d = tmp_path / "registries.conf.d"
+    d.mkdir()
+    (d / "10.conf").write_text('[[registry]]\nlocation = "x.io"\n')
+    assert RegistriesConf.load(str(tmp_path / "registries.conf")).credential_helpers == [
+        "a", "containers-auth.json"]
+    (d / "20.conf").write_text('credential-helpers = ["b"]\n')
+    assert RegistriesConf.load(str(tmp_path / "registries.conf")).credential_helpers == ["b"]
+    assert RegistriesConf.from_string("").credential_helpers is None
+    for bad in ('credential-helpers = "a"', 'credential-helpers = ["../evil"]',
+                'credential-helpers = ["-x"]', 'credential-helpers = [""]'):
+        with pytest.raises(ConfigError, match="credential-helpers"):
+            RegistriesConf.from_string(bad)
 
 
 def test_conf_ignores_aliases_and_unknown_keys(caplog):

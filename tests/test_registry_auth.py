@@ -24,7 +24,6 @@ from als.errors import AuthError
 from als.reference import parse_reference
 from als.registry.auth import AuthFile, Credentials, find_credentials
 from als.registry.keychain import Keychain, kubelet_credentials
-from als.registry.sysregistries import RegistriesConf
 from tests.support.registry import RegistryProcess
 from tests.support.regtest import (PASSWORD, auth_file, auth_refusals, b64auth, fast_client,  # noqa: F401
                                    hermetic_env, insecure, log_lines, push_image, sha,

@@ -31,6 +31,8 @@ from ..reference import Reference
 from .auth import Authenticator, CredentialLookup, TransientError
 from .keychain import Keychain
 from .redirects import BlobLocations
+from . import deadline
+from .deadline import request_deadline
 from .sysregistries import Endpoint, RegistriesConf
 from .tls import TLSAdapter, TLSContexts
 
@@ -106,6 +108,7 @@ class RegistryClient:
         self.session.mount("http://", HTTPAdapter(pool_connections=size, pool_maxsize=size,
                                                   max_retries=0, pool_block=False))
         self.session.headers["User-Agent"] = user_agent
+        deadline.install(self.session)  # a wall-clock bound on waiting for each answer's head
         self.auth = Authenticator(self.session, credentials, self.timeout, user_agent)
         self._lock = threading.Lock()
         self._schemes: dict[str, str] = {}  # host -> scheme that worked
@@ -356,7 +359,8 @@ class RegistryClient:
         attempt = 0
         while True:
             try:
-                return fn()
+                with request_deadline(deadline):
+                    return fn()
             except TransientError as exc:
                 attempt += 1
                 delay = min(self.max_backoff, self.backoff * (2 ** (attempt - 1)))

@@ -1,0 +1,178 @@
+"""zstd:chunked: our reader and writer, and Podman's own zstd:chunked served lazily by `als serve`.
+
+The interop test takes layers Podman 4.3.1 itself writes (`podman push
+--compression-format zstd:chunked`: old annotation names, content-defined
+chunks, zero chunks) and runs a container from them through the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+
+import pytest
+import zstandard
+
+from als.cache import ChunkCache
+from als.errors import FormatError, VerificationError
+from als.fetch import BlobSource, ChunkFetcher
+from als.formats import toc as T
+from als.formats import zstdchunked as Z
+from tests.support import images
+from tests.support.podman import Podman
+from tests.test_fusefs import actual_tree, expected_tree
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def sample_tar() -> bytes:
+    return images.layer_tar([
+        images.Entry("d", images.DIR, 0o755),
+        images.Entry("d/small", images.FILE, 0o644, data=b"hello\n"),
+        images.Entry("d/big", images.FILE, 0o755, data=bytes(range(256)) * 2000),  # 512000 bytes, 4 chunks
+        images.Entry("d/zeros", images.FILE, 0o644, data=bytes(200_000)),
+        images.Entry("d/empty", images.FILE, 0o644, data=b""),
+        images.Entry("d/link", images.SYMLINK, 0o777, link="small"),
+    ])
+
+
+def write(tar: bytes, **kw) -> tuple[bytes, Z.WriteResult]:
+    out = io.BytesIO()
+    r = Z.write_zstdchunked(io.BytesIO(tar), out, chunk_size=128 << 10, **kw)
+    return out.getvalue(), r
+
+
+def parse(blob: bytes, annotations: dict) -> T.TOC:
+    loc = Z.locate(annotations, len(blob))
+    return Z.parse_manifest(blob[loc.offset:loc.offset + loc.length], loc)
+
+
+def content(blob: bytes, entry: T.Entry) -> bytes:
+    return b"".join(bytes(c.size) if c.zeros else Z.decompress_chunk(blob[c.blob_start:c.blob_end], c)
+                    for c in entry.chunks)
+
+
+def test_writer_output_reads_back_and_decompresses_to_its_diff_id():
+    tar = sample_tar()
+    blob, r = write(tar)
+    raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob), read_across_frames=True).read()
+    assert sha(raw) == r.diff_id and len(raw) == r.uncompressed_size and sha(blob) == r.blob_digest
+    parsed = parse(blob, r.annotations())
+    assert parsed.compression == T.ZSTD and parsed.digest == r.toc_digest
+    by_name = {e.name: e for e in parsed.entries}
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        for m in tf:
+            if m.isreg():
+                assert content(blob, by_name[m.name]) == tf.extractfile(m).read()
+                assert by_name[m.name].digest == (sha(tf.extractfile(m).read()) if m.size else "")
+    assert len(by_name["d/big"].chunks) == 4
+    assert by_name["d/link"].linkname == "small" and by_name["d/empty"].chunks == []
+    # Without the size annotation the store computes the same size from the header frames.
+    assert Z.uncompressed_size(parsed, lambda s, e: blob[s:e]) == len(raw)
+
+
+def test_both_annotation_spellings_locate_the_same_toc():
+    blob, r = write(sample_tar())
+    old = r.annotations()
+    new = {k.replace("io.containers.", "io.github.containers."): v for k, v in old.items()
+           if k.startswith("io.containers.zstd-chunked.")}
+    a, b = parse(blob, old), parse(blob, new)
+    assert [(e.name, e.chunks) for e in a.entries] == [(e.name, e.chunks) for e in b.entries]
+    # The current names win when both are there, so a wrong new checksum is caught.
+    both = dict(old, **{k: (sha(b"other") if k.endswith("checksum") else v) for k, v in new.items()})
+    with pytest.raises(VerificationError):
+        parse(blob, both)
+
+
+def test_hostile_tocs_are_refused():
+    blob, r = write(sample_tar())
+    ann = r.annotations()
+    off, length, size, kind = (int(x) for x in ann[Z.OLD_POSITION_ANNOTATION].split(":"))
+    with pytest.raises(VerificationError):
+        parse(blob, dict(ann, **{Z.OLD_CHECKSUM_ANNOTATION: sha(b"x")}))
+    with pytest.raises(FormatError, match="outside"):
+        Z.locate(dict(ann, **{Z.OLD_POSITION_ANNOTATION: f"{off}:{len(blob)}:{size}:1"}), len(blob))
+    with pytest.raises(FormatError, match="type 2"):
+        Z.locate(dict(ann, **{Z.OLD_POSITION_ANNOTATION: f"{off}:{length}:{size}:2"}), len(blob))
+    # A manifest that decompresses to more than it claims is cut off and refused.
+    loc = Z.locate(dict(ann, **{Z.OLD_POSITION_ANNOTATION: f"{off}:{length}:{size - 10}:1"}), len(blob))
+    with pytest.raises(FormatError, match="decompresses to"):
+        Z.parse_manifest(blob[off:off + length], loc)
+    # A chunk range past the data is refused.
+    doc = json.loads(zstandard.ZstdDecompressor().decompress(blob[off:off + length], max_output_size=size))
+    next(e for e in doc["entries"] if e["name"] == "d/small")["endOffset"] = off + 100
+    bad = zstandard.ZstdCompressor().compress(json.dumps(doc).encode())
+    loc = Z.ManifestLocation(checksum=sha(bad), offset=off, length=len(bad), uncompressed_length=len(json.dumps(doc)))
+    with pytest.raises(FormatError, match="outside the data"):
+        Z.parse_manifest(bad, loc)
+
+
+def test_zero_chunks_are_synthesised_without_a_fetch(tmp_path):
+    """A chunk marked "zeros" (Podman writes them for long zero runs) is never fetched."""
+    blob, r = write(sample_tar())
+    ann = r.annotations()
+    off, length, size, _ = (int(x) for x in ann[Z.OLD_POSITION_ANNOTATION].split(":"))
+    doc = json.loads(zstandard.ZstdDecompressor().decompress(blob[off:off + length], max_output_size=size))
+    for entry in doc["entries"]:
+        if entry["name"] == "d/zeros":
+            entry["chunkType"] = "zeros"
+    data = json.dumps(doc).encode()
+    compressed = zstandard.ZstdCompressor().compress(data)
+    loc = Z.ManifestLocation(checksum=sha(compressed), offset=off, length=len(compressed),
+                             uncompressed_length=len(data))
+    zeros = {e.name: e for e in Z.parse_manifest(compressed, loc).entries}["d/zeros"]
+    assert [c.zeros for c in zeros.chunks] == [True, True]
+    fetched = []
+    source = BlobSource("test layer", lambda s, e: fetched.append((s, e)) or blob[s:e], T.ZSTD, zeros.chunks)
+    fetcher = ChunkFetcher(ChunkCache(tmp_path / "cache"))
+    assert b"".join(fetcher.read(source, zeros.chunks)) == bytes(200_000)
+    assert fetched == []
+
+
+def test_size_computation_is_bounded():
+    blob, r = write(sample_tar())
+    parsed = parse(blob, r.annotations())
+    with pytest.raises(FormatError, match="requests"):
+        Z.uncompressed_size(parsed, lambda s, e: blob[s:e], max_requests=1, merge_gap=0)
+
+
+# ---- Podman's own zstd:chunked, served lazily --------------------------------------------
+
+@pytest.mark.slow
+def test_podman_zstd_chunked_is_served_lazily(tmp_path, registry, store):
+    rootfs = images.python_rootfs_tar()
+    ref = f"{registry.host}/zstd/python:podman"
+    with Podman(tmp_path / "maker", insecure_registries=[registry.host]) as maker:
+        maker.import_tar(rootfs, ref)
+        maker.push(ref, None, "--compression-format", "zstd:chunked")
+    import urllib.request
+    req = urllib.request.Request(f"{registry.url}/v2/zstd/python/manifests/podman",
+                                 headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    manifest = json.loads(urllib.request.urlopen(req, timeout=30).read())
+    [desc] = manifest["layers"]
+    assert desc["mediaType"] == Z.MEDIA_TYPE
+    assert Z.OLD_CHECKSUM_ANNOTATION in desc["annotations"]  # Podman 4.3.1 writes the old names
+    assert Z.UNCOMPRESSED_SIZE_ANNOTATION not in desc["annotations"]
+
+    mark = registry.mark()
+    with Podman(tmp_path / "lazy", additional_layer_store=store.mountpoint,
+                insecure_registries=[registry.host]) as podman:
+        assert podman.run("run", "--rm", ref, "python3", "-c", "print(1)").stdout.strip() == "1"
+    fetched = sum(a.written for a in registry.accesses_since(mark) if desc["digest"] in a.uri)
+    assert 0 < fetched < desc["size"] / 2, f"{fetched} of {desc['size']} bytes"
+    assert f"layer {desc['digest']}: ready" in store.log()
+
+    # info: zstd, and the exact size of the decompressed blob, computed without reading file contents.
+    layer_dir = store.layer_dir(ref, desc["digest"])
+    info = json.loads((layer_dir / "info").read_bytes())
+    with urllib.request.urlopen(f"{registry.url}/v2/zstd/python/blobs/{desc['digest']}", timeout=60) as resp:
+        blob = resp.read()
+    raw = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob), read_across_frames=True).read()
+    assert info["compression"] == 4 and info["diff-size"] == len(raw)
+    # Every file, zero chunks included, reads back as in the tar Podman was given.
+    got, _ = actual_tree(str(layer_dir / "diff"))
+    assert got == expected_tree(rootfs.read_bytes())
