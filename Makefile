@@ -8,7 +8,7 @@ CONFIG_DIR ?= /etc/als
 DOC_DIR ?= /usr/share/doc/als
 DESTDIR ?=
 
-.PHONY: deps demo test test-fast bench install install-files clean
+.PHONY: deps demo test test-fast soak bench install install-files clean
 
 # Install what the demo and the tests need: Debian packages (as root) and the package itself.
 deps:
@@ -30,6 +30,10 @@ test: deps
 # Everything but the slow end-to-end Podman tests.
 test-fast: deps
 	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Long hostile-input, fault, crash and load runs (tens of minutes); figures are printed.
+soak: deps
+	$(PYTHON) -m pytest -m soak -s $(PYTEST_ARGS)
 
 # The package, the systemd unit (ExecStart = the installed `als`), a sample config if none exists.
 install: deps

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import queue
+import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 from cachetools import LRUCache
 
 from als.digest import hex_of, sha256_digest
+from als.errors import CacheError
 
 log = logging.getLogger("als.cache")
 
@@ -36,7 +38,9 @@ def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> bool:
     """
     tmp = tmp_dir / f".{path.name}.{os.getpid()}.{threading.get_ident()}"
     try:
-        with open(tmp, "wb") as f:
+        # owner-only whatever the umask; never through a link planted under the temporary name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
         return True
@@ -45,6 +49,26 @@ def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> bool:
             tmp.unlink()
         log.warning("cannot store %s: %s", path, e)
         return False
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` or check it: a real directory of ours, mode 0700, whatever the umask.
+
+    The cache holds the content of private images, and the daemon (root) empties
+    and writes into these directories: one another user could open, or swap for
+    a symbolic link, would let them read that content or make the daemon delete
+    and write files elsewhere.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir(exist_ok=True, mode=0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise CacheError(f"{path} is not a directory owned by uid {os.geteuid()} (a symbolic link, or "
+                         "someone else's): refusing to keep the cache or state there")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
 
 
 @dataclass
@@ -75,9 +99,9 @@ class ChunkCache:
     def __init__(self, root: Path, memory_bytes: int = 32 << 20, max_bytes: int = 0,
                  pending_bytes: int = 16 << 20):
         self.dir = Path(root) / "chunks" / "sha256"
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._tmp = Path(root) / "chunks" / "tmp"
-        self._tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for d in (Path(root), Path(root) / "chunks", self.dir):
+            private_dir(d)
+        self._tmp = private_dir(Path(root) / "chunks" / "tmp")
         for stale in self._tmp.iterdir():  # left by a crash mid-write
             stale.unlink(missing_ok=True)
         self.max_bytes = max_bytes  # 0: no limit

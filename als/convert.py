@@ -19,6 +19,7 @@ import gzip
 import io
 import json
 import logging
+import os
 import tempfile
 import zlib
 from dataclasses import dataclass, field
@@ -284,7 +285,9 @@ def _convert_layer(src, desc: dict, options: ConvertOptions, work: Path, progres
         raise ConvertError(f"{what}: media type {media_type or '(none)'} is not a layer als convert can read "
                            "(gzip, zstd or uncompressed tar)")
     digest = desc.get("digest", "")
-    path = work / f"layer-{len(list(work.iterdir()))}"
+    fd, name = tempfile.mkstemp(dir=work, prefix="layer-")
+    os.close(fd)
+    path = Path(name)
     progress.start(f"{what}: converting", int(desc.get("size", 0)))
     try:
         with src.open_blob(digest) as raw, open(path, "wb") as out:
@@ -305,10 +308,13 @@ def _convert_layer(src, desc: dict, options: ConvertOptions, work: Path, progres
             while counting.read(_PIECE):
                 pass
     except (FormatError, TransportError) as e:
+        progress.finish("failed")
         raise ConvertError(f"{what}: {e}") from None
     except (OSError, EOFError, zlib.error, zstandard.ZstdError) as e:
+        progress.finish("failed")
         raise ConvertError(f"{what}: not a readable {_kind(media_type)} tar stream: {e}") from None
     except ValueError as e:  # a bad chunk size or compression level
+        progress.finish("failed")
         raise ConvertError(f"{what}: {e}") from None
     progress.finish(f"-> {r.compressed_size / (1 << 20):.1f} MiB {'zstd:chunked' if options.zstd_chunked else 'eStargz'}")
     log.info("%s: converted to %s (%d bytes)", what, r.blob_digest, r.compressed_size)

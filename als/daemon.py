@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -87,8 +88,28 @@ def registry_client(config) -> RegistryClient:
                           certs_dir=config.registry.certs_dir or None)
 
 
+def check_root(root: Path) -> None:
+    """Refuse a ``--root`` another user could write or own: they could swap its cache or state
+    directory for a link elsewhere, and the daemon writes and deletes files in them as root."""
+    st = os.stat(root)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise ALSError(f"--root {root} is owned by uid {st.st_uid} with mode {stat.filemode(st.st_mode)}: it must "
+                       f"be owned by uid {os.geteuid()} and not writable by other users (chmod 0700 is best)")
+
+
+def disable_core_dumps() -> None:
+    """Passwords and tokens pass through this process: keep them out of core files, and keep other
+    processes of the same user from reading its memory (prctl PR_SET_DUMPABLE 0)."""
+    try:
+        if ctypes.CDLL("libc.so.6", use_errno=True).prctl(4, 0, 0, 0, 0) == 0:
+            log.info("core dumps disabled: credentials pass through this process")
+    except (OSError, AttributeError):
+        log.warning("cannot disable core dumps: a core file of this process may hold credentials")
+
+
 def build_store(root: Path, config) -> Store:
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    check_root(root)
     client = registry_client(config)
     cache = ChunkCache(root / "cache", memory_bytes=config.cache.memory_bytes, max_bytes=config.cache.max_bytes,
                        pending_bytes=config.cache.memory_bytes)
@@ -132,6 +153,7 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
 
 
 def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
+    disable_core_dumps()
     limit_malloc_arenas()
     config = load_config(config_path)
     metrics.parse_address(config.metrics.address)  # a bad address is refused before anything is mounted

@@ -14,7 +14,7 @@ import logging
 import threading
 from pathlib import Path
 
-from als.cache import atomic_write
+from als.cache import atomic_write, private_dir
 from als.digest import hex_of, sha256_digest
 
 log = logging.getLogger("als.state")
@@ -22,9 +22,9 @@ log = logging.getLogger("als.state")
 
 class StateDir:
     def __init__(self, root: Path):
-        self.root = Path(root)
+        self.root = private_dir(Path(root))
         for sub in ("blobs", "tocs", "refs"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(self.root / sub)
         self._lock = threading.Lock()
 
     def _write(self, path: Path, data: bytes) -> None:

@@ -47,6 +47,7 @@ COMPRESSION_GZIP = 2  # containers/storage archive.Gzip
 COMPRESSION_ZSTD = 4  # containers/storage archive.Zstd
 ZSTD_LAYER_TYPES = {zstdchunked.MEDIA_TYPE}
 MAX_METADATA = 8 << 20  # largest manifest or config accepted
+SAVED_GRACE = 5.0  # seconds a layer rebuilt from saved metadata may take, past a failed resolution
 # TOC parsing is pure Python under the GIL: running more at once gains no speed but multiplies
 # peak memory, which a hostile TOC can push to ~25x its size. Two slots let a small layer pass a big one.
 _PARSE_SLOTS = threading.BoundedSemaphore(2)
@@ -165,6 +166,7 @@ class Store:
         self._lock = threading.Lock()
         self._resolutions: dict[str, _Resolution] = {}
         self._layers: dict[tuple[str, str], Layer] = {}  # (ref, digest or TOC digest) -> Layer
+        self._fallbacks: dict[str, _Resolution] = {}  # ref -> image rebuilt from saved metadata
         self._uses: dict[tuple[str, str], int] = {}
         self._next_layer_id = 1
         self.accesses = AccessRecorder()  # `als optimize` switches it on through the control socket
@@ -190,6 +192,24 @@ class Store:
         if layer is not None:
             return layer
         deadline = time.monotonic() + self.config.resolve.timeout
+        with self._lock:
+            fallback = self._fallbacks.get(ref)
+        desc = fallback.image.result().find(digest) if fallback is not None else None
+        if desc is not None:
+            # An earlier lookup found the registry away and served this image from saved
+            # metadata: its other layers come from there too, without waiting for it again.
+            res = fallback
+        else:
+            desc, res, deadline = self._from_registry(ref, digest, deadline)
+        layer = self._wait(res.layers[desc.digest], deadline, f"image {ref} layer {digest}")
+        with self._lock:
+            self._layers[(ref, desc.digest)] = layer
+            if layer.toc_digest:
+                self._layers[(ref, layer.toc_digest)] = layer
+        return layer
+
+    def _from_registry(self, ref: str, digest: str, deadline: float) -> tuple[LayerDescriptor, _Resolution, float]:
+        """The layer's descriptor from the image's current resolution, or from saved metadata."""
         res = self._resolution(ref)
         try:
             image = self._wait(res.image, deadline, f"image {ref}")
@@ -200,17 +220,13 @@ class Store:
             if found is None:
                 raise
             log.warning("image %s layer %s: serving it from saved metadata: %s", ref, digest, e)
-            desc, res = found
-        else:
-            desc = image.find(digest)
-            if desc is None:
-                desc, res = self._find_elsewhere(ref, digest, res)
-        layer = self._wait(res.layers[desc.digest], deadline, f"image {ref} layer {digest}")
-        with self._lock:
-            self._layers[(ref, desc.digest)] = layer
-            if layer.toc_digest:
-                self._layers[(ref, layer.toc_digest)] = layer
-        return layer
+            with self._lock:
+                self._fallbacks[ref] = found[1]
+            return found[0], found[1], max(deadline, time.monotonic() + SAVED_GRACE)
+        desc = image.find(digest)
+        if desc is None:
+            desc, res = self._find_elsewhere(ref, digest, res)
+        return desc, res, deadline
 
     def use(self, ref: str, digest: str) -> None:
         with self._lock:

@@ -13,6 +13,17 @@ from tests.support.store_process import StoreProcess, write_registries_conf
 NO_BACKGROUND = "[fetch]\nbackground = false\n"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Soak tests run only when -m names them (`pytest -m soak`): plain `pytest`, `make test` and
+    `-m "not slow"` leave them out. (An addopts `-m "not soak"` would be replaced by any -m given.)"""
+    if "soak" in (config.getoption("markexpr") or ""):
+        return
+    soak = [item for item in items if item.get_closest_marker("soak")]
+    if soak:
+        config.hook.pytest_deselected(items=soak)
+        items[:] = [item for item in items if not item.get_closest_marker("soak")]
+
+
 @pytest.fixture(scope="module")
 def registry():
     with RegistryProcess() as r:

@@ -462,3 +462,30 @@ def test_memory_stays_bounded_for_a_large_layer(registry, registries_conf, tmp_p
     [desc] = get_json(registry, "conv/big", "esgz")["layers"]
     assert int(desc["annotations"][estargz.UNCOMPRESSED_SIZE_ANNOTATION]) > size
     assert desc["size"] > 200 << 20
+
+
+# ---- other consumers of our output --------------------------------------------------------
+
+@pytest.mark.slow
+def test_podman_partial_pull_accepts_converted_image(tmp_path, registry, converted_python):
+    """Podman's own eStargz reader (partial pulls) checks our TOC and every chunk digest."""
+    from tests.support.podman import Podman
+    dst, _ = converted_python
+    [desc] = get_json(registry, "conv/python", "esgz")["layers"]
+    with Podman(tmp_path / "partial", insecure_registries=[registry.host], partial_pulls=True) as podman:
+        res = podman.run("--log-level=debug", "pull", dst)
+        assert f"Retrieved partial blob {desc['digest']}" in res.stderr, "Podman did not take the partial-pull path"
+        assert podman.run("run", "--rm", dst, "python3", "-c", "print(1)").stdout.strip() == "1"
+
+
+def test_ctr_remote_reads_the_toc_digest_of_converted_image(registry, converted_python):
+    from tests.support import containerd as ctd
+    missing = ctd.missing_binaries()
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (Debian packages containerd, stargz-snapshotter)")
+    dst, _ = converted_python
+    [desc] = get_json(registry, "conv/python", "esgz")["layers"]
+    with ctd.ContainerdProcess() as daemon:
+        daemon.ctr("content", "fetch", "--plain-http", dst, timeout=300)
+        out = daemon.ctr_remote("image", "get-toc-digest", desc["digest"]).strip()
+    assert out == desc["annotations"][estargz.TOC_DIGEST_ANNOTATION]

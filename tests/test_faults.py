@@ -38,6 +38,7 @@ CONFIG = f"""
 [resolve]
 timeout = {RESOLVE_TIMEOUT}
 failure_ttl = {FAILURE_TTL}
+tail_size = 4096
 [registry]
 connect_timeout = 1.0
 read_timeout = {READ_TIMEOUT}
@@ -46,7 +47,7 @@ request_deadline = {DEADLINE}
 [fetch]
 background = false
 read_timeout = 10.0
-"""
+"""  # a small tail: the resolve-time tail read would otherwise cache the chunks the faults are aimed at
 # The longest one FUSE read request may take: the whole-request deadline plus
 # one socket read timeout that may straddle it. The kernel retries a page
 # read that failed once, synchronously, so a read() syscall that fails has

@@ -109,13 +109,16 @@ def assert_no_secrets(store: StoreProcess, secrets: list[str]) -> None:
         assert not [f for f in forms if f in status]
 
 
-def auth_helper(root, stdin: str, env: dict | None = None, user: int | None = None,
-                args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """`als auth-helper` as Podman runs it: no arguments (unless given), JSON on stdin."""
+# The `als-auth-helper` console script, as pip installs it: what registries.conf names.
+CONSOLE_SCRIPT = ("-c", "import sys; from als.authhelper import main; sys.exit(main())")
+
+
+def auth_helper(stdin: str, env: dict | None = None,
+                args: tuple[str, ...] = ("-m", "als", "auth-helper")) -> subprocess.CompletedProcess:
+    """The helper as containers/image runs it: JSON on stdin, no arguments of Podman's own."""
     full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
-    return subprocess.run([sys.executable, "-m", "als", "auth-helper", *args], input=stdin,
-                          capture_output=True, text=True, timeout=60, env=full_env, cwd="/",
-                          user=user)
+    return subprocess.run([sys.executable, *args], input=stdin, capture_output=True, text=True,
+                          timeout=60, env=full_env, cwd="/")
 
 
 # ---------------------------------------------------------------------------
@@ -138,7 +141,7 @@ def test_auth_helper_gives_the_store_credentials_with_no_auth_files(tmp_path, mo
             # what containers/image sends after loading the manifest, with no arguments
             ref2 = f"{reg.host}/private/app:second"
             payload = json.dumps({ref2: {"username": "alice", "password": USERS["alice"]}})
-            r = auth_helper(store.root, payload, env={"ALS_ROOT": str(store.root)})
+            r = auth_helper(payload, env={"ALS_ROOT": str(store.root)}, args=CONSOLE_SCRIPT)
             assert r.returncode == 0, r.stderr
             assert f"took credentials for {reg.host}/private/app" in r.stderr
             diff = store.layer_dir(ref2, second.digest) / "diff"
@@ -146,13 +149,14 @@ def test_auth_helper_gives_the_store_credentials_with_no_auth_files(tmp_path, mo
             assert (diff / "big.bin").read_bytes()[:4096] == layer_files(2)[0].data[:4096]
 
             # --root works as well; an anonymous entry (no credentials) is accepted and ignored
-            r = auth_helper(store.root, json.dumps({ref2: {}}), args=("--root", str(store.root)))
+            r = auth_helper(json.dumps({ref2: {}}),
+                            args=("-m", "als", "auth-helper", "--root", str(store.root)))
             assert r.returncode == 0 and r.stderr == ""
 
             # bad input is refused without echoing it
             for bad in ["not json " + USERS["alice"], json.dumps({"Not A Ref": {"password": USERS["alice"]}}),
                         json.dumps({ref2: {"password": 1}}), json.dumps([USERS["alice"]])]:
-                r = auth_helper(store.root, bad, env={"ALS_ROOT": str(store.root)})
+                r = auth_helper(bad, env={"ALS_ROOT": str(store.root)})
                 assert r.returncode == 1 and r.stderr.startswith("als auth-helper: "), bad
                 assert USERS["alice"] not in r.stderr
 
@@ -166,10 +170,48 @@ def test_auth_helper_gives_the_store_credentials_with_no_auth_files(tmp_path, mo
             assert r.returncode == 7, r.stderr
 
             # a store that is not running: an error message, never a hang
-            r = auth_helper(tmp_path / "nowhere", payload, env={"ALS_ROOT": str(tmp_path / "nowhere")})
+            r = auth_helper(payload, env={"ALS_ROOT": str(tmp_path / "nowhere")})
             assert r.returncode == 1 and "cannot reach the store" in r.stderr
 
             assert_no_secrets(store, list(USERS.values()))
+
+
+def test_tokens_and_passwords_stay_out_of_log_root_status_and_metrics(tmp_path):
+    """A token-auth registry read through the store with Podman's auth file; then every place
+    the store writes or answers is searched for the password and for every token issued."""
+    import urllib.request
+
+    from tests.support.tokenserver import TokenServer
+
+    with TokenServer(users=dict(USERS)) as ts:
+        reg = RegistryProcess(extra={"auth": ts.registry_auth()}).start()
+        try:
+            conf = tmp_path / "registries.conf"
+            conf.write_text(insecure(reg.host))
+            ref = f"{reg.host}/team/app:v1"
+            with fast_client(RegistriesConf.load(str(conf)), credentials=login("bob", reg.host, tmp_path)) as c:
+                layer = push_esgz(c, ref, layer_files(8))
+            podman_auth = auth_file(tmp_path / "podman-auth.json",
+                                    {reg.host: {"auth": b64auth("alice", USERS["alice"])}})
+            port = free_port()
+            config = store_config() + f'[metrics]\naddress = "127.0.0.1:{port}"\n'
+            issued_before = len(ts.issued)
+            with store_process(tmp_path / "als", registries_conf=conf, config=config,
+                               env={"REGISTRY_AUTH_FILE": str(podman_auth)}) as store:
+                diff = store.layer_dir(ref, layer.digest) / "diff"
+                assert (diff / "hello.txt").read_bytes() == HELLO
+                assert (diff / "big.bin").read_bytes() == layer_files(8)[0].data
+                assert [r.user for r in ts.requests[issued_before:]] == ["alice"]
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+                    metrics = resp.read()
+                assert b"als_registry_fetched_bytes_total" in metrics
+                tokens = ts.issued[issued_before:]
+                assert tokens
+                for secret in [USERS["alice"], *tokens]:
+                    assert secret.encode() not in metrics
+                assert_no_secrets(store, [USERS["alice"], *tokens])
+        finally:
+            reg.cleanup()
 
 
 # ---------------------------------------------------------------------------

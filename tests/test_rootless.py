@@ -16,6 +16,7 @@ import io
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 import pytest
@@ -101,7 +102,6 @@ def test_rootless_podman_pulls_lazily_with_the_store_in_podman_unshare(user, reg
 
         user.run(["podman", "rmi", ref])
     finally:
-        user.run(["podman", "system", "reset", "--force"], check=False, timeout=120)
         for pid in user.pids():  # the store itself: SIGTERM unmounts
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -110,11 +110,13 @@ def test_rootless_podman_pulls_lazily_with_the_store_in_podman_unshare(user, reg
             except OSError:
                 pass
         try:
-            serve.wait(30)
-        except Exception:
+            serve.wait(60)
+        except subprocess.TimeoutExpired:
             serve.kill()
             serve.wait(10)
-    assert "unmounted" in log_path.read_text(errors="replace")
+        user.run(["podman", "system", "reset", "--force"], check=False, timeout=120)
+    log = log_path.read_text(errors="replace")
+    assert "unmounted" in log, log[-3000:]
 
 
 def sys_python() -> str:

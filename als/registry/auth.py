@@ -1,9 +1,12 @@
 """Registry credentials from Podman's auth files, and the 401 challenge flow.
 
-Podman never hands its credentials to an Additional Layer Store, so the store
-looks where ``podman login`` and ``docker login`` leave them, in the order
+Podman before 5.1 never hands its credentials to an Additional Layer Store
+(and 5.1+ only through a helper, als/authhelper.py), so the store looks where
+``podman login`` and ``docker login`` leave them, in the order
 containers/image reads them, and then speaks the registry's own challenge
-protocol (Basic, or the Docker token service) with them.
+protocol (Basic, or the Docker token service) with them. Which sources are
+asked, in which order, is keychain.py's business; this module reads one
+list of auth files.
 """
 
 from __future__ import annotations
@@ -427,7 +430,8 @@ class Authenticator:
             creds = self._credentials(host, repository)
             if creds is None or not creds.username:
                 raise AuthError(f"registry {host} requires a login for repository {repository} "
-                                "and no credentials for it were found in the auth files")
+                                "and no credentials for it were found (auth files, credential "
+                                "helpers, als auth-helper)")
             header = _basic(creds)
             with self._lock:
                 self._hints[(host, repository, actions)] = _Hint("basic", basic=header)
@@ -482,7 +486,7 @@ class Authenticator:
             raise AuthError(f"registry {host} sends us to a plain-HTTP token service "
                             f"({realm.netloc}); refusing to send credentials there unless the "
                             "registry is marked insecure in registries.conf")
-        who = creds.describe() if creds else "anonymous (no credentials found in the auth files)"
+        who = creds.describe() if creds else "anonymous (no credentials found)"
         params = {"scope": hint.scope}
         if hint.service:
             params["service"] = hint.service

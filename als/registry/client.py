@@ -31,7 +31,7 @@ from ..reference import Reference
 from .auth import Authenticator, CredentialLookup, TransientError
 from .keychain import Keychain
 from .redirects import BlobLocations
-from . import deadline
+from .deadline import install as watch_deadlines
 from .deadline import request_deadline
 from .sysregistries import Endpoint, RegistriesConf
 from .tls import TLSAdapter, TLSContexts
@@ -108,7 +108,7 @@ class RegistryClient:
         self.session.mount("http://", HTTPAdapter(pool_connections=size, pool_maxsize=size,
                                                   max_retries=0, pool_block=False))
         self.session.headers["User-Agent"] = user_agent
-        deadline.install(self.session)  # a wall-clock bound on waiting for each answer's head
+        watch_deadlines(self.session)  # a wall-clock bound on waiting for each answer's head
         self.auth = Authenticator(self.session, credentials, self.timeout, user_agent)
         self._lock = threading.Lock()
         self._schemes: dict[str, str] = {}  # host -> scheme that worked

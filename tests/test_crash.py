@@ -1,0 +1,284 @@
+"""The store killed with SIGKILL mid-fetch and mid-write, many times; the cache disk full.
+
+Each round starts a real `als serve`, lets readers and the background fetch
+run, and kills the daemon at a random moment (the next start clears the dead
+mount). Between rounds the cache is damaged the ways a crash or a bad disk
+damages it (a truncated entry, a flipped bit, a file planted under a digest,
+a half-written temporary file). Every byte any reader ever gets is compared
+with the source: no wrong byte may be served, before or after a restart.
+The cost of verifying cache entries on read is measured and printed.
+
+The disk-full test puts ``--root`` on a small tmpfs it mounts itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import os
+import random
+import signal
+import subprocess
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from als.cache import ChunkCache
+from als.image import estargz_layer, push_image
+from als.reference import parse_reference
+from tests.support.store_process import StoreProcess, is_mounted
+
+CHUNK = 64 << 10
+KILL_CHUNK = 512 << 10  # bigger chunks: longer cache writes to kill the daemon in
+KILL_CONFIG = """
+[fetch]
+background = true
+background_step = 1048576
+[registry]
+read_timeout = 5.0
+retries = 1
+"""
+
+
+@dataclass
+class Tally:
+    rounds: int = 0
+    kills_mid_write: int = 0  # rounds whose kill left a temporary cache file behind
+    damaged: int = 0  # cache entries damaged between rounds
+    bytes_verified: int = 0
+    wrong_bytes: int = 0
+    read_errors: int = 0  # reads that failed because the daemon was killed under them
+    errors: list = field(default_factory=list)
+
+
+def make_image(registry, client, name: str, files: int, size: int,
+               chunk: int = CHUNK) -> tuple[str, list, dict[str, bytes]]:
+    rng = random.Random(name)
+    layers, contents = [], {}
+    for i in range(files):
+        data = rng.randbytes(size)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            info = tarfile.TarInfo(f"file{i}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        layers.append(estargz_layer(io.BytesIO(buf.getvalue()), chunk_size=chunk, level=1))
+        contents[f"file{i}"] = data
+    ref = f"{registry.host}/crash/{name}:v1"
+    push_image(client, parse_reference(ref), layers)
+    return ref, layers, contents
+
+
+def reader(store, ref, layers, contents, stop: threading.Event, tally: Tally, seed: int) -> None:
+    """Random reads until ``stop``; every byte compared with the source, errors counted."""
+    rng = random.Random(seed)
+    names = sorted(contents)
+    while not stop.is_set():
+        i = rng.randrange(len(names))
+        data = contents[names[i]]
+        path = store.layer_dir(ref, layers[i].digest) / "diff" / names[i]
+        offset = rng.randrange(len(data))
+        size = rng.choice([1, 4096, CHUNK, 3 * CHUNK])
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                got = f.read(size)
+        except OSError:
+            tally.read_errors += 1
+            time.sleep(0.01)
+            continue
+        want = data[offset:offset + size]
+        tally.bytes_verified += len(got)
+        if got != want:
+            tally.wrong_bytes += sum(a != b for a, b in zip(got, want)) + abs(len(got) - len(want))
+            tally.errors.append(f"{names[i]} at {offset}+{size}")
+
+
+def damage(cache_dir: Path, rng: random.Random, tally: Tally) -> None:
+    """Damage a few entries the way crashes and disks do."""
+    entries = [p for p in (cache_dir / "chunks" / "sha256").rglob("*") if p.is_file()]
+    rng.shuffle(entries)
+    for kind, p in zip(("truncate", "flip", "plant"), entries):
+        data = p.read_bytes()
+        if kind == "truncate":
+            p.write_bytes(data[:len(data) // 2])
+        elif kind == "flip":
+            b = bytearray(data)
+            b[rng.randrange(len(b))] ^= 0x40
+            p.write_bytes(bytes(b))
+        else:
+            p.write_bytes(os.urandom(len(data)))
+        tally.damaged += 1
+    tmp = cache_dir / "chunks" / "tmp"
+    if tmp.is_dir():
+        (tmp / ".deadbeef.1.2").write_bytes(b"half a chunk")
+
+
+def aim_and_kill(store, tmp: Path, tries: int = 400) -> None:
+    """SIGKILL the daemon, preferably in the middle of a cache write.
+
+    Freeze it (SIGSTOP) at short random intervals and look for a temporary
+    cache file; kill it while frozen as soon as one exists, or after ``tries``.
+    """
+    pid = store.proc.pid
+    for _ in range(tries):
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            mid_write = tmp.is_dir() and any(tmp.iterdir())
+        except OSError:
+            mid_write = False
+        if mid_write:
+            break
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.002)
+    store.kill()  # SIGKILL (a frozen process dies too): whatever it was fetching or writing is cut off
+
+
+def forget_some(cache_dir: Path, rng: random.Random) -> None:
+    for p in (cache_dir / "chunks" / "sha256").rglob("*"):
+        if p.is_file() and rng.random() < 0.4:
+            p.unlink()
+
+
+def verify_all(store, ref, layers, contents, tally: Tally) -> None:
+    for (name, data), layer in zip(sorted(contents.items()), layers):
+        got = (store.layer_dir(ref, layer.digest) / "diff" / name).read_bytes()
+        tally.bytes_verified += len(got)
+        assert got == data, f"{name}: wrong bytes after a restart"
+
+
+def kill_rounds(registry, client, workdir: Path, registries_conf: Path, rounds: int, files: int, size: int,
+                seed: int = 1) -> Tally:
+    """The body of the SIGKILL test, shared with the soak."""
+    ref, layers, contents = make_image(registry, client, f"kill{seed}", files, size, KILL_CHUNK)
+    tally = Tally()
+    rng = random.Random(seed)
+    store = StoreProcess(workdir, registries_conf=registries_conf, config=KILL_CONFIG, log_level="info")
+    cache_dir = store.root / "cache"
+    try:
+        for r in range(rounds):
+            store.start()
+            stop = threading.Event()
+            threads = [threading.Thread(target=reader, args=(store, ref, layers, contents, stop, tally,
+                                                              rng.random()), daemon=True) for _ in range(4)]
+            for t in threads:
+                t.start()
+            time.sleep(rng.uniform(0.02, 0.3))
+            aim_and_kill(store, cache_dir / "chunks" / "tmp")
+            stop.set()
+            for t in threads:
+                t.join(30)
+                assert not t.is_alive(), "a reader hung on the dead mount"
+            assert is_mounted(store.mountpoint)  # the dead mount a crash leaves
+            tmp = cache_dir / "chunks" / "tmp"
+            if tmp.is_dir() and any(tmp.iterdir()):
+                tally.kills_mid_write += 1
+            if r % 3 == 2:
+                damage(cache_dir, rng, tally)
+            forget_some(cache_dir, rng)  # so that the next round has chunks to fetch and write again
+            tally.rounds += 1
+        store.start()  # clears the dead mount, drops the leftovers, and must serve exactly the source
+        verify_all(store, ref, layers, contents, tally)
+        log = store.log()
+        assert "clearing the stale mount" in log
+    finally:
+        store.stop()
+    assert not is_mounted(store.mountpoint)
+    bad = [p for p in (cache_dir / "chunks" / "sha256").rglob("*")
+           if p.is_file() and hashlib.sha256(p.read_bytes()).hexdigest() != p.name]
+    assert not bad, f"corrupt entries left in the cache after every chunk was read: {bad}"
+    assert not tally.wrong_bytes, tally.errors[:5]
+    return tally
+
+
+def verify_cost(cache_dir: Path) -> str:
+    """What hashing every entry on read costs, measured on this cache (page cache warm)."""
+    cache = ChunkCache(cache_dir, memory_bytes=0)
+    paths = [p for p in (cache_dir / "chunks" / "sha256").rglob("*") if p.is_file()]
+    digests = ["sha256:" + p.name for p in paths]
+    total = sum(p.stat().st_size for p in paths)
+    t0 = time.perf_counter()
+    for p in paths:
+        p.read_bytes()
+    raw = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for d in digests:
+        assert cache.get(d) is not None
+    checked = time.perf_counter() - t0
+    mib = total / 2**20
+    return (f"verify on read: {len(paths)} entries, {mib:.1f} MiB: plain read {mib / raw:.0f} MiB/s, "
+            f"read+sha256 {mib / checked:.0f} MiB/s ({(checked - raw) / len(paths) * 1e6:.0f} us per "
+            f"{total // len(paths) >> 10} KiB entry)")
+
+
+def test_sigkill_during_fetches_and_cache_writes_never_serves_a_wrong_byte(
+        registry, client, registries_conf, tmp_path):
+    tally = kill_rounds(registry, client, tmp_path, registries_conf, rounds=8, files=3, size=8 << 20)
+    print(f"\nSIGKILL rounds: {tally.rounds}, kills that left a half-written entry: {tally.kills_mid_write}, "
+          f"entries damaged: {tally.damaged}, bytes verified: {tally.bytes_verified}, "
+          f"reads failed under a kill: {tally.read_errors}, wrong bytes: {tally.wrong_bytes}")
+    print(verify_cost(tmp_path / "root" / "cache"))
+    assert tally.damaged > 0 and tally.kills_mid_write > 0
+
+
+# ---- the cache disk fills up -------------------------------------------------------------------
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str):
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True,
+                   timeout=30)
+    try:
+        yield path
+    finally:
+        for _ in range(20):
+            if subprocess.run(["umount", str(path)], capture_output=True, timeout=30).returncode == 0:
+                break
+            time.sleep(0.2)
+        assert not is_mounted(path), f"could not unmount the test tmpfs on {path}"
+
+
+def test_a_full_cache_disk_serves_from_memory_leaves_nothing_corrupt_and_recovers(
+        registry, client, registries_conf, tmp_path):
+    ref, layers, contents = make_image(registry, client, "full", files=2, size=32 * CHUNK)  # 2 x 2 MiB
+    config = "[fetch]\nbackground = false\n[cache]\nmemory_bytes = 8388608\n"
+    with tmpfs(tmp_path / "root", "1m") as root:
+        store = StoreProcess(tmp_path, registries_conf=registries_conf, config=config)
+        assert store.root == root
+        try:
+            store.start()
+            first = contents["file0"]
+            diff0 = store.layer_dir(ref, layers[0].digest) / "diff" / "file0"
+            # Fill what is left, as another process on the same disk would.
+            filler = root / "filler"
+            with open(filler, "wb") as f, contextlib.suppress(OSError):
+                while True:
+                    f.write(bytes(64 << 10))
+                    f.flush()
+            assert diff0.read_bytes() == first  # served from memory: nothing could be cached
+            assert "No space left on device" in store.log()
+            # Less memory than the file: each read fetches again, still exact.
+            store.stop()
+            store.config_path.write_text("[fetch]\nbackground = false\n[cache]\nmemory_bytes = 0\n")
+            store.start()
+            for offset in range(0, len(first), 5 * CHUNK + 7):
+                with open(diff0, "rb") as f:
+                    f.seek(offset)
+                    assert f.read(CHUNK) == first[offset:offset + CHUNK]
+            # The disk frees up: caching works again without a restart.
+            filler.unlink()
+            second = contents["file1"]
+            diff1 = store.layer_dir(ref, layers[1].digest) / "diff" / "file1"
+            assert diff1.read_bytes()[:CHUNK] == second[:CHUNK]
+        finally:
+            store.stop()
+        entries = [p for p in (root / "cache" / "chunks" / "sha256").rglob("*") if p.is_file()]
+        assert entries, "nothing was cached once the disk had room again"
+        for p in entries:
+            assert hashlib.sha256(p.read_bytes()).hexdigest() == p.name, f"corrupt entry {p}"
+        assert not list((root / "cache" / "chunks" / "tmp").iterdir()), "a half-written entry was left"
