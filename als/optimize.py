@@ -90,7 +90,8 @@ def optimize(src_spec: str, dst_spec: str, opts: OptimizeOptions, config,
             plain = convert(src, work, opts.convert, progress, workdir=tmp, tagged=bool(opts.work_ref))
             run_ref = _run_ref(work, plain.digest)
             progress.message(f"running {' '.join(opts.command)} in {run_ref} (at most {opts.timeout:g} s)")
-            order, exit_code = record(run_ref, opts.command, Path(tmp), opts.timeout, opts.config_path)
+            order, exit_code = record(run_ref, opts.command, Path(tmp), opts.timeout, opts.config_path,
+                                      registries_conf=config.registry.registries_conf or None)
         recorded = order
         if not order:
             raise OptimizeError(f"the workload read no file of {src} through the store; nothing to optimize "
@@ -182,8 +183,10 @@ class _Store:
             return ""
 
 
-def _user_registries_conf(config_path: str | None) -> str | None:
-    """The registries.conf the user's Podman reads (and `als serve` too)."""
+def _user_registries_conf(configured: str | None) -> str | None:
+    """The registries.conf `als serve` reads: the configured one, else the one the user's Podman reads."""
+    if configured:
+        return configured
     env = os.environ.get("CONTAINERS_REGISTRIES_CONF")
     if env:
         return env
@@ -201,8 +204,8 @@ def _user_auth_file() -> str | None:
     return next((c for c in candidates if c and os.path.isfile(c)), None)
 
 
-def record(run_ref: str, command: list[str], work: Path, timeout: float,
-           config_path: str | None = None) -> tuple[list[str], int | None]:
+def record(run_ref: str, command: list[str], work: Path, timeout: float, config_path: str | None = None,
+           registries_conf: str | None = None) -> tuple[list[str], int | None]:
     """Run ``command`` in ``run_ref`` with Podman through a private store; return the files it read, in order.
 
     The workload is stopped (its whole PID namespace killed) after ``timeout``
@@ -213,7 +216,7 @@ def record(run_ref: str, command: list[str], work: Path, timeout: float,
     try:
         control.request(store.root, OP_RECORD, enable=True, clear=True)
         podman = Podman(work / "podman", additional_layer_store=store.mountpoint,
-                        registries_conf=_user_registries_conf(config_path), auth_file=_user_auth_file())
+                        registries_conf=_user_registries_conf(registries_conf), auth_file=_user_auth_file())
         podman.pull(run_ref, timeout=PULL_TIMEOUT)
         exit_code = _run_bounded(podman, run_ref, command, timeout, work / "workload.log")
         profile = control.request(store.root, OP_PROFILE)

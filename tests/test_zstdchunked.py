@@ -176,3 +176,27 @@ def test_podman_zstd_chunked_is_served_lazily(tmp_path, registry, store):
     # Every file, zero chunks included, reads back as in the tar Podman was given.
     got, _ = actual_tree(str(layer_dir / "diff"))
     assert got == expected_tree(rootfs.read_bytes())
+
+
+@pytest.mark.slow
+def test_podman_partial_pull_accepts_our_zstd_chunked(tmp_path, registry, client, registries_conf):
+    """Podman 4.3.1's own zstd:chunked reader takes what `als convert --zstd-chunked` writes."""
+    from als.image import BuiltLayer, push_image
+    from als.reference import parse_reference
+    from tests.test_convert import config_for, run_als
+    tar = images.python_rootfs_tar().read_bytes()
+    layer = BuiltLayer(blob=io.BytesIO(tar), digest=sha(tar), size=len(tar), diff_id=sha(tar))
+    src = f"{registry.host}/zstd/python:tar"
+    push_image(client, parse_reference(src), [layer], config_for([layer]))
+    # push_image names every layer gzip; say what this one really is.
+    manifest = json.loads(client.get_manifest(parse_reference(src)).data)
+    manifest["layers"][0]["mediaType"] = "application/vnd.oci.image.layer.v1.tar"
+    client.put_manifest(parse_reference(src), json.dumps(manifest).encode(), manifest["mediaType"])
+    dst = f"{registry.host}/zstd/python:ours"
+    res = run_als("convert", "--zstd-chunked", src, dst, conf=registries_conf)
+    assert res.returncode == 0, res.stderr
+    digest = json.loads(client.get_manifest(parse_reference(dst)).data)["layers"][0]["digest"]
+    with Podman(tmp_path / "partial", insecure_registries=[registry.host], partial_pulls=True) as podman:
+        res = podman.run("--log-level=debug", "pull", dst)
+        assert f"Retrieved partial blob {digest}" in res.stderr, "Podman did not take the partial-pull path"
+        assert podman.run("run", "--rm", dst, "python3", "-c", "print(1)").stdout.strip() == "1"
