@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import stat
 import tarfile
 
@@ -43,7 +44,8 @@ def toc_entries(draw) -> list[dict]:
     offset = 10
     for _ in range(draw(st.integers(0, 14))):
         kind = draw(types)
-        e = {"name": draw(names), "type": kind, "mode": draw(st.sampled_from([0o755, 0o4755, 0o644, 0o1777]))}
+        e = {"name": draw(names), "type": kind, "mode": draw(st.sampled_from([0o755, 0o4755, 0o644, 0o1777])),
+             "uid": draw(st.sampled_from([0, 1000, 2**32 - 2, 2**32 - 1, 2**63 - 1]))}
         if kind in ("symlink", "hardlink"):
             e["linkName"] = draw(names)
         if kind == "reg" and draw(st.booleans()):
@@ -56,7 +58,8 @@ def toc_entries(draw) -> list[dict]:
                 e = {"type": "chunk", "offset": offset, "chunkOffset": 100, "chunkDigest": D}
                 offset += 10
         if kind in ("char", "block"):
-            e.update(devMajor=draw(st.integers(0, 9)), devMinor=draw(st.integers(0, 9)))
+            e.update(devMajor=draw(st.sampled_from([0, 1, 4095, 4096])),
+                     devMinor=draw(st.sampled_from([0, 3, 2**20 - 1, 2**20])))
         out.append(e)
     return out
 
@@ -93,6 +96,9 @@ def check_tree(view: LayerView) -> None:
     inos = {}
     for key, node in nodes.items():
         assert inos.setdefault(node.ino, key) == key, f"inode {node.ino} is shared by two nodes"
+        assert node.uid < 2**32 - 1 and node.gid < 2**32 - 1  # what uid_t (and the kernel) can hold
+        assert os.makedev(os.major(node.rdev), os.minor(node.rdev)) == node.rdev
+        assert os.major(node.rdev) < 4096 and os.minor(node.rdev) < 2**20  # FUSE's 32-bit rdev
         if node.is_dir:
             assert refs[key] == 1
             continue

@@ -223,6 +223,9 @@ CASES = {
     "huge-declared-chunk": (lambda: _one_file(size=1 << 30, chunkSize=0), "over the limits"),
     "huge-inner-offset": (lambda: _one_file(innerOffset=1 << 40), "over the limits"),
     "bool-offset": (lambda: _one_file(offset=True), "must be a int"),
+    "huge-uid": (lambda: (RawBlob(), [{"name": "d", "type": "dir", "uid": (1 << 63) - 1}]), "out of range"),
+    "huge-device": (lambda: (RawBlob(), [{"name": "c", "type": "char", "devMajor": 4096, "devMinor": 1}]),
+                    "device 4096:1 is out of range"),
     "deep-tree": (_deep_tree, f"more than {MAX_ENTRIES + 65536} nodes"),
 }
 

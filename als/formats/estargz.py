@@ -51,6 +51,8 @@ _MAX_NAME_COMPONENT = 255  # NAME_MAX, in bytes
 _MAX_PATH = 4095  # PATH_MAX less its NUL: no extractor could create a longer name or symlink target
 _MAX_XATTR_VALUE = 65536  # XATTR_SIZE_MAX: no file system takes a larger value
 _MAX_INT64 = (1 << 63) - 1
+_NO_ID = (1 << 32) - 1  # (uid_t)-1
+_MAX_MAJOR, _MAX_MINOR = (1 << 12) - 1, (1 << 20) - 1
 # Limits that keep a hostile TOC's cost bounded. A chunk is held in memory
 # whole (inflated, plus its compressed range), so both are capped; sgz writes
 # 4 MiB chunks. MAX_TOC_ENTRIES bounds the objects a TOC turns into.
@@ -358,6 +360,12 @@ def _entry(raw: _RawEntry, index: int) -> toc.Entry:
     where = f"TOC entry {index} ({name!r:.300})"
     if name == "" and raw.type != toc.DIR:
         raise FormatError(f"{where}: the root entry must be a directory, not {raw.type}")
+    # uid_t is 32 bits ((uid_t)-1 means "none"), and FUSE carries a device number in 32 bits
+    # (12-bit major, 20-bit minor): larger values would fail every stat, or name another device.
+    if raw.uid >= _NO_ID or raw.gid >= _NO_ID:
+        raise FormatError(f"{where}: uid {raw.uid} or gid {raw.gid} is out of range")
+    if raw.type in (toc.CHAR, toc.BLOCK) and (raw.dev_major > _MAX_MAJOR or raw.dev_minor > _MAX_MINOR):
+        raise FormatError(f"{where}: device {raw.dev_major}:{raw.dev_minor} is out of range")
     linkname = ""
     if raw.type == toc.HARDLINK:
         if not raw.link_name:
