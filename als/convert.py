@@ -31,6 +31,7 @@ import zstandard
 from als.digest import sha256_digest
 from als.errors import ALSError, FormatError
 from als.formats import estargz, zstdchunked
+from als.image import json_object
 from als.progress import Progress
 from als.transport import ImageTransport, TransportError
 
@@ -119,7 +120,7 @@ def convert(src: ImageTransport, dst: ImageTransport, options: ConvertOptions,
     if options.chunk_size <= 0:
         raise ConvertError(f"chunk size must be positive, not {options.chunk_size}")
     top = src.get_manifest()
-    doc = _json(top.data, f"manifest of {src}")
+    doc = json_object(top.data, f"manifest of {src}", ConvertError)
     with tempfile.TemporaryDirectory(prefix="als-convert-", dir=workdir) as tmp:
         work = Path(tmp)
         if top.media_type in INDEX_TYPES or "manifests" in doc:
@@ -172,9 +173,10 @@ def _platform_entries(index: dict, platform: str, src) -> list[dict]:
 def _check_platform(src, manifest: bytes, platform: str) -> None:
     """A single-image source is accepted for --platform only if its config says that platform."""
     # The config is read again by the conversion; reading it twice is cheap next to the layers.
-    doc = _json(manifest, f"manifest of {src}")
+    doc = json_object(manifest, f"manifest of {src}", ConvertError)
     try:
-        config = _json(src.get_blob(doc["config"]["digest"], MAX_CONFIG), f"config of {src}")
+        config = json_object(src.get_blob(doc["config"]["digest"], MAX_CONFIG), f"config of {src}",
+                             ConvertError)
     except (KeyError, TypeError):
         raise ConvertError(f"manifest of {src} names no config") from None
     p = {"os": config.get("os"), "architecture": config.get("architecture"), "variant": config.get("variant", "")}
@@ -186,7 +188,7 @@ def _check_platform(src, manifest: bytes, platform: str) -> None:
 
 def _convert_image(src, dst, manifest: bytes, media_type: str, options: ConvertOptions, progress: Progress,
                    work: Path, label: str, platform: dict | None) -> _Image:
-    doc = _json(manifest, f"manifest of {src}")
+    doc = json_object(manifest, f"manifest of {src}", ConvertError)
     if media_type and media_type not in IMAGE_TYPES and doc.get("mediaType") not in IMAGE_TYPES:
         raise ConvertError(f"{src}: manifest media type {media_type} is not an image manifest")
     try:
@@ -194,7 +196,8 @@ def _convert_image(src, dst, manifest: bytes, media_type: str, options: ConvertO
         layers = list(doc["layers"])
     except (KeyError, TypeError):
         raise ConvertError(f"manifest of {src} has no config or layers") from None
-    config = _json(src.get_blob(config_digest, MAX_CONFIG), f"config {config_digest} of {src}")
+    config = json_object(src.get_blob(config_digest, MAX_CONFIG), f"config {config_digest} of {src}",
+                         ConvertError)
     rootfs = config.get("rootfs")
     if not isinstance(rootfs, dict) or len(rootfs.get("diff_ids") or []) != len(layers):
         raise ConvertError(f"config of {src} lists {len(rootfs.get('diff_ids') or []) if isinstance(rootfs, dict) else 0} "
@@ -367,11 +370,3 @@ def _bytes_file(data: bytes) -> BinaryIO:
     return io.BytesIO(data)
 
 
-def _json(data: bytes, what: str) -> dict:
-    try:
-        doc = json.loads(data)
-    except ValueError as e:
-        raise ConvertError(f"{what} is not JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise ConvertError(f"{what} is not a JSON object")
-    return doc

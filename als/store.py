@@ -30,6 +30,7 @@ from als.access import AccessRecorder
 from als.config import Config
 from als.errors import ALSError, BlockedError, FormatError, NotFoundError, RegistryError, VerificationError
 from als.fetch import BlobSource, ChunkFetcher
+from als.image import json_object
 from als.formats import estargz, zstdchunked
 from als.formats import toc as T
 from als.layer import LayerView
@@ -353,7 +354,7 @@ class Store:
         m = self.client.get_manifest(r)
         data, media_type, digest = m.data, m.media_type, m.digest
         for _ in range(2):  # an index, then the platform's manifest
-            doc = _json(data, f"manifest of {ref}")
+            doc = json_object(data, f"manifest of {ref}")
             if media_type not in INDEX_TYPES and "manifests" not in doc:
                 break
             chosen = self._pick_platform(doc, ref)
@@ -371,13 +372,13 @@ class Store:
         return image
 
     def _image_from(self, ref: str, mdigest: str, data: bytes, get_config) -> Image:
-        doc = _json(data, f"manifest {mdigest} of {ref}")
+        doc = json_object(data, f"manifest {mdigest} of {ref}")
         try:
             cdigest = doc["config"]["digest"]
             layers = doc["layers"]
         except (KeyError, TypeError):
             raise FormatError(f"manifest {mdigest} of {ref} has no config or layers") from None
-        config = _json(get_config(ref, cdigest), f"config {cdigest} of {ref}")
+        config = json_object(get_config(ref, cdigest), f"config {cdigest} of {ref}")
         diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
         if len(diff_ids) != len(layers):
             raise FormatError(f"image {ref}: {len(layers)} layers but {len(diff_ids)} diff_ids in its config")
@@ -550,16 +551,6 @@ class Store:
         except FutureTimeout:
             raise LayerUnavailable(errno.EIO, f"{what}: not resolved within "
                                               f"{self.config.resolve.timeout:g}s") from None
-
-
-def _json(data: bytes, what: str) -> dict:
-    try:
-        doc = json.loads(data)
-    except ValueError as e:
-        raise FormatError(f"{what} is not JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise FormatError(f"{what} is not a JSON object")
-    return doc
 
 
 def _transient(e: Exception) -> bool:

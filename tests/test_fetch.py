@@ -3,9 +3,7 @@ background fetch, read-ahead, and the cache limit."""
 
 from __future__ import annotations
 
-import io
 import os
-import tarfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -15,9 +13,9 @@ import pytest
 from als.cache import ChunkCache
 from als.fetch import BlobSource, ChunkFetcher
 from als.formats import estargz
-from als.image import estargz_layer, push_image
 from als.layer import LayerView
 from als.reference import parse_reference
+from tests.support import images
 
 CHUNK = 64 << 10
 
@@ -26,15 +24,8 @@ CHUNK = 64 << 10
 def layer_source(registry, client):
     """A pushed layer of 20 files x 4 chunks of random bytes, and a way to make BlobSources for it."""
     files = {f"f{i:02d}": os.urandom(4 * CHUNK) for i in range(20)}
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    layer = estargz_layer(io.BytesIO(buf.getvalue()), chunk_size=CHUNK, level=1)
+    layer = images.push_files(client, f"{registry.host}/fetch:1", files, chunk_size=CHUNK, level=1)
     ref = parse_reference(f"{registry.host}/fetch:1")
-    push_image(client, ref, [layer])
     layer.blob.seek(0)
     blob = layer.blob.read()
     toc_offset, footer = estargz.parse_footer(blob[-estargz.FOOTER_SIZE:], len(blob))

@@ -191,16 +191,14 @@ def test_unknown_names_do_not_exist(store, tree_image):
     assert e.value.errno in (errno.EROFS, errno.EACCES, errno.ENOSYS, errno.EPERM)
 
 
+def single_file_image(registry, client, name: str, data: bytes):
+    ref = f"{registry.host}/{name}:esgz"
+    return ref, images.push_files(client, ref, {name: data}, chunk_size=CHUNK)
+
+
 def test_a_read_fetches_only_the_chunks_it_touches(store, registry, client):
     data = os.urandom(16 * CHUNK)  # fresh content: nothing of it is cached yet
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        info = tarfile.TarInfo("big")
-        info.size = len(data)
-        tf.addfile(info, io.BytesIO(data))
-    layer = estargz_layer(io.BytesIO(buf.getvalue()), chunk_size=CHUNK)
-    ref = f"{registry.host}/big:esgz"
-    push_image(client, parse_reference(ref), [layer])
+    ref, layer = single_file_image(registry, client, "big", data)
     big = store.layer_dir(ref, layer.digest) / "diff" / "big"
     assert big.stat().st_size == len(data)  # resolved: footer and TOC are read
     mark = registry.mark()
@@ -209,18 +207,6 @@ def test_a_read_fetches_only_the_chunks_it_touches(store, registry, client):
         assert f.read(100) == data[5 * CHUNK + 10:5 * CHUNK + 110]
     fetched = sum(a.written for a in registry.accesses_since(mark) if layer.digest in a.uri)
     assert 0 < fetched <= 2 * CHUNK + 4096, fetched
-
-
-def single_file_image(registry, client, name: str, data: bytes):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        tf.addfile(info, io.BytesIO(data))
-    layer = estargz_layer(io.BytesIO(buf.getvalue()), chunk_size=CHUNK)
-    ref = f"{registry.host}/{name}:esgz"
-    push_image(client, parse_reference(ref), [layer])
-    return ref, layer
 
 
 def test_concurrent_readers_share_one_fetch_per_chunk(store, registry, client):

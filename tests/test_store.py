@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import os
-import tarfile
 import time
 
 import pytest
 
-from als.image import estargz_layer, push_image
-from als.reference import parse_reference
+from tests.support import images
 from tests.support.store_process import StoreProcess
 
 CHUNK = 128 << 10
@@ -24,16 +21,8 @@ def warm_store(registries_conf, tmp_path_factory):
 
 
 def push_files(registry, client, repo, files, prioritized=None):
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    layer = estargz_layer(io.BytesIO(buf.getvalue()), chunk_size=CHUNK, level=1, prioritized=prioritized)
     ref = f"{registry.host}/{repo}:esgz"
-    push_image(client, parse_reference(ref), [layer])
-    return ref, layer
+    return ref, images.push_files(client, ref, files, chunk_size=CHUNK, level=1, prioritized=prioritized)
 
 
 def wait_for(store, text, timeout=30.0):

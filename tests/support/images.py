@@ -668,3 +668,28 @@ def oci_archive(layers: list[bytes], out_path: str | os.PathLike, *,
     with open(out_path, "wb") as f:
         write_tar(files, f)
     return mdig
+
+
+# --------------------------------------------------------------------------
+# Small eStargz images of given files, pushed with our own writer
+# --------------------------------------------------------------------------
+
+def files_tar(files: dict[str, bytes]) -> bytes:
+    """An uncompressed tar of regular files (mode 0644, mtime 0), in the given order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def push_files(client, ref: str, files: dict[str, bytes], *, chunk_size: int, level: int = 9,
+               prioritized: list[str] | None = None):
+    """Push a one-layer eStargz image of ``files`` as ``ref``; returns the layer (an als.image.BuiltLayer)."""
+    from als.image import estargz_layer, push_image
+    from als.reference import parse_reference
+    layer = estargz_layer(io.BytesIO(files_tar(files)), chunk_size=chunk_size, level=level, prioritized=prioritized)
+    push_image(client, parse_reference(ref), [layer])
+    return layer
