@@ -1,6 +1,6 @@
 # als: make demo (the main job, end to end) and make test (the suite).
 PYTHON ?= python3
-APT_PACKAGES = fuse3 podman runc docker-registry containerd stargz-snapshotter apache2-utils busybox-static python3 uidmap systemd
+APT_PACKAGES = fuse3 podman runc docker-registry containerd stargz-snapshotter apache2-utils busybox-static python3 uidmap systemd debootstrap
 PYTEST_ARGS ?=
 
 SYSTEMD_UNIT_DIR ?= /etc/systemd/system

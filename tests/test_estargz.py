@@ -578,6 +578,17 @@ def test_digest_fallback_when_layer_has_no_chunk_digests():
         ([{"name": "d", "type": "dir", "xattrs": {"user.a": 1}}], "not a base64 string"),
         ([{"name": "d", "type": "dir", "xattrs": []}], "must be a dict"),
         (["nope"], "not a JSON object"),
+        # limits that bound what a hostile TOC costs or would make the kernel fail (test_hostile.py: end to end)
+        ([_reg("/".join(["d" * 200] * 21))], "longer than 4095 bytes"),
+        ([{"name": "l", "type": "symlink", "linkName": "x" * 4096}], "symlink target is longer than 4095"),
+        ([{"name": "d", "type": "dir", "xattrs": {"user.a": base64.b64encode(bytes(65537)).decode()}}],
+         "longer than 65536 bytes"),
+        ([{"name": "d", "type": "dir", "uid": 2**32 - 1}], "out of range"),
+        ([{"name": "d", "type": "dir", "gid": 2**40}], "out of range"),
+        ([{"name": "c", "type": "char", "devMajor": 4096}], "device 4096:0 is out of range"),
+        ([{"name": "c", "type": "block", "devMinor": 2**20}], "out of range"),
+        ([_reg("f", 40 << 20, offset=100)], "over the limits"),
+        ([_reg("f", 10, innerOffset=40 << 20)], "over the limits"),
     ],
 )
 def test_bad_toc_entries(entries, message):

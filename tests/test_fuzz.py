@@ -224,3 +224,14 @@ def test_found_by_the_properties_above(entries, bad):
     check_tree(view)
     if bad:
         assert view.lookup(bad.split("/")) is None
+
+
+def test_the_entry_and_node_limits_hold():
+    """A small TOC may still ask for a huge tree (deep unique paths): both counts are capped."""
+    doc = {"version": 1, "entries": [{"name": f"d{i}", "type": "dir"} for i in range(3)]}
+    with pytest.raises(FormatError, match="3 entries, over the limit of 2"):
+        estargz.parse_toc(_member(doc), None, toc_offset=0, max_entries=2)
+    deep = [T.Entry(name=f"t{i}/" + "/".join(["a"] * 50), type=T.DIR) for i in range(3)]
+    assert LayerView(deep, max_nodes=200).max_ino == 1 + 3 * 51
+    with pytest.raises(FormatError, match="more than 100 nodes"):
+        LayerView(deep, max_nodes=100)

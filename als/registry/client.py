@@ -18,6 +18,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import BinaryIO, Callable, Iterator, TypeVar
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
@@ -761,7 +762,7 @@ def _body(resp: requests.Response, deadline: float, what: str) -> Iterator[bytes
     if read1 is None:  # urllib3 < 2: the deadline is checked between whole pieces
         pieces = resp.iter_content(_CHUNK)
     else:
-        pieces = iter(lambda: _read1(read1), b"")
+        pieces = iter(lambda: _read1(partial(read1, decode_content=True)), b"")
     for piece in pieces:
         yield piece
         if time.monotonic() > deadline:
