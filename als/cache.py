@@ -12,6 +12,7 @@ in one chunk without re-reading and re-hashing it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import queue
@@ -29,12 +30,13 @@ from als.errors import CacheError
 log = logging.getLogger("als.cache")
 
 
-def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> bool:
-    """Write ``data`` under a temporary name and rename it into place.
+def atomic_write(path: Path, data: bytes, tmp_dir: Path, *, quiet_errnos: tuple[int, ...] = ()) -> int:
+    """Write ``data`` under a temporary name and rename it into place; 0, or the errno of the failure.
 
     A crash leaves either nothing or the whole file under ``path``, never a
-    prefix of it. Failures (a full disk, a read-only directory) are logged and
-    reported as False: callers keep serving from memory.
+    prefix of it. Failures (a full disk, a read-only directory) are logged
+    (unless their errno is in ``quiet_errnos``, which the caller handles) and
+    reported: callers keep serving from memory.
     """
     tmp = tmp_dir / f".{path.name}.{os.getpid()}.{threading.get_ident()}"
     try:
@@ -43,12 +45,13 @@ def atomic_write(path: Path, data: bytes, tmp_dir: Path) -> bool:
         with open(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-        return True
+        return 0
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        log.warning("cannot store %s: %s", path, e)
-        return False
+        if e.errno not in quiet_errnos:
+            log.warning("cannot store %s: %s", path, e)
+        return e.errno or errno.EIO
 
 
 def private_dir(path: Path) -> Path:
@@ -209,7 +212,16 @@ class ChunkCache:
 
     def _write(self, digest: str, data: bytes) -> None:
         path = self.path(digest)
-        if atomic_write(path, data, self._tmp):
+        err = atomic_write(path, data, self._tmp, quiet_errnos=(errno.ENOSPC, errno.EDQUOT))
+        if err in (errno.ENOSPC, errno.EDQUOT) and self._index:
+            # The disk is fuller than max_bytes assumed: make room (a tenth of the cache, least
+            # recently used first) and try once more; the chunk is served from memory either way.
+            freed = self.prune(self._disk_bytes - max(self._disk_bytes // 10, 4 * len(data)))
+            log.warning("chunk cache: the disk is full; evicted %d bytes to make room", freed)
+            err = atomic_write(path, data, self._tmp)
+        elif err:
+            log.warning("chunk cache: cannot store %s: %s", digest, os.strerror(err))
+        if not err:
             with self._lock:
                 if digest not in self._index:
                     self._index[digest] = len(data)

@@ -224,6 +224,9 @@ class ChunkFetcher:
         return mine, theirs
 
     def _fetch(self, source: BlobSource, claimed: list, max_request: int | None = None) -> None:
+        claimed = self._drop_cached(claimed)
+        if not claimed:
+            return
         claimed.sort(key=lambda cf: (cf[0].blob_start, cf[0].inner_offset))
         for run in self._runs(claimed, max_request or self.max_request):
             start, end = run[0][0].blob_start, max(c.blob_end for c, _ in run)
@@ -258,6 +261,21 @@ class ChunkFetcher:
             else:
                 self.cache.put(c.digest, chunk)
                 self._finish(c, fut, result=chunk)
+
+    def _drop_cached(self, claimed: list) -> list:
+        """Finish claims that another fetch completed between our cache check and our claim.
+
+        A fetch caches its chunk before it leaves the in-flight table, so once
+        we hold the claim, the cache tells whether the chunk arrived meanwhile.
+        """
+        left = []
+        for c, fut in claimed:
+            data = self.cache.get(c.digest) if self.cache.contains(c.digest) else None
+            if data is None:
+                left.append((c, fut))
+            else:
+                self._finish(c, fut, result=data)
+        return left
 
     def _runs(self, claimed, max_request: int):
         run = [claimed[0]]

@@ -43,3 +43,37 @@ def test_unwritable_disk_keeps_serving_from_memory(tmp_path):
     c.put(d, data)
     assert c.flush()
     assert c.get(d) == data and not c.path(d).exists()
+
+
+def test_a_full_disk_evicts_least_recently_used_and_stores_the_new_chunk(tmp_path):
+    import subprocess
+    import os
+    from tests.support.store_process import is_mounted
+    root = tmp_path / "small"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(root)], check=True, timeout=30)
+    try:
+        cache = ChunkCache(root, memory_bytes=0)  # no byte limit: only the disk says no
+        blobs = [os.urandom(100_000) for _ in range(12)]
+        digests = [sha256_digest(b) for b in blobs]
+        for d, b in zip(digests[:8], blobs[:8]):
+            cache.put(d, b)
+        assert cache.flush()
+        with open(root / "filler", "wb") as f:  # another process fills the rest of the disk
+            try:
+                while True:
+                    f.write(bytes(64 << 10))
+                    f.flush()
+            except OSError:
+                pass
+        cache.put(digests[8], blobs[8])
+        assert cache.flush()
+        assert cache.path(digests[8]).read_bytes() == blobs[8]  # stored, after making room
+        assert not cache.contains(digests[0])  # the least recently used went first
+        assert cache.stats().evicted >= 1
+        for p in (root / "chunks" / "sha256").rglob("*"):
+            if p.is_file():
+                assert sha256_digest(p.read_bytes()) == "sha256:" + p.name
+    finally:
+        subprocess.run(["umount", str(root)], timeout=30)
+        assert not is_mounted(root)

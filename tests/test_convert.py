@@ -469,7 +469,7 @@ def test_memory_stays_bounded_for_a_large_layer(registry, registries_conf, tmp_p
 @pytest.mark.slow
 def test_podman_partial_pull_accepts_converted_image(tmp_path, registry, converted_python):
     """Podman's own eStargz reader (partial pulls) checks our TOC and every chunk digest."""
-    from tests.support.podman import Podman
+    from als.podman import Podman
     dst, _ = converted_python
     [desc] = get_json(registry, "conv/python", "esgz")["layers"]
     with Podman(tmp_path / "partial", insecure_registries=[registry.host], partial_pulls=True) as podman:

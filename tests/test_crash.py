@@ -14,7 +14,6 @@ The disk-full test puts ``--root`` on a small tmpfs it mounts itself.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import os
@@ -26,8 +25,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pytest
 
 from als.cache import ChunkCache
 from als.image import estargz_layer, push_image

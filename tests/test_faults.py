@@ -12,10 +12,8 @@ the store: failed fetches and failed resolutions are not remembered for long.
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import os
-import shutil
 import signal
 import tarfile
 import threading

@@ -17,7 +17,7 @@ from als import control
 from als.access import OP_PROFILE, OP_RECORD
 from als.formats import estargz
 from tests.conftest import NO_BACKGROUND
-from tests.support.podman import Podman
+from als.podman import Podman
 from tests.support.store_process import StoreProcess
 from tests.test_convert import config_for, get_blob, get_json, read_toc, run_als, tar_of
 

@@ -16,7 +16,7 @@ import pytest
 from als.image import estargz_layer, gzip_layer, push_image
 from als.reference import parse_reference
 from tests.support import images
-from tests.support.podman import Podman
+from als.podman import Podman
 
 pytestmark = pytest.mark.slow
 

@@ -226,7 +226,7 @@ location = "mirror-b.local"
 
 def test_conf_pull_from_mirror_and_digest_only():
     d = "sha256:" + "1" * 64
-    conf = RegistriesConf.from_string(f'''
+    conf = RegistriesConf.from_string('''
 [[registry]]
 location = "a.io"
 [[registry.mirror]]

@@ -318,7 +318,7 @@ def test_store_config_certs_dir_global_auth_file_and_kubelet_config(tmp_path):
 
 @pytest.mark.slow
 def test_podman_login_is_all_a_private_image_needs(tmp_path):
-    from tests.support.podman import Podman
+    from als.podman import Podman
 
     unread = random.Random(9).randbytes(4 << 20)
     entries = images.busybox_entries() + [images.Entry("tmp", images.DIR, 0o1777),

@@ -24,7 +24,7 @@ from als.reference import parse_reference
 from als.registry.client import RegistryClient
 from als.registry.sysregistries import RegistriesConf
 from tests.support import images
-from tests.support.podman import Podman
+from als.podman import Podman
 from tests.support.registry import RegistryProcess
 from tests.support.store_process import StoreProcess, is_mounted, write_registries_conf
 

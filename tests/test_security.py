@@ -20,7 +20,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import tarfile

@@ -21,7 +21,7 @@ from als.fetch import BlobSource, ChunkFetcher
 from als.formats import toc as T
 from als.formats import zstdchunked as Z
 from tests.support import images
-from tests.support.podman import Podman
+from als.podman import Podman
 from tests.test_fusefs import actual_tree, expected_tree
 
 

@@ -26,7 +26,7 @@ import tarfile
 import tempfile
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Sequence
+from typing import BinaryIO, Callable, Iterable, Sequence
 
 from als.digest import is_sha256, sha256_digest
 from als.errors import FormatError, VerificationError
@@ -761,6 +761,27 @@ def tar_header_and_entry(info: tarfile.TarInfo) -> tuple[str, bytes, dict, int]:
     return kind, header, entry, info.size
 
 
+def copy_chunk(payload: BinaryIO | None, length: int, write: Callable[[bytes], object], whole,
+               name: str, size: int) -> str:
+    """Copy one chunk of a file's payload into a writer, hashing it; returns the chunk digest.
+
+    ``whole`` is the file's running sha256. Memory stays at one piece of
+    ``_COPY_PIECE`` bytes, whatever the chunk size. Shared with the
+    zstd:chunked writer.
+    """
+    chunk_sum = hashlib.sha256()
+    left = length
+    while left:
+        piece = payload.read(min(left, _COPY_PIECE)) if payload is not None else b""
+        if not piece:
+            raise FormatError(f"tar entry {name!r} ends before its {size} bytes")
+        write(piece)
+        chunk_sum.update(piece)
+        whole.update(piece)
+        left -= len(piece)
+    return "sha256:" + chunk_sum.hexdigest()
+
+
 class _Writer:
     """Emits tar entries as eStargz members and collects their TOC entries."""
 
@@ -785,17 +806,8 @@ class _Writer:
         while position < size:
             length = min(self._chunk_size, size - position)
             offset = self._gz.new_member()
-            chunk_sum = hashlib.sha256()
-            left = length
-            while left:
-                piece = payload.read(min(left, _COPY_PIECE)) if payload is not None else b""
-                if not piece:
-                    raise FormatError(f"tar entry {entry['name']!r} ends before its {size} bytes")
-                self._gz.write(piece)
-                chunk_sum.update(piece)
-                whole.update(piece)
-                left -= len(piece)
-            chunks.append(_WrittenChunk(offset, position, length, "sha256:" + chunk_sum.hexdigest()))
+            digest = copy_chunk(payload, length, self._gz.write, whole, entry["name"], size)
+            chunks.append(_WrittenChunk(offset, position, length, digest))
             position += length
         self._gz.write(bytes(-size % _BLOCK))
         entry["digest"] = "sha256:" + whole.hexdigest()

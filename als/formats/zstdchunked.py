@@ -426,19 +426,10 @@ class _Writer:
         while position < size:
             length = min(self._chunk_size, size - position)
             start = self._z.end_frame()
-            chunk_sum = hashlib.sha256()
-            left = length
-            while left:
-                piece = payload.read(min(left, _COPY_PIECE)) if payload is not None else b""
-                if not piece:
-                    raise FormatError(f"tar entry {entry['name']!r} ends before its {size} bytes")
-                self._z.write(piece)
-                chunk_sum.update(piece)
-                whole.update(piece)
-                left -= len(piece)
+            digest = estargz.copy_chunk(payload, length, self._z.write, whole, entry["name"], size)
             end = self._z.end_frame()
             fields = {"offset": start, "endOffset": end, "chunkSize": length, "chunkOffset": position,
-                      "chunkDigest": "sha256:" + chunk_sum.hexdigest()}
+                      "chunkDigest": digest}
             if first:
                 entry.update(fields)
                 first = False

@@ -4,8 +4,8 @@ Everything runs on this machine: a docker-registry on 127.0.0.1 behind a link
 emulator (tests/support/linkproxy.py: 20 ms RTT, 200 Mbit/s by default), a
 Debian bookworm minbase + python3 image built with debootstrap (cached under
 /var/tmp/als-bench-cache), pushed as plain gzip, as eStargz and as optimized
-eStargz (the files `python3 -c 'print(1)'` reads first, then a prefetch
-landmark). Each measurement starts from nothing: a fresh Podman storage and,
+eStargz (the files `python3 -c 'print(1)'` reads, recorded by `als optimize`'s
+recorder, first, then a prefetch landmark). Each measurement starts from nothing: a fresh Podman storage and,
 for lazy runs, a fresh store with an empty cache. Reported: median, min and max
 over --runs, and the lazy/normal ratio of the medians of the same run set.
 
@@ -19,6 +19,7 @@ Workloads:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -36,7 +37,7 @@ from als.reference import parse_reference
 from als.registry.client import RegistryClient
 from als.registry.sysregistries import RegistriesConf
 from tests.support.linkproxy import LinkProxy
-from tests.support.podman import Podman
+from als.podman import Podman
 from tests.support.registry import RegistryProcess
 from tests.support.store_process import StoreProcess, write_registries_conf
 
@@ -123,8 +124,9 @@ class Bench:
         variants = {"gzip": None, "esgz": None, "esgz-opt": profile}
         stamp = CACHE / "pushed.json"
         pushed = json.loads(stamp.read_text()) if stamp.exists() else {}
-        key = f"{tar.stat().st_size}:{tar.stat().st_mtime_ns}:{self.args.chunk_size}:{len(profile)}"
+        base = f"{tar.stat().st_size}:{tar.stat().st_mtime_ns}:{self.args.chunk_size}"
         for tag, prioritized in variants.items():
+            key = f"{base}:{hashlib.sha256(repr(prioritized).encode()).hexdigest()}"
             ref = parse_reference(f"{self.registry.host}/bench/debian-python:{tag}")
             if pushed.get(tag, {}).get("key") == key:
                 self.sizes[tag] = pushed[tag]["size"]
@@ -141,11 +143,11 @@ class Bench:
             stamp.write_text(json.dumps(pushed))
 
     # ---- runs ------------------------------------------------------------------------
-    def _store(self, name: str, background: bool, log_level: str = "info") -> StoreProcess:
+    def _store(self, name: str, background: bool) -> StoreProcess:
         d = self.work / name
         d.mkdir()
         cfg = "" if background else "[fetch]\nbackground = false\n"
-        return StoreProcess(d, registries_conf=self.conf, config=cfg, log_level=log_level).start()
+        return StoreProcess(d, registries_conf=self.conf, config=cfg, log_level="info").start()
 
     def normal(self, name: str, tag: str, cmd: list[str], again: bool = False) -> tuple[Sample, Sample | None]:
         with Podman(self.work / name, insecure_registries=[self.link.host]) as podman:
@@ -186,22 +188,11 @@ class Bench:
 
 
 def record_profile(bench: Bench) -> list[str]:
-    """The files `python3 -c 'print(1)'` opens, in order, from a lazy run of the plain eStargz image."""
-    store = bench._store("profile-store", background=False, log_level="debug")
-    try:
-        with Podman(bench.work / "profile", additional_layer_store=store.mountpoint,
-                    insecure_registries=[bench.link.host]) as podman:
-            podman.run("run", "--rm", bench.ref("esgz"), *PRINT1, timeout=900)
-        opened = []
-        for line in store.log().splitlines():
-            marker = " opened /"
-            if marker in line:
-                path = line.split(marker, 1)[1].strip()
-                if path not in opened:
-                    opened.append(path)
-        return opened
-    finally:
-        store.stop()
+    """The files `python3 -c 'print(1)'` opens, in order, recorded by `als optimize`'s own recorder."""
+    from als.optimize import record
+    files, _ = record(bench.ref("esgz"), PRINT1, bench.work / "profile", timeout=120,
+                      registries_conf=str(bench.conf))
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:
