@@ -190,8 +190,19 @@ class Bench:
 def record_profile(bench: Bench) -> list[str]:
     """The files `python3 -c 'print(1)'` opens, in order, recorded by `als optimize`'s own recorder."""
     from als.optimize import record
-    files, _ = record(bench.ref("esgz"), PRINT1, bench.work / "profile", timeout=120,
-                      registries_conf=str(bench.conf))
+    (bench.work / "profile").mkdir()
+    saved = os.environ.get("CONTAINERS_REGISTRIES_CONF")
+    os.environ["CONTAINERS_REGISTRIES_CONF"] = str(bench.conf)  # the recording store reads it, as Podman does
+    try:
+        files, _ = record(bench.ref("esgz"), PRINT1, bench.work / "profile", timeout=120,
+                          registries_conf=str(bench.conf))
+    finally:
+        if saved is None:
+            os.environ.pop("CONTAINERS_REGISTRIES_CONF", None)
+        else:
+            os.environ["CONTAINERS_REGISTRIES_CONF"] = saved
+    if not files:
+        raise RuntimeError("recording the print(1) workload saw no file reads: the store declined the image?")
     return files
 
 
