@@ -33,7 +33,7 @@ from als.registry.auth import (AuthFile, Credentials, default_auth_files, find_c
 from als.registry.client import OCI_MANIFEST, Manifest, RegistryClient
 from als.registry.sysregistries import Endpoint, RegistriesConf
 from tests.support.registry import RegistryProcess, free_port
-from tests.support.regtest import (PASSWORD, auth_file, b64auth, fast_client, hermetic_env,  # noqa: F401
+from tests.support.regtest import (PASSWORD, running_token_registry, auth_file, b64auth, fast_client, hermetic_env,  # noqa: F401
                                    http_server, insecure, push_image, sha, wait_accesses,
                                    write_conf)
 
@@ -724,18 +724,8 @@ def test_basic_auth(basic_registry, tmp_path, monkeypatch, caplog):
 @pytest.fixture
 def token_registry():
     pytest.importorskip("cryptography", reason="the test token service signs JWTs with it")
-    from tests.support.tokenserver import TokenServer
-
-    ts = TokenServer(users={"bob": PASSWORD}, refresh_tokens={"refresh-" + PASSWORD: "bob"})
-    reg = None
-    try:
-        ts.start()
-        reg = RegistryProcess(extra={"auth": ts.registry_auth()}).start()
-        yield reg, ts
-    finally:
-        if reg is not None:
-            reg.cleanup()
-        ts.cleanup()
+    with running_token_registry({"bob": PASSWORD}) as running:
+        yield running
 
 
 def test_bearer_token_flow(token_registry, tmp_path, monkeypatch, caplog):

@@ -25,7 +25,7 @@ from als.reference import parse_reference
 from als.registry.auth import AuthFile, Credentials, find_credentials
 from als.registry.keychain import Keychain, kubelet_credentials
 from tests.support.registry import RegistryProcess
-from tests.support.regtest import (PASSWORD, auth_file, auth_refusals, b64auth, fast_client,  # noqa: F401
+from tests.support.regtest import (PASSWORD, running_token_registry, auth_file, auth_refusals, b64auth, fast_client,  # noqa: F401
                                    hermetic_env, insecure, log_lines, push_image, sha,
                                    wait_accesses, write_conf)
 
@@ -40,18 +40,8 @@ USERS = {"alice": PASSWORD + "-a", "bob": PASSWORD + "-b", "carol": PASSWORD + "
 @pytest.fixture
 def token_registry():
     """docker-registry in token-auth mode with our token service; every user may pull and push."""
-    from tests.support.tokenserver import TokenServer
-
-    ts = TokenServer(users=dict(USERS), refresh_tokens={"refresh-" + PASSWORD: "bob"})
-    reg = None
-    try:
-        ts.start()
-        reg = RegistryProcess(extra={"auth": ts.registry_auth()}).start()
-        yield reg, ts
-    finally:
-        if reg is not None:
-            reg.cleanup()
-        ts.cleanup()
+    with running_token_registry(USERS) as running:
+        yield running
 
 
 @pytest.fixture

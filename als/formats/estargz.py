@@ -933,7 +933,13 @@ def write_estargz(
     return writer.finish()
 
 
-def _write_reordered(writer: _Writer, tf: tarfile.TarFile, prioritized: Sequence[str]) -> None:
+def reordered_members(tf: tarfile.TarFile, prioritized: Sequence[str]):
+    """Yield ``(info, payload or None, prioritized?)`` with the prioritized entries first.
+
+    Reordering needs the whole stream, so payloads are spooled to a temporary
+    file (memory stays bounded) and each is handed out positioned at its
+    start. Shared by the eStargz and zstd:chunked writers.
+    """
     with tempfile.SpooledTemporaryFile(max_size=16 << 20) as spool:
         members: list[tuple[tarfile.TarInfo, int]] = []  # (header, payload offset in spool)
         for info in tf:
@@ -948,13 +954,26 @@ def _write_reordered(writer: _Writer, tf: tarfile.TarFile, prioritized: Sequence
         names = [info.name for info, _ in members]
         links = [info.linkname if info.islnk() else "" for info, _ in members]
         order, n_first = prefetch_order(names, links, prioritized)
-        if n_first == 0:
-            writer.add_landmark(NO_PREFETCH_LANDMARK)
         for position, i in enumerate(order):
-            if position == n_first and n_first:
-                writer.add_landmark(PREFETCH_LANDMARK)
             info, start = members[i]
             spool.seek(start)
-            writer.add(info, spool if info.isreg() else None)
-        if n_first == len(order) and n_first:
+            yield info, (spool if info.isreg() else None), position < n_first
+
+
+def _write_reordered(writer: _Writer, tf: tarfile.TarFile, prioritized: Sequence[str]) -> None:
+    """Prioritized files, then `.prefetch.landmark`, then the rest; `.no.prefetch.landmark`
+    first instead when none of the prioritized files exist."""
+    any_prioritized = None  # decided by the first entry
+    landmark_written = False
+    for info, payload, first in reordered_members(tf, prioritized):
+        if any_prioritized is None:
+            any_prioritized = first
+            if not first:
+                writer.add_landmark(NO_PREFETCH_LANDMARK)
+                landmark_written = True
+        if not first and not landmark_written:
             writer.add_landmark(PREFETCH_LANDMARK)
+            landmark_written = True
+        writer.add(info, payload)
+    if not landmark_written:
+        writer.add_landmark(PREFETCH_LANDMARK if any_prioritized else NO_PREFETCH_LANDMARK)

@@ -26,7 +26,6 @@ import io
 import json
 import struct
 import tarfile
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Sequence
@@ -484,21 +483,5 @@ def write_zstdchunked(tar_in: BinaryIO, out: BinaryIO, *, chunk_size: int = 4 <<
 
 
 def _write_reordered(writer: _Writer, tf: tarfile.TarFile, prioritized: Sequence[str]) -> None:
-    with tempfile.SpooledTemporaryFile(max_size=16 << 20) as spool:
-        members: list[tuple[tarfile.TarInfo, int]] = []
-        for info in tf:
-            if estargz._skipped(info):
-                continue
-            start = spool.tell()
-            if info.isreg():
-                source = tf.extractfile(info)
-                while piece := source.read(_COPY_PIECE):
-                    spool.write(piece)
-            members.append((info, start))
-        names = [info.name for info, _ in members]
-        links = [info.linkname if info.islnk() else "" for info, _ in members]
-        order, _ = estargz.prefetch_order(names, links, prioritized)
-        for i in order:
-            info, start = members[i]
-            spool.seek(start)
-            writer.add(info, spool if info.isreg() else None)
+    for info, payload, _ in estargz.reordered_members(tf, prioritized):
+        writer.add(info, payload)

@@ -200,3 +200,20 @@ def settled_lines(reg: RegistryProcess, quiet: float = 0.3, timeout: float = 5.0
             break
         last = now
     return last
+
+
+@contextlib.contextmanager
+def running_token_registry(users: dict[str, str]):
+    """docker-registry in token-auth mode in front of our token service; stopped on exit."""
+    from tests.support.tokenserver import TokenServer
+
+    ts = TokenServer(users=dict(users), refresh_tokens={"refresh-" + PASSWORD: "bob"})
+    reg = None
+    try:
+        ts.start()
+        reg = RegistryProcess(extra={"auth": ts.registry_auth()}).start()
+        yield reg, ts
+    finally:
+        if reg is not None:
+            reg.cleanup()
+        ts.cleanup()
