@@ -40,7 +40,7 @@ def layer_source(registry, client):
 
 
 def served(registry, mark, digest):
-    got = [a for a in registry.accesses_since(mark) if a.uri.endswith(digest)]
+    got = [a for a in registry.accesses_since(mark) if a.method == "GET" and a.uri.endswith(digest)]
     return len(got), sum(a.written for a in got)
 
 

@@ -35,7 +35,7 @@ def wait_for(store, text, timeout=30.0):
 
 
 def blob_requests(registry, mark, digest):
-    return [a for a in registry.accesses_since(mark) if a.uri.endswith(digest)]
+    return [a for a in registry.accesses_since(mark) if a.method == "GET" and a.uri.endswith(digest)]
 
 
 def test_landmark_prefetch_fetches_the_prioritised_files_in_one_request(store, registry, client):

@@ -146,5 +146,18 @@ class RegistryProcess:
         """A position in the log; pass to ``accesses_since`` to see only later requests."""
         return len(self.accesses())
 
-    def accesses_since(self, mark: int) -> list[Access]:
-        return self.accesses()[mark:]
+    def accesses_since(self, mark: int, settle: float = 0.3) -> list[Access]:
+        """Requests logged since ``mark``, once the log has been quiet for ``settle`` seconds.
+
+        docker-registry writes a request's line just after its answer, so a
+        client that has its bytes may be ahead of the log. Bounded: 5 s at most.
+        """
+        deadline = time.monotonic() + 5.0
+        seen = self.accesses()
+        while settle and time.monotonic() < deadline:
+            time.sleep(settle)
+            now = self.accesses()
+            if len(now) == len(seen):
+                break
+            seen = now
+        return seen[mark:]
