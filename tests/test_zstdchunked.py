@@ -200,3 +200,14 @@ def test_podman_partial_pull_accepts_our_zstd_chunked(tmp_path, registry, client
         res = podman.run("--log-level=debug", "pull", dst)
         assert f"Retrieved partial blob {digest}" in res.stderr, "Podman did not take the partial-pull path"
         assert podman.run("run", "--rm", dst, "python3", "-c", "print(1)").stdout.strip() == "1"
+
+
+def test_chunks_over_the_limits_are_refused_before_decompressing():
+    from als.errors import FormatError
+    from als.formats import estargz, toc as T
+    from als.formats.zstdchunked import decompress_chunk
+    huge = T.Chunk(offset=0, size=estargz.MAX_CHUNK + 1, blob_start=0, blob_end=10, digest="sha256:" + "0" * 64)
+    wide = T.Chunk(offset=0, size=10, blob_start=0, blob_end=estargz.MAX_CHUNK_SPAN + 1, digest="sha256:" + "0" * 64)
+    for c in (huge, wide):
+        with pytest.raises(FormatError, match="bad chunk bounds"):
+            decompress_chunk(b"\0" * 16, c)

@@ -230,6 +230,9 @@ def _attach_chunks(entry: toc.Entry, objs: list[dict], data_end: int) -> None:
             raise FormatError(f"{where}: unknown chunkType {kind!r:.40}")
         if size <= 0:
             raise FormatError(f"{where}: chunk at {chunk_offset} lies beyond the file size {entry.size}")
+        if size > estargz.MAX_CHUNK or (kind != CHUNK_ZEROS and end - start > estargz.MAX_CHUNK_SPAN):
+            raise FormatError(f"{where}: chunk at {chunk_offset} is {size} bytes from {end - start} compressed, "
+                              f"over the limits ({estargz.MAX_CHUNK} and {estargz.MAX_CHUNK_SPAN})")
         if not start < end <= data_end:
             raise FormatError(f"{where}: chunk at {chunk_offset} has compressed range [{start}, {end}) "
                               f"outside the data before the TOC at {data_end}")
@@ -254,8 +257,10 @@ def decompress_chunk(data: bytes, chunk: toc.Chunk) -> bytes:
     range cannot make us produce more. The digest is checked by the caller.
     """
     want = chunk.inner_offset + chunk.size
-    if chunk.size <= 0 or chunk.inner_offset < 0:
-        raise FormatError(f"bad chunk bounds: inner offset {chunk.inner_offset}, size {chunk.size}")
+    if (chunk.size <= 0 or chunk.inner_offset < 0 or want > estargz.MAX_CHUNK
+            or chunk.blob_end - chunk.blob_start > estargz.MAX_CHUNK_SPAN):
+        raise FormatError(f"bad chunk bounds: inner offset {chunk.inner_offset}, size {chunk.size}, "
+                          f"{chunk.blob_end - chunk.blob_start} bytes compressed")
     out = _bounded_decompress(data, want, f"chunk at blob offset {chunk.blob_start}")
     if len(out) < want:
         raise FormatError(f"chunk at blob offset {chunk.blob_start} decompresses to {len(out)} bytes, need {want}")
