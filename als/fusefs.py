@@ -79,18 +79,19 @@ def _paged_in(node: Node, path: str) -> bool:
 class _Handle:
     """An open regular file of a layer: reads go through the chunk fetcher."""
 
-    __slots__ = ("fetcher", "layer", "node", "path")
+    __slots__ = ("fetcher", "layer", "node", "path", "whole_file")
 
     def __init__(self, fetcher: ChunkFetcher, layer: Layer, node: Node, path: str):
         self.fetcher, self.layer, self.node, self.path = fetcher, layer, node, path
+        # decided once per open, not per read: programs and libraries come whole on a miss
+        self.whole_file = node.chunks if _paged_in(node, path) else ()
 
     def read(self, offset: int, size: int) -> bytes:
         chunks = self.node.chunks_for(offset, size)
         if not chunks:
             return b""
         try:
-            pieces = self.fetcher.read(self.layer.source, chunks,
-                                       self.node.chunks if _paged_in(self.node, self.path) else ())
+            pieces = self.fetcher.read(self.layer.source, chunks, self.whole_file)
         except ALSError as e:
             log.error("image %s layer %s file /%s: read failed: %s", self.layer.ref, self.layer.desc.digest,
                       self.path, e)

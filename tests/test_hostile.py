@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import os
 import stat
-import tarfile
 import time
 import uuid
 from pathlib import Path
@@ -29,9 +27,9 @@ from pathlib import Path
 import pytest
 
 from als.formats import estargz
-from als.image import estargz_layer, push_image
+from als.image import push_image
 from als.reference import parse_reference
-from tests.support import procstat
+from tests.support import images, procstat
 from tests.support.rawblob import RawBlob, sha, toc, toc_tar, zeros_member
 from tests.support.store_process import StoreProcess
 
@@ -59,15 +57,8 @@ def store(registries_conf, tmp_path_factory):
 def honest(store, registry, client):
     """A normal eStargz layer next to the hostile ones; it must keep serving throughout."""
     files = {f"f{i}": os.urandom(100_000 + i) for i in range(6)}
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    layer = estargz_layer(io.BytesIO(buf.getvalue()), chunk_size=32 << 10)
     ref = f"{registry.host}/hostile/honest:v1"
-    push_image(client, parse_reference(ref), [layer])
+    layer = images.push_files(client, ref, files, chunk_size=32 << 10)
     diff = store.layer_dir(ref, layer.digest) / "diff"
     assert (diff / "f0").read_bytes() == files["f0"]
     return diff, files

@@ -33,7 +33,7 @@ from als.registry.auth import (AuthFile, Credentials, default_auth_files, find_c
 from als.registry.client import OCI_MANIFEST, Manifest, RegistryClient
 from als.registry.sysregistries import Endpoint, RegistriesConf
 from tests.support.registry import RegistryProcess, free_port
-from tests.support.regtest import (PASSWORD, running_token_registry, auth_file, b64auth, fast_client, hermetic_env,  # noqa: F401
+from tests.support.regtest import (mirrored, PASSWORD, running_token_registry, auth_file, b64auth, fast_client, hermetic_env,  # noqa: F401
                                    http_server, insecure, push_image, sha, wait_accesses,
                                    write_conf)
 
@@ -624,14 +624,7 @@ def origin_and_mirror():
 
 def test_mirror_first_then_fallback_to_origin(origin_and_mirror, tmp_path, caplog):
     origin, mirror = origin_and_mirror
-    conf = write_conf(tmp_path, f'''
-[[registry]]
-location = "{origin.host}"
-insecure = true
-[[registry.mirror]]
-location = "{mirror.host}"
-insecure = true
-''' + insecure(mirror.host))
+    conf = write_conf(tmp_path, mirrored(origin.host, mirror.host) + insecure(mirror.host))
     with fast_client(conf) as c:
         image = push_image(c, parse_reference(f"{origin.host}/app:v1"))  # pushes go to the origin
         push_image(c, parse_reference(f"{mirror.host}/app:v1"))

@@ -27,7 +27,7 @@ from als.registry.keychain import Keychain
 from als.registry.sysregistries import RegistriesConf
 from tests.support import images
 from tests.support.registry import RegistryProcess, free_port
-from tests.support.regtest import (PASSWORD, auth_file, b64auth, fast_client, hermetic_env,  # noqa: F401
+from tests.support.regtest import (mirrored, PASSWORD, auth_file, b64auth, fast_client, hermetic_env,  # noqa: F401
                                    insecure, requests_seen, settled_lines, wait_accesses)
 from tests.support.store_process import REPO, StoreProcess
 from tests.support.tlsfiles import CA
@@ -221,14 +221,7 @@ def test_tokens_and_passwords_stay_out_of_log_root_status_and_metrics(tmp_path):
 def test_store_reads_through_a_pull_through_mirror_and_falls_back_to_the_origin(tmp_path):
     with RegistryProcess() as origin, RegistryProcess(extra={"proxy": {"remoteurl": origin.url}}) as cache:
         conf = tmp_path / "registries.conf"
-        conf.write_text(f'''
-[[registry]]
-location = "{origin.host}"
-insecure = true
-[[registry.mirror]]
-location = "{cache.host}"
-insecure = true
-''')
+        conf.write_text(mirrored(origin.host, cache.host))
         ref = f"{origin.host}/team/app:v1"
         with fast_client(RegistriesConf.load(str(conf))) as c:
             layer = push_esgz(c, ref, layer_files(3))  # pushed to the origin

@@ -16,7 +16,7 @@ import pytest
 from als.errors import BlockedError
 from als.reference import parse_reference
 from tests.support.registry import RegistryProcess
-from tests.support.regtest import (fast_client, hermetic_env, insecure, push_image,  # noqa: F401
+from tests.support.regtest import (mirrored, fast_client, hermetic_env, insecure, push_image,  # noqa: F401
                                    requests_seen, settled_lines, sha, wait_accesses, write_conf)
 
 
@@ -35,15 +35,7 @@ def origin_and_cache():
 
 
 def mirror_conf(tmp_path, origin, cache, pull_from_mirror: str = "all"):
-    return write_conf(tmp_path, f'''
-[[registry]]
-location = "{origin.host}"
-insecure = true
-[[registry.mirror]]
-location = "{cache.host}"
-insecure = true
-pull-from-mirror = "{pull_from_mirror}"
-''')
+    return write_conf(tmp_path, mirrored(origin.host, cache.host, pull_from_mirror))
 
 
 def gets(reg, mark, n=1):
@@ -134,14 +126,7 @@ def test_dropins_add_a_mirror_and_block_a_namespace(origin_and_cache, tmp_path, 
     main.write_text(insecure(origin.host))
     dropins = tmp_path / "registries.conf.d"
     dropins.mkdir()
-    (dropins / "10-mirror.conf").write_text(f'''
-[[registry]]
-location = "{origin.host}"
-insecure = true
-[[registry.mirror]]
-location = "{cache.host}"
-insecure = true
-''')
+    (dropins / "10-mirror.conf").write_text(mirrored(origin.host, cache.host))
     (dropins / "20-block.conf").write_text(f'''
 [[registry]]
 prefix = "{origin.host}/quarantine"

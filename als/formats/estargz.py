@@ -80,30 +80,20 @@ _MAGIC = b"STARGZ"
 # --------------------------------------------------------------------------
 
 
-def make_footer(toc_offset: int) -> bytes:
-    """Return the 51-byte eStargz footer pointing at ``toc_offset``."""
+def _footer(extra_prefix: bytes, toc_offset: int) -> bytes:
     if not 0 <= toc_offset <= _MAX_INT64:
         raise ValueError(f"TOC offset {toc_offset} out of range")
-    return (
-        _GZIP_FEXTRA_HEADER
-        + _ESTARGZ_EXTRA_PREFIX
-        + b"%016x" % toc_offset
-        + _MAGIC
-        + _EMPTY_DEFLATE_AND_TRAILER
-    )
+    return _GZIP_FEXTRA_HEADER + extra_prefix + b"%016x" % toc_offset + _MAGIC + _EMPTY_DEFLATE_AND_TRAILER
+
+
+def make_footer(toc_offset: int) -> bytes:
+    """Return the 51-byte eStargz footer pointing at ``toc_offset``."""
+    return _footer(_ESTARGZ_EXTRA_PREFIX, toc_offset)
 
 
 def make_legacy_footer(toc_offset: int) -> bytes:
     """Return the 47-byte footer of the original (google/crfs) stargz."""
-    if not 0 <= toc_offset <= _MAX_INT64:
-        raise ValueError(f"TOC offset {toc_offset} out of range")
-    return (
-        _GZIP_FEXTRA_HEADER
-        + _LEGACY_EXTRA_PREFIX
-        + b"%016x" % toc_offset
-        + _MAGIC
-        + _EMPTY_DEFLATE_AND_TRAILER
-    )
+    return _footer(_LEGACY_EXTRA_PREFIX, toc_offset)
 
 
 def _footer_offset(footer: bytes, extra_prefix: bytes) -> int | None:

@@ -74,6 +74,13 @@ def insecure(*hosts: str) -> str:
     return "".join(f'[[registry]]\nlocation = "{h}"\ninsecure = true\n\n' for h in hosts)
 
 
+def mirrored(origin: str, mirror: str, pull_from_mirror: str = "") -> str:
+    """registries.conf text: plain-HTTP ``origin`` with one plain-HTTP ``[[registry.mirror]]``."""
+    extra = f'pull-from-mirror = "{pull_from_mirror}"\n' if pull_from_mirror else ""
+    return (f'[[registry]]\nlocation = "{origin}"\ninsecure = true\n'
+            f'[[registry.mirror]]\nlocation = "{mirror}"\ninsecure = true\n{extra}\n')
+
+
 def auth_file(path: Path, entries: dict[str, dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"auths": entries}))
