@@ -143,8 +143,8 @@ class RegistryProcess:
         return total
 
     def mark(self) -> int:
-        """A position in the log; pass to ``accesses_since`` to see only later requests."""
-        return len(self.accesses())
+        """A position in the log, once earlier requests' lines are in; for ``accesses_since``."""
+        return len(self.accesses_since(0))
 
     def accesses_since(self, mark: int, settle: float = 0.3) -> list[Access]:
         """Requests logged since ``mark``, once the log has been quiet for ``settle`` seconds.
