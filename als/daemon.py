@@ -9,6 +9,7 @@ import os
 import signal
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from als.config import load_config
 from als.control import ControlServer, socket_path
 from als.errors import ALSError
 from als.fetch import ChunkFetcher
-from als.fusefs import ALSFuse
+from als import fuseproto
+from als.fusefs import PLAIN_DIR, StoreFS, observer
 from als.instrument import InstrumentedClient
 from als.registry.client import RegistryClient
 from als.registry.keychain import Keychain
@@ -61,21 +63,6 @@ def clear_stale_mount(mountpoint: Path) -> None:
         except (OSError, subprocess.TimeoutExpired):
             continue
     raise ALSError(f"cannot clear the stale mount on {mountpoint}")
-
-
-def fuse_options(config) -> list[str]:
-    f = config.fuse
-    return [
-        "allow_other",  # the engine, conmon and containers are not always the mounting user
-        "default_permissions",  # the kernel enforces each file's mode bits
-        "use_ino",  # our inode numbers: hard links share one
-        "suid", "dev",  # setuid binaries and device nodes in images work as after a normal pull
-        "kernel_cache",  # content never changes: keep pages across opens
-        "fsname=als", "subtype=als",
-        f"entry_timeout={f.entry_timeout:g}", f"attr_timeout={f.attr_timeout:g}",
-        f"negative_timeout={f.negative_timeout:g}",
-        "max_read=1048576",
-    ]
 
 
 def registry_client(config) -> RegistryClient:
@@ -174,19 +161,37 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
         log.info("store mounted at %s and answering", mountpoint)
         notify.notify(ready=1, status=f"serving {mountpoint}")
 
-    server = ALSFuse(store, usage="als serve", dash_s_do="setsingle", on_mounted=mounted)
-    server.multithreaded = True
-    server.fuse_args.mountpoint = str(mountpoint)
-    server.fuse_args.setmod("foreground")
-    for opt in fuse_options(config):
-        server.fuse_args.add(opt)
-    # libfuse installs its SIGINT handler (unmount and return) only over the default one.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    log.info("serving the additional layer store at %s (cache and state in %s)", mountpoint, root)
+    f = config.fuse
+    timeouts = dict(entry_timeout=f.entry_timeout, attr_timeout=f.attr_timeout, negative_timeout=f.negative_timeout)
+    # the main mount first: the xattr-free one is mounted on its .noxattr directory
+    mounts = [(mountpoint, StoreFS(store, plain_mount=f.xattr_free_mount, **timeouts))]
+    if f.xattr_free_mount:
+        mounts.append((mountpoint / PLAIN_DIR.decode(), StoreFS(store, xattrs=False, **timeouts)))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    sessions: list[tuple[Path, fuseproto.Session]] = []
+    observe = observer()
     try:
-        server.main()
+        for path, fs in mounts:
+            try:
+                fd = fuseproto.mount(path)
+            except OSError as e:
+                raise ALSError(str(e)) from None
+            sessions.append((path, fuseproto.Session(fd, fs, workers=f.threads, observe=observe).start()))
+        log.info("serving the additional layer store at %s (cache and state in %s)", mountpoint, root)
+        while not stop.is_set() and not all(s.initialized.wait(1.0) for _, s in sessions):
+            pass  # the kernel sends INIT as soon as a mount exists
+        if not stop.is_set():
+            mounted()
+        while not stop.is_set() and not any(s.finished.is_set() for _, s in sessions):
+            stop.wait(1.0)
     finally:
-        notify.notify(stopping=1, status=f"unmounted {mountpoint}")
+        for path, session in reversed(sessions):
+            if not session.finished.is_set():
+                fuseproto.unmount(path)
+        if sessions:
+            notify.notify(stopping=1, status=f"unmounted {mountpoint}")
         control.close()
         if exporter is not None:
             exporter.close()

@@ -1,6 +1,4 @@
-"""The thin FUSE adapter (fuse-python, libfuse 2 high-level API) over the store.
-
-Paths are mapped to the store's namespace here and nowhere else:
+"""The store as a FUSE file system: node ids over the store's namespace (als/fuseproto.py speaks FUSE).
 
     /                               the mount root
     /<base64(ref)>/                 an image reference (resolution starts on lookup)
@@ -10,64 +8,39 @@ Paths are mapped to the store's namespace here and nowhere else:
         blob                        the compressed blob, for push and save
         use                         never exists; creating it counts a use
 
-Store errors become errno values in ``_errors`` and only there. Content is
-immutable, so the kernel is told to cache names, attributes and pages for long.
+The kernel holds a reference on every node id it was given and says when it
+lets go (forget); a node id lives exactly that long here. Store errors become
+errno values in ``error`` and only there. Layer content is immutable, so names,
+attributes, pages, listings and symlinks are cached by the kernel for long.
 """
 
 from __future__ import annotations
 
 import base64
 import errno
-import functools
 import logging
-import os
 import stat
+import threading
 import time
-
-import fuse
-from cachetools import LRUCache
 
 from als import metrics
 from als.errors import ALSError
 from als.fetch import ChunkFetcher
-from als.layer import Node
 from als.digest import is_sha256
+from als.fuseproto import Attr, Entry, FuseError
+from als.layer import Node
 from als.store import BlobReader, Layer, LayerUnavailable, Store, decode_ref
 
-fuse.fuse_python_api = (0, 2)
 log = logging.getLogger("als.fuse")
 
 NAMESPACE_DIR = stat.S_IFDIR | 0o700  # only root (the engine) walks the store itself
 META_FILE = stat.S_IFREG | 0o400
-LAYER_FILES = ("diff", "info", "blob")
-_NAMESPACE_INO = 1  # d_ino of the store's own directory entries (the mount root's number)
+ROOT = 1
+LISTING_TIMEOUT = 1.0  # attributes of directories whose listing grows (root, image): refreshed often
 
-
-def _errors(method):
-    """Turn exceptions into negative errno values, the one place this happens; count every answer."""
-    op = method.__name__
-    calls = metrics.fuse_op_counter(op)
-
-    @functools.wraps(method)
-    def wrapper(self, path, *args):
-        calls.inc()
-        try:
-            result = method(self, path, *args)
-        except LayerUnavailable as e:
-            result = -e.errno
-        except OSError as e:
-            result = -(e.errno or errno.EIO)
-        except ALSError as e:
-            log.error("%s %s: %s", op, path, e)
-            result = -errno.EIO
-        except Exception:
-            log.exception("%s %s: unexpected error", op, path)
-            result = -errno.EIO
-        if type(result) is int and result < 0:
-            metrics.fuse_error(op, -result)
-        return result
-
-    return wrapper
+# what a node id stands for
+K_ROOT, K_IMAGE, K_LAYER, K_INFO, K_BLOB, K_DIFF, K_LINK, K_PLAIN = range(8)
+PLAIN_DIR = b".noxattr"  # where the xattr-free mount sits on the main one (no image's base64 starts with ".")
 
 
 def _paged_in(node: Node, path: str) -> bool:
@@ -76,232 +49,326 @@ def _paged_in(node: Node, path: str) -> bool:
     return bool(node.mode & 0o111) or base.endswith(".so") or ".so." in base
 
 
-class _Handle:
-    """An open regular file of a layer: reads go through the chunk fetcher."""
+def _name(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
 
-    __slots__ = ("fetcher", "layer", "node", "path", "whole_file")
 
-    def __init__(self, fetcher: ChunkFetcher, layer: Layer, node: Node, path: str):
-        self.fetcher, self.layer, self.node, self.path = fetcher, layer, node, path
-        # decided once per open, not per read: programs and libraries come whole on a miss
-        self.whole_file = node.chunks if _paged_in(node, path) else ()
+class _Inode:
+    """One node id the kernel holds: what it names and how many references the kernel took."""
 
-    def read(self, offset: int, size: int) -> bytes:
-        chunks = self.node.chunks_for(offset, size)
+    __slots__ = ("nodeid", "key", "kind", "ref", "digest", "layer", "node", "path", "refs", "attr",
+                 "whole_file", "reader")
+
+    def __init__(self, nodeid: int, key: tuple, kind: int, ref: str | None = None, digest: str | None = None,
+                 layer: Layer | None = None, node: Node | None = None, path: str = ""):
+        self.nodeid, self.key, self.kind = nodeid, key, kind
+        self.ref, self.digest, self.layer, self.node, self.path = ref, digest, layer, node, path
+        self.refs = 0
+        self.attr: Attr | None = None
+        self.whole_file = ()  # programs and libraries come whole on a miss
+        self.reader = None  # info bytes or the blob's reader
+
+
+def has_xattrs(layer: Layer) -> bool:
+    """Whether any file of the layer has an xattr (overlay's opaque-directory marks included)."""
+    todo = [layer.view.lookup([])]
+    while todo:
+        node = todo.pop()
+        if node.xattrs:
+            return True
+        if node.children:
+            todo.extend(node.children.values())
+    return False
+
+
+class StoreFS:
+    """The file system one FUSE session serves; knows the store, not the wire format.
+
+    Overlayfs asks every lower file it looks up for an xattr (its metacopy and
+    opaque marks), and FUSE has no cache for xattrs: a round trip per file, on
+    every container start, even with everything cached. A FUSE connection that
+    answers getxattr once with ENOSYS is never asked again. So the store runs
+    two: the main mount, and one mounted on its ``.noxattr`` directory that has
+    no xattrs at all. On the main mount, ``diff`` of a layer without xattrs is a
+    relative symlink to the same directory under ``.noxattr`` (overlayfs follows
+    it when the engine mounts the container); layers with xattrs keep ``diff``
+    on the main mount.
+    """
+
+    def __init__(self, store: Store, entry_timeout: float = 3600.0, attr_timeout: float = 3600.0,
+                 negative_timeout: float = 60.0, *, xattrs: bool = True, plain_mount: bool = False):
+        self.store = store
+        self.xattrs = xattrs  # False: the plain mount, serving only layers without xattrs
+        self.plain_mount = plain_mount  # on the main mount: xattr-free layers' diff link to .noxattr
+        self._has_xattrs: dict[int, tuple[object, bool]] = {}  # id(view) -> (view, has xattrs)
+        self.fetcher: ChunkFetcher = store.fetcher
+        self.entry_timeout, self.attr_timeout, self.negative_timeout = entry_timeout, attr_timeout, negative_timeout
+        self._t = int(time.time())
+        self._lock = threading.Lock()
+        self._inodes: dict[int, _Inode] = {}
+        self._by_key: dict[tuple, _Inode] = {}
+        self._next = ROOT + 1
+        root = _Inode(ROOT, ("root",), K_ROOT)
+        root.attr = self._dir_attr(ROOT)
+        root.refs = 1 << 62  # the kernel never forgets the root
+        self._inodes[ROOT] = root
+
+    # ---- node ids ------------------------------------------------------------------------
+    def _inode(self, nodeid: int) -> _Inode:
+        ino = self._inodes.get(nodeid)
+        if ino is None:
+            raise FuseError(errno.ESTALE)
+        return ino
+
+    def _entry(self, key: tuple, make, attr_timeout: float | None = None) -> Entry:
+        """The node id for ``key`` with one more kernel reference; ``make()`` builds a new one."""
+        with self._lock:
+            ino = self._by_key.get(key)
+            if ino is None:
+                ino = make(self._next)
+                self._next += 1
+                self._inodes[ino.nodeid] = self._by_key[key] = ino
+            ino.refs += 1
+        timeout = self.attr_timeout if attr_timeout is None else attr_timeout
+        return Entry(ino.nodeid, ino.attr, self.entry_timeout, timeout)
+
+    def forget(self, nodeid: int, count: int) -> None:
+        with self._lock:
+            ino = self._inodes.get(nodeid)
+            if ino is None:
+                return
+            ino.refs -= count
+            if ino.refs <= 0:
+                del self._inodes[nodeid]
+                self._by_key.pop(ino.key, None)
+
+    def _dir_attr(self, ino: int) -> Attr:
+        return Attr(ino, NAMESPACE_DIR, 4096, 2, mtime=self._t)
+
+    @staticmethod
+    def _node_attr(node: Node) -> Attr:
+        return Attr(node.ino, node.mode, node.size, node.nlink, node.uid, node.gid, node.rdev, node.mtime)
+
+    # ---- lookups -------------------------------------------------------------------------
+    def lookup(self, parent: int, name: bytes) -> Entry:
+        p = self._inode(parent)
+        kind = p.kind
+        if kind == K_DIFF:
+            return self._lookup_diff(p, name)
+        if kind == K_ROOT:
+            if name == PLAIN_DIR and self.plain_mount:
+                def make(nodeid):
+                    ino = _Inode(nodeid, ("plain",), K_PLAIN)
+                    ino.attr = self._dir_attr(nodeid)
+                    return ino
+                return self._entry(("plain",), make)
+            ref = decode_ref(_name(name))
+            if ref is None:
+                raise FuseError(errno.ENOENT)
+            self.store.prepare(ref)  # resolution starts on the first lookup under an image
+
+            def make(nodeid):
+                ino = _Inode(nodeid, ("image", ref), K_IMAGE, ref)
+                ino.attr = self._dir_attr(nodeid)
+                return ino
+            return self._entry(("image", ref), make, LISTING_TIMEOUT)
+        if kind == K_IMAGE:
+            digest = _name(name)
+            if not is_sha256(digest):
+                raise FuseError(errno.ENOENT)
+            layer = self.store.layer(p.ref, digest)
+
+            def make(nodeid):
+                ino = _Inode(nodeid, ("layer", p.ref, digest), K_LAYER, p.ref, digest, layer)
+                ino.attr = self._dir_attr(nodeid)
+                return ino
+            return self._entry(("layer", p.ref, digest), make)
+        if kind == K_LAYER:
+            return self._lookup_layer_file(p, name)
+        raise FuseError(errno.ENOTDIR)
+
+    def _xattr_free(self, layer: Layer) -> bool:
+        hit = self._has_xattrs.get(id(layer.view))
+        if hit is None:
+            hit = self._has_xattrs[id(layer.view)] = (layer.view, has_xattrs(layer))  # the view pins its id
+        return not hit[1]
+
+    def _lookup_layer_file(self, p: _Inode, name: bytes) -> Entry:
+        layer = self.store.layer(p.ref, p.digest)
+        if name == b"diff" and self.plain_mount and self._xattr_free(layer):
+            key = ("link", p.ref, p.digest)
+
+            def make(nodeid):
+                ino = _Inode(nodeid, key, K_LINK, p.ref, p.digest, layer)
+                ref_dir = base64.b64encode(p.ref.encode()).decode()
+                ino.reader = b"../../%s/%s/%s/diff" % (PLAIN_DIR, ref_dir.encode(), p.digest.encode())
+                ino.attr = Attr(nodeid, stat.S_IFLNK | 0o777, len(ino.reader), mtime=self._t)
+                return ino
+            return self._entry(key, make)
+        if name == b"diff" and not self.xattrs and not self._xattr_free(layer):
+            raise FuseError(errno.ENOENT)  # served on the main mount, which answers xattrs
+        if name == b"diff":
+            root = layer.view.lookup([])
+            key = ("diff", p.ref, p.digest, root.ino)
+
+            def make(nodeid):
+                ino = _Inode(nodeid, key, K_DIFF, p.ref, p.digest, layer, root, "")
+                ino.attr = self._node_attr(root)
+                return ino
+            return self._entry(key, make)
+        if name not in (b"info", b"blob"):
+            raise FuseError(errno.ENOENT)  # `use` included: it never exists
+        kind = K_INFO if name == b"info" else K_BLOB
+        key = (name, p.ref, p.digest)
+
+        def make(nodeid):
+            ino = _Inode(nodeid, key, kind, p.ref, p.digest, layer)
+            if kind == K_INFO:
+                ino.reader = layer.info(p.digest)
+                size = len(ino.reader)
+            else:
+                ino.reader = BlobReader(layer)
+                size = layer.desc.size
+            ino.attr = Attr(nodeid, META_FILE, size, mtime=self._t)
+            return ino
+        return self._entry(key, make)
+
+    def _lookup_diff(self, p: _Inode, name: bytes) -> Entry:
+        children = p.node.children
+        if children is None:
+            raise FuseError(errno.ENOTDIR)
+        text = _name(name)
+        child = children.get(text)
+        if child is None:
+            return Entry.missing(self.negative_timeout)  # layers never change: misses can be cached too
+        key = ("diff", p.ref, p.digest, child.ino)
+        path = f"{p.path}/{text}" if p.path else text
+
+        def make(nodeid):
+            ino = _Inode(nodeid, key, K_DIFF, p.ref, p.digest, p.layer, child, path)
+            ino.attr = self._node_attr(child)
+            if child.is_reg and _paged_in(child, path):
+                ino.whole_file = child.chunks
+            return ino
+        return self._entry(key, make)
+
+    # ---- attributes and contents ---------------------------------------------------------
+    def getattr(self, nodeid: int) -> tuple[Attr, float]:
+        ino = self._inode(nodeid)
+        if ino.kind == K_IMAGE:
+            self.store.prepare(ino.ref)  # re-resolves once the resolution's time to live has passed
+            return ino.attr, LISTING_TIMEOUT
+        return ino.attr, LISTING_TIMEOUT if ino.kind == K_ROOT else self.attr_timeout
+
+    def readlink(self, nodeid: int) -> bytes:
+        ino = self._inode(nodeid)
+        if ino.kind == K_LINK:
+            return ino.reader
+        node = ino.node
+        if node is None or not stat.S_ISLNK(node.mode):
+            raise FuseError(errno.EINVAL)
+        return node.target.encode("utf-8", "surrogateescape")
+
+    def read(self, nodeid: int, offset: int, size: int) -> bytes:
+        ino = self._inode(nodeid)
+        if ino.kind == K_INFO:
+            return ino.reader[offset:offset + size]
+        if ino.kind == K_BLOB:
+            return ino.reader.read(offset, size)
+        node = ino.node
+        if node is None or not node.is_reg:
+            raise FuseError(errno.EISDIR)
+        layer = ino.layer
+        log.debug("image %s layer %s: reading /%s at %d", layer.ref, layer.desc.digest, ino.path, offset)
+        self.store.accesses.record(layer.ref, layer.desc.digest, layer.desc.index, ino.path)
+        chunks = node.chunks_for(offset, size)
         if not chunks:
             return b""
         try:
-            pieces = self.fetcher.read(self.layer.source, chunks, self.whole_file)
+            pieces = self.fetcher.read(layer.source, chunks, ino.whole_file)
         except ALSError as e:
-            log.error("image %s layer %s file /%s: read failed: %s", self.layer.ref, self.layer.desc.digest,
-                      self.path, e)
-            raise OSError(errno.EIO, str(e)) from None
-        end = min(offset + size, self.node.size)
+            log.error("image %s layer %s file /%s: read failed: %s", layer.ref, layer.desc.digest, ino.path, e)
+            raise FuseError(errno.EIO) from None
+        end = min(offset + size, node.size)
         first = chunks[0].offset
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         return data[offset - first:end - first]
 
-
-class _Bytes:
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    def read(self, offset: int, size: int) -> bytes:
-        return self.data[offset:offset + size]
-
-
-class ALSFuse(fuse.Fuse):
-    def __init__(self, store: Store, *args, on_mounted=None, **kw):
-        super().__init__(*args, **kw)
-        self.store = store
-        self.on_mounted = on_mounted  # called once the kernel's FUSE INIT arrives
-        self._t = int(time.time())
-        self._nodes: LRUCache = LRUCache(maxsize=100_000)  # path -> (layer, node, parts)
-        self._listings: LRUCache = LRUCache(maxsize=4_096)  # directory path -> its Direntry list
-
-    def fsinit(self):
-        """libfuse calls this on the kernel's FUSE INIT, which comes once the mount is live."""
-        if self.on_mounted is not None:
-            try:
-                self.on_mounted()
-            except Exception:  # readiness reporting must never stop the store
-                log.exception("reporting the mount failed")
-
-    # ---- path resolution ---------------------------------------------------------------
-    def _split(self, path: str):
-        """``(ref, digest, name, rest)`` for a path; missing parts are None."""
-        parts = [p for p in path.split("/") if p]
-        ref = digest = name = None
-        if parts:
-            ref = decode_ref(parts[0])
-            if ref is None:
-                raise OSError(errno.ENOENT, path)
-        if len(parts) > 1:
-            digest = parts[1]
-            if not is_sha256(digest):
-                raise OSError(errno.ENOENT, path)
-        if len(parts) > 2:
-            name = parts[2]
-            if name not in LAYER_FILES or (name != "diff" and len(parts) > 3):
-                raise OSError(errno.ENOENT, path)
-        return ref, digest, name, parts[3:]
-
-    def _layer_node(self, path: str) -> tuple[Layer, Node, list[str]]:
-        """The layer and node at a path under ``diff/``; memoised, as layers never change."""
-        hit = self._nodes.get(path)
-        if hit is not None:
-            return hit
-        ref, digest, name, rest = self._split(path)
-        layer = self.store.layer(ref, digest)
-        node = layer.view.lookup(rest)
-        if node is None:
-            raise OSError(errno.ENOENT, path)
-        self._nodes[path] = (layer, node, rest)
-        return layer, node, rest
-
-    def _dir_stat(self, ino: int = 0) -> fuse.Stat:
-        return fuse.Stat(st_mode=NAMESPACE_DIR, st_ino=ino, st_nlink=2, st_size=4096,
-                         st_atime=self._t, st_mtime=self._t, st_ctime=self._t)
-
-    @staticmethod
-    def _node_stat(node: Node) -> fuse.Stat:
-        return fuse.Stat(st_mode=node.mode, st_ino=node.ino, st_nlink=node.nlink, st_uid=node.uid,
-                         st_gid=node.gid, st_size=node.size, st_atime=node.mtime, st_mtime=node.mtime,
-                         st_ctime=node.mtime, st_rdev=node.rdev, st_blocks=(node.size + 511) // 512,
-                         st_blksize=4096)
-
-    # ---- operations --------------------------------------------------------------------
-    @_errors
-    def getattr(self, path):
-        hit = self._nodes.get(path)
-        if hit is not None:
-            return self._node_stat(hit[1])
-        ref, digest, name, rest = self._split(path)
-        if digest is None:
-            if ref is not None:
-                self.store.prepare(ref)
-            return self._dir_stat(1 if ref is None else 0)
-        if name is None:
-            return self._dir_stat()
-        layer = self.store.layer(ref, digest)
-        if name == "diff":
-            return self._node_stat(self._layer_node(path)[1])
-        size = len(layer.info(digest)) if name == "info" else layer.desc.size
-        return fuse.Stat(st_mode=META_FILE, st_nlink=1, st_size=size, st_atime=self._t,
-                         st_mtime=self._t, st_ctime=self._t)
-
-    @_errors
-    def readdir(self, path, offset):
-        ref, digest, name, rest = self._split(path)
-        if ref is None:
-            names = sorted(base64.b64encode(r.encode()).decode() for r in self.store.refs())
-        elif digest is None:
-            names = sorted({l.desc.digest for l in self.store.layers() if l.ref == ref})
-        elif name is None:
-            names = list(LAYER_FILES)
-        else:
-            entries = self._listings.get(path)
-            if entries is None:
-                layer, node, _ = self._layer_node(path)
-                if not node.is_dir:
-                    return -errno.ENOTDIR
-                entries = [fuse.Direntry(".", ino=node.ino), fuse.Direntry("..", ino=_NAMESPACE_INO)]
-                entries += [fuse.Direntry(n, type=stat.S_IFMT(c.mode), ino=c.ino)
-                            for n, c in node.children.items()]
-                self._listings[path] = entries  # layers never change: list each directory once
-            return entries
+    def listing(self, nodeid: int) -> list[tuple[bytes, int, int]]:
+        ino = self._inode(nodeid)
+        if ino.kind == K_DIFF:
+            node = ino.node
+            if node.children is None:
+                raise FuseError(errno.ENOTDIR)
+            return [(b".", node.ino, stat.S_IFDIR), (b"..", ROOT, stat.S_IFDIR)] + [
+                (n.encode("utf-8", "surrogateescape"), c.ino, c.mode) for n, c in node.children.items()]
         # glibc's readdir skips entries whose inode number is 0: give each one a number
-        return [fuse.Direntry(n, ino=_NAMESPACE_INO) for n in (".", "..", *names)]
+        dots = [(b".", nodeid, stat.S_IFDIR), (b"..", ROOT, stat.S_IFDIR)]
+        if ino.kind == K_LAYER:
+            linked = self.plain_mount and self._xattr_free(ino.layer)
+            return dots + [(b"diff", ROOT, stat.S_IFLNK if linked else stat.S_IFDIR),
+                           (b"info", ROOT, stat.S_IFREG), (b"blob", ROOT, stat.S_IFREG)]
+        if ino.kind == K_PLAIN:
+            return dots  # the xattr-free mount covers it
+        if ino.kind == K_ROOT:
+            names = sorted(base64.b64encode(r.encode()) for r in self.store.refs())
+        elif ino.kind == K_IMAGE:
+            names = sorted({l.desc.digest.encode() for l in self.store.layers() if l.ref == ino.ref})
+        else:
+            raise FuseError(errno.ENOTDIR)
+        return dots + [(n, ROOT, stat.S_IFDIR) for n in names]
 
-    @_errors
-    def readlink(self, path):
-        _, node, _ = self._layer_node(path)
-        if not stat.S_ISLNK(node.mode):
-            return -errno.EINVAL
-        return node.target
-
-    @_errors
-    def open(self, path, flags):
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            return -errno.EROFS
-        if path not in self._nodes:  # not a file already looked up below some diff/
-            ref, digest, name, rest = self._split(path)
-            if name == "info":
-                return _Bytes(self.store.layer(ref, digest).info(digest))
-            if name == "blob":
-                return BlobReader(self.store.layer(ref, digest))
-        layer, node, rest = self._layer_node(path)
-        if not node.is_reg:
-            return -errno.EISDIR if node.is_dir else -errno.EACCES
-        log.debug("image %s layer %s: opened /%s", layer.ref, layer.desc.digest, "/".join(rest))
-        path = "/".join(rest)
-        self.store.accesses.record(layer.ref, layer.desc.digest, layer.desc.index, path)
-        return _Handle(self.store.fetcher, layer, node, path)
-
-    @_errors
-    def read(self, path, size, offset, fh=None):
-        if fh is None:
-            fh = self.open(path, os.O_RDONLY)
-            if isinstance(fh, int):
-                return fh
-        return fh.read(offset, size)
-
-    @_errors
-    def create(self, path, flags, mode):
-        """Creating `<ref>/<digest>/use` is how containers/storage says a layer is in use."""
-        ref, digest, *_ = self._split(os.path.dirname(path))
-        if digest is not None and os.path.basename(path) == "use":
-            self.store.use(ref, digest)
-            return -errno.ENOENT
-        return -errno.EROFS
-
-    @_errors
-    def rmdir(self, path):
-        """rmdir of `<ref>/<digest>` releases a use; nothing is ever removed."""
-        ref, digest, name, _ = self._split(path)
-        if digest is not None and name is None:
-            self.store.release(ref, digest)
-            return -errno.ENOENT
-        return -errno.EROFS
-
-    @_errors
-    def getxattr(self, path, name, size):
-        xattrs = self._xattrs(path)
-        if name not in xattrs:
-            return -errno.ENODATA
-        value = xattrs[name].decode("ascii")  # the layer view admits ASCII values only
-        if size == 0:
-            return len(value)
-        if size < len(value):
-            return -errno.ERANGE
+    def getxattr(self, nodeid: int, name: bytes) -> bytes:
+        if not self.xattrs:
+            raise FuseError(errno.ENOSYS)  # the kernel stops asking this connection for good
+        node = self._inode(nodeid).node
+        value = None if node is None else node.xattrs.get(_name(name))
+        if value is None:
+            raise FuseError(errno.ENODATA)
         return value
 
-    @_errors
-    def listxattr(self, path, size):
-        names = list(self._xattrs(path))
-        if size == 0:
-            return sum(len(n.encode()) + 1 for n in names)
-        return names
+    def listxattr(self, nodeid: int) -> list[bytes]:  # answered on both mounts: tools list, overlay does not
+        node = self._inode(nodeid).node
+        return [] if node is None else [n.encode("utf-8", "surrogateescape") for n in node.xattrs]
 
-    def _xattrs(self, path: str) -> dict[str, bytes]:
-        hit = self._nodes.get(path)
-        if hit is not None:
-            return hit[1].xattrs
-        ref, digest, name, rest = self._split(path)
-        if name != "diff":
-            return {}
-        return self._layer_node(path)[1].xattrs
+    # ---- the use protocol ----------------------------------------------------------------
+    def create(self, parent: int, name: bytes) -> None:
+        """Creating `<ref>/<digest>/use` is how containers/storage says a layer is in use."""
+        p = self._inode(parent)
+        if p.kind == K_LAYER and name == b"use":
+            self.store.use(p.ref, p.digest)
+            raise FuseError(errno.ENOENT)
 
-    def statfs(self):
-        return fuse.StatVfs(f_bsize=4096, f_frsize=4096, f_namemax=255)
+    def rmdir(self, parent: int, name: bytes) -> None:
+        """rmdir of `<ref>/<digest>` releases a use; nothing is ever removed."""
+        p = self._inode(parent)
+        if p.kind == K_IMAGE and is_sha256(_name(name)):
+            self.store.release(p.ref, _name(name))
+            raise FuseError(errno.ENOENT)
 
-    def mkdir(self, path, mode):
-        return -errno.EROFS
+    # ---- errors and metrics --------------------------------------------------------------
+    def error(self, op: str, nodeid: int, exc: Exception) -> int:
+        """Store errors as errno values, the one place this happens."""
+        if isinstance(exc, LayerUnavailable):
+            return exc.errno
+        if isinstance(exc, OSError):
+            return exc.errno or errno.EIO
+        if isinstance(exc, ALSError):
+            log.error("%s of node %d: %s", op, nodeid, exc)
+        else:
+            log.error("%s of node %d: unexpected error", op, nodeid, exc_info=exc)
+        return errno.EIO
 
-    def unlink(self, path):
-        return -errno.EROFS
 
-    def write(self, path, buf, offset, fh=None):
-        return -errno.EROFS
+def observer():
+    """Counts every answer by operation, and errors by errno, for the metrics."""
+    counters: dict[str, object] = {}
+
+    def observe(op: str, err: int) -> None:
+        c = counters.get(op)
+        if c is None:
+            c = counters[op] = metrics.fuse_op_counter(op)
+        c.inc()
+        if err:
+            metrics.fuse_error(op, err)
+    return observe

@@ -75,7 +75,7 @@ class StoreProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"als serve exited {self.proc.returncode}: {self.log()[-3000:]}")
-            if is_serving(self.mountpoint):
+            if is_serving(self.mountpoint) and "and answering" in self.log():  # both mounts are up
                 return self
             time.sleep(0.05)
         self.stop()
@@ -93,6 +93,7 @@ class StoreProcess:
                     self.proc.wait(timeout)
             rc = self.proc.returncode
             self.proc = None
+        force_unmount(self.mountpoint / ".noxattr")
         force_unmount(self.mountpoint)
         return rc
 
