@@ -42,13 +42,13 @@ def clear_stale_mount(mountpoint: Path) -> None:
     """Lazily unmount a FUSE mount whose daemon died ("Transport endpoint is not connected").
 
     A live mount (another store still serving) is left alone and is an error.
-    Reading the directory, not stat, tells the two apart: the kernel may answer
-    stat from its attribute cache even when the daemon is gone.
+    statfs tells the two apart: the kernel answers stat and even directory
+    listings from its caches after the daemon is gone, but asks for statfs.
     """
     try:
         if not _mounted(mountpoint):
             return
-        os.listdir(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as e:
         if e.errno != errno.ENOTCONN:
             raise ALSError(f"cannot use {mountpoint}: {e}") from None
@@ -163,8 +163,10 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
 
     f = config.fuse
     timeouts = dict(entry_timeout=f.entry_timeout, attr_timeout=f.attr_timeout, negative_timeout=f.negative_timeout)
-    # the main mount first: the xattr-free one is mounted on its .noxattr directory
-    mounts = [(mountpoint, StoreFS(store, plain_mount=f.xattr_free_mount, **timeouts))]
+    # the main mount first: the xattr-free one is mounted on its .noxattr directory, and only
+    # once that answers are layers linked there (until then their diff is served on the main one)
+    main = StoreFS(store, **timeouts)
+    mounts = [(mountpoint, main)]
     if f.xattr_free_mount:
         mounts.append((mountpoint / PLAIN_DIR.decode(), StoreFS(store, xattrs=False, **timeouts)))
     stop = threading.Event()
@@ -178,10 +180,13 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
                 fd = fuseproto.mount(path)
             except OSError as e:
                 raise ALSError(str(e)) from None
-            sessions.append((path, fuseproto.Session(fd, fs, workers=f.threads, observe=observe).start()))
+            session = fuseproto.Session(fd, fs, workers=f.threads, observe=observe).start()
+            fs.invalidate = session.invalidate
+            sessions.append((path, session))
         log.info("serving the additional layer store at %s (cache and state in %s)", mountpoint, root)
         while not stop.is_set() and not all(s.initialized.wait(1.0) for _, s in sessions):
             pass  # the kernel sends INIT as soon as a mount exists
+        main.plain_mount = f.xattr_free_mount
         if not stop.is_set():
             mounted()
         while not stop.is_set() and not any(s.finished.is_set() for _, s in sessions):

@@ -22,6 +22,7 @@ import logging
 import stat
 import threading
 import time
+from typing import Callable
 
 from als import metrics
 from als.errors import ALSError
@@ -36,7 +37,6 @@ log = logging.getLogger("als.fuse")
 NAMESPACE_DIR = stat.S_IFDIR | 0o700  # only root (the engine) walks the store itself
 META_FILE = stat.S_IFREG | 0o400
 ROOT = 1
-LISTING_TIMEOUT = 1.0  # attributes of directories whose listing grows (root, image): refreshed often
 
 # what a node id stands for
 K_ROOT, K_IMAGE, K_LAYER, K_INFO, K_BLOB, K_DIFF, K_LINK, K_PLAIN = range(8)
@@ -101,6 +101,8 @@ class StoreFS:
         self.xattrs = xattrs  # False: the plain mount, serving only layers without xattrs
         self.plain_mount = plain_mount  # on the main mount: xattr-free layers' diff link to .noxattr
         self._has_xattrs: dict[int, tuple[object, bool]] = {}  # id(view) -> (view, has xattrs)
+        # set by the session: drops the kernel's cached listing of a directory that has grown
+        self.invalidate: Callable[[int], None] = lambda nodeid: None
         self.fetcher: ChunkFetcher = store.fetcher
         self.entry_timeout, self.attr_timeout, self.negative_timeout = entry_timeout, attr_timeout, negative_timeout
         self._t = int(time.time())
@@ -120,17 +122,23 @@ class StoreFS:
             raise FuseError(errno.ESTALE)
         return ino
 
-    def _entry(self, key: tuple, make, attr_timeout: float | None = None) -> Entry:
-        """The node id for ``key`` with one more kernel reference; ``make()`` builds a new one."""
+    def _entry(self, key: tuple, make, grows: int = 0) -> Entry:
+        """The node id for ``key`` with one more kernel reference; ``make()`` builds a new one.
+
+        ``grows``: the parent whose listing a new node adds to (the root, an image): the
+        kernel caches listings until told otherwise.
+        """
         with self._lock:
             ino = self._by_key.get(key)
-            if ino is None:
+            new = ino is None
+            if new:
                 ino = make(self._next)
                 self._next += 1
                 self._inodes[ino.nodeid] = self._by_key[key] = ino
             ino.refs += 1
-        timeout = self.attr_timeout if attr_timeout is None else attr_timeout
-        return Entry(ino.nodeid, ino.attr, self.entry_timeout, timeout)
+        if new and grows:
+            self.invalidate(grows)
+        return Entry(ino.nodeid, ino.attr, self.entry_timeout, self.attr_timeout)
 
     def forget(self, nodeid: int, count: int) -> None:
         with self._lock:
@@ -156,7 +164,7 @@ class StoreFS:
         if kind == K_DIFF:
             return self._lookup_diff(p, name)
         if kind == K_ROOT:
-            if name == PLAIN_DIR and self.plain_mount:
+            if name == PLAIN_DIR:  # the mount point of the xattr-free mount
                 def make(nodeid):
                     ino = _Inode(nodeid, ("plain",), K_PLAIN)
                     ino.attr = self._dir_attr(nodeid)
@@ -171,7 +179,7 @@ class StoreFS:
                 ino = _Inode(nodeid, ("image", ref), K_IMAGE, ref)
                 ino.attr = self._dir_attr(nodeid)
                 return ino
-            return self._entry(("image", ref), make, LISTING_TIMEOUT)
+            return self._entry(("image", ref), make, grows=ROOT)
         if kind == K_IMAGE:
             digest = _name(name)
             if not is_sha256(digest):
@@ -182,7 +190,7 @@ class StoreFS:
                 ino = _Inode(nodeid, ("layer", p.ref, digest), K_LAYER, p.ref, digest, layer)
                 ino.attr = self._dir_attr(nodeid)
                 return ino
-            return self._entry(("layer", p.ref, digest), make)
+            return self._entry(("layer", p.ref, digest), make, grows=p.nodeid)
         if kind == K_LAYER:
             return self._lookup_layer_file(p, name)
         raise FuseError(errno.ENOTDIR)
@@ -257,8 +265,7 @@ class StoreFS:
         ino = self._inode(nodeid)
         if ino.kind == K_IMAGE:
             self.store.prepare(ino.ref)  # re-resolves once the resolution's time to live has passed
-            return ino.attr, LISTING_TIMEOUT
-        return ino.attr, LISTING_TIMEOUT if ino.kind == K_ROOT else self.attr_timeout
+        return ino.attr, self.attr_timeout
 
     def readlink(self, nodeid: int) -> bytes:
         ino = self._inode(nodeid)

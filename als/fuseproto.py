@@ -19,6 +19,7 @@ import ctypes
 import errno
 import logging
 import os
+import queue
 import socket
 import stat
 import struct
@@ -50,6 +51,7 @@ ASYNC_READ, DO_READDIRPLUS, READDIRPLUS_AUTO = 1 << 0, 1 << 13, 1 << 14
 NO_OPEN_SUPPORT, PARALLEL_DIROPS, MAX_PAGES, CACHE_SYMLINKS, NO_OPENDIR_SUPPORT = 1 << 17, 1 << 18, 1 << 22, 1 << 23, 1 << 24
 WANTED = ASYNC_READ | DO_READDIRPLUS | READDIRPLUS_AUTO | PARALLEL_DIROPS | MAX_PAGES | CACHE_SYMLINKS
 FOPEN_KEEP_CACHE = 1 << 1
+NOTIFY_INVAL_INODE = 2
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")
 OUT_HEADER = struct.Struct("<IiQ")
@@ -63,6 +65,7 @@ OPEN_OUT = struct.Struct("<QII")
 SIZE_IN = struct.Struct("<II")  # getxattr_in / listxattr_in, getxattr_out
 FORGET_IN = struct.Struct("<Q")
 FORGET_ONE = struct.Struct("<QQ")
+INVAL_INODE = struct.Struct("<Qqq")  # nodeid, offset, length
 DIRENT = struct.Struct("<QQII")
 STATFS_OUT = struct.Struct("<QQQQQIIII24x")
 
@@ -155,6 +158,7 @@ class Session:
         self.no_open = False  # the kernel takes ENOSYS from OPEN/OPENDIR as "open needs no message"
         self.finished = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._stale: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._handlers = {
             LOOKUP: self._lookup, GETATTR: self._getattr, READLINK: self._readlink, OPEN: self._open,
             OPENDIR: self._open, READ: self._read, READDIR: self._readdir, READDIRPLUS: self._readdirplus,
@@ -171,7 +175,31 @@ class Session:
             t = threading.Thread(target=self._serve, name=f"fuse-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+        threading.Thread(target=self._notify, name="fuse-notify", daemon=True).start()
         return self
+
+    def invalidate(self, nodeid: int) -> None:
+        """Make the kernel drop what it caches of ``nodeid`` (attributes, pages, listing).
+
+        Sent from a thread of its own: the kernel may need locks that the request
+        which caused the change still holds.
+        """
+        self._stale.put(nodeid)
+
+    def _notify(self) -> None:
+        while not self.finished.is_set():
+            try:
+                nodeid = self._stale.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            msg = INVAL_INODE.pack(nodeid, 0, 0)  # offset 0, length 0: every page, the listing included
+            try:
+                os.write(self.fd, OUT_HEADER.pack(OUT_HEADER.size + len(msg), NOTIFY_INVAL_INODE, 0) + msg)
+            except OSError as e:
+                if e.errno == errno.ENODEV:
+                    return
+                if e.errno != errno.ENOENT:  # ENOENT: the kernel holds nothing for it
+                    log.warning("telling the kernel to refresh node %d failed: %s", nodeid, e)
 
     # ---- the request loop ----------------------------------------------------------------
     def _serve(self) -> None:

@@ -7,7 +7,7 @@ a supervisor or systemd's file descriptor store would hold it; the daemon is
 killed with reads in flight; the mount stays alive, new requests queue, and
 FUSE_NOTIFY_RESEND puts the reads the dead daemon had taken back in the
 queue, where a successor reading the descriptor finds them. The node ids in
-those requests are libfuse's own, from the dead process's memory.
+those requests are the dead daemon's own, from its memory.
 """
 
 from __future__ import annotations

@@ -20,11 +20,12 @@ def is_mounted(path: Path) -> bool:
 
 
 def is_serving(path: Path) -> bool:
-    """Mounted and answering: a dead mount left by a crash fails readdir with ENOTCONN."""
+    """Mounted and answering: a dead mount left by a crash fails statfs with ENOTCONN (the kernel
+    may still answer stat and listings from its caches)."""
     if not is_mounted(path):
         return False
     try:
-        os.listdir(path)
+        os.statvfs(path)
     except OSError:
         return False
     return True
@@ -66,6 +67,7 @@ class StoreProcess:
         if self.registries_conf:
             env["CONTAINERS_REGISTRIES_CONF"] = str(self.registries_conf)
         log = open(self.log_path, "ab")
+        logged_before = log.tell()  # a restart appends: only this run's lines count
         self.proc = subprocess.Popen(
             [*self.wrapper, sys.executable, "-m", "als", "serve", "--root", str(self.root),
              "--config", str(self.config_path), "--log-level", self.log_level, *self.args, str(self.mountpoint)],
@@ -75,7 +77,7 @@ class StoreProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"als serve exited {self.proc.returncode}: {self.log()[-3000:]}")
-            if is_serving(self.mountpoint) and "and answering" in self.log():  # both mounts are up
+            if is_serving(self.mountpoint) and b"and answering" in self.log_path.read_bytes()[logged_before:]:
                 return self
             time.sleep(0.05)
         self.stop()
@@ -93,8 +95,7 @@ class StoreProcess:
                     self.proc.wait(timeout)
             rc = self.proc.returncode
             self.proc = None
-        force_unmount(self.mountpoint / ".noxattr")
-        force_unmount(self.mountpoint)
+        force_unmount(self.mountpoint)  # lazily: the .noxattr mount on it goes with it
         return rc
 
     def kill(self) -> None:
