@@ -291,6 +291,8 @@ class StoreFS:
         chunks = node.chunks_for(offset, size)
         if not chunks:
             return b""
+        if ino.whole_file and self.store.predictor is not None:
+            self.store.predictor.after_exec(layer, node)  # its loader and libraries come next
         try:
             pieces = self.fetcher.read(layer.source, chunks, ino.whole_file)
         except ALSError as e:

@@ -25,7 +25,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from functools import partial
 
-from als import metrics
+from als import metrics, startup
 from als.access import AccessRecorder
 from als.config import Config
 from als.errors import ALSError, BlockedError, FormatError, NotFoundError, RegistryError, VerificationError
@@ -86,6 +86,7 @@ class Image:
     ref: str
     manifest_digest: str
     layers: list[LayerDescriptor]
+    entrypoint: list[str] = field(default_factory=list)  # where its default program may be (startup.py)
 
     def find(self, digest: str) -> LayerDescriptor | None:
         """The layer named by a compressed digest (Podman < 5.1) or a TOC digest (Podman >= 5.1)."""
@@ -171,6 +172,8 @@ class Store:
         self._uses: dict[tuple[str, str], int] = {}
         self._next_layer_id = 1
         self.accesses = AccessRecorder()  # `als optimize` switches it on through the control socket
+        self.predictor = (startup.Predictor(fetcher, config.fetch.prefetch_request)
+                          if config.fetch.predict else None)
         if config.resolve.platform:
             parts = config.resolve.platform.split("/")
             self._platform = (parts[0], parts[1] if len(parts) > 1 else "", parts[2] if len(parts) > 2 else "")
@@ -181,6 +184,8 @@ class Store:
         self._stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._warmers.shutdown(wait=False, cancel_futures=True)
+        if self.predictor is not None:
+            self.predictor.close()
 
     # ---- the ALS protocol -------------------------------------------------------------
     def prepare(self, ref: str) -> None:
@@ -292,9 +297,9 @@ class Store:
         for desc in image.layers:
             fut: Future = Future()
             res.layers[desc.digest] = fut
-            self._pool.submit(self._run_layer, image.ref, desc, fut)
+            self._pool.submit(self._run_layer, image.ref, desc, fut, image.entrypoint)
 
-    def _run_layer(self, ref: str, desc: LayerDescriptor, fut: Future) -> None:
+    def _run_layer(self, ref: str, desc: LayerDescriptor, fut: Future, entrypoint: list[str]) -> None:
         t0 = time.monotonic()
         try:
             layer = self._resolve_layer(ref, desc)
@@ -307,6 +312,8 @@ class Store:
         log.info("image %s layer %s: ready: %d files, %d bytes compressed, %d uncompressed, in %.2fs",
                  ref, desc.digest, layer.view.file_count, desc.size, layer.diff_size, time.monotonic() - t0)
         metrics.layer_resolved()
+        if self.predictor is not None and not layer.prefetch:  # an optimized layer prefetches its own
+            self.predictor.start(layer, entrypoint)
         if layer.prefetch or self.config.fetch.background:
             self._warmers.submit(self._warm, layer)
         fut.set_result(layer)
@@ -390,7 +397,7 @@ class Store:
                                              annotations=dict(l.get("annotations") or {}), diff_id=diff_id))
             except (KeyError, TypeError, ValueError):
                 raise FormatError(f"image {ref}: layer {i} descriptor is malformed") from None
-        return Image(ref=ref, manifest_digest=mdigest, layers=descs)
+        return Image(ref=ref, manifest_digest=mdigest, layers=descs, entrypoint=startup.entrypoint(config))
 
     def _pick_platform(self, index: dict, ref: str) -> str:
         want_os, want_arch, want_variant = self._platform

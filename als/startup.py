@@ -1,0 +1,220 @@
+"""What a container start reads first, predicted, so that it is fetched before it is asked for.
+
+Lazy pulling pays one registry round trip per file a starting container
+misses, one after another: Podman reads /etc/passwd and /etc/group, the
+kernel maps the program, the dynamic loader opens ld.so.cache and each shared
+library in turn. Those reads are predictable from the layer alone: the image's
+entrypoint program, and for any program, the libraries its ELF header names.
+Fetching them side by side when the layer resolves, and as soon as a program
+is first read, turns a chain of round trips into one.
+
+Nothing here is needed for correctness: a wrong guess costs bytes, never a
+wrong answer, and every read still goes through the verified fetch path.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import stat
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable
+
+from als.layer import LayerView, Node
+
+log = logging.getLogger("als.startup")
+
+LIB_DIRS = ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu",
+            "lib/aarch64-linux-gnu", "usr/lib64", "lib64", "usr/lib", "lib", "usr/local/lib")
+START_FILES = (
+    "etc/passwd", "etc/group",  # Podman reads both on every run (the container's user and groups)
+    "etc/ld.so.cache",  # the dynamic loader, for every dynamically linked program
+    "etc/localtime",  # glibc, for the first local time (a link into /usr/share/zoneinfo)
+    # glibc, when a program calls setlocale(): the C.UTF-8 locale (Debian's directory, or the
+    # archive other distributions use) and the character set converters' cache
+    "usr/lib/locale/C.utf8/LC_CTYPE", "usr/lib/locale/C.UTF-8/LC_CTYPE", "usr/lib/locale/locale-archive",
+    *(f"{d}/gconv/gconv-modules.cache" for d in LIB_DIRS[:6]),
+)
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+MAX_LINKS = 8  # symlink hops followed inside a layer
+MAX_NEEDED = 64  # DT_NEEDED entries taken from one program
+
+PT_LOAD, PT_DYNAMIC, PT_INTERP = 1, 2, 3
+DT_NULL, DT_NEEDED, DT_STRTAB = 0, 1, 5
+
+
+def resolve(view: LayerView, path: str) -> Node | None:
+    """The regular file at ``path`` in the layer, following symlinks inside it as the container would."""
+    todo = [p for p in path.split("/") if p not in ("", ".")]
+    done: list[str] = []
+    node, hops = view.root, 0
+    while todo:
+        part = todo.pop(0)
+        if part == "..":
+            if done:
+                done.pop()
+            node = view.lookup(done)
+            continue
+        child = (node.children or {}).get(part) if node is not None else None
+        if child is None:
+            return None
+        if stat.S_ISLNK(child.mode):
+            hops += 1
+            if hops > MAX_LINKS:
+                return None
+            if child.target.startswith("/"):
+                done, node = [], view.root
+            todo = [p for p in child.target.split("/") if p not in ("", ".")] + todo
+            continue
+        done.append(part)
+        node = child
+    return node if node is not None and node.is_reg else None
+
+
+def entrypoint(config: dict) -> list[str]:
+    """Where the program an image runs by default (Entrypoint, else Cmd) may be, in PATH order."""
+    cfg = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(cfg, dict):
+        return []
+    argv = (cfg.get("Entrypoint") or []) + (cfg.get("Cmd") or [])
+    if not argv or not isinstance(argv[0], str) or not argv[0]:
+        return []
+    prog = argv[0]
+    if "/" in prog:
+        return [prog]
+    path = DEFAULT_PATH
+    for env in cfg.get("Env") or []:
+        if isinstance(env, str) and env.startswith("PATH="):
+            path = env[5:]
+    return [posixpath.join(d, prog) for d in path.split(":") if d.startswith("/")]
+
+
+def program(view: LayerView, candidates: Iterable[str]) -> Node | None:
+    """The first candidate path that is a file in the layer."""
+    return next((n for c in candidates if (n := resolve(view, c)) is not None), None)
+
+
+def elf_needs(data: bytes) -> tuple[str, list[str]]:
+    """The dynamic loader (PT_INTERP) and libraries (DT_NEEDED) an ELF file names; empty if not ELF.
+
+    Every offset is checked against ``data``: a hostile file yields nothing, never an exception.
+    """
+    try:
+        return _elf_needs(memoryview(data))
+    except (struct.error, ValueError, IndexError, OverflowError, UnicodeDecodeError):
+        return "", []
+
+
+def _elf_needs(data: memoryview) -> tuple[str, list[str]]:
+    if len(data) < 64 or bytes(data[:4]) != b"\x7fELF" or data[4] not in (1, 2) or data[5] not in (1, 2):
+        return "", []
+    wide, order = data[4] == 2, "<" if data[5] == 1 else ">"
+    if wide:
+        phoff = struct.unpack_from(order + "Q", data, 32)[0]
+        phentsize, phnum = struct.unpack_from(order + "HH", data, 54)
+        ph = struct.Struct(order + "IIQQQQQQ")  # type, flags, offset, vaddr, paddr, filesz, memsz, align
+        dyn = struct.Struct(order + "qQ")
+    else:
+        phoff = struct.unpack_from(order + "I", data, 28)[0]
+        phentsize, phnum = struct.unpack_from(order + "HH", data, 42)
+        ph = struct.Struct(order + "IIIIIIII")  # type, offset, vaddr, paddr, filesz, memsz, flags, align
+        dyn = struct.Struct(order + "iI")
+    if phentsize < ph.size:
+        return "", []
+    interp, dynamic, loads = "", None, []
+    for i in range(min(phnum, 256)):
+        f = ph.unpack_from(data, phoff + i * phentsize)
+        ptype, offset, vaddr, filesz = (f[0], f[2], f[3], f[5]) if wide else (f[0], f[1], f[2], f[4])
+        if ptype == PT_INTERP:
+            interp = bytes(data[offset:offset + filesz]).split(b"\0", 1)[0].decode()
+        elif ptype == PT_DYNAMIC:
+            dynamic = (offset, filesz)
+        elif ptype == PT_LOAD:
+            loads.append((vaddr, offset, filesz))
+    if dynamic is None:
+        return interp, []
+    needed, strtab = [], None
+    start, size = dynamic
+    for i in range(min(size // dyn.size, 4096)):
+        tag, val = dyn.unpack_from(data, start + i * dyn.size)
+        if tag == DT_NULL:
+            break
+        if tag == DT_NEEDED and len(needed) < MAX_NEEDED:
+            needed.append(val)
+        elif tag == DT_STRTAB:
+            strtab = next((val - v + o for v, o, n in loads if v <= val < v + n), None)
+    if strtab is None:
+        return interp, []
+    names = []
+    for off in needed:
+        raw = bytes(data[strtab + off:strtab + off + 256]).split(b"\0", 1)[0]
+        if raw and b"/" not in raw:
+            names.append(raw.decode())
+    return interp, names
+
+
+def libraries(view: LayerView, interp: str, needed: Iterable[str]) -> list[Node]:
+    """The loader and the named libraries as the layer has them (in the usual directories)."""
+    out = []
+    if interp:
+        node = resolve(view, interp)
+        if node is not None:
+            out.append(node)
+    for name in needed:
+        node = next((n for d in LIB_DIRS if (n := resolve(view, f"{d}/{name}")) is not None), None)
+        if node is not None:
+            out.append(node)
+    return out
+
+
+class Predictor:
+    """Fetches predicted files side by side, a few at a time, off the read path."""
+
+    def __init__(self, fetcher, max_request: int, workers: int = 4):
+        self.fetcher, self.max_request = fetcher, max_request
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="als-predict")
+        self._lock = threading.Lock()
+        self._seen: set[tuple[int, int]] = set()  # (id(view), ino) already predicted
+
+    def start(self, layer, entrypoint: list[str]) -> None:
+        """A layer just resolved: fetch what any container start of its image reads first."""
+        view = layer.view
+        files = [n for n in (resolve(view, p) for p in START_FILES) if n is not None]
+        prog = program(view, entrypoint)
+        if prog is not None:
+            files.append(prog)
+            self.after_exec(layer, prog)
+        self._fetch(layer, files)
+
+    def after_exec(self, layer, node: Node) -> None:
+        """``node`` is a program being run: fetch the loader and libraries it names, once."""
+        with self._lock:
+            key = (id(layer.view), node.ino)
+            if key in self._seen:
+                return
+            self._seen.add(key)
+        self._pool.submit(self._libraries_of, layer, node)
+
+    def _libraries_of(self, layer, node: Node) -> None:
+        try:
+            data = b"".join(self.fetcher.read(layer.source, node.chunks))  # the whole file is on its way
+            interp, needed = elf_needs(data)
+            self._fetch(layer, libraries(layer.view, interp, needed))
+        except Exception as e:  # a prediction never fails anything
+            log.debug("%s: predicting the libraries of a program failed: %s", layer.source.label, e)
+
+    def _fetch(self, layer, nodes: list[Node]) -> None:
+        for node in nodes:
+            if node.chunks:
+                self._pool.submit(self._prefetch, layer, node)
+
+    def _prefetch(self, layer, node: Node) -> None:
+        try:
+            self.fetcher.prefetch(layer.source, node.chunks, self.max_request)
+        except Exception as e:
+            log.debug("%s: predicted fetch failed: %s", layer.source.label, e)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
