@@ -96,21 +96,40 @@ class LayerView:
         self._build(entries)
 
     # ---- building ---------------------------------------------------------------
-    def _new_node(self, mode: int, **kw) -> Node:
-        if self._next_ino > self._last_ino:
+    def _take_ino(self) -> int:
+        """The next inode number; running out means a hostile TOC is building a huge tree."""
+        ino = self._next_ino
+        if ino > self._last_ino:
             raise FormatError(f"its tree has more than {self._last_ino - self.root.ino + 1} nodes")
-        node = Node(ino=self._next_ino, mode=mode, **kw)
-        self._next_ino += 1
-        return node
+        self._next_ino = ino + 1
+        return ino
+
+    def _new_node(self, mode: int, **kw) -> Node:
+        return Node(ino=self._take_ino(), mode=mode, **kw)
 
     def _reject(self, name: str, why: str) -> None:
         self.rejected.append(f"{name}: {why}")
         log.warning("%s: ignoring TOC entry %r: %s", self.label, name, why)
 
-    def _parent_of(self, parts: list[str], name: str) -> Node | None:
-        """The directory that will hold ``parts[-1]``, creating missing ones like tar does."""
+    def _parent_of(self, head: str, name: str, dirs: dict[str, Node]) -> Node | None:
+        """The directory ``head`` that will hold entry ``name``, creating missing ones like tar does.
+
+        ``dirs`` remembers the directories found so far by path: a tar lists a
+        directory's entries together, so most entries skip the walk from the
+        root. The caller empties it whenever a name is replaced, the only way
+        a remembered path can stop naming that directory.
+        """
+        node = dirs.get(head)
+        if node is None:
+            node = self._walk_to(head.split("/"), name)
+            if node is not None:
+                dirs[head] = node
+        return node
+
+    def _walk_to(self, parts: list[str], name: str) -> Node | None:
+        """The directory at ``parts``, creating missing ones; None if a component is not one."""
         node = self.root
-        for part in parts[:-1]:
+        for part in parts:
             child = node.children.get(part)
             if child is None:
                 child = self._new_node(stat.S_IFDIR | 0o755, children={})
@@ -124,15 +143,15 @@ class LayerView:
     def _build(self, entries: list[T.Entry]) -> None:
         opaque: list[Node] = []
         whiteouts: list[tuple[Node, str]] = []
+        dirs = {"": self.root}  # see _parent_of
         for e in entries:
             if e.name == "":
                 self._apply_meta(self.root, e)
                 continue
-            parts = e.name.split("/")
-            base = parts[-1]
-            if len(parts) == 1 and base in HIDDEN_AT_ROOT:
+            head, _, base = e.name.rpartition("/")
+            if not head and base in HIDDEN_AT_ROOT:
                 continue
-            parent = self._parent_of(parts, e.name)
+            parent = self._parent_of(head, e.name, dirs)
             if parent is None:
                 continue
             if base == OPAQUE_MARKER:
@@ -154,6 +173,8 @@ class LayerView:
                 continue
             if old is not None:
                 self._unlink(old)
+                dirs.clear()
+                dirs[""] = self.root
             parent.children[base] = node
         for parent, name in whiteouts:
             # a real entry of the same name in this layer wins over its whiteout
@@ -195,7 +216,8 @@ class LayerView:
                 node.nlink -= 1
 
     def _node_for(self, e: T.Entry) -> Node | None:
-        self._check_presentable(e)
+        if e.xattrs or not (e.name.isascii() and e.linkname.isascii()):  # else trivially presentable
+            self._check_presentable(e)
         if e.type == T.HARDLINK:
             target = self.lookup(e.linkname.split("/")) if e.linkname else self.root
             if target is None:
@@ -210,29 +232,27 @@ class LayerView:
         if bits is None:
             self._reject(e.name, f"unknown entry type {e.type!r}")
             return None
-        node = self._new_node(bits | (e.mode & 0o7777), uid=e.uid, gid=e.gid, mtime=e.mtime,
-                              xattrs=dict(e.xattrs))
-        if e.type == T.DIR:
-            node.children = {}
-            node.size = DIR_SIZE
-        elif e.type == T.REG:
-            node.size = e.size
-            node.chunks = list(e.chunks)
-            node.chunk_offsets = [c.offset for c in e.chunks]
+        # One constructor call per type, with everything known up front, is most of what
+        # building a large tree costs, so nodes are not created and then patched.
+        mode, xattrs = bits | (e.mode & 0o7777), dict(e.xattrs)
+        if e.type == T.REG:
             self.file_count += 1
-        elif e.type == T.SYMLINK:
-            node.target = e.linkname
-            node.size = len(e.linkname.encode("utf-8", "surrogateescape"))
-        elif e.type in (T.CHAR, T.BLOCK):
-            node.rdev = os.makedev(e.devmajor, e.devminor)
-        return node
+            return Node(self._take_ino(), mode, e.uid, e.gid, e.size, e.mtime, xattrs=xattrs,
+                        chunks=list(e.chunks), chunk_offsets=[c.offset for c in e.chunks])
+        if e.type == T.DIR:
+            return Node(self._take_ino(), mode, e.uid, e.gid, DIR_SIZE, e.mtime, xattrs=xattrs, children={})
+        if e.type == T.SYMLINK:
+            return Node(self._take_ino(), mode, e.uid, e.gid, len(e.linkname.encode("utf-8", "surrogateescape")),
+                        e.mtime, xattrs=xattrs, target=e.linkname)
+        rdev = os.makedev(e.devmajor, e.devminor) if e.type in (T.CHAR, T.BLOCK) else 0
+        return Node(self._take_ino(), mode, e.uid, e.gid, 0, e.mtime, xattrs=xattrs, rdev=rdev)
 
     def _count_dir_links(self, root: Node) -> None:
         root.size = DIR_SIZE
         stack = [root]
         while stack:
             d = stack.pop()
-            subdirs = [c for c in d.children.values() if c.is_dir]
+            subdirs = [c for c in d.children.values() if c.children is not None]
             d.nlink = 2 + len(subdirs)
             stack.extend(subdirs)
 

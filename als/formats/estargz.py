@@ -17,9 +17,11 @@ from __future__ import annotations
 import base64
 import copy
 import datetime as _dt
+import functools
 import hashlib
 import io
 import json
+import operator
 import posixpath
 import re
 import tarfile
@@ -202,66 +204,41 @@ class _Gunzip:
 # --------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _RawEntry:
-    """One TOC JSON entry with its field types checked, before normalisation."""
-
-    name: str
-    type: str
-    size: int
-    modtime: str
-    link_name: str
-    mode: int
-    uid: int
-    gid: int
-    dev_major: int
-    dev_minor: int
-    xattrs: dict[str, str]
-    digest: str
-    offset: int
-    inner_offset: int
-    chunk_offset: int
-    chunk_size: int
-    chunk_digest: str
+# The TOC fields the parser reads, with the JSON type each must have. Other keys
+# (userName, groupName, ...) are not read, so they are not checked either.
+_FIELD_TYPES: dict[str, type] = {
+    "name": str, "type": str, "size": int, "modtime": str, "linkName": str, "mode": int,
+    "uid": int, "gid": int, "devMajor": int, "devMinor": int, "xattrs": dict, "digest": str,
+    "offset": int, "innerOffset": int, "chunkOffset": int, "chunkSize": int, "chunkDigest": str,
+}
+_DEVICE_TYPES = frozenset({toc.CHAR, toc.BLOCK})
 
 
-def _field(obj: dict, key: str, kind: type, default, where: str):
-    value = obj.get(key, default)
-    # bool is an int subclass; JSON true must not pass as 1.
-    if type(value) is not kind:
-        raise FormatError(f"{where}: {key!r} must be a {kind.__name__}, got {value!r:.80}")
-    if kind is int and not 0 <= value <= _MAX_INT64:
-        raise FormatError(f"{where}: {key!r} = {value} is out of range")
-    return value
+def checked_fields(obj: object, index: int) -> dict:
+    """Return TOC JSON entry ``obj`` once every field the parser reads has its JSON type and range.
 
-
-def _raw_entry(obj: object, index: int) -> _RawEntry:
-    where = f"TOC entry {index}"
+    Only the keys present are visited, and a missing key's default is always
+    valid, so afterwards ``obj.get(key, default)`` needs no further checks. A
+    TOC has many thousand entries: this one pass replaces a lookup and a check
+    per possible field. Shared with the zstd:chunked parser, whose entries use
+    the same vocabulary.
+    """
     if not isinstance(obj, dict):
-        raise FormatError(f"{where} is not a JSON object")
-    xattrs = _field(obj, "xattrs", dict, {}, where)
-    for key, value in xattrs.items():
-        if type(value) is not str:
-            raise FormatError(f"{where}: xattr {key!r} is not a base64 string")
-    return _RawEntry(
-        name=_field(obj, "name", str, "", where),
-        type=_field(obj, "type", str, "", where),
-        size=_field(obj, "size", int, 0, where),
-        modtime=_field(obj, "modtime", str, "", where),
-        link_name=_field(obj, "linkName", str, "", where),
-        mode=_field(obj, "mode", int, 0, where),
-        uid=_field(obj, "uid", int, 0, where),
-        gid=_field(obj, "gid", int, 0, where),
-        dev_major=_field(obj, "devMajor", int, 0, where),
-        dev_minor=_field(obj, "devMinor", int, 0, where),
-        xattrs=xattrs,
-        digest=_field(obj, "digest", str, "", where),
-        offset=_field(obj, "offset", int, 0, where),
-        inner_offset=_field(obj, "innerOffset", int, 0, where),
-        chunk_offset=_field(obj, "chunkOffset", int, 0, where),
-        chunk_size=_field(obj, "chunkSize", int, 0, where),
-        chunk_digest=_field(obj, "chunkDigest", str, "", where),
-    )
+        raise FormatError(f"TOC entry {index} is not a JSON object")
+    for key, value in obj.items():
+        kind = _FIELD_TYPES.get(key)
+        # bool is an int subclass; JSON true must not pass as 1, hence type() rather than isinstance.
+        if kind is None or (type(value) is kind and (kind is not int or 0 <= value <= _MAX_INT64)):
+            continue
+        if type(value) is not kind:
+            raise FormatError(f"TOC entry {index}: {key!r} must be a {kind.__name__}, got {value!r:.80}")
+        raise FormatError(f"TOC entry {index}: {key!r} = {value} is out of range")
+    xattrs = obj.get("xattrs")
+    if xattrs:
+        for key, value in xattrs.items():
+            if type(value) is not str:
+                raise FormatError(f"TOC entry {index}: xattr {key!r} is not a base64 string")
+    return obj
 
 
 def _check_text(text: str, what: str) -> bytes:
@@ -284,27 +261,35 @@ def clean_name(name: str, what: str = "name") -> str:
     ".." cannot climb above the root after this. Names no file system could
     hold (NUL, a component over 255 bytes) raise FormatError.
     """
-    _check_text(name, what)
+    size = len(_check_text(name, what))
     cleaned = posixpath.normpath("/" + name).lstrip("/")
-    if len(_check_text(cleaned, what)) > _MAX_PATH:
-        raise FormatError(f"{what} {name!r:.300} is longer than {_MAX_PATH} bytes")
-    for component in cleaned.split("/"):
-        if len(_check_text(component, what)) > _MAX_NAME_COMPONENT:
-            raise FormatError(f"{what} {name!r:.300} has a component longer than 255 bytes")
+    # Cleaning only drops components, so a name of at most NAME_MAX bytes cannot have a
+    # component or a cleaned path over the limits: the common case skips the checks below.
+    if size > _MAX_NAME_COMPONENT:
+        if len(_check_text(cleaned, what)) > _MAX_PATH:
+            raise FormatError(f"{what} {name!r:.300} is longer than {_MAX_PATH} bytes")
+        for component in cleaned.split("/"):
+            if len(_check_text(component, what)) > _MAX_NAME_COMPONENT:
+                raise FormatError(f"{what} {name!r:.300} has a component longer than 255 bytes")
     return cleaned
 
 
 def _climbs(name: str) -> bool:
     """Whether a relative name uses ".." to reach above its root (``clean_name`` confines it)."""
-    return posixpath.normpath(name.lstrip("/") or ".").split("/")[0] == ".."
+    return ".." in name and posixpath.normpath(name.lstrip("/") or ".").split("/")[0] == ".."
 
 
-def _parse_modtime(text: str, where: str) -> int:
-    if not text:
-        return 0
+@functools.lru_cache(maxsize=4096)
+def _epoch_seconds(text: str) -> int:
+    """Seconds since the epoch of an RFC 3339 time; ValueError says what is wrong with it.
+
+    Cached because a layer's files share few distinct times (a package's files
+    all carry its build time): the datetime arithmetic is the costly part of a
+    TOC entry otherwise.
+    """
     m = _RFC3339_RE.fullmatch(text)
     if m is None:
-        raise FormatError(f"{where}: modtime {text!r:.80} is not RFC 3339")
+        raise ValueError("is not RFC 3339")
     year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
     zone = m.group(7)
     if zone in ("Z", "z"):
@@ -313,13 +298,23 @@ def _parse_modtime(text: str, where: str) -> int:
         sign = -1 if zone[0] == "-" else 1
         hours, minutes = int(zone[1:3]), int(zone[4:6])
         if hours > 23 or minutes > 59:
-            raise FormatError(f"{where}: modtime {text!r} has a bad zone offset")
+            raise ValueError("has a bad zone offset")
         tz = _dt.timezone(sign * _dt.timedelta(hours=hours, minutes=minutes))
     try:
         when = _dt.datetime(year, month, day, hour, minute, second, tzinfo=tz)
-    except ValueError as e:
-        raise FormatError(f"{where}: modtime {text!r}: {e}") from None
+    except ValueError as e:  # "day is out of range for month", say
+        raise ValueError(f"is not a valid time: {e}") from None
     return (when - _EPOCH) // _dt.timedelta(seconds=1)
+
+
+def _parse_modtime(text: str, index: int, name: str) -> int:
+    """Entry ``index``'s modtime in seconds since the epoch (0 if it has none)."""
+    if not text:
+        return 0
+    try:
+        return _epoch_seconds(text)
+    except ValueError as e:
+        raise FormatError(f"{_where(index, name)}: modtime {text!r:.80} {e}") from None
 
 
 def _decode_xattrs(raw: dict[str, str], where: str) -> dict[str, bytes]:
@@ -341,64 +336,77 @@ def _check_digest(value: str, what: str) -> None:
         raise FormatError(f"{what} {value!r:.100} is not a sha256:<64 hex> digest")
 
 
-def _entry(raw: _RawEntry, index: int) -> toc.Entry:
-    """Turn a non-chunk TOC entry into a toc.Entry (chunks are added later)."""
-    where = f"TOC entry {index}"
-    if raw.type not in toc.ENTRY_TYPES:
-        raise FormatError(f"{where}: unknown entry type {raw.type!r:.80}")
-    name = clean_name(raw.name)
-    where = f"TOC entry {index} ({name!r:.300})"
-    if name == "" and raw.type != toc.DIR:
-        raise FormatError(f"{where}: the root entry must be a directory, not {raw.type}")
+def _where(index: int, name: str) -> str:
+    """How an error names a TOC entry; built only when there is an error to report."""
+    return f"TOC entry {index} ({name!r:.300})"
+
+
+def toc_entry(obj: dict, index: int) -> toc.Entry:
+    """Turn a non-chunk TOC entry, checked by ``checked_fields``, into a toc.Entry (chunks come later).
+
+    Shared with the zstd:chunked parser.
+    """
+    get = obj.get
+    kind = get("type", "")
+    if kind not in toc.ENTRY_TYPES:
+        raise FormatError(f"TOC entry {index}: unknown entry type {kind!r:.80}")
+    name = clean_name(get("name", ""))
+    if name == "" and kind != toc.DIR:
+        raise FormatError(f"{_where(index, name)}: the root entry must be a directory, not {kind}")
     # uid_t is 32 bits ((uid_t)-1 means "none"), and FUSE carries a device number in 32 bits
     # (12-bit major, 20-bit minor): larger values would fail every stat, or name another device.
-    if raw.uid >= _NO_ID or raw.gid >= _NO_ID:
-        raise FormatError(f"{where}: uid {raw.uid} or gid {raw.gid} is out of range")
-    if raw.type in (toc.CHAR, toc.BLOCK) and (raw.dev_major > _MAX_MAJOR or raw.dev_minor > _MAX_MINOR):
-        raise FormatError(f"{where}: device {raw.dev_major}:{raw.dev_minor} is out of range")
+    uid, gid = get("uid", 0), get("gid", 0)
+    if uid >= _NO_ID or gid >= _NO_ID:
+        raise FormatError(f"{_where(index, name)}: uid {uid} or gid {gid} is out of range")
+    dev_major, dev_minor = get("devMajor", 0), get("devMinor", 0)
+    if kind in _DEVICE_TYPES and (dev_major > _MAX_MAJOR or dev_minor > _MAX_MINOR):
+        raise FormatError(f"{_where(index, name)}: device {dev_major}:{dev_minor} is out of range")
     linkname = ""
-    if raw.type == toc.HARDLINK:
-        if not raw.link_name:
-            raise FormatError(f"{where}: hard link without linkName")
-        linkname = clean_name(raw.link_name, "hard link target")
-    elif raw.type == toc.SYMLINK:
-        if not raw.link_name:
-            raise FormatError(f"{where}: symlink without linkName")
-        if len(_check_text(raw.link_name, "symlink target")) > _MAX_PATH:
-            raise FormatError(f"{where}: symlink target is longer than {_MAX_PATH} bytes")
-        linkname = raw.link_name
-    digest = ""
-    if raw.type == toc.REG and raw.digest:
-        _check_digest(raw.digest, f"{where}: digest")
-        digest = raw.digest
+    if kind == toc.HARDLINK:
+        linkname = get("linkName", "")
+        if not linkname:
+            raise FormatError(f"{_where(index, name)}: hard link without linkName")
+        linkname = clean_name(linkname, "hard link target")
+    elif kind == toc.SYMLINK:
+        linkname = get("linkName", "")
+        if not linkname:
+            raise FormatError(f"{_where(index, name)}: symlink without linkName")
+        if len(_check_text(linkname, "symlink target")) > _MAX_PATH:
+            raise FormatError(f"{_where(index, name)}: symlink target is longer than {_MAX_PATH} bytes")
+    digest = get("digest", "") if kind == toc.REG else ""
+    if digest and not is_sha256(digest):
+        _check_digest(digest, f"{_where(index, name)}: digest")
+    modtime = get("modtime")
+    xattrs = get("xattrs")
+    # Positional, in toc.Entry's field order: keywords cost a third of the call, per entry.
     return toc.Entry(
-        name=name,
-        type=raw.type,
-        mode=raw.mode & 0o7777,
-        uid=raw.uid,
-        gid=raw.gid,
-        size=raw.size if raw.type == toc.REG else 0,
-        mtime=_parse_modtime(raw.modtime, where),
-        linkname=linkname,
-        devmajor=raw.dev_major,
-        devminor=raw.dev_minor,
-        xattrs=_decode_xattrs(raw.xattrs, where),
-        digest=digest,
+        name,
+        kind,
+        get("mode", 0) & 0o7777,
+        uid,
+        gid,
+        get("size", 0) if kind == toc.REG else 0,
+        _parse_modtime(modtime, index, name) if modtime else 0,
+        linkname,
+        dev_major,
+        dev_minor,
+        _decode_xattrs(xattrs, _where(index, name)) if xattrs else {},
+        digest,
     )
 
 
-def _blob_ends(raws: list[_RawEntry], toc_offset: int) -> list[int]:
+def _blob_ends(items: list[dict], toc_offset: int) -> list[int]:
     """For each entry, where the compressed range starting at its offset ends.
 
     That is the next later entry's offset that is non-zero and differs from this
     one (min-chunk-size mode repeats an offset with growing innerOffset), or the
     TOC offset for the last data. Computed back to front in one pass.
     """
-    ends = [0] * len(raws)
+    ends = [0] * len(items)
     following: int | None = None  # offset of the nearest later entry with data
     following_end = toc_offset  # the end computed for that entry
-    for i in range(len(raws) - 1, -1, -1):
-        offset = raws[i].offset
+    for i in range(len(items) - 1, -1, -1):
+        offset = items[i].get("offset", 0)
         if following is None:
             end = toc_offset
         elif offset != following:
@@ -411,63 +419,62 @@ def _blob_ends(raws: list[_RawEntry], toc_offset: int) -> list[int]:
     return ends
 
 
+def _chunk(obj: dict, end: int, entry: toc.Entry, toc_offset: int, digest_fallback: bool) -> toc.Chunk:
+    """One chunk of regular file ``entry``: its reg entry or a chunk entry, checked by ``checked_fields``."""
+    get = obj.get
+    chunk_offset = get("chunkOffset", 0)
+    size = get("chunkSize", 0) or entry.size - chunk_offset
+    if size <= 0:
+        raise FormatError(f"regular file {entry.name!r:.300}: chunk at {chunk_offset} lies beyond "
+                          f"the file size {entry.size}")
+    digest = get("chunkDigest", "")
+    if not digest:
+        if not (digest_fallback and entry.digest):
+            raise FormatError(f"regular file {entry.name!r:.300}: chunk at {chunk_offset} has no chunkDigest")
+        digest = entry.digest
+    # The file's own digest is checked already, and a one-chunk file's chunkDigest repeats it.
+    if digest != entry.digest and not is_sha256(digest):
+        _check_digest(digest, f"regular file {entry.name!r:.300}: chunkDigest")
+    start, inner_offset = get("offset", 0), get("innerOffset", 0)
+    if inner_offset + size > MAX_CHUNK or end - start > MAX_CHUNK_SPAN:
+        raise FormatError(
+            f"regular file {entry.name!r:.300}: chunk at {chunk_offset} needs {inner_offset + size} bytes "
+            f"inflated from {end - start} compressed, over the limits of {MAX_CHUNK} and {MAX_CHUNK_SPAN}"
+        )
+    if not start < end <= toc_offset:
+        raise FormatError(
+            f"regular file {entry.name!r:.300}: chunk at {chunk_offset} has compressed range "
+            f"[{start}, {end}) outside the data before the TOC at {toc_offset}"
+        )
+    return toc.Chunk(chunk_offset, size, start, end, digest, inner_offset)  # positional: see toc_entry
+
+
 def _attach_chunks(
     entry: toc.Entry,
     members: list[int],
-    raws: list[_RawEntry],
+    items: list[dict],
     ends: list[int],
     toc_offset: int,
     digest_fallback: bool,
 ) -> None:
-    """Build ``entry.chunks`` from its reg entry and following chunk entries."""
-    where = f"regular file {entry.name!r:.300}"
+    """Build ``entry.chunks`` from its reg entry and following chunk entries (indices into ``items``)."""
     if entry.size == 0:
         if len(members) > 1:
-            raise FormatError(f"{where} is empty but has chunk entries")
+            raise FormatError(f"regular file {entry.name!r:.300} is empty but has chunk entries")
         return
-    chunks = []
-    for i in members:
-        raw = raws[i]
-        size = raw.chunk_size or entry.size - raw.chunk_offset
-        if size <= 0:
-            raise FormatError(f"{where}: chunk at {raw.chunk_offset} lies beyond the file size {entry.size}")
-        digest = raw.chunk_digest
-        if not digest:
-            if not (digest_fallback and entry.digest):
-                raise FormatError(f"{where}: chunk at {raw.chunk_offset} has no chunkDigest")
-            digest = entry.digest
-        _check_digest(digest, f"{where}: chunkDigest")
-        start, end = raw.offset, ends[i]
-        if raw.inner_offset + size > MAX_CHUNK or end - start > MAX_CHUNK_SPAN:
-            raise FormatError(
-                f"{where}: chunk at {raw.chunk_offset} needs {raw.inner_offset + size} bytes inflated "
-                f"from {end - start} compressed, over the limits of {MAX_CHUNK} and {MAX_CHUNK_SPAN}"
-            )
-        if not start < end <= toc_offset:
-            raise FormatError(
-                f"{where}: chunk at {raw.chunk_offset} has compressed range "
-                f"[{start}, {end}) outside the data before the TOC at {toc_offset}"
-            )
-        chunks.append(
-            toc.Chunk(
-                offset=raw.chunk_offset,
-                size=size,
-                blob_start=start,
-                blob_end=end,
-                digest=digest,
-                inner_offset=raw.inner_offset,
-            )
-        )
-    chunks.sort(key=lambda c: c.offset)
-    position = 0
-    for chunk in chunks:
-        if chunk.offset != position:
-            kind = "gap" if chunk.offset > position else "overlap"
-            raise FormatError(f"{where}: chunks {kind} at file offset {position}")
-        position += chunk.size
-    if position != entry.size:
-        raise FormatError(f"{where}: chunks cover {position} bytes of {entry.size}")
+    if len(members) == 1:  # most files: one chunk, which must be the whole file
+        chunk = _chunk(items[members[0]], ends[members[0]], entry, toc_offset, digest_fallback)
+        entry.chunks = [chunk]
+        if chunk.offset != 0 or chunk.size != entry.size:
+            toc.check_coverage(entry, entry.chunks)  # raises, saying how they differ
+        return
+    chunks = [_chunk(items[i], ends[i], entry, toc_offset, digest_fallback) for i in members]
+    chunks.sort(key=_chunk_offset)
+    toc.check_coverage(entry, chunks)
     entry.chunks = chunks
+
+
+_chunk_offset = operator.attrgetter("offset")
 
 
 def _normalise(doc: object, digest: str, toc_offset: int, max_entries: int = MAX_TOC_ENTRIES) -> toc.TOC:
@@ -481,36 +488,43 @@ def _normalise(doc: object, digest: str, toc_offset: int, max_entries: int = MAX
         raise FormatError("TOC 'entries' is not a list")
     if len(items) > max_entries:
         raise FormatError(f"TOC has {len(items)} entries, over the limit of {max_entries}")
-    raws = [_raw_entry(obj, i) for i, obj in enumerate(items)]
-    ends = _blob_ends(raws, toc_offset)
-    # sgz's fallback: a layer without any chunkDigest (and without chunk
-    # entries) may be verified with each file's whole-content digest instead.
-    digest_fallback = not any(r.chunk_digest or r.type == CHUNK for r in raws)
 
     entries: list[toc.Entry] = []
     warnings: list[str] = []
     files: list[tuple[toc.Entry, list[int]]] = []
-    current: tuple[toc.Entry, list[int]] | None = None
-    for i, raw in enumerate(raws):
-        if raw.type == CHUNK:
-            if current is None:
+    members: list[int] | None = None  # the current regular file's entry indices
+    file_name = ""  # its name as the TOC spells it, to match chunk entries without cleaning theirs
+    chunk_info = False  # whether any entry has a chunkDigest or is a chunk entry
+    for i, obj in enumerate(items):
+        get = checked_fields(obj, i).get
+        kind = get("type", "")
+        name = get("name", "")
+        if kind == CHUNK:
+            chunk_info = True
+            if members is None:
                 raise FormatError(f"TOC entry {i}: chunk entry does not follow a regular file")
-            if raw.name and clean_name(raw.name) != current[0].name:
+            if name and name != file_name and clean_name(name) != entries[-1].name:
                 raise FormatError(
-                    f"TOC entry {i}: chunk of {raw.name!r:.300} follows regular file {current[0].name!r:.300}"
+                    f"TOC entry {i}: chunk of {name!r:.300} follows regular file {entries[-1].name!r:.300}"
                 )
-            current[1].append(i)
+            members.append(i)
             continue
-        entry = _entry(raw, i)
+        if not chunk_info and get("chunkDigest"):
+            chunk_info = True
+        entry = toc_entry(obj, i)
         entries.append(entry)
-        if _climbs(raw.name) or (raw.type == toc.HARDLINK and _climbs(raw.link_name)):
-            warnings.append(f"TOC entry {i} {raw.name!r:.300} (link {raw.link_name!r:.300}) climbs above "
+        if _climbs(name) or (kind == toc.HARDLINK and _climbs(get("linkName", ""))):
+            warnings.append(f"TOC entry {i} {name!r:.300} (link {get('linkName', '')!r:.300}) climbs above "
                             f"the layer root with '..'; confined to {entry.name!r:.300}")
-        current = (entry, [i]) if raw.type == toc.REG else None
-        if current is not None:
-            files.append(current)
+        members, file_name = ([i], name) if kind == toc.REG else (None, "")
+        if members is not None:
+            files.append((entry, members))
+    ends = _blob_ends(items, toc_offset)
+    # sgz's fallback: a layer without any chunkDigest (and without chunk
+    # entries) may be verified with each file's whole-content digest instead.
+    digest_fallback = not chunk_info
     for entry, members in files:
-        _attach_chunks(entry, members, raws, ends, toc_offset, digest_fallback)
+        _attach_chunks(entry, members, items, ends, toc_offset, digest_fallback)
     return toc.TOC(entries=entries, digest=digest, compression=toc.GZIP, data_end=toc_offset, warnings=warnings)
 
 

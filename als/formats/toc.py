@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from als.errors import FormatError
+
 # Entry types, as both formats spell them.
 DIR = "dir"
 REG = "reg"
@@ -35,6 +37,7 @@ class Chunk:
     that is all zero bytes and needs no fetch (zstd:chunked).
     """
 
+    # Built positionally by the parsers, like Entry: append new fields, do not reorder.
     offset: int  # position of the chunk within the file
     size: int  # uncompressed length
     blob_start: int
@@ -54,6 +57,7 @@ class Entry:
     concern, not a format one.
     """
 
+    # The parsers build entries positionally (it is their hot loop): append new fields, do not reorder.
     name: str
     type: str
     mode: int = 0  # permission bits including setuid, setgid and sticky (0o7777)
@@ -80,3 +84,19 @@ class TOC:
     # Entries the parser accepted only after confining them (a name climbing out with ".."),
     # in operator words: the store logs them with the layer's name.
     warnings: list[str] = field(default_factory=list)
+
+
+def check_coverage(entry: Entry, chunks: list[Chunk]) -> None:
+    """Refuse chunks (sorted by file offset) that do not tile ``entry``'s content exactly.
+
+    A gap would read as data nobody vouched for and an overlap as two
+    different answers for the same bytes, whichever format listed them.
+    """
+    position = 0
+    for chunk in chunks:
+        if chunk.offset != position:
+            kind = "gap" if chunk.offset > position else "overlap"
+            raise FormatError(f"regular file {entry.name!r:.300}: chunks {kind} at file offset {position}")
+        position += chunk.size
+    if position != entry.size:
+        raise FormatError(f"regular file {entry.name!r:.300}: chunks cover {position} bytes of {entry.size}")

@@ -178,22 +178,23 @@ def _normalise(doc: object, location: ManifestLocation) -> toc.TOC:
     entries: list[toc.Entry] = []
     files: list[tuple[toc.Entry, list[dict]]] = []
     current: tuple[toc.Entry, list[dict]] | None = None
+    file_name = ""  # the current regular file's name as the TOC spells it
     for i, obj in enumerate(items):
-        if not isinstance(obj, dict):
-            raise FormatError(f"TOC entry {i} is not a JSON object")
-        if obj.get("type") == estargz.CHUNK:
+        # The entry vocabulary is eStargz's; its parser checks every shared field.
+        get = estargz.checked_fields(obj, i).get
+        if get("type") == estargz.CHUNK:
             if current is None:
                 raise FormatError(f"TOC entry {i}: chunk entry does not follow a regular file")
-            name = _str(obj, "name", f"TOC entry {i}")
-            if name and estargz.clean_name(name) != current[0].name:
+            name = get("name", "")
+            if name and name != file_name and estargz.clean_name(name) != current[0].name:
                 raise FormatError(f"TOC entry {i}: chunk of {name!r:.300} follows {current[0].name!r:.300}")
             current[1].append(obj)
             continue
-        # The entry vocabulary is eStargz's; its parser checks every shared field.
-        entry = estargz._entry(estargz._raw_entry(obj, i), i)
+        entry = estargz.toc_entry(obj, i)
         entries.append(entry)
         current = (entry, [obj]) if entry.type == toc.REG else None
         if current is not None:
+            file_name = get("name", "")
             files.append(current)
     for entry, objs in files:
         _attach_chunks(entry, objs, location.data_end)
@@ -238,15 +239,9 @@ def _attach_chunks(entry: toc.Entry, objs: list[dict], data_end: int) -> None:
                               f"outside the data before the TOC at {data_end}")
         chunks.append(toc.Chunk(offset=chunk_offset, size=size, blob_start=start, blob_end=end,
                                 digest=digest, zeros=kind == CHUNK_ZEROS))
-    chunks.sort(key=lambda c: c.offset)
-    position = 0
-    for chunk in chunks:
-        if chunk.offset != position:
-            raise FormatError(f"{where}: chunks {'gap' if chunk.offset > position else 'overlap'} "
-                              f"at file offset {position}")
-        position += chunk.size
-    if position != entry.size:
-        raise FormatError(f"{where}: chunks cover {position} bytes of {entry.size}")
+    if len(chunks) > 1:
+        chunks.sort(key=lambda c: c.offset)
+    toc.check_coverage(entry, chunks)
     entry.chunks = chunks
 
 
