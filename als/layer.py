@@ -190,16 +190,15 @@ class LayerView:
         node.xattrs = dict(e.xattrs)
 
     def _check_presentable(self, e: T.Entry) -> None:
-        """fuse-python passes names as UTF-8 and xattr values as str measured in characters,
-        so only ASCII values arrive intact; such a layer is declined rather than served wrong."""
-        try:
-            e.name.encode("utf-8")
-            e.linkname.encode("utf-8")
-        except UnicodeEncodeError:
-            self.unservable.append(f"{e.name!r}: name is not valid UTF-8")
-        for key, value in e.xattrs.items():
-            if not (key.isascii() and value.isascii()):
-                self.unservable.append(f"{e.name}: xattr {key} has a non-ASCII value")
+        """Names reach the kernel as UTF-8 bytes (bytes that were not UTF-8 carried through as
+        surrogate escapes) and xattr values as the bytes they are. A name no bytes can stand for
+        (a lone surrogate escaped in the TOC's JSON) declines the layer rather than serve it wrong."""
+        for text in (e.name, e.linkname, *e.xattrs):
+            try:
+                text.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                self.unservable.append(f"{e.name!r}: name {text!r} cannot be encoded")
+                return
 
     def _unlink(self, old: Node) -> None:
         """A name is replaced: its node, and everything below it if a directory, loses that name.

@@ -57,7 +57,7 @@ def plain(registry, client):
 @pytest.fixture(scope="module")
 def with_xattrs(registry, client):
     ref = f"{registry.host}/proto:xattrs"
-    cap = bytes([1, 0, 0, 2, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])  # binary, like file capabilities
+    cap = bytes([1, 0, 0, 2, 0x20, 0, 0, 0xff, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])  # binary, not text
     entries = [images.Entry("x", images.DIR, 0o755),
                images.Entry("x/capped", images.FILE, 0o755, data=b"#!/bin/sh\n", xattrs={"user.cap": cap}),
                images.Entry("x/plain", images.FILE, 0o644, data=b"plain\n")]

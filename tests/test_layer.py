@@ -99,8 +99,10 @@ def test_inode_numbers_are_unique_across_layers():
     assert a.lookup(["f"]).ino != b.lookup(["f"]).ino
 
 
-def test_values_fuse_python_cannot_carry_make_the_layer_unservable():
-    ok = LayerView([E("f", xattrs={"user.a": b"plain"})])
+def test_binary_xattr_values_are_served_and_only_unencodable_names_decline():
+    caps = b"\x01\x00\x00\x02\xff\x20\x00\x00"  # security.capability values are binary
+    ok = LayerView([E("ping", xattrs={"security.capability": caps}), E("caf\u00e9"), E("raw\udcff")])
     assert ok.unservable == []
-    bad = LayerView([E("ping", xattrs={"security.capability": b"\x01\x00\x00\x02\xff\x20"})])
-    assert bad.unservable and "security.capability" in bad.unservable[0]
+    assert ok.lookup(["ping"]).xattrs == {"security.capability": caps}
+    bad = LayerView([E("lone\ud800")])  # no bytes stand for a lone high surrogate
+    assert bad.unservable and "cannot be encoded" in bad.unservable[0]

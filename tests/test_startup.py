@@ -97,3 +97,50 @@ def test_hostile_or_foreign_bytes_yield_nothing():
         interp, needed = elf_needs(data)  # never raises
         assert isinstance(interp, str) and isinstance(needed, list) and len(needed) <= 64
     assert elf_needs(b"#!/bin/sh\n") == ("", [])
+
+
+def test_a_resolved_layer_has_its_start_files_program_and_libraries_fetched_before_any_read(
+        registry, client, registries_conf, tmp_path):
+    """End to end: after the lookup alone, reading what the program needs sends nothing to the registry."""
+    import io
+    import time
+
+    from als.image import estargz_layer, image_config, push_image
+    from als.reference import parse_reference
+    from tests.support import images
+    from tests.support.store_process import StoreProcess
+
+    prog = os.path.realpath(shutil.which("true"))
+    interp, needed = elf_needs(open(prog, "rb").read())
+    libdir = "usr/lib/x86_64-linux-gnu"
+    if not interp or not all(os.path.exists(f"/{libdir}/{n}") for n in needed):
+        pytest.skip("needs a dynamically linked true(1) with its libraries in /usr/lib/x86_64-linux-gnu")
+    files = {"etc/passwd": b"root:x:0:0::/root:/bin/sh\n", "usr/bin/true": open(prog, "rb").read(),
+             **{f"{libdir}/{n}": open(f"/{libdir}/{n}", "rb").read() for n in needed},
+             f"{libdir}/ld-linux-x86-64.so.2": open(os.path.realpath(interp), "rb").read()}
+    filler = {f"usr/share/doc/f{i}": os.urandom(64 << 10) for i in range(40)}  # never predicted
+    entries = [images.Entry(d, images.DIR, 0o755) for d in ("etc", "usr", "usr/bin", "usr/lib", libdir,
+                                                             "usr/share", "usr/share/doc", "lib64")]
+    entries += [images.Entry(p, images.FILE, 0o755, data=d) for p, d in {**filler, **files}.items()]
+    entries.append(images.Entry("lib64/ld-linux-x86-64.so.2", images.SYMLINK, 0o777,
+                                link=f"/{libdir}/ld-linux-x86-64.so.2"))
+    layer = estargz_layer(io.BytesIO(images.layer_tar(entries)), chunk_size=64 << 10)
+    ref = f"{registry.host}/startup:true"
+    push_image(client, parse_reference(ref), [layer], config=image_config([layer], cmd=["true"]))
+    with StoreProcess(tmp_path, registries_conf=registries_conf, config="[fetch]\nbackground = false\n") as s:
+        start = registry.mark()
+        diff = s.layer_dir(ref, layer.digest) / "diff"
+        assert os.path.isdir(diff)
+        seen, deadline = -1, time.monotonic() + 30
+        while time.monotonic() < deadline:  # the predictions run in the background: wait until quiet
+            n = len(registry.accesses_since(start, settle=0.5))
+            if n == seen:
+                break
+            seen = n
+        mark = registry.mark()
+        for path, data in files.items():
+            assert (diff / path).read_bytes() == data
+        assert [a.uri for a in registry.accesses_since(mark) if a.written] == []  # all there already
+        mark = registry.mark()
+        assert (diff / "usr/share/doc/f7").read_bytes() == filler["usr/share/doc/f7"]
+        assert any(a.written for a in registry.accesses_since(mark))  # what is not predicted is fetched
