@@ -50,13 +50,14 @@ OP_NAMES = {LOOKUP: "lookup", GETATTR: "getattr", SETATTR: "setattr", READLINK: 
 ASYNC_READ, DO_READDIRPLUS, READDIRPLUS_AUTO = 1 << 0, 1 << 13, 1 << 14
 NO_OPEN_SUPPORT, PARALLEL_DIROPS, MAX_PAGES, CACHE_SYMLINKS, NO_OPENDIR_SUPPORT = 1 << 17, 1 << 18, 1 << 22, 1 << 23, 1 << 24
 WANTED = ASYNC_READ | DO_READDIRPLUS | READDIRPLUS_AUTO | PARALLEL_DIROPS | MAX_PAGES | CACHE_SYMLINKS
-FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_KEEP_CACHE, FOPEN_CACHE_DIR = 1 << 1, 1 << 3
 NOTIFY_INVAL_INODE = 2
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")
 OUT_HEADER = struct.Struct("<IiQ")
 ATTR = struct.Struct("<QQQQQQIIIIIIIIII")
 ENTRY_HEAD = struct.Struct("<QQQQII")  # nodeid, generation, entry_valid, attr_valid, their nanoseconds
+ENTRY_SIZE = ENTRY_HEAD.size + ATTR.size  # fuse_entry_out
 ATTR_HEAD = struct.Struct("<QII")
 INIT_IN = struct.Struct("<IIII")
 INIT_OUT = struct.Struct("<IIIIHHIIHHII24x")
@@ -286,13 +287,20 @@ class Session:
             raise FuseError(errno.EROFS)
         if self.no_open:  # from now on the kernel opens with no message, keeping pages and listings
             raise FuseError(errno.ENOSYS)
-        return OPEN_OUT.pack(0, FOPEN_KEEP_CACHE | (1 << 3), 0)  # keep pages; cache listings
+        return OPEN_OUT.pack(0, FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR, 0)
 
     def _read(self, nodeid: int, body: bytes) -> bytes:
         _, offset, size = READ_IN.unpack_from(body)
         return self.ops.read(nodeid, offset, size)
 
     def _readdir(self, nodeid: int, body: bytes) -> list[bytes]:
+        return self._listing(nodeid, body, plus=False)
+
+    def _readdirplus(self, nodeid: int, body: bytes) -> list[bytes]:
+        return self._listing(nodeid, body, plus=True)
+
+    def _listing(self, nodeid: int, body: bytes, plus: bool) -> list[bytes]:
+        """Directory entries from ``offset`` that fit in ``size``; with ``plus``, each looked up too."""
         _, offset, size = READ_IN.unpack_from(body)
         out, used = [], 0
         entries = self.ops.listing(nodeid)
@@ -300,28 +308,12 @@ class Session:
             name, ino, mode = entries[i]
             rec = DIRENT.pack(ino, i + 1, len(name), (mode >> 12) & 0o17) + name
             rec += bytes(-len(rec) % 8)
-            if used + len(rec) > size:
-                break
+            if used + len(rec) + (ENTRY_SIZE if plus else 0) > size:
+                break  # looked up only once it fits: the kernel counts a reference per entry sent
+            if plus:  # the kernel takes no reference for "." and ".."
+                rec = (bytes(ENTRY_SIZE) if name in (b".", b"..") else self.ops.lookup(nodeid, name).pack()) + rec
             out.append(rec)
             used += len(rec)
-        return out
-
-    def _readdirplus(self, nodeid: int, body: bytes) -> list[bytes]:
-        _, offset, size = READ_IN.unpack_from(body)
-        out, used = [], 0
-        entries = self.ops.listing(nodeid)
-        for i in range(offset, len(entries)):
-            name, ino, mode = entries[i]
-            dirent = DIRENT.pack(ino, i + 1, len(name), (mode >> 12) & 0o17) + name
-            dirent += bytes(-len(dirent) % 8)
-            if used + ENTRY_HEAD.size + ATTR.size + len(dirent) > size:
-                break  # looked up only once it fits: the kernel counts a reference per entry sent
-            if name in (b".", b".."):
-                entry = bytes(ENTRY_HEAD.size + ATTR.size)  # the kernel takes no reference for these
-            else:
-                entry = self.ops.lookup(nodeid, name).pack()
-            out.append(entry + dirent)
-            used += len(entry) + len(dirent)
         return out
 
     def _getxattr(self, nodeid: int, body: bytes) -> bytes:
