@@ -69,18 +69,6 @@ class _Inode:
         self.reader = None  # info bytes or the blob's reader
 
 
-def has_xattrs(layer: Layer) -> bool:
-    """Whether any file of the layer has an xattr (overlay's opaque-directory marks included)."""
-    todo = [layer.view.lookup([])]
-    while todo:
-        node = todo.pop()
-        if node.xattrs:
-            return True
-        if node.children:
-            todo.extend(node.children.values())
-    return False
-
-
 class StoreFS:
     """The file system one FUSE session serves; knows the store, not the wire format.
 
@@ -100,7 +88,6 @@ class StoreFS:
         self.store = store
         self.xattrs = xattrs  # False: the plain mount, serving only layers without xattrs
         self.plain_mount = plain_mount  # on the main mount: xattr-free layers' diff link to .noxattr
-        self._has_xattrs: dict[int, tuple[object, bool]] = {}  # id(view) -> (view, has xattrs)
         # set by the session: drops the kernel's cached listing of a directory that has grown
         self.invalidate: Callable[[int], None] = lambda nodeid: None
         self.fetcher: ChunkFetcher = store.fetcher
@@ -195,15 +182,9 @@ class StoreFS:
             return self._lookup_layer_file(p, name)
         raise FuseError(errno.ENOTDIR)
 
-    def _xattr_free(self, layer: Layer) -> bool:
-        hit = self._has_xattrs.get(id(layer.view))
-        if hit is None:
-            hit = self._has_xattrs[id(layer.view)] = (layer.view, has_xattrs(layer))  # the view pins its id
-        return not hit[1]
-
     def _lookup_layer_file(self, p: _Inode, name: bytes) -> Entry:
         layer = self.store.layer(p.ref, p.digest)
-        if name == b"diff" and self.plain_mount and self._xattr_free(layer):
+        if name == b"diff" and self.plain_mount and not layer.view.has_xattrs:
             key = ("link", p.ref, p.digest)
 
             def make(nodeid):
@@ -213,7 +194,7 @@ class StoreFS:
                 ino.attr = Attr(nodeid, stat.S_IFLNK | 0o777, len(ino.reader), mtime=self._t)
                 return ino
             return self._entry(key, make)
-        if name == b"diff" and not self.xattrs and not self._xattr_free(layer):
+        if name == b"diff" and not self.xattrs and layer.view.has_xattrs:
             raise FuseError(errno.ENOENT)  # served on the main mount, which answers xattrs
         if name == b"diff":
             root = layer.view.lookup([])
@@ -314,7 +295,7 @@ class StoreFS:
         # glibc's readdir skips entries whose inode number is 0: give each one a number
         dots = [(b".", nodeid, stat.S_IFDIR), (b"..", ROOT, stat.S_IFDIR)]
         if ino.kind == K_LAYER:
-            linked = self.plain_mount and self._xattr_free(ino.layer)
+            linked = self.plain_mount and not ino.layer.view.has_xattrs
             return dots + [(b"diff", ROOT, stat.S_IFLNK if linked else stat.S_IFDIR),
                            (b"info", ROOT, stat.S_IFREG), (b"blob", ROOT, stat.S_IFREG)]
         if ino.kind == K_PLAIN:

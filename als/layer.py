@@ -91,9 +91,19 @@ class LayerView:
         self.label = label
         self.root = self._new_node(stat.S_IFDIR | 0o755, children={})
         self.rejected: list[str] = []
-        self.unservable: list[str] = []  # reasons the FUSE binding cannot present this layer faithfully
+        self.unservable: list[str] = []  # reasons the layer cannot be presented faithfully over FUSE
         self.file_count = 0
         self._build(entries)
+        # overlay opaque marks included: a layer without any is served where the kernel never asks
+        self.has_xattrs = any(n.xattrs for n in self._nodes())
+
+    def _nodes(self):
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            yield node
+            if node.children:
+                stack.extend(node.children.values())
 
     # ---- building ---------------------------------------------------------------
     def _take_ino(self) -> int:
@@ -269,12 +279,9 @@ class LayerView:
 
     def chunks(self) -> list[T.Chunk]:
         """Every chunk of every regular file, once (hard links share theirs)."""
-        out, seen, stack = [], set(), [self.root]
-        while stack:
-            node = stack.pop()
-            if node.children is not None:
-                stack.extend(node.children.values())
-            elif node.chunks and node.ino not in seen:
+        out, seen = [], set()
+        for node in self._nodes():
+            if node.chunks and node.ino not in seen:
                 seen.add(node.ino)
                 out.extend(node.chunks)
         return out

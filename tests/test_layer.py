@@ -106,3 +106,8 @@ def test_binary_xattr_values_are_served_and_only_unencodable_names_decline():
     assert ok.lookup(["ping"]).xattrs == {"security.capability": caps}
     bad = LayerView([E("lone\ud800")])  # no bytes stand for a lone high surrogate
     assert bad.unservable and "cannot be encoded" in bad.unservable[0]
+
+def test_a_layer_knows_whether_any_file_has_xattrs():
+    assert not LayerView([E("d", T.DIR), E("d/f")]).has_xattrs
+    assert LayerView([E("d", T.DIR), E("d/f", xattrs={"user.a": b"1"})]).has_xattrs
+    assert LayerView([E("d", T.DIR), E("d/.wh..wh..opq")]).has_xattrs  # overlay's opaque mark is one
