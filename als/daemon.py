@@ -126,15 +126,22 @@ def control_handlers(store: Store, mountpoint: Path | None = None, root: Path | 
             **access.control_handlers(store.accesses)}
 
 
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's per-thread malloc arenas before the worker threads start.
+def limit_malloc_arenas(arenas: int = 2, mmap_threshold: int = 256 << 10) -> None:
+    """Cap glibc's per-thread malloc arenas, and keep chunk-sized buffers out of its heaps.
 
     Every FUSE and fetch thread would otherwise get an arena of its own that
     keeps freed chunk buffers: measured here, peak RSS after reading a 160 MB
-    image fell from 210 MB to 139 MB with two arenas, at no measurable speed cost.
+    image fell from 210 MB to 139 MB with two arenas, at no measurable speed
+    cost. A fixed mmap threshold sends each decompressed chunk (up to 1 MiB)
+    straight to mmap and back to the kernel when freed; glibc's default
+    threshold rises with every large block freed, after which such buffers
+    come from the heap and its fragmentation stays resident (measured: peak
+    RSS reading the benchmark image 80 MB -> 76 MB).
     """
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # M_ARENA_MAX
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, arenas)  # M_ARENA_MAX
+        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
+import time
+from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, Sequence
 
-from als.cache import ChunkCache
+from als.cache import ChunkCache, release_free_memory
 from als.digest import sha256_digest
 from als.errors import FormatError, RegistryError, VerificationError
 from als.formats import estargz, zstdchunked
@@ -32,7 +34,11 @@ from als.formats import toc as T
 
 log = logging.getLogger("als.fetch")
 
-Decompressor = Callable[[bytes, T.Chunk], bytes]
+Decompressor = Callable[[bytes | memoryview, T.Chunk], bytes]
+StreamRange = Callable[[int, int, Callable[[bytes], None]], int]  # start, end, sink -> bytes handed over
+# Longest a background batch waits for the cache's disk writer to catch up (seconds).
+WRITER_WAIT = 10.0
+
 DECOMPRESSORS: dict[str, Decompressor] = {T.GZIP: estargz.decompress_chunk,
                                           T.ZSTD: zstdchunked.decompress_chunk}
 
@@ -46,15 +52,27 @@ class BlobSource:
     """
 
     def __init__(self, label: str, read_range: Callable[[int, int], bytes], compression: str = T.GZIP,
-                 chunks: Sequence[T.Chunk] = ()):
+                 chunks: Sequence[T.Chunk] = (), stream_range: StreamRange | None = None):
         self.label = label  # "image <ref> layer <digest>", for log lines
         self.read_range = read_range  # [start, end) of the compressed blob
+        self._stream_range = stream_range
         self.compression = compression
         self.chunks = sorted({c for c in chunks if not c.zeros}, key=lambda c: (c.blob_start, c.inner_offset))
         self._starts = [c.blob_start for c in self.chunks]
         self._lock = threading.Lock()
         self._expect = -1  # blob index a sequential miss would start at
         self._window = 0  # read-ahead bytes (compressed)
+
+    def stream_range(self, start: int, end: int, sink: Callable[[bytes], None]) -> int:
+        """Hand blob bytes [start, end) to ``sink`` in order as they arrive; returns their count.
+
+        Sources made from a plain ``read_range`` hand the range over in one piece.
+        """
+        if self._stream_range is not None:
+            return self._stream_range(start, end, sink)
+        data = self.read_range(start, end)
+        sink(data)
+        return len(data)
 
     def index_of(self, chunk: T.Chunk) -> int:
         i = bisect.bisect_left(self._starts, chunk.blob_start)
@@ -131,8 +149,10 @@ class ChunkFetcher:
                 by_offset = sorted((c for c, _ in mine), key=lambda c: c.blob_start)
                 ahead = source.after(by_offset[0], by_offset[-1], self.readahead_min, self.readahead_max)
                 ahead += self._rest_of_file(file_chunks, by_offset[0])
-                extra, _ = self._claim([c for c in dict.fromkeys(ahead) if not self.cache.contains(c.digest)])
-                self._fetch(source, mine + extra)
+                # The read-ahead claims go straight to _fetch and are not kept here: once
+                # delivered, their chunks belong to the cache and to whoever waits on them.
+                self._fetch(source, mine + self._claim([c for c in dict.fromkeys(ahead)
+                                                        if not self.cache.contains(c.digest)])[0])
             for c, fut in mine + theirs:
                 try:
                     out[c] = fut.result(timeout=self.wait_timeout)
@@ -163,10 +183,9 @@ class ChunkFetcher:
         Claims them first, so foreground reads that arrive meanwhile wait for
         these fetches instead of starting their own. Returns bytes fetched.
         """
-        mine, _ = self._claim([c for c in chunks if not c.zeros and not self.cache.contains(c.digest)])
         before = self.bytes_fetched
-        if mine:
-            self._fetch(source, mine, max_request=max_request)
+        wanted = [c for c in chunks if not c.zeros and not self.cache.contains(c.digest)]
+        self._fetch(source, self._claim(wanted)[0], max_request=max_request)
         return self.bytes_fetched - before
 
     def background(self, source: BlobSource, stop: threading.Event, step: int = 4 << 20,
@@ -189,15 +208,15 @@ class ChunkFetcher:
             if not batch:
                 continue
             self._wait_idle(stop)
-            mine, _ = self._claim(batch)
-            if not mine:
-                continue
+            self._wait_writer(stop)
             before = self.bytes_fetched
-            self._fetch(source, mine)
+            # The claims are handed over, not kept: a batch's chunks are released one by one
+            # as they are delivered instead of all living until the batch ends.
+            failed = self._fetch(source, self._claim(batch)[0])
+            release_free_memory()
             fetched += self.bytes_fetched - before
-            if progress is not None:
+            if progress is not None and self.bytes_fetched > before:
                 progress(self.bytes_fetched - before)
-            failed = next((f.exception() for _, f in mine if f.exception() is not None), None)
             if failed is not None:
                 log.info("%s: background fetch stopped: %s", source.label, failed)
                 return fetched
@@ -207,6 +226,20 @@ class ChunkFetcher:
         with self._lock:
             while self._foreground and not stop.is_set():
                 self._idle.wait(0.1)
+
+    def _wait_writer(self, stop: threading.Event) -> None:
+        """Back-pressure on the background fetch only: wait while the cache's disk writer is behind.
+
+        Each background batch adds its decompressed chunks to the writer's
+        queue; fetching the next before the queue has room would only make
+        ``put`` write inline or pile chunks up in memory. Foreground reads
+        never wait here, and the wait is bounded so a stuck disk cannot stall
+        the pass for good (``put`` then writes inline, which bounds memory).
+        """
+        deadline = time.monotonic() + WRITER_WAIT
+        while not stop.is_set() and not self.cache.wait_for_room(0.1):
+            if time.monotonic() >= deadline:
+                return
 
     # ---- mechanics ----------------------------------------------------------------------
     def _claim(self, chunks: Sequence[T.Chunk]) -> tuple[list, list]:
@@ -223,23 +256,41 @@ class ChunkFetcher:
                     theirs.append((c, fut))
         return mine, theirs
 
-    def _fetch(self, source: BlobSource, claimed: list, max_request: int | None = None) -> None:
-        claimed = self._drop_cached(claimed)
+    def _fetch(self, source: BlobSource, claimed: list, max_request: int | None = None) -> BaseException | None:
+        """Fetch and deliver the claimed chunks; the first failure, or None.
+
+        Each run is one range request, streamed: a chunk is decoded and handed
+        out as soon as its bytes are in, so neither the compressed run nor its
+        decompressed chunks are ever held whole (a 16 MiB run would be 16 MiB
+        compressed and 35 MiB decompressed). Takes ownership of ``claimed``
+        and empties it, for the same reason: a delivered chunk must not
+        outlive its waiters because of a list here.
+        """
+        runs = list(self._runs_of(self._drop_cached(claimed), max_request or self.max_request))
+        claimed.clear()
+        failed = None
+        while runs:
+            run = _RunDecoder(self, source, runs.pop(0))
+            try:
+                source.stream_range(run.start, run.end, run.feed)
+                if run.left:
+                    raise RegistryError(f"{source.label}: got {run.received} of the {run.end - run.start} bytes "
+                                        f"at blob offset {run.start}")
+            except Exception as e:  # every waiter must hear about it
+                failed = failed or e
+                run.abort(e)
+            with self._lock:
+                self.bytes_fetched += run.received
+                self.requests += 1
+            failed = failed or run.failed
+        return failed
+
+    def _runs_of(self, claimed: list, max_request: int):
+        """``claimed`` in blob order, cut into runs of one range request each."""
         if not claimed:
             return
         claimed.sort(key=lambda cf: (cf[0].blob_start, cf[0].inner_offset))
-        for run in self._runs(claimed, max_request or self.max_request):
-            start, end = run[0][0].blob_start, max(c.blob_end for c, _ in run)
-            try:
-                data = source.read_range(start, end)
-            except Exception as e:  # every waiter must hear about it
-                for c, fut in run:
-                    self._finish(c, fut, exc=e)
-                continue
-            with self._lock:
-                self.bytes_fetched += len(data)
-                self.requests += 1
-            self._deliver(source, run, data, start)
+        yield from self._runs(claimed, max_request)
 
     def absorb(self, source: BlobSource, data: bytes, start: int) -> int:
         """Cache the chunks that lie wholly inside blob bytes already fetched for another reason
@@ -253,14 +304,22 @@ class ChunkFetcher:
         return len(mine)
 
     def _deliver(self, source: BlobSource, claimed: list, data: bytes, start: int) -> None:
-        for c, fut in claimed:
-            try:
-                chunk = self._decode(source, c, data[c.blob_start - start:c.blob_end - start])
-            except Exception as e:
-                self._finish(c, fut, exc=e)
-            else:
-                self.cache.put(c.digest, chunk)
-                self._finish(c, fut, result=chunk)
+        """Decode, verify, cache and hand out each claimed chunk of ``data`` (blob bytes from ``start``)."""
+        with memoryview(data) as view:
+            for c, fut in claimed:
+                self._deliver_one(source, c, fut, view[c.blob_start - start:c.blob_end - start])
+
+    def _deliver_one(self, source: BlobSource, c: T.Chunk, fut: Future,
+                     raw: bytes | memoryview) -> BaseException | None:
+        """Decode, verify, cache and hand out one chunk; its failure, or None."""
+        try:
+            chunk = self._decode(source, c, raw)
+        except Exception as e:
+            self._finish(c, fut, exc=e)
+            return e
+        self.cache.put(c.digest, chunk)
+        self._finish(c, fut, result=chunk)
+        return None
 
     def _drop_cached(self, claimed: list) -> list:
         """Finish claims that another fetch completed between our cache check and our claim.
@@ -288,7 +347,7 @@ class ChunkFetcher:
                 run = [(c, fut)]
         yield run
 
-    def _decode(self, source: BlobSource, c: T.Chunk, raw: bytes) -> bytes:
+    def _decode(self, source: BlobSource, c: T.Chunk, raw: bytes | memoryview) -> bytes:
         decompress = DECOMPRESSORS.get(source.compression)
         if decompress is None:
             raise FormatError(f"{source.label}: no decompressor for {source.compression}")
@@ -306,6 +365,48 @@ class ChunkFetcher:
             fut.set_exception(exc)
         else:
             fut.set_result(result)
+
+
+class _RunDecoder:
+    """The sink of one streamed range request: decodes each chunk of the run once its bytes are in.
+
+    Only the bytes from the first undelivered chunk on are kept, so memory is
+    about one compressed chunk plus one network read, whatever the run's size.
+    Chunks are delivered in blob order; each claim is dropped once delivered.
+    """
+
+    def __init__(self, fetcher: ChunkFetcher, source: BlobSource, run: list):
+        self.fetcher = fetcher
+        self.source = source
+        self.left = deque(run)  # (chunk, future) in blob order, not delivered yet
+        self.start = run[0][0].blob_start
+        self.end = max(c.blob_end for c, _ in run)
+        self.received = 0
+        self.failed: BaseException | None = None
+        self._buf = bytearray()
+        self._buf_start = self.start  # blob offset of _buf[0]
+
+    def feed(self, piece: bytes) -> None:
+        self.received += len(piece)
+        self._buf += piece
+        buf_end = self._buf_start + len(self._buf)
+        while self.left and self.left[0][0].blob_end <= buf_end:
+            c, fut = self.left.popleft()
+            raw = bytes(memoryview(self._buf)[c.blob_start - self._buf_start:c.blob_end - self._buf_start])
+            self.failed = self.failed or self.fetcher._deliver_one(self.source, c, fut, raw)
+        # keep only what the next chunk needs (runs are sorted by blob start); a gap is dropped
+        # as it arrives, never ahead of it
+        keep = min(self.left[0][0].blob_start, buf_end) if self.left else buf_end
+        if keep > self._buf_start:
+            del self._buf[:keep - self._buf_start]
+            self._buf_start = keep
+
+    def abort(self, exc: BaseException) -> None:
+        """The request failed: every chunk not delivered yet fails with it."""
+        while self.left:
+            c, fut = self.left.popleft()
+            self.fetcher._finish(c, fut, exc=exc)
+        self._buf = bytearray()
 
 
 def _sized(source: BlobSource, chunks: list[T.Chunk], out: dict[T.Chunk, bytes]) -> list[bytes]:

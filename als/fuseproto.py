@@ -70,9 +70,9 @@ INVAL_INODE = struct.Struct("<Qqq")  # nodeid, offset, length
 DIRENT = struct.Struct("<QQII")
 STATFS_OUT = struct.Struct("<QQQQQIIII24x")
 
-MAX_WRITE = 128 << 10  # nothing is writable; the request buffer must still hold one
+MAX_WRITE = 4096  # the least the kernel takes: nothing is writable, and each worker's buffer must hold one
 MAX_PAGES_COUNT = 256  # 1 MiB reads: a whole chunk per request
-BUFFER = MAX_WRITE + (8 << 10)
+BUFFER = 16 << 10  # a request: header, arguments and up to two names (PATH_MAX for a symlink target)
 MS_NODEV, MS_NOSUID, MNT_DETACH = 4, 2, 2
 
 

@@ -57,7 +57,7 @@ class InstrumentedClient:
     def __getattr__(self, name):  # push, streams, close, conf, ...: unchanged
         return getattr(self._client, name)
 
-    def _call(self, ref, what: str, fn, *args, timed: bool = False):
+    def _call(self, ref, what: str, fn, *args, timed: bool = False, size_of=len):
         registry = ref.registry
         t0 = time.monotonic()
         try:
@@ -66,7 +66,7 @@ class InstrumentedClient:
             metrics.registry_error(registry)
             self.errors.add(registry, what, str(e))
             raise
-        size = len(result.data) if what == "manifest" else len(result)
+        size = len(result.data) if what == "manifest" else size_of(result)
         metrics.registry_fetch(registry, size, time.monotonic() - t0 if timed else None)
         return result
 
@@ -78,3 +78,7 @@ class InstrumentedClient:
 
     def read_range(self, ref, digest, start, end):
         return self._call(ref, "range", self._client.read_range, digest, start, end, timed=True)
+
+    def stream_range(self, ref, digest, start, end, sink):
+        return self._call(ref, "range", self._client.stream_range, digest, start, end, sink, timed=True,
+                          size_of=int)

@@ -433,7 +433,9 @@ class Store:
         if view.unservable:
             raise FormatError(f"it cannot be presented faithfully over FUSE ({len(view.unservable)} entries, "
                               f"first: {view.unservable[0]})")
-        source = BlobSource(label, read_range, toc.compression, view.chunks())
+        stream = getattr(self.client, "stream_range", None)  # chunks decoded as they arrive, if it can
+        source = BlobSource(label, read_range, toc.compression, view.chunks(),
+                            stream_range=partial(stream, r, desc.digest) if stream else None)
         if tail:
             self.fetcher.absorb(source, tail[:max(toc.data_end - tail_start, 0)], tail_start)
         return Layer(ref=ref, desc=desc, toc_digest=toc.digest, diff_size=diff_size, view=view, source=source,

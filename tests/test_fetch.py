@@ -11,6 +11,7 @@ from functools import partial
 import pytest
 
 from als.cache import ChunkCache
+from als.errors import RegistryError
 from als.fetch import BlobSource, ChunkFetcher
 from als.formats import estargz
 from als.layer import LayerView
@@ -32,9 +33,14 @@ def layer_source(registry, client):
     toc = estargz.parse_toc(blob[toc_offset:len(blob) - footer], None, toc_offset=toc_offset)
     view = LayerView(toc.entries)
 
-    def make() -> BlobSource:
+    def make(piece: int = 0) -> BlobSource:
+        """A source that streams its ranges as the store's do; ``piece``: re-cut the body into pieces this big."""
+        stream = partial(client.stream_range, ref, layer.digest)
+        if piece:
+            def stream(start, end, sink, inner=stream):
+                return inner(start, end, lambda data: [sink(data[i:i + piece]) for i in range(0, len(data), piece)])
         return BlobSource("test layer", partial(client.read_range, ref, layer.digest), toc.compression,
-                          view.chunks())
+                          view.chunks(), stream_range=stream)
 
     return make, view, files, layer
 
@@ -149,3 +155,33 @@ def test_cache_limit_evicts_least_recently_used(tmp_path):
     assert again.prune(1000) == 2000 and again.stats().entries == 1
     again.path(next(iter(again._index))).write_bytes(b"x" * 1000)
     assert again.verify() == (1, 1) and again.stats().entries == 0
+
+
+@pytest.mark.parametrize("piece", [1, 1000, 100_000])
+def test_streamed_runs_with_gaps_deliver_every_chunk(tmp_path, layer_source, piece):
+    """Chunks are decoded as a range streams in, whatever the pieces, across the gaps of a coalesced run."""
+    make, view, files, layer = layer_source
+    names = sorted(files)[::2]  # every other file: one request, with a gap per file skipped
+    wanted = [c for n in names for c in view.lookup([n]).chunks]
+    fetcher = ChunkFetcher(ChunkCache(tmp_path), coalesce_gap=1 << 30)
+    assert fetcher._fetch(make(piece), fetcher._claim(wanted)[0]) is None
+    assert fetcher.requests == 1 and fetcher.inflight() == 0
+    for name in names:
+        assert read_file(fetcher, make(), view, name) == files[name]
+    assert fetcher.requests == 1
+
+
+def test_a_stream_cut_short_fails_the_chunks_it_did_not_bring(tmp_path, layer_source):
+    make, view, files, layer = layer_source
+    source = make()
+    full = source._stream_range
+
+    def short(start, end, sink):
+        return full(start, end - 1, sink)
+
+    source._stream_range = short
+    fetcher = ChunkFetcher(ChunkCache(tmp_path), coalesce_gap=1 << 30)
+    chunks = view.lookup(["f01"]).chunks
+    assert isinstance(fetcher._fetch(source, fetcher._claim(chunks)[0]), RegistryError)
+    assert fetcher.inflight() == 0
+    assert all(fetcher.cache.contains(c.digest) for c in chunks[:-1])

@@ -174,40 +174,58 @@ class RegistryClient:
         Asks for ``Range: bytes=start-(end-1)``; a registry that ignores it
         (200) is read only up to ``end`` and the connection dropped.
         """
+        out = bytearray()
+        self.stream_range(ref, digest, start, end, out.extend)
+        return bytes(out)
+
+    def stream_range(self, ref: Reference, digest: str, start: int, end: int,
+                     sink: Callable[[bytes], None]) -> int:
+        """Hand bytes [start, end) of a blob to ``sink`` in order, as they arrive; returns their count.
+
+        For readers that consume a range piece by piece (the chunk fetcher
+        decodes each chunk as soon as its bytes are in), so that a large range
+        is never held whole in memory. Each byte reaches ``sink`` exactly once:
+        a retry after a broken body skips what was already handed over. On a
+        RegistryError, ``sink`` may have had a prefix of the range.
+        """
         _check_digest(digest)
         if start < 0 or end < start:
             raise ValueError(f"invalid byte range [{start}, {end})")
         if start == end:
-            return b""
+            return 0
         req = _Request(ref, f"bytes {start}-{end - 1} of blob {digest}")
         headers = {"Range": f"bytes={start}-{end - 1}"}
         # Socket timeouts bound each wait, not the whole: a body trickling in a byte at a time
         # would hold a FUSE read for hours. The retry deadline bounds the body too.
         deadline = time.monotonic() + self.retry_deadline
+        want = end - start
+        done = 0  # bytes handed to sink, over all attempts
 
-        def consume(resp: requests.Response, ep: Endpoint) -> bytes:
-            skip = self._range_start(resp, start, end, req, ep)
+        def consume(resp: requests.Response, ep: Endpoint) -> int:
+            nonlocal done
+            skip = self._range_start(resp, start, end, req, ep) + done
             # A 206 body of about the size asked for is read to its end so the
             # connection goes back to the pool; a 200 (Range ignored) or an
             # oversized 206 is cut off at ``end`` and its connection dropped.
             length = resp.headers.get("Content-Length", "")
             whole = (resp.status_code == 206 and length.isdigit()
                      and int(length) <= end - start + _CHUNK)
-            out = bytearray()
-            want = end - start
             for chunk in _body(resp, deadline, f"registry {ep.host} sent {req.what} of image {ref}"):
                 if skip:
                     if len(chunk) <= skip:
                         skip -= len(chunk)
                         continue
                     chunk, skip = chunk[skip:], 0
-                out += chunk[:want - len(out)]
-                if len(out) >= want and not whole:
+                if done < want:
+                    piece = chunk[:want - done]
+                    sink(piece)
+                    done += len(piece)
+                if done >= want and not whole:
                     break
-            if len(out) < want:
-                raise TransientError(f"registry {ep.host} sent {len(out)} of {want} bytes for "
+            if done < want:
+                raise TransientError(f"registry {ep.host} sent {done} of {want} bytes for "
                                      f"{req.what} of image {ref}")
-            return bytes(out)
+            return done
 
         return self._pull(req, "GET", f"blobs/{digest}", consume, headers)
 
