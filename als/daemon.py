@@ -184,7 +184,7 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
     try:
         for path, fs in mounts:
             try:
-                fd = fuseproto.mount(path)
+                fd = fuseproto.mount(path, read_only=fs is not main)  # nothing is ever created there
             except OSError as e:
                 raise ALSError(str(e)) from None
             session = fuseproto.Session(fd, fs, workers=f.threads, observe=observe).start()

@@ -73,7 +73,7 @@ STATFS_OUT = struct.Struct("<QQQQQIIII24x")
 MAX_WRITE = 4096  # the least the kernel takes: nothing is writable, and each worker's buffer must hold one
 MAX_PAGES_COUNT = 256  # 1 MiB reads: a whole chunk per request
 BUFFER = 16 << 10  # a request: header, arguments and up to two names (PATH_MAX for a symlink target)
-MS_NODEV, MS_NOSUID, MNT_DETACH = 4, 2, 2
+MS_RDONLY, MNT_DETACH = 1, 2
 
 
 class FuseError(OSError):
@@ -356,24 +356,28 @@ def _sized(value: bytes, size: int) -> bytes:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def mount(mountpoint: Path, allow_other: bool = True) -> int:
+def mount(mountpoint: Path, read_only: bool = False, allow_other: bool = True) -> int:
     """Mount an empty FUSE file system at ``mountpoint``; returns the /dev/fuse descriptor to serve.
 
     mount(2) works as root and inside a user namespace that owns its mount
     namespace (`podman unshare`); elsewhere fusermount3 mounts and passes back
-    the descriptor, as libfuse does.
+    the descriptor, as libfuse does. ``read_only`` also spares a round trip:
+    the kernel marks a file's access time stale after reading it from the
+    daemon, and asks for it again on the next stat, unless the mount is
+    read-only.
     """
     fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     opts = ["default_permissions", f"max_read={MAX_PAGES_COUNT * 4096}"] + (["allow_other"] if allow_other else [])
     data = ",".join([f"fd={fd}", f"rootmode={stat.S_IFDIR:o}", f"user_id={os.getuid()}",
                      f"group_id={os.getgid()}"] + opts)
-    if _libc.mount(b"als", os.fsencode(mountpoint), b"fuse.als", 0, data.encode()) == 0:
+    flags = MS_RDONLY if read_only else 0
+    if _libc.mount(b"als", os.fsencode(mountpoint), b"fuse.als", flags, data.encode()) == 0:
         return fd
     err = ctypes.get_errno()
     os.close(fd)
     if err not in (errno.EPERM, errno.EACCES):
         raise OSError(err, f"mounting FUSE on {mountpoint}: {os.strerror(err)}")
-    return _fusermount(mountpoint, ["fsname=als", "subtype=als"] + opts)
+    return _fusermount(mountpoint, ["fsname=als", "subtype=als"] + (["ro"] if read_only else []) + opts)
 
 
 def _fusermount(mountpoint: Path, opts: list[str]) -> int:

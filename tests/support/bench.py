@@ -13,7 +13,8 @@ Workloads:
   cold      podman pull + podman run IMAGE python3 -c 'print(1)'
   readall   podman pull + podman run IMAGE sh -c 'tar cf - /usr | wc -c'
             (through `wc`: GNU tar skips reading data when writing to /dev/null)
-  warm      the readall command again in a new container, everything cached
+  warm      the readall command again in a new container, everything cached (for the store: once its
+            background fetch has finished)
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ class Bench:
                     raise RuntimeError(f"the store declined a layer of {tag}: {store.log()[-2000:]}")
                 warm = None
                 if again:
+                    wait_until_fetched(store)
                     t0 = time.monotonic()
                     again_out = podman.run("run", "--rm", self.ref(tag), *cmd, timeout=900).stdout
                     warm = Sample(time.monotonic() - t0, 0, peak_rss(store.proc.pid))
@@ -185,6 +187,15 @@ class Bench:
                 return cold, warm
         finally:
             store.stop()
+
+
+def wait_until_fetched(store: StoreProcess, timeout: float = 300.0) -> None:
+    """Warm means everything cached: wait for the background fetch to finish (it logs when it has)."""
+    deadline = time.monotonic() + timeout
+    while "background fetch done" not in store.log():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the background fetch did not finish in {timeout:.0f}s: {store.log()[-2000:]}")
+        time.sleep(0.2)
 
 
 def record_profile(bench: Bench) -> list[str]:
