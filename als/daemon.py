@@ -103,7 +103,8 @@ def build_store(root: Path, config) -> Store:
     f = config.fetch
     fetcher = ChunkFetcher(cache, coalesce_gap=f.coalesce_gap, max_request=f.max_request,
                            wait_timeout=f.read_timeout, readahead_min=f.readahead_min,
-                           readahead_max=f.readahead_max, file_readahead=f.file_readahead)
+                           readahead_max=f.readahead_max, file_readahead=f.file_readahead,
+                           dir_readahead=f.dir_readahead)
     # Wrapped so that bytes, latency and failures per registry reach the metrics and `als status`.
     return Store(config, InstrumentedClient(client), fetcher, StateDir(root / "state"))
 

@@ -99,7 +99,7 @@ class BlobSource:
 class ChunkFetcher:
     def __init__(self, cache: ChunkCache, *, coalesce_gap: int = 64 << 10, max_request: int = 16 << 20,
                  wait_timeout: float = 120.0, readahead_min: int = 256 << 10, readahead_max: int = 8 << 20,
-                 file_readahead: int = 0):
+                 file_readahead: int = 0, dir_readahead: int = 0):
         self.cache = cache
         self.coalesce_gap = coalesce_gap
         self.max_request = max_request
@@ -107,6 +107,7 @@ class ChunkFetcher:
         self.readahead_min = readahead_min
         self.readahead_max = readahead_max
         self.file_readahead = file_readahead
+        self.dir_readahead = dir_readahead
         self._inflight: dict[str, Future] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -120,13 +121,18 @@ class ChunkFetcher:
             return len(self._inflight)
 
     # ---- the three producers ---------------------------------------------------------
-    def read(self, source: BlobSource, chunks: list[T.Chunk], file_chunks: Sequence[T.Chunk] = ()) -> list[bytes]:
+    def read(self, source: BlobSource, chunks: list[T.Chunk], file_chunks: Sequence[T.Chunk] = (),
+             neighbours: Sequence[T.Chunk] = ()) -> list[bytes]:
         """The verified bytes of each chunk, in order. Raises ALSError subclasses.
 
         ``file_chunks`` are all the chunks of the file being read, given for
         programs and libraries: they are mapped and paged in out of order, so
         on a miss the rest of the file, up to ``file_readahead`` compressed
         bytes, comes in the same request instead of one per page fault.
+        ``neighbours`` are the chunks of the small files beside a small file
+        being read: interpreters load many of one directory, one after
+        another, so on a miss those that follow in the blob, up to
+        ``dir_readahead`` compressed bytes, come in the same request.
         """
         out: dict[T.Chunk, bytes] = {}
         missing = []
@@ -148,7 +154,9 @@ class ChunkFetcher:
             if mine:
                 by_offset = sorted((c for c, _ in mine), key=lambda c: c.blob_start)
                 ahead = source.after(by_offset[0], by_offset[-1], self.readahead_min, self.readahead_max)
-                ahead += self._rest_of_file(file_chunks, by_offset[0])
+                if len(file_chunks) > 1:
+                    ahead += self._following(file_chunks, by_offset[0], self.file_readahead)
+                ahead += self._following(neighbours, by_offset[0], self.dir_readahead)
                 # The read-ahead claims go straight to _fetch and are not kept here: once
                 # delivered, their chunks belong to the cache and to whoever waits on them.
                 self._fetch(source, mine + self._claim([c for c in dict.fromkeys(ahead)
@@ -164,15 +172,14 @@ class ChunkFetcher:
                 self._idle.notify_all()
         return _sized(source, chunks, out)
 
-    def _rest_of_file(self, file_chunks: Sequence[T.Chunk], first: T.Chunk) -> list[T.Chunk]:
-        """The file's chunks from ``first`` on, within ``file_readahead`` compressed bytes."""
-        if not self.file_readahead or len(file_chunks) < 2:
-            return []
+    @staticmethod
+    def _following(chunks: Sequence[T.Chunk], first: T.Chunk, budget: int) -> list[T.Chunk]:
+        """``chunks`` (in blob order) from ``first`` on, within ``budget`` compressed bytes of it."""
         out = []
-        for c in file_chunks:
+        for c in chunks:
             if c.blob_start < first.blob_start or c.zeros:
                 continue
-            if c.blob_end - first.blob_start > self.file_readahead:
+            if c.blob_end - first.blob_start > budget:
                 break
             out.append(c)
         return out

@@ -24,6 +24,8 @@ import threading
 import time
 from typing import Callable
 
+from cachetools import LRUCache
+
 from als import metrics
 from als.errors import ALSError
 from als.fetch import ChunkFetcher
@@ -40,6 +42,7 @@ ROOT = 1
 
 # what a node id stands for
 K_ROOT, K_IMAGE, K_LAYER, K_INFO, K_BLOB, K_DIFF, K_LINK, K_PLAIN = range(8)
+SMALL_FILE = 64 << 10  # a file this small brings the small files after it in its directory on a miss
 PLAIN_DIR = b".noxattr"  # where the xattr-free mount sits on the main one (no image's base64 starts with ".")
 
 
@@ -57,7 +60,7 @@ class _Inode:
     """One node id the kernel holds: what it names and how many references the kernel took."""
 
     __slots__ = ("nodeid", "key", "kind", "ref", "digest", "layer", "node", "path", "refs", "attr",
-                 "whole_file", "reader")
+                 "whole_file", "reader", "parent")
 
     def __init__(self, nodeid: int, key: tuple, kind: int, ref: str | None = None, digest: str | None = None,
                  layer: Layer | None = None, node: Node | None = None, path: str = ""):
@@ -67,6 +70,7 @@ class _Inode:
         self.attr: Attr | None = None
         self.whole_file = ()  # programs and libraries come whole on a miss
         self.reader = None  # info bytes or the blob's reader
+        self.parent: Node | None = None  # the directory a small file was found in (read-ahead)
 
 
 class StoreFS:
@@ -95,6 +99,7 @@ class StoreFS:
         self._t = int(time.time())
         self._lock = threading.Lock()
         self._inodes: dict[int, _Inode] = {}
+        self._dirs: LRUCache = LRUCache(maxsize=256)  # id(directory node) -> its small files' chunks
         self._by_key: dict[tuple, _Inode] = {}
         self._next = ROOT + 1
         root = _Inode(ROOT, ("root",), K_ROOT)
@@ -238,6 +243,8 @@ class StoreFS:
             ino.attr = self._node_attr(child)
             if child.is_reg and _paged_in(child, path):
                 ino.whole_file = child.chunks
+            elif child.is_reg and child.size <= SMALL_FILE:
+                ino.parent = p.node
             return ino
         return self._entry(key, make)
 
@@ -275,7 +282,8 @@ class StoreFS:
         if ino.whole_file and self.store.predictor is not None:
             self.store.predictor.after_exec(layer, node)  # its loader and libraries come next
         try:
-            pieces = self.fetcher.read(layer.source, chunks, ino.whole_file)
+            pieces = self.fetcher.read(layer.source, chunks, ino.whole_file,
+                                       self._small_files(ino.parent) if ino.parent is not None else ())
         except ALSError as e:
             log.error("image %s layer %s file /%s: read failed: %s", layer.ref, layer.desc.digest, ino.path, e)
             raise FuseError(errno.EIO) from None
@@ -283,6 +291,18 @@ class StoreFS:
         first = chunks[0].offset
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         return data[offset - first:end - first]
+
+    def _small_files(self, directory: Node) -> list:
+        """The chunks of a directory's small files in blob order, for read-ahead; kept for recent ones."""
+        with self._lock:
+            hit = self._dirs.get(id(directory))
+        if hit is None:
+            chunks = sorted((c for n in directory.children.values() if n.is_reg and n.size <= SMALL_FILE
+                             for c in n.chunks), key=lambda c: c.blob_start)
+            hit = (directory, chunks)  # the node pins its id while cached
+            with self._lock:
+                self._dirs[id(directory)] = hit
+        return hit[1]
 
     def listing(self, nodeid: int) -> list[tuple[bytes, int, int]]:
         ino = self._inode(nodeid)
