@@ -185,3 +185,32 @@ def test_listings_the_kernel_caches_grow_with_the_images_looked_up(store, plain,
     assert (store.layer_dir(new_ref, new.digest) / "diff/a.txt").read_bytes() == b"a\n"
     assert new_b64 in os.listdir(store.mountpoint)  # not the listing the kernel cached before
     assert os.listdir(store.mountpoint / new_b64) == [new.digest]
+
+
+def test_a_small_files_miss_brings_the_small_files_after_it_in_its_directory(store, registry, client):
+    """Interpreters load many small files of one directory in a row: one request serves them."""
+    ref = f"{registry.host}/proto:pycache"
+    small = {f"lib/pkg/m{i:02d}.pyc": os.urandom(3000) for i in range(12)}
+    other = {"lib/zz/far.bin": os.urandom(2 << 20)}  # another directory: never brought along
+    layer = images.push_files(client, ref, {**small, **other}, chunk_size=64 << 10)
+    diff = store.layer_dir(ref, layer.digest) / "diff"
+    assert os.path.isdir(diff)
+    mark = registry.mark()
+    assert (diff / "lib/pkg/m00.pyc").read_bytes() == small["lib/pkg/m00.pyc"]
+    first = registry.accesses_since(mark)
+    assert len([a for a in first if a.written]) == 1
+    assert sum(a.written for a in first) < 1 << 20  # not the other directory's big file
+    mark = registry.mark()
+    for name, data in small.items():
+        assert (diff / name).read_bytes() == data
+    assert [a.uri for a in registry.accesses_since(mark) if a.written] == []  # all came with the first
+
+
+def test_the_xattr_free_mount_is_read_only(store, plain):
+    ref, layer = plain
+    real = os.path.realpath(store.layer_dir(ref, layer.digest) / "diff")
+    assert "/.noxattr/" in real
+    assert os.statvfs(real).f_flag & os.ST_RDONLY
+    with pytest.raises(OSError) as e:
+        os.open(os.path.join(real, "app/dir0/f0.txt"), os.O_WRONLY)
+    assert e.value.errno == errno.EROFS
