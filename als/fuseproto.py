@@ -158,7 +158,6 @@ class Session:
         self.initialized = threading.Event()  # the kernel's INIT has been answered: the mount is live
         self.no_open = False  # the kernel takes ENOSYS from OPEN/OPENDIR as "open needs no message"
         self.finished = threading.Event()
-        self._threads: list[threading.Thread] = []
         self._stale: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._handlers = {
             LOOKUP: self._lookup, GETATTR: self._getattr, READLINK: self._readlink, OPEN: self._open,
@@ -173,9 +172,7 @@ class Session:
 
     def start(self) -> "Session":
         for i in range(self.workers):
-            t = threading.Thread(target=self._serve, name=f"fuse-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
+            threading.Thread(target=self._serve, name=f"fuse-{i}", daemon=True).start()
         threading.Thread(target=self._notify, name="fuse-notify", daemon=True).start()
         return self
 
@@ -216,7 +213,7 @@ class Session:
                 if e.errno != errno.ENODEV:  # ENODEV: unmounted
                     log.error("reading /dev/fuse failed: %s", e)
                 break
-            length, opcode, unique, nodeid = IN_HEADER.unpack_from(buf)[:4]
+            _, opcode, unique, nodeid = IN_HEADER.unpack_from(buf)[:4]
             if opcode == FORGET:
                 self.ops.forget(nodeid, FORGET_IN.unpack_from(buf, IN_HEADER.size)[0])
                 continue
