@@ -20,7 +20,7 @@ import stat
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
+from typing import Callable, Iterable
 
 from als.layer import LayerView, Node
 
@@ -96,49 +96,60 @@ def program(view: LayerView, candidates: Iterable[str]) -> Node | None:
     return next((n for c in candidates if (n := resolve(view, c)) is not None), None)
 
 
-def elf_needs(data: bytes) -> tuple[str, list[str]]:
+def elf_needs(read: Callable[[int, int], bytes]) -> tuple[str, list[str]]:
     """The dynamic loader (PT_INTERP) and libraries (DT_NEEDED) an ELF file names; empty if not ELF.
 
-    Every offset is checked against ``data``: a hostile file yields nothing, never an exception.
+    ``read(offset, size)`` gives the file's bytes (fewer at its end): only the
+    headers, the dynamic section and the names are read, not the whole file.
+    Every offset comes from the file and is checked: a hostile file yields
+    nothing, never an exception.
     """
     try:
-        return _elf_needs(memoryview(data))
+        return _elf_needs(read)
     except (struct.error, ValueError, IndexError, OverflowError, UnicodeDecodeError):
         return "", []
 
 
-def _elf_needs(data: memoryview) -> tuple[str, list[str]]:
-    if len(data) < 64 or bytes(data[:4]) != b"\x7fELF" or data[4] not in (1, 2) or data[5] not in (1, 2):
+def elf_needs_of(data: bytes) -> tuple[str, list[str]]:
+    """``elf_needs`` of a file held whole."""
+    return elf_needs(lambda offset, size: data[offset:offset + size] if 0 <= offset else b"")
+
+
+def _elf_needs(read: Callable[[int, int], bytes]) -> tuple[str, list[str]]:
+    head = read(0, 64)
+    if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] not in (1, 2) or head[5] not in (1, 2):
         return "", []
-    wide, order = data[4] == 2, "<" if data[5] == 1 else ">"
+    wide, order = head[4] == 2, "<" if head[5] == 1 else ">"
     if wide:
-        phoff = struct.unpack_from(order + "Q", data, 32)[0]
-        phentsize, phnum = struct.unpack_from(order + "HH", data, 54)
+        phoff = struct.unpack_from(order + "Q", head, 32)[0]
+        phentsize, phnum = struct.unpack_from(order + "HH", head, 54)
         ph = struct.Struct(order + "IIQQQQQQ")  # type, flags, offset, vaddr, paddr, filesz, memsz, align
         dyn = struct.Struct(order + "qQ")
     else:
-        phoff = struct.unpack_from(order + "I", data, 28)[0]
-        phentsize, phnum = struct.unpack_from(order + "HH", data, 42)
+        phoff = struct.unpack_from(order + "I", head, 28)[0]
+        phentsize, phnum = struct.unpack_from(order + "HH", head, 42)
         ph = struct.Struct(order + "IIIIIIII")  # type, offset, vaddr, paddr, filesz, memsz, flags, align
         dyn = struct.Struct(order + "iI")
-    if phentsize < ph.size:
+    if not ph.size <= phentsize <= 256:  # 32 or 56 in practice; a larger one only makes reads bigger
         return "", []
+    phnum = min(phnum, 256)
+    table = read(phoff, phnum * phentsize)
     interp, dynamic, loads = "", None, []
-    for i in range(min(phnum, 256)):
-        f = ph.unpack_from(data, phoff + i * phentsize)
+    for i in range(phnum):
+        f = ph.unpack_from(table, i * phentsize)
         ptype, offset, vaddr, filesz = (f[0], f[2], f[3], f[5]) if wide else (f[0], f[1], f[2], f[4])
         if ptype == PT_INTERP:
-            interp = bytes(data[offset:offset + filesz]).split(b"\0", 1)[0].decode()
+            interp = read(offset, min(filesz, 4096)).split(b"\0", 1)[0].decode()
         elif ptype == PT_DYNAMIC:
-            dynamic = (offset, filesz)
+            dynamic = (offset, min(filesz, 4096 * dyn.size))
         elif ptype == PT_LOAD:
             loads.append((vaddr, offset, filesz))
     if dynamic is None:
         return interp, []
+    section = read(*dynamic)
     needed, strtab = [], None
-    start, size = dynamic
-    for i in range(min(size // dyn.size, 4096)):
-        tag, val = dyn.unpack_from(data, start + i * dyn.size)
+    for i in range(len(section) // dyn.size):
+        tag, val = dyn.unpack_from(section, i * dyn.size)
         if tag == DT_NULL:
             break
         if tag == DT_NEEDED and len(needed) < MAX_NEEDED:
@@ -149,7 +160,7 @@ def _elf_needs(data: memoryview) -> tuple[str, list[str]]:
         return interp, []
     names = []
     for off in needed:
-        raw = bytes(data[strtab + off:strtab + off + 256]).split(b"\0", 1)[0]
+        raw = read(strtab + off, 256).split(b"\0", 1)[0]
         if raw and b"/" not in raw:
             names.append(raw.decode())
     return interp, names
@@ -198,9 +209,14 @@ class Predictor:
         self._pool.submit(self._libraries_of, layer, node)
 
     def _libraries_of(self, layer, node: Node) -> None:
+        def read(offset: int, size: int) -> bytes:  # through the cache, like a container's read
+            chunks = node.chunks_for(offset, size) if offset >= 0 else []
+            if not chunks:
+                return b""
+            data = b"".join(self.fetcher.read(layer.source, chunks))
+            return data[offset - chunks[0].offset:offset - chunks[0].offset + size]
         try:
-            data = b"".join(self.fetcher.read(layer.source, node.chunks))  # the whole file is on its way
-            interp, needed = elf_needs(data)
+            interp, needed = elf_needs(read)
             self._fetch(layer, libraries(layer.view, interp, needed))
         except Exception as e:  # a prediction never fails anything
             log.debug("%s: predicting the libraries of a program failed: %s", layer.source.label, e)

@@ -9,7 +9,7 @@ import pytest
 
 from als.formats import toc as T
 from als.layer import LayerView
-from als.startup import elf_needs, entrypoint, libraries, program, resolve
+from als.startup import elf_needs_of, entrypoint, libraries, program, resolve
 
 
 def E(name, type=T.REG, **kw):
@@ -70,7 +70,7 @@ def test_real_programs_name_their_loader_and_libraries(path):
     real = shutil.which(os.path.basename(path)) or path
     if not os.path.exists(real):
         pytest.skip(f"{path} is not on this machine")
-    interp, needed = elf_needs(open(os.path.realpath(real), "rb").read())
+    interp, needed = elf_needs_of(open(os.path.realpath(real), "rb").read())
     assert interp.startswith("/lib") and "ld-linux" in interp
     assert "libc.so.6" in needed
 
@@ -94,9 +94,9 @@ def test_hostile_or_foreign_bytes_yield_nothing():
             b[rng.randrange(len(b))] = rng.randrange(256)
         cases.append(bytes(b))
     for data in cases:
-        interp, needed = elf_needs(data)  # never raises
+        interp, needed = elf_needs_of(data)  # never raises
         assert isinstance(interp, str) and isinstance(needed, list) and len(needed) <= 64
-    assert elf_needs(b"#!/bin/sh\n") == ("", [])
+    assert elf_needs_of(b"#!/bin/sh\n") == ("", [])
 
 
 def test_a_resolved_layer_has_its_start_files_program_and_libraries_fetched_before_any_read(
@@ -111,7 +111,7 @@ def test_a_resolved_layer_has_its_start_files_program_and_libraries_fetched_befo
     from tests.support.store_process import StoreProcess
 
     prog = os.path.realpath(shutil.which("true"))
-    interp, needed = elf_needs(open(prog, "rb").read())
+    interp, needed = elf_needs_of(open(prog, "rb").read())
     libdir = "usr/lib/x86_64-linux-gnu"
     if not interp or not all(os.path.exists(f"/{libdir}/{n}") for n in needed):
         pytest.skip("needs a dynamically linked true(1) with its libraries in /usr/lib/x86_64-linux-gnu")
