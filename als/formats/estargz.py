@@ -478,14 +478,7 @@ _chunk_offset = operator.attrgetter("offset")
 
 
 def _normalise(doc: object, digest: str, toc_offset: int, max_entries: int = MAX_TOC_ENTRIES) -> toc.TOC:
-    if not isinstance(doc, dict):
-        raise FormatError("TOC JSON is not an object")
-    version = doc.get("version")
-    if type(version) is not int or version != 1:
-        raise FormatError(f"unsupported TOC version {version!r:.40} (want 1)")
-    items = doc.get("entries", [])
-    if not isinstance(items, list):
-        raise FormatError("TOC 'entries' is not a list")
+    items = toc.entry_list(doc, "TOC")
     if len(items) > max_entries:
         raise FormatError(f"TOC has {len(items)} entries, over the limit of {max_entries}")
 

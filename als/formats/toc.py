@@ -86,6 +86,19 @@ class TOC:
     warnings: list[str] = field(default_factory=list)
 
 
+def entry_list(doc: object, what: str) -> list:
+    """The raw ``entries`` of a version 1 TOC document (eStargz TOC or zstd:chunked manifest)."""
+    if not isinstance(doc, dict):
+        raise FormatError(f"{what} is not a JSON object")
+    version = doc.get("version")
+    if type(version) is not int or version != 1:
+        raise FormatError(f"unsupported {what} version {version!r:.40} (want 1)")
+    items = doc.get("entries", [])
+    if not isinstance(items, list):
+        raise FormatError(f"{what} 'entries' is not a list")
+    return items
+
+
 def check_coverage(entry: Entry, chunks: list[Chunk]) -> None:
     """Refuse chunks (sorted by file offset) that do not tile ``entry``'s content exactly.
 

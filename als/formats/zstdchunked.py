@@ -167,14 +167,7 @@ def _str(obj: dict, key: str, where: str) -> str:
 
 
 def _normalise(doc: object, location: ManifestLocation) -> toc.TOC:
-    if not isinstance(doc, dict):
-        raise FormatError("zstd:chunked manifest is not a JSON object")
-    version = doc.get("version")
-    if type(version) is not int or version != 1:
-        raise FormatError(f"unsupported zstd:chunked manifest version {version!r:.40} (want 1)")
-    items = doc.get("entries", [])
-    if not isinstance(items, list):
-        raise FormatError("zstd:chunked manifest 'entries' is not a list")
+    items = toc.entry_list(doc, "zstd:chunked manifest")
     entries: list[toc.Entry] = []
     files: list[tuple[toc.Entry, list[dict]]] = []
     current: tuple[toc.Entry, list[dict]] | None = None
