@@ -89,7 +89,7 @@ class TOC:
 def entry_list(doc: object, what: str) -> list:
     """The raw ``entries`` of a version 1 TOC document (eStargz TOC or zstd:chunked manifest)."""
     if not isinstance(doc, dict):
-        raise FormatError(f"{what} is not a JSON object")
+        raise FormatError(f"{what} JSON is not an object")
     version = doc.get("version")
     if type(version) is not int or version != 1:
         raise FormatError(f"unsupported {what} version {version!r:.40} (want 1)")
