@@ -40,3 +40,7 @@ class ConfigError(ALSError):
 
 class CacheError(ALSError):
     """The chunk cache could not store or load an entry."""
+
+
+class Interrupted(ALSError):
+    """The caller went away (the kernel interrupted the FUSE request) while this waited."""
