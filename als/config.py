@@ -70,7 +70,8 @@ class FuseConfig:
     entry_timeout: float = 3600.0  # content is immutable: let the kernel cache names ...
     attr_timeout: float = 3600.0  # ... and attributes
     negative_timeout: float = 60.0  # and misses (Python's import path probing)
-    threads: int = 16  # requests served at once per mount; a read waiting for the network holds one
+    threads: int = 16  # threads per mount answering what needs no waiting (cached reads, lookups, listings)
+    waiting_threads: int = 64  # threads per mount for requests that wait (registry reads, resolves)
     xattr_free_mount: bool = True  # layers without xattrs through <mount>/.noxattr: no getxattr round trips
 
 

@@ -182,23 +182,33 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     sessions: list[tuple[Path, fuseproto.Session]] = []
     observe = observer()
+    code = 0
     try:
         for path, fs in mounts:
             try:
                 fd = fuseproto.mount(path, read_only=fs is not main)  # nothing is ever created there
             except OSError as e:
                 raise ALSError(str(e)) from None
-            session = fuseproto.Session(fd, fs, workers=f.threads, observe=observe).start()
+            session = fuseproto.Session(fd, fs, workers=f.threads, waiting=f.waiting_threads,
+                                        observe=observe).start()
             fs.invalidate = session.invalidate
             sessions.append((path, session))
         log.info("serving the additional layer store at %s (cache and state in %s)", mountpoint, root)
         while not stop.is_set() and not all(s.initialized.wait(1.0) for _, s in sessions):
-            pass  # the kernel sends INIT as soon as a mount exists
+            refused = next((s.refused for _, s in sessions if s.refused), None)
+            if refused:  # the kernel sends INIT as soon as a mount exists
+                raise ALSError(f"cannot serve {mountpoint}: {refused}")
         main.plain_mount = f.xattr_free_mount
         if not stop.is_set():
             mounted()
         while not stop.is_set() and not any(s.finished.is_set() for _, s in sessions):
             stop.wait(1.0)
+        if not stop.is_set():
+            lost = next(path for path, s in sessions if s.finished.is_set())
+            # Only a requested stop is a success: a service manager restarts a store that failed.
+            log.error("the mount on %s was removed while serving (an unmount or a FUSE abort from outside); "
+                      "exiting with an error", lost)
+            code = 1
     finally:
         for path, session in reversed(sessions):
             if not session.finished.is_set():
@@ -210,4 +220,4 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
             exporter.close()
         store.close()
     log.info("unmounted %s", mountpoint)
-    return 0
+    return code

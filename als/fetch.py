@@ -18,9 +18,11 @@ flight.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -31,6 +33,7 @@ from als.digest import sha256_digest
 from als.errors import FormatError, RegistryError, VerificationError
 from als.formats import estargz, zstdchunked
 from als.formats import toc as T
+from als.wait import wait_for
 
 log = logging.getLogger("als.fetch")
 
@@ -115,6 +118,11 @@ class ChunkFetcher:
         self.bytes_fetched = 0
         self.requests = 0
 
+    def cached(self, chunks: Sequence[T.Chunk]) -> bool:
+        """Whether reading ``chunks`` needs no network (a FUSE read that does waits elsewhere)."""
+        contains = self.cache.contains
+        return all(c.zeros or contains(c.digest) for c in chunks)
+
     def inflight(self) -> int:
         """Chunks being fetched right now (for `als status` and the metrics)."""
         with self._lock:
@@ -122,8 +130,13 @@ class ChunkFetcher:
 
     # ---- the three producers ---------------------------------------------------------
     def read(self, source: BlobSource, chunks: list[T.Chunk], file_chunks: Sequence[T.Chunk] = (),
-             neighbours: Sequence[T.Chunk] = ()) -> list[bytes]:
+             neighbours: Sequence[T.Chunk] = (), cancel: threading.Event | None = None) -> list[bytes]:
         """The verified bytes of each chunk, in order. Raises ALSError subclasses.
+
+        ``cancel``: the reader went away (a FUSE interrupt): stop waiting for
+        other fetches and raise Interrupted. A fetch this call started itself
+        runs to its end (bounded by the request deadline): others may be
+        waiting for the same chunks.
 
         ``file_chunks`` are all the chunks of the file being read, given for
         programs and libraries: they are mapped and paged in out of order, so
@@ -147,23 +160,19 @@ class ChunkFetcher:
                 missing.append(c)
         if not missing:
             return _sized(source, chunks, out)
-        mine, theirs = self._claim(missing)
         with self._lock:
             self._foreground += 1
         try:
+            mine, theirs = self._claim(missing)
             if mine:
-                by_offset = sorted((c for c, _ in mine), key=lambda c: c.blob_start)
-                ahead = source.after(by_offset[0], by_offset[-1], self.readahead_min, self.readahead_max)
-                if len(file_chunks) > 1:
-                    ahead += self._following(file_chunks, by_offset[0], self.file_readahead)
-                ahead += self._following(neighbours, by_offset[0], self.dir_readahead)
-                # The read-ahead claims go straight to _fetch and are not kept here: once
-                # delivered, their chunks belong to the cache and to whoever waits on them.
-                self._fetch(source, mine + self._claim([c for c in dict.fromkeys(ahead)
-                                                        if not self.cache.contains(c.digest)])[0])
+                # What this call fetches is handed to _fetch, which answers every claim whatever
+                # fails; the read-ahead claims are not kept here: once delivered, their chunks
+                # belong to the cache and to whoever waits on them.
+                self._fetch(source, mine + self._read_ahead(source, mine, file_chunks, neighbours))
+            deadline = time.monotonic() + self.wait_timeout
             for c, fut in mine + theirs:
                 try:
-                    out[c] = fut.result(timeout=self.wait_timeout)
+                    out[c] = wait_for(fut, deadline, cancel)
                 except FutureTimeout:
                     raise RegistryError(f"timed out waiting for chunk {c.digest} of {source.label}") from None
         finally:
@@ -171,6 +180,20 @@ class ChunkFetcher:
                 self._foreground -= 1
                 self._idle.notify_all()
         return _sized(source, chunks, out)
+
+    def _read_ahead(self, source: BlobSource, mine: list, file_chunks: Sequence[T.Chunk],
+                    neighbours: Sequence[T.Chunk]) -> list:
+        """Claims for what to fetch along with a foreground miss (see ``read``); never raises."""
+        try:
+            by_offset = sorted((c for c, _ in mine), key=lambda c: c.blob_start)
+            ahead = source.after(by_offset[0], by_offset[-1], self.readahead_min, self.readahead_max)
+            if len(file_chunks) > 1:
+                ahead += self._following(file_chunks, by_offset[0], self.file_readahead)
+            ahead += self._following(neighbours, by_offset[0], self.dir_readahead)
+            return self._claim([c for c in dict.fromkeys(ahead) if not self.cache.contains(c.digest)])[0]
+        except Exception as e:  # a read-ahead is an optimisation: the read goes on without it
+            log.warning("%s: choosing what to read ahead failed: %s", source.label, e)
+            return []
 
     @staticmethod
     def _following(chunks: Sequence[T.Chunk], first: T.Chunk, budget: int) -> list[T.Chunk]:
@@ -273,24 +296,49 @@ class ChunkFetcher:
         and empties it, for the same reason: a delivered chunk must not
         outlive its waiters because of a list here.
         """
-        runs = list(self._runs_of(self._drop_cached(claimed), max_request or self.max_request))
-        claimed.clear()
         failed = None
-        while runs:
-            run = _RunDecoder(self, source, runs.pop(0))
-            try:
-                source.stream_range(run.start, run.end, run.feed)
-                if run.left:
-                    raise RegistryError(f"{source.label}: got {run.received} of the {run.end - run.start} bytes "
-                                        f"at blob offset {run.start}")
-            except Exception as e:  # every waiter must hear about it
-                failed = failed or e
-                run.abort(e)
-            with self._lock:
-                self.bytes_fetched += run.received
-                self.requests += 1
-            failed = failed or run.failed
-        return failed
+        with self._answering(source, claimed) as outcome:
+            runs = list(self._runs_of(self._drop_cached(claimed), max_request or self.max_request))
+            claimed.clear()
+            while runs:
+                run = _RunDecoder(self, source, runs.pop(0))
+                try:
+                    source.stream_range(run.start, run.end, run.feed)
+                    if run.left:
+                        raise RegistryError(f"{source.label}: got {run.received} of the {run.end - run.start} "
+                                            f"bytes at blob offset {run.start}")
+                except Exception as e:  # every waiter must hear about it
+                    failed = failed or e
+                    run.abort(e)
+                with self._lock:
+                    self.bytes_fetched += run.received
+                    self.requests += 1
+                failed = failed or run.failed
+            outcome.append(failed)
+        return next((e for e in outcome if e is not None), None)
+
+    @contextlib.contextmanager
+    def _answering(self, source: BlobSource, claimed: list):
+        """Whatever happens inside, every claim in ``claimed`` is answered on the way out.
+
+        A claim nobody answers would make every later read of its chunk wait
+        for the full timeout and fail, until the store restarts. The futures
+        are held weakly: a delivered chunk must not outlive its readers here.
+        """
+        guard = [(c, weakref.ref(fut)) for c, fut in claimed]
+        outcome: list = []
+        try:
+            yield outcome
+        except Exception as e:
+            outcome.append(e)
+            log.error("%s: fetching %d chunks failed: %s", source.label, len(guard), e)
+        finally:
+            cause = next((e for e in outcome if e is not None), None)
+            for c, ref in guard:
+                fut = ref()
+                if fut is not None and not fut.done():
+                    self._finish(c, fut, exc=cause or RegistryError(
+                        f"{source.label}: the fetch of chunk {c.digest} ended without it"))
 
     def _runs_of(self, claimed: list, max_request: int):
         """``claimed`` in blob order, cut into runs of one range request each."""
@@ -307,7 +355,8 @@ class ChunkFetcher:
                   and not self.cache.contains(c.digest)]
         mine, _ = self._claim(inside)
         if mine:
-            self._deliver(source, mine, data, start)
+            with self._answering(source, mine):
+                self._deliver(source, mine, data, start)
         return len(mine)
 
     def _deliver(self, source: BlobSource, claimed: list, data: bytes, start: int) -> None:
@@ -324,7 +373,10 @@ class ChunkFetcher:
         except Exception as e:
             self._finish(c, fut, exc=e)
             return e
-        self.cache.put(c.digest, chunk)
+        try:
+            self.cache.put(c.digest, chunk)
+        except Exception as e:  # verified all the same: served from memory, fetched again next time
+            log.warning("%s: caching chunk %s failed: %s", source.label, c.digest, e)
         self._finish(c, fut, result=chunk)
         return None
 

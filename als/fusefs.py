@@ -22,15 +22,16 @@ import logging
 import stat
 import threading
 import time
+from collections.abc import Sequence
 from typing import Callable
 
 from cachetools import LRUCache
 
 from als import metrics
-from als.errors import ALSError
+from als.errors import ALSError, Interrupted
 from als.fetch import ChunkFetcher
 from als.digest import is_sha256
-from als.fuseproto import Attr, Entry, FuseError
+from als.fuseproto import Attr, Entry, FuseError, Request, WouldBlock
 from als.layer import Node
 from als.store import BlobReader, Layer, LayerUnavailable, Store, decode_ref
 
@@ -60,7 +61,7 @@ class _Inode:
     """One node id the kernel holds: what it names and how many references the kernel took."""
 
     __slots__ = ("nodeid", "key", "kind", "ref", "digest", "layer", "node", "path", "refs", "attr",
-                 "whole_file", "reader", "parent")
+                 "whole_file", "reader", "parent", "listing")
 
     def __init__(self, nodeid: int, key: tuple, kind: int, ref: str | None = None, digest: str | None = None,
                  layer: Layer | None = None, node: Node | None = None, path: str = ""):
@@ -71,6 +72,33 @@ class _Inode:
         self.whole_file = ()  # programs and libraries come whole on a miss
         self.reader = None  # info bytes or the blob's reader
         self.parent: Node | None = None  # the directory a small file was found in (read-ahead)
+        self.listing: _Listing | None = None  # a layer directory's entries, kept while the kernel holds it
+
+
+class _Listing(Sequence):
+    """A layer directory's entries as the kernel lists them, built once, each one on demand.
+
+    A large directory is listed in many replies, each from an offset: holding
+    its names in order makes every reply cost what it returns.
+    """
+
+    __slots__ = ("node", "names")
+
+    def __init__(self, node: Node):
+        self.node = node
+        self.names = list(node.children)
+
+    def __len__(self) -> int:
+        return len(self.names) + 2
+
+    def __getitem__(self, i: int) -> tuple[bytes, int, int]:
+        if i == 0:
+            return b".", self.node.ino, stat.S_IFDIR
+        if i == 1:
+            return b"..", ROOT, stat.S_IFDIR
+        name = self.names[i - 2]
+        child = self.node.children[name]
+        return name.encode("utf-8", "surrogateescape"), child.ino, child.mode
 
 
 class StoreFS:
@@ -147,10 +175,20 @@ class StoreFS:
 
     @staticmethod
     def _node_attr(node: Node) -> Attr:
-        return Attr(node.ino, node.mode, node.size, node.nlink, node.uid, node.gid, node.rdev, node.mtime)
+        return Attr(node.ino, node.mode, node.size, node.nlink, node.uid, node.gid, node.rdev, node.mtime,
+                    node.mtime_nsec)
 
     # ---- lookups -------------------------------------------------------------------------
-    def lookup(self, parent: int, name: bytes) -> Entry:
+    def _layer(self, ref: str, digest: str, req: Request) -> Layer:
+        """The resolved layer; waiting for it only where the request may wait."""
+        layer = self.store.ready_layer(ref, digest)
+        if layer is not None:
+            return layer
+        if not req.can_wait:
+            raise WouldBlock
+        return self.store.layer(ref, digest, cancel=req.interrupted)
+
+    def lookup(self, parent: int, name: bytes, req: Request) -> Entry:
         p = self._inode(parent)
         kind = p.kind
         if kind == K_DIFF:
@@ -176,7 +214,7 @@ class StoreFS:
             digest = _name(name)
             if not is_sha256(digest):
                 raise FuseError(errno.ENOENT)
-            layer = self.store.layer(p.ref, digest)
+            layer = self._layer(p.ref, digest, req)
 
             def make(nodeid):
                 ino = _Inode(nodeid, ("layer", p.ref, digest), K_LAYER, p.ref, digest, layer)
@@ -184,11 +222,11 @@ class StoreFS:
                 return ino
             return self._entry(("layer", p.ref, digest), make, grows=p.nodeid)
         if kind == K_LAYER:
-            return self._lookup_layer_file(p, name)
+            return self._lookup_layer_file(p, name, req)
         raise FuseError(errno.ENOTDIR)
 
-    def _lookup_layer_file(self, p: _Inode, name: bytes) -> Entry:
-        layer = self.store.layer(p.ref, p.digest)
+    def _lookup_layer_file(self, p: _Inode, name: bytes, req: Request) -> Entry:
+        layer = self._layer(p.ref, p.digest, req)
         if name == b"diff" and self.plain_mount and not layer.view.has_xattrs:
             key = ("link", p.ref, p.digest)
 
@@ -264,26 +302,33 @@ class StoreFS:
             raise FuseError(errno.EINVAL)
         return node.target.encode("utf-8", "surrogateescape")
 
-    def read(self, nodeid: int, offset: int, size: int) -> bytes:
+    def read(self, nodeid: int, offset: int, size: int, req: Request) -> bytes:
         ino = self._inode(nodeid)
         if ino.kind == K_INFO:
             return ino.reader[offset:offset + size]
         if ino.kind == K_BLOB:
-            return ino.reader.read(offset, size)
+            if not req.can_wait and not ino.reader.ready():
+                raise WouldBlock
+            return ino.reader.read(offset, size, req.interrupted)
         node = ino.node
         if node is None or not node.is_reg:
             raise FuseError(errno.EISDIR)
+        chunks = node.chunks_for(offset, size)
+        if not req.can_wait and not self.fetcher.cached(chunks):
+            raise WouldBlock  # nothing has happened yet: the waiting pool runs all of this again
         layer = ino.layer
         log.debug("image %s layer %s: reading /%s at %d", layer.ref, layer.desc.digest, ino.path, offset)
         self.store.accesses.record(layer.ref, layer.desc.digest, layer.desc.index, ino.path)
-        chunks = node.chunks_for(offset, size)
         if not chunks:
             return b""
         if ino.whole_file and self.store.predictor is not None:
             self.store.predictor.after_exec(layer, node)  # its loader and libraries come next
         try:
             pieces = self.fetcher.read(layer.source, chunks, ino.whole_file,
-                                       self._small_files(ino.parent) if ino.parent is not None else ())
+                                       self._small_files(ino.parent) if ino.parent is not None else (),
+                                       cancel=req.interrupted)
+        except Interrupted:
+            raise FuseError(errno.EINTR) from None
         except ALSError as e:
             log.error("image %s layer %s file /%s: read failed: %s", layer.ref, layer.desc.digest, ino.path, e)
             raise FuseError(errno.EIO) from None
@@ -304,14 +349,14 @@ class StoreFS:
                 self._dirs[id(directory)] = hit
         return hit[1]
 
-    def listing(self, nodeid: int) -> list[tuple[bytes, int, int]]:
+    def listing(self, nodeid: int) -> Sequence[tuple[bytes, int, int]]:
         ino = self._inode(nodeid)
         if ino.kind == K_DIFF:
-            node = ino.node
-            if node.children is None:
+            if ino.node.children is None:
                 raise FuseError(errno.ENOTDIR)
-            return [(b".", node.ino, stat.S_IFDIR), (b"..", ROOT, stat.S_IFDIR)] + [
-                (n.encode("utf-8", "surrogateescape"), c.ino, c.mode) for n, c in node.children.items()]
+            if ino.listing is None:
+                ino.listing = _Listing(ino.node)
+            return ino.listing
         # glibc's readdir skips entries whose inode number is 0: give each one a number
         dots = [(b".", nodeid, stat.S_IFDIR), (b"..", ROOT, stat.S_IFDIR)]
         if ino.kind == K_LAYER:
@@ -361,6 +406,8 @@ class StoreFS:
         """Store errors as errno values, the one place this happens."""
         if isinstance(exc, LayerUnavailable):
             return exc.errno
+        if isinstance(exc, Interrupted):
+            return errno.EINTR
         if isinstance(exc, OSError):
             return exc.errno or errno.EIO
         if isinstance(exc, ALSError):

@@ -25,13 +25,15 @@ import stat
 import struct
 import subprocess
 import threading
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 log = logging.getLogger("als.fuse")
 
 MINOR = 31  # the protocol version this module speaks (every feature it asks for is older)
+MIN_MINOR = 28  # the oldest it accepts: max_pages and cached symlinks (Linux 4.20)
 
 # opcodes
 LOOKUP, FORGET, GETATTR, SETATTR, READLINK, SYMLINK = 1, 2, 3, 4, 5, 6
@@ -55,7 +57,7 @@ NOTIFY_INVAL_INODE = 2
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")
 OUT_HEADER = struct.Struct("<IiQ")
-ATTR = struct.Struct("<QQQQQQIIIIIIIIII")
+ATTR = struct.Struct("<QQQqqqIIIIIIIIII")  # times are signed
 ENTRY_HEAD = struct.Struct("<QQQQII")  # nodeid, generation, entry_valid, attr_valid, their nanoseconds
 ENTRY_SIZE = ENTRY_HEAD.size + ATTR.size  # fuse_entry_out
 ATTR_HEAD = struct.Struct("<QII")
@@ -83,9 +85,35 @@ class FuseError(OSError):
         super().__init__(err, os.strerror(err))
 
 
+class WouldBlock(Exception):
+    """Raised by an operation asked with ``req.can_wait`` False when answering means waiting.
+
+    The request is then run again on the session's waiting pool, where it may
+    wait (for the registry, a resolve) and be interrupted, while the reader
+    threads go on answering everything that can be answered at once.
+    """
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One request from the kernel, as the operations see it."""
+
+    unique: int
+    opcode: int
+    nodeid: int
+    pid: int  # the calling process (0 for the kernel's own requests)
+    can_wait: bool = False  # False: raise WouldBlock rather than wait
+    interrupted: threading.Event | None = None  # set when the kernel gives up on the request
+    refs: list[int] = field(default_factory=list)  # node ids this reply hands the kernel a reference to
+    answered: bool = False
+
+
 @dataclass(slots=True)
 class Attr:
-    """What the kernel caches for an inode: ``stat`` fields plus how long they stay valid."""
+    """What the kernel caches for an inode: ``stat`` fields plus how long they stay valid.
+
+    Times are signed (before 1970 is negative) with their nanoseconds, as the kernel's ABI has them.
+    """
 
     ino: int
     mode: int
@@ -95,10 +123,11 @@ class Attr:
     gid: int = 0
     rdev: int = 0
     mtime: int = 0
+    mtime_nsec: int = 0
 
     def pack(self) -> bytes:
-        t = self.mtime
-        return ATTR.pack(self.ino, self.size, (self.size + 511) >> 9, t, t, t, 0, 0, 0, self.mode, self.nlink,
+        t, ns = self.mtime, self.mtime_nsec
+        return ATTR.pack(self.ino, self.size, (self.size + 511) >> 9, t, t, t, ns, ns, ns, self.mode, self.nlink,
                          self.uid, self.gid, self.rdev, 4096, 0)
 
 
@@ -128,14 +157,21 @@ def _split_seconds(t: float) -> tuple[int, int]:
 
 
 class Operations(Protocol):
-    """What a file system answers, by node id (1 is the root); errors are raised as OSError."""
+    """What a file system answers, by node id (1 is the root); errors are raised as OSError.
 
-    def lookup(self, parent: int, name: bytes) -> Entry: ...
+    ``lookup`` and ``read`` take the request: called with ``req.can_wait``
+    False they raise WouldBlock instead of waiting, and when they wait they
+    give up once ``req.interrupted`` is set. ``listing`` must be cheap to call
+    for every reply (the file system keeps it): a large directory is listed in
+    many replies, each from an offset.
+    """
+
+    def lookup(self, parent: int, name: bytes, req: Request) -> Entry: ...
     def forget(self, nodeid: int, count: int) -> None: ...
     def getattr(self, nodeid: int) -> tuple[Attr, float]: ...
     def readlink(self, nodeid: int) -> bytes: ...
-    def read(self, nodeid: int, offset: int, size: int) -> bytes: ...
-    def listing(self, nodeid: int) -> list[tuple[bytes, int, int]]: ...  # (name, ino, mode)
+    def read(self, nodeid: int, offset: int, size: int, req: Request) -> bytes: ...
+    def listing(self, nodeid: int) -> Sequence[tuple[bytes, int, int]]: ...  # (name, ino, mode)
     def getxattr(self, nodeid: int, name: bytes) -> bytes: ...
     def listxattr(self, nodeid: int) -> list[bytes]: ...
     def create(self, parent: int, name: bytes) -> None: ...
@@ -144,21 +180,32 @@ class Operations(Protocol):
 
 
 class Session:
-    """One mounted FUSE connection served by a fixed pool of threads.
+    """One mounted FUSE connection: reader threads that never wait, and a pool for requests that do.
 
-    Every worker reads requests from the same /dev/fuse descriptor (the kernel
-    hands each request to one reader) and writes its answer back. A read that
-    waits for the network holds one worker; the others keep answering.
+    Every reader takes requests from the same /dev/fuse descriptor (the kernel
+    hands each request to one reader) and answers what it can at once. A
+    request that must wait (a read from the registry, a lookup while its image
+    resolves) moves to the waiting pool, so a stalled registry never stops the
+    readers from answering cached reads, listings and other layers. The kernel
+    may interrupt a waiting request (its caller was killed): it is answered
+    EINTR at once and its waiting thread gives up. Every request gets exactly
+    one reply, whatever fails; a reply the kernel refuses is replaced by an
+    error, and node references in a reply that never arrived are dropped.
     """
 
-    def __init__(self, fd: int, ops: Operations, *, workers: int = 16,
+    def __init__(self, fd: int, ops: Operations, *, workers: int = 16, waiting: int = 64,
                  observe: Callable[[str, int], None] | None = None):
         self.fd, self.ops, self.workers = fd, ops, max(1, workers)
         self.observe = observe
         self.initialized = threading.Event()  # the kernel's INIT has been answered: the mount is live
+        self.refused: str | None = None  # why INIT was refused: the mount is unusable
         self.no_open = False  # the kernel takes ENOSYS from OPEN/OPENDIR as "open needs no message"
         self.finished = threading.Event()
         self._stale: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._waiting: dict[int, Request] = {}  # unique -> request on the waiting pool
+        self._pool = ThreadPoolExecutor(max_workers=max(1, waiting), thread_name_prefix="fuse-wait")
+        self._readers = 0
         self._handlers = {
             LOOKUP: self._lookup, GETATTR: self._getattr, READLINK: self._readlink, OPEN: self._open,
             OPENDIR: self._open, READ: self._read, READDIR: self._readdir, READDIRPLUS: self._readdirplus,
@@ -171,6 +218,7 @@ class Session:
             self._handlers[op] = self._read_only
 
     def start(self) -> "Session":
+        self._readers = self.workers
         for i in range(self.workers):
             threading.Thread(target=self._serve, name=f"fuse-{i}", daemon=True).start()
         threading.Thread(target=self._notify, name="fuse-notify", daemon=True).start()
@@ -213,51 +261,149 @@ class Session:
                 if e.errno != errno.ENODEV:  # ENODEV: unmounted
                     log.error("reading /dev/fuse failed: %s", e)
                 break
-            _, opcode, unique, nodeid = IN_HEADER.unpack_from(buf)[:4]
-            if opcode == FORGET:
-                self.ops.forget(nodeid, FORGET_IN.unpack_from(buf, IN_HEADER.size)[0])
-                continue
-            if opcode == BATCH_FORGET:
-                self._batch_forget(view[IN_HEADER.size:n])
-                continue
-            if opcode == INTERRUPT:  # reads are bounded by their own timeouts: nothing to cancel
-                continue
-            self._answer(opcode, unique, nodeid, bytes(view[IN_HEADER.size:n]))
-        self.finished.set()
+            if n == 0:  # /dev/fuse never reads empty; a socket standing in for it (tests) was closed
+                break
+            try:
+                self._take(view, n)
+            except Exception:  # a bug here must not cost a reader: _take answers what it can
+                log.exception("handling a FUSE request failed")
+        with self._lock:
+            self._readers -= 1
+            last = self._readers == 0
+        if last:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self.finished.set()
 
-    def _answer(self, opcode: int, unique: int, nodeid: int, body: bytes) -> None:
-        handler = self._handlers.get(opcode)
-        err = 0
-        reply: bytes | list[bytes] = b""
+    def _take(self, view: memoryview, n: int) -> None:
+        _, opcode, unique, nodeid, _, _, pid = IN_HEADER.unpack_from(view)[:7]
+        if opcode == FORGET:
+            self.ops.forget(nodeid, FORGET_IN.unpack_from(view, IN_HEADER.size)[0])
+        elif opcode == BATCH_FORGET:
+            self._batch_forget(view[IN_HEADER.size:n])
+        elif opcode == INTERRUPT:
+            self._interrupt(unique, FORGET_IN.unpack_from(view, IN_HEADER.size)[0])
+        else:
+            req = Request(unique, opcode, nodeid, pid)
+            try:
+                self._run(req, bytes(view[IN_HEADER.size:n]))
+            except BaseException:
+                self._finish(req, errno.EIO, b"")  # whatever failed, the caller must not hang
+                raise
+
+    def _run(self, req: Request, body: bytes) -> None:
+        """Answer ``req``, or hand it to the waiting pool if answering means waiting."""
+        handler = self._handlers.get(req.opcode)
+        err, reply = 0, b""
         if handler is None:
             err = errno.ENOSYS
         else:
             try:
-                reply = handler(nodeid, body)
+                reply = handler(req, body)
+            except WouldBlock:
+                self._release(req)
+                if not req.can_wait:
+                    self._wait_for(req, body)
+                    return
+                err = errno.EIO  # an operation must not refuse to wait when it may
             except FuseError as e:
                 err = e.errno
             except Exception as e:  # every failure is an errno for the kernel, never a dead worker
-                err = self.ops.error(OP_NAMES.get(opcode, str(opcode)), nodeid, e)
-        if self.observe is not None and opcode != INIT:
-            self.observe(OP_NAMES.get(opcode, str(opcode)), err)
-        parts = reply if type(reply) is list else [reply]
-        size = OUT_HEADER.size + (0 if err else sum(len(p) for p in parts))
+                err = self.ops.error(OP_NAMES.get(req.opcode, str(req.opcode)), req.nodeid, e)
+        self._finish(req, err, reply)
+
+    def _wait_for(self, req: Request, body: bytes) -> None:
+        req.can_wait, req.interrupted = True, threading.Event()
+        with self._lock:
+            self._waiting[req.unique] = req
         try:
-            os.writev(self.fd, [OUT_HEADER.pack(size, -err, unique)] + ([] if err else parts))
+            self._pool.submit(self._run_waiting, req, body)
+        except RuntimeError:  # the pool is shut down: the connection is ending
+            self._finish(req, errno.EIO, b"")
+
+    def _run_waiting(self, req: Request, body: bytes) -> None:
+        if req.answered:  # interrupted while it queued
+            return
+        try:
+            self._run(req, body)
+        except BaseException:
+            self._finish(req, errno.EIO, b"")
+            log.exception("handling a FUSE request failed")
+
+    def _interrupt(self, unique: int, target: int) -> None:
+        """The kernel gives up on request ``target``: answer it EINTR now and stop its wait."""
+        with self._lock:
+            req = self._waiting.get(target)
+        if req is None:
+            # Not waiting here (yet): a reader is answering it right now, or is about to hand it to
+            # the pool. EAGAIN makes the kernel send the interrupt again, unless it was answered.
+            self._write(unique, errno.EAGAIN, b"", "interrupt")
+            return
+        req.interrupted.set()
+        self._finish(req, errno.EINTR, b"")
+
+    def _finish(self, req: Request, err: int, reply: bytes | list[bytes]) -> None:
+        """Send the one reply ``req`` gets; drop the references of a reply the kernel never took."""
+        with self._lock:
+            late = req.answered
+            req.answered = True
+            self._waiting.pop(req.unique, None)
+        if late:  # already answered EINTR
+            self._release(req)
+            return
+        if err:
+            self._release(req)
+        name = OP_NAMES.get(req.opcode, str(req.opcode))
+        if not self._write(req.unique, err, reply, name):
+            self._release(req)
+        if self.observe is not None and req.opcode != INIT:
+            try:
+                self.observe(name, err)
+            except Exception:
+                log.exception("counting a FUSE answer failed")
+
+    def _write(self, unique: int, err: int, reply: bytes | list[bytes], name: str) -> bool:
+        """Write one reply; whether the kernel took it. A refused reply is replaced by EIO."""
+        parts = [] if err else (reply if type(reply) is list else [reply])
+        if len(parts) > 8:  # writev takes at most IOV_MAX (1024) buffers: a listing is one
+            parts = [b"".join(parts)]
+        size = OUT_HEADER.size + sum(len(p) for p in parts)
+        try:
+            os.writev(self.fd, [OUT_HEADER.pack(size, -err, unique)] + parts)
+            return True
         except OSError as e:
-            if e.errno not in (errno.ENOENT, errno.ENODEV):  # ENOENT: the request was interrupted
-                log.error("answering the kernel failed: %s", e)
+            if e.errno in (errno.ENOENT, errno.ENODEV):  # interrupted, or the mount is gone
+                return False
+            log.error("answering the kernel's %s request failed: %s", name, e)
+        if not err:
+            try:
+                os.write(self.fd, OUT_HEADER.pack(OUT_HEADER.size, -errno.EIO, unique))
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ENODEV):
+                    log.error("answering the kernel's %s request with EIO failed too: %s", name, e)
+        return False
+
+    def _release(self, req: Request) -> None:
+        """Forget the references taken for a reply the kernel will not get."""
+        refs, req.refs = req.refs, []
+        for nodeid in refs:
+            try:
+                self.ops.forget(nodeid, 1)
+            except Exception:
+                log.exception("dropping node %d failed", nodeid)
 
     def _batch_forget(self, body: memoryview) -> None:
         count = struct.unpack_from("<I", body)[0]
-        for i in range(count):
+        for i in range(min(count, (len(body) - 8) // FORGET_ONE.size)):
             nodeid, n = FORGET_ONE.unpack_from(body, 8 + i * FORGET_ONE.size)
             self.ops.forget(nodeid, n)
 
     # ---- operations ----------------------------------------------------------------------
-    def _init(self, nodeid: int, body: bytes) -> bytes:
+    def _init(self, req: Request, body: bytes) -> bytes:
         major, minor, max_readahead, flags = INIT_IN.unpack_from(body)
-        if major != 7:
+        if major != 7 or minor < MIN_MINOR:
+            self.refused = (f"the kernel speaks FUSE protocol {major}.{minor}; als needs 7.{MIN_MINOR} "
+                            f"or later (Linux 4.20 or later)")
+            log.error("%s", self.refused)
             raise FuseError(errno.EPROTO)
         self.no_open = bool(flags & NO_OPEN_SUPPORT) and bool(flags & NO_OPENDIR_SUPPORT)
         reply = INIT_OUT.pack(7, MINOR, max_readahead, flags & WANTED, 64, 48, MAX_WRITE, 1, MAX_PAGES_COUNT,
@@ -267,18 +413,24 @@ class Session:
         self.initialized.set()
         return reply
 
-    def _lookup(self, nodeid: int, body: bytes) -> bytes:
-        return self.ops.lookup(nodeid, body[:-1]).pack()
+    def _entry(self, req: Request, parent: int, name: bytes) -> bytes:
+        entry = self.ops.lookup(parent, name, req)
+        if entry.nodeid:
+            req.refs.append(entry.nodeid)
+        return entry.pack()
 
-    def _getattr(self, nodeid: int, body: bytes) -> bytes:
-        attr, timeout = self.ops.getattr(nodeid)
+    def _lookup(self, req: Request, body: bytes) -> bytes:
+        return self._entry(req, req.nodeid, body[:-1])
+
+    def _getattr(self, req: Request, body: bytes) -> bytes:
+        attr, timeout = self.ops.getattr(req.nodeid)
         s, ns = _split_seconds(timeout)
         return ATTR_HEAD.pack(s, ns, 0) + attr.pack()
 
-    def _readlink(self, nodeid: int, body: bytes) -> bytes:
-        return self.ops.readlink(nodeid)
+    def _readlink(self, req: Request, body: bytes) -> bytes:
+        return self.ops.readlink(req.nodeid)
 
-    def _open(self, nodeid: int, body: bytes) -> bytes:
+    def _open(self, req: Request, body: bytes) -> bytes:
         flags = struct.unpack_from("<I", body)[0]
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise FuseError(errno.EROFS)
@@ -286,21 +438,24 @@ class Session:
             raise FuseError(errno.ENOSYS)
         return OPEN_OUT.pack(0, FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR, 0)
 
-    def _read(self, nodeid: int, body: bytes) -> bytes:
+    def _read(self, req: Request, body: bytes) -> bytes:
         _, offset, size = READ_IN.unpack_from(body)
-        return self.ops.read(nodeid, offset, size)
+        return self.ops.read(req.nodeid, offset, size, req)
 
-    def _readdir(self, nodeid: int, body: bytes) -> list[bytes]:
-        return self._listing(nodeid, body, plus=False)
+    def _readdir(self, req: Request, body: bytes) -> bytes:
+        return self._listing(req, body, plus=False)
 
-    def _readdirplus(self, nodeid: int, body: bytes) -> list[bytes]:
-        return self._listing(nodeid, body, plus=True)
+    def _readdirplus(self, req: Request, body: bytes) -> bytes:
+        return self._listing(req, body, plus=True)
 
-    def _listing(self, nodeid: int, body: bytes, plus: bool) -> list[bytes]:
-        """Directory entries from ``offset`` that fit in ``size``; with ``plus``, each looked up too."""
+    def _listing(self, req: Request, body: bytes, plus: bool) -> bytes:
+        """Directory entries from ``offset`` that fit in ``size``; with ``plus``, each looked up too.
+
+        Costs what it returns: the listing is the file system's, kept, and indexed from ``offset``.
+        """
         _, offset, size = READ_IN.unpack_from(body)
         out, used = [], 0
-        entries = self.ops.listing(nodeid)
+        entries = self.ops.listing(req.nodeid)
         for i in range(offset, len(entries)):
             name, ino, mode = entries[i]
             rec = DIRENT.pack(ino, i + 1, len(name), (mode >> 12) & 0o17) + name
@@ -308,35 +463,35 @@ class Session:
             if used + len(rec) + (ENTRY_SIZE if plus else 0) > size:
                 break  # looked up only once it fits: the kernel counts a reference per entry sent
             if plus:  # the kernel takes no reference for "." and ".."
-                rec = (bytes(ENTRY_SIZE) if name in (b".", b"..") else self.ops.lookup(nodeid, name).pack()) + rec
+                rec = (bytes(ENTRY_SIZE) if name in (b".", b"..") else self._entry(req, req.nodeid, name)) + rec
             out.append(rec)
             used += len(rec)
-        return out
+        return b"".join(out)
 
-    def _getxattr(self, nodeid: int, body: bytes) -> bytes:
+    def _getxattr(self, req: Request, body: bytes) -> bytes:
         size = SIZE_IN.unpack_from(body)[0]
-        value = self.ops.getxattr(nodeid, body[SIZE_IN.size:-1])
+        value = self.ops.getxattr(req.nodeid, body[SIZE_IN.size:-1])
         return _sized(value, size)
 
-    def _listxattr(self, nodeid: int, body: bytes) -> bytes:
+    def _listxattr(self, req: Request, body: bytes) -> bytes:
         size = SIZE_IN.unpack_from(body)[0]
-        return _sized(b"".join(n + b"\0" for n in self.ops.listxattr(nodeid)), size)
+        return _sized(b"".join(n + b"\0" for n in self.ops.listxattr(req.nodeid)), size)
 
-    def _statfs(self, nodeid: int, body: bytes) -> bytes:
+    def _statfs(self, req: Request, body: bytes) -> bytes:
         return STATFS_OUT.pack(0, 0, 0, 0, 0, 4096, 255, 4096, 0)
 
-    def _create(self, nodeid: int, body: bytes) -> bytes:
-        self.ops.create(nodeid, body[16:].split(b"\0", 1)[0])  # after create_in / mknod_in
+    def _create(self, req: Request, body: bytes) -> bytes:
+        self.ops.create(req.nodeid, body[16:].split(b"\0", 1)[0])  # after create_in / mknod_in
         raise FuseError(errno.EROFS)
 
-    def _rmdir(self, nodeid: int, body: bytes) -> bytes:
-        self.ops.rmdir(nodeid, body[:-1])
+    def _rmdir(self, req: Request, body: bytes) -> bytes:
+        self.ops.rmdir(req.nodeid, body[:-1])
         raise FuseError(errno.EROFS)
 
-    def _empty(self, nodeid: int, body: bytes) -> bytes:
+    def _empty(self, req: Request, body: bytes) -> bytes:
         return b""
 
-    def _read_only(self, nodeid: int, body: bytes) -> bytes:
+    def _read_only(self, req: Request, body: bytes) -> bytes:
         raise FuseError(errno.EROFS)
 
 

@@ -59,6 +59,7 @@ class Node:
     children: dict[str, "Node"] | None = None  # directories only
     chunks: list[T.Chunk] = field(default_factory=list)
     chunk_offsets: list[int] = field(default_factory=list)  # for bisect
+    mtime_nsec: int = 0
 
     @property
     def is_dir(self) -> bool:
@@ -152,7 +153,7 @@ class LayerView:
 
     def _build(self, entries: list[T.Entry]) -> None:
         opaque: list[Node] = []
-        whiteouts: list[tuple[Node, str]] = []
+        whiteouts: list[tuple[Node, str, T.Entry]] = []
         dirs = {"": self.root}  # see _parent_of
         for e in entries:
             if e.name == "":
@@ -171,7 +172,7 @@ class LayerView:
                 if base[len(WHITEOUT_PREFIX):] in (".", ".."):
                     self._reject(e.name, "a whiteout of '.' or '..'")
                 else:
-                    whiteouts.append((parent, base[len(WHITEOUT_PREFIX):]))
+                    whiteouts.append((parent, base[len(WHITEOUT_PREFIX):], e))
                 continue
             node = self._node_for(e)
             if node is None:
@@ -186,17 +187,19 @@ class LayerView:
                 dirs.clear()
                 dirs[""] = self.root
             parent.children[base] = node
-        for parent, name in whiteouts:
-            # a real entry of the same name in this layer wins over its whiteout
+        for parent, name, e in whiteouts:
+            # a real entry of the same name in this layer wins over its whiteout; the whiteout
+            # keeps its tar entry's owner and time, as every other entry does
             if name and name not in parent.children:
-                parent.children[name] = self._new_node(stat.S_IFCHR, rdev=0)
+                parent.children[name] = self._new_node(stat.S_IFCHR, uid=e.uid, gid=e.gid, mtime=e.mtime,
+                                                       mtime_nsec=e.mtime_nsec, rdev=0)
         for d in opaque:
             d.xattrs.update(OPAQUE_XATTRS)
         self._count_dir_links(self.root)
 
     def _apply_meta(self, node: Node, e: T.Entry) -> None:
         node.mode = stat.S_IFMT(node.mode) | (e.mode & 0o7777)
-        node.uid, node.gid, node.mtime = e.uid, e.gid, e.mtime
+        node.uid, node.gid, node.mtime, node.mtime_nsec = e.uid, e.gid, e.mtime, e.mtime_nsec
         node.xattrs = dict(e.xattrs)
 
     def _check_presentable(self, e: T.Entry) -> None:
@@ -247,14 +250,16 @@ class LayerView:
         if e.type == T.REG:
             self.file_count += 1
             return Node(self._take_ino(), mode, e.uid, e.gid, e.size, e.mtime, xattrs=xattrs,
-                        chunks=list(e.chunks), chunk_offsets=[c.offset for c in e.chunks])
+                        chunks=list(e.chunks), chunk_offsets=[c.offset for c in e.chunks], mtime_nsec=e.mtime_nsec)
         if e.type == T.DIR:
-            return Node(self._take_ino(), mode, e.uid, e.gid, DIR_SIZE, e.mtime, xattrs=xattrs, children={})
+            return Node(self._take_ino(), mode, e.uid, e.gid, DIR_SIZE, e.mtime, xattrs=xattrs, children={},
+                        mtime_nsec=e.mtime_nsec)
         if e.type == T.SYMLINK:
             return Node(self._take_ino(), mode, e.uid, e.gid, len(e.linkname.encode("utf-8", "surrogateescape")),
-                        e.mtime, xattrs=xattrs, target=e.linkname)
+                        e.mtime, xattrs=xattrs, target=e.linkname, mtime_nsec=e.mtime_nsec)
         rdev = os.makedev(e.devmajor, e.devminor) if e.type in (T.CHAR, T.BLOCK) else 0
-        return Node(self._take_ino(), mode, e.uid, e.gid, 0, e.mtime, xattrs=xattrs, rdev=rdev)
+        return Node(self._take_ino(), mode, e.uid, e.gid, 0, e.mtime, xattrs=xattrs, rdev=rdev,
+                    mtime_nsec=e.mtime_nsec)
 
     def _count_dir_links(self, root: Node) -> None:
         root.size = DIR_SIZE

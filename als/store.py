@@ -28,7 +28,7 @@ from functools import partial
 from als import metrics, startup
 from als.access import AccessRecorder
 from als.config import Config
-from als.errors import ALSError, BlockedError, FormatError, NotFoundError, RegistryError, VerificationError
+from als.errors import ALSError, BlockedError, FormatError, Interrupted, NotFoundError, RegistryError, VerificationError
 from als.fetch import BlobSource, ChunkFetcher
 from als.image import json_object
 from als.formats import estargz, zstdchunked
@@ -37,6 +37,7 @@ from als.layer import LayerView
 from als.reference import parse_reference
 from als.registry.client import RegistryClient
 from als.state import StateDir
+from als.wait import wait_for
 
 log = logging.getLogger("als.store")
 
@@ -192,8 +193,15 @@ class Store:
         """Start resolving ``ref`` in the background (called on the first lookup under it)."""
         self._resolution(ref)
 
-    def layer(self, ref: str, digest: str) -> Layer:
-        """The servable layer ``digest`` of image ``ref``, waiting at most the resolve timeout."""
+    def ready_layer(self, ref: str, digest: str) -> Layer | None:
+        """The layer if it is resolved already: what a caller that must not wait asks first."""
+        return self._layers.get((ref, digest))
+
+    def layer(self, ref: str, digest: str, cancel: threading.Event | None = None) -> Layer:
+        """The servable layer ``digest`` of image ``ref``, waiting at most the resolve timeout.
+
+        ``cancel``: the caller went away (a FUSE interrupt): stop waiting, raise Interrupted.
+        """
         layer = self._layers.get((ref, digest))
         if layer is not None:
             return layer
@@ -206,19 +214,20 @@ class Store:
             # metadata: its other layers come from there too, without waiting for it again.
             res = fallback
         else:
-            desc, res, deadline = self._from_registry(ref, digest, deadline)
-        layer = self._wait(res.layers[desc.digest], deadline, f"image {ref} layer {digest}")
+            desc, res, deadline = self._from_registry(ref, digest, deadline, cancel)
+        layer = self._wait(res.layers[desc.digest], deadline, f"image {ref} layer {digest}", cancel)
         with self._lock:
             self._layers[(ref, desc.digest)] = layer
             if layer.toc_digest:
                 self._layers[(ref, layer.toc_digest)] = layer
         return layer
 
-    def _from_registry(self, ref: str, digest: str, deadline: float) -> tuple[LayerDescriptor, _Resolution, float]:
+    def _from_registry(self, ref: str, digest: str, deadline: float,
+                       cancel: threading.Event | None) -> tuple[LayerDescriptor, _Resolution, float]:
         """The layer's descriptor from the image's current resolution, or from saved metadata."""
         res = self._resolution(ref)
         try:
-            image = self._wait(res.image, deadline, f"image {ref}")
+            image = self._wait(res.image, deadline, f"image {ref}", cancel)
         except LayerUnavailable as e:
             # The registry is down or the tag is gone: Podman's graph root still names this
             # layer (after a restart, say), and what we saved of it is enough to serve it.
@@ -231,7 +240,7 @@ class Store:
             return found[0], found[1], max(deadline, time.monotonic() + SAVED_GRACE)
         desc = image.find(digest)
         if desc is None:
-            desc, res = self._find_elsewhere(ref, digest, res)
+            desc, res = self._find_elsewhere(ref, digest, res, cancel)
         return desc, res, deadline
 
     def use(self, ref: str, digest: str) -> None:
@@ -318,12 +327,14 @@ class Store:
             self._warmers.submit(self._warm, layer)
         fut.set_result(layer)
 
-    def _find_elsewhere(self, ref: str, digest: str, res: _Resolution) -> tuple[LayerDescriptor, _Resolution]:
+    def _find_elsewhere(self, ref: str, digest: str, res: _Resolution,
+                        cancel: threading.Event | None = None) -> tuple[LayerDescriptor, _Resolution]:
         """Find a layer the current resolution lacks: the tag may have moved, or we restarted."""
         if time.monotonic() - res.started > 1.0:
             res = self._resolution(ref, fresh=True)
             try:
-                image = self._wait(res.image, time.monotonic() + self.config.resolve.timeout, f"image {ref}")
+                image = self._wait(res.image, time.monotonic() + self.config.resolve.timeout, f"image {ref}",
+                                   cancel)
                 desc = image.find(digest)
                 if desc is not None:
                     return desc, res
@@ -554,12 +565,14 @@ class Store:
             self.state.put_toc(toc_digest, toc_offset, member)
         return toc, tail, tail_start
 
-    def _wait(self, fut: Future, deadline: float, what: str):
+    def _wait(self, fut: Future, deadline: float, what: str, cancel: threading.Event | None = None):
         try:
-            return fut.result(timeout=max(deadline - time.monotonic(), 0.0))
+            return wait_for(fut, deadline, cancel)
         except FutureTimeout:
             raise LayerUnavailable(errno.EIO, f"{what}: not resolved within "
                                               f"{self.config.resolve.timeout:g}s") from None
+        except Interrupted:
+            raise Interrupted(f"{what}: the caller went away while it resolved") from None
 
 
 def _transient(e: Exception) -> bool:
@@ -594,7 +607,10 @@ class BlobReader:
         self._hash = hashlib.sha256()
         self._hashed_to = 0
 
-    def read(self, offset: int, size: int) -> bytes:
+    def ready(self) -> bool:
+        return False
+
+    def read(self, offset: int, size: int, cancel=None) -> bytes:
         total = self.layer.desc.size
         end = min(offset + size, total)
         if offset >= end:

@@ -137,9 +137,10 @@ def test_hundreds_of_concurrent_readers_get_the_right_bytes_without_deadlock(sto
           f"of {total} in the layers")
     assert res.wrong == 0 and res.errors == 0
     assert res.reads == readers * 12
-    # a fixed pool of FUSE workers per mount ([fuse] threads, 16 each), whatever the number of callers,
-    # plus our own bounded pools (resolve, TOC parse, fetch, cache writer, control)
-    assert res.max_threads <= 2 * 16 + 40, res.max_threads
+    # fixed pools of FUSE threads per mount ([fuse] threads 16 and waiting_threads 64, two mounts), whatever
+    # the number of callers (240 here), plus our own bounded pools (resolve, TOC parse, fetch, cache writer,
+    # control)
+    assert res.max_threads <= 2 * (16 + 64) + 40, res.max_threads
     assert res.peak_rss_mib - res.base_rss_mib < 400, res.peak_rss_mib
     assert res.fetched <= 2 * total  # shared and cached: each chunk fetched about once
     assert store.proc.poll() is None

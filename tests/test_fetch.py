@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import pytest
 
 from als.cache import ChunkCache
-from als.errors import RegistryError
+from als.errors import Interrupted, RegistryError
 from als.fetch import BlobSource, ChunkFetcher
 from als.formats import estargz
 from als.layer import LayerView
@@ -185,3 +186,55 @@ def test_a_stream_cut_short_fails_the_chunks_it_did_not_bring(tmp_path, layer_so
     assert isinstance(fetcher._fetch(source, fetcher._claim(chunks)[0]), RegistryError)
     assert fetcher.inflight() == 0
     assert all(fetcher.cache.contains(c.digest) for c in chunks[:-1])
+
+
+class FailingPuts(ChunkCache):
+    """A cache whose every store fails (a full or broken disk)."""
+
+    def put(self, digest, data):
+        raise OSError(28, "No space left on device")
+
+
+def test_a_chunk_the_cache_cannot_store_is_served_and_leaves_no_claim_behind(tmp_path, layer_source):
+    make, view, files, _ = layer_source
+    fetcher = ChunkFetcher(FailingPuts(tmp_path), readahead_max=0, wait_timeout=5.0)
+    source = make()
+    for _ in range(2):  # an orphaned claim would make the second read wait out the timeout and fail
+        assert read_file(fetcher, source, view, "f03") == files["f03"]
+    assert fetcher.inflight() == 0
+
+
+def test_a_failure_between_claim_and_fetch_answers_every_claim(tmp_path, layer_source):
+    make, view, files, _ = layer_source
+    fetcher = ChunkFetcher(ChunkCache(tmp_path), wait_timeout=5.0)
+    broken = make()
+    broken.after = lambda *a: 1 / 0  # choosing the read-ahead fails: the read goes on without it
+    assert read_file(fetcher, broken, view, "f04") == files["f04"]
+    broken.stream_range = lambda *a: [][1]  # not a registry error: an unexpected one
+    with pytest.raises(IndexError):
+        read_file(fetcher, broken, view, "f05")
+    assert fetcher.inflight() == 0
+    assert read_file(fetcher, make(), view, "f05") == files["f05"]  # at once, not after the timeout
+
+
+def test_a_reader_that_goes_away_stops_waiting_for_anothers_fetch(tmp_path, layer_source):
+    make, view, files, _ = layer_source
+    fetcher = ChunkFetcher(ChunkCache(tmp_path), readahead_max=0, wait_timeout=30.0)
+    source, gate = make(), threading.Event()
+    slow = make()
+    inner = slow.stream_range
+    slow.stream_range = lambda start, end, sink: (gate.wait(20), inner(start, end, sink))[1]
+    node = view.lookup(["f06"])
+    chunks = node.chunks_for(0, CHUNK)
+    first = threading.Thread(target=lambda: fetcher.read(slow, chunks), daemon=True)
+    first.start()
+    deadline = time.monotonic() + 10
+    while not fetcher.inflight() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Interrupted):
+        fetcher.read(source, chunks, cancel=cancel)
+    gate.set()
+    first.join(20)
+    assert b"".join(fetcher.read(source, chunks)) == files["f06"][:CHUNK]

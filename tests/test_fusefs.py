@@ -68,7 +68,8 @@ def expected_tree(tar_bytes: bytes) -> dict[str, tuple]:
                 continue
             if base.startswith(".wh."):
                 wpath = os.path.join(parent, base[4:])
-                out.setdefault(wpath, ("char", 0, 0, 0, 0, (0, 0), "", None, {}))
+                # a whiteout keeps its tar entry's owner and time, as every entry does
+                out.setdefault(wpath, ("char", 0, m.uid, m.gid, int(m.mtime), (0, 0), "", None, {}))
                 continue
             xattrs = {k[len("SCHILY.xattr."):]: v.encode("utf-8", "surrogateescape")
                       for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")}

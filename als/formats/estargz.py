@@ -64,7 +64,7 @@ MAX_TOC_ENTRIES = 1 << 20
 
 _HEX16_RE = re.compile(rb"[0-9a-fA-F]{16}")
 _RFC3339_RE = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?([Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 
@@ -280,8 +280,9 @@ def _climbs(name: str) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _epoch_seconds(text: str) -> int:
-    """Seconds since the epoch of an RFC 3339 time; ValueError says what is wrong with it.
+def _epoch_seconds(text: str) -> tuple[int, int]:
+    """Seconds since the epoch (negative before 1970) and nanoseconds of an RFC 3339 time;
+    ValueError says what is wrong with it.
 
     Cached because a layer's files share few distinct times (a package's files
     all carry its build time): the datetime arithmetic is the costly part of a
@@ -291,7 +292,8 @@ def _epoch_seconds(text: str) -> int:
     if m is None:
         raise ValueError("is not RFC 3339")
     year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
-    zone = m.group(7)
+    nsec = int((m.group(7) or "")[:9].ljust(9, "0"))  # Go writes up to 9 digits; more are truncated
+    zone = m.group(8)
     if zone in ("Z", "z"):
         tz = _dt.timezone.utc
     else:
@@ -304,13 +306,13 @@ def _epoch_seconds(text: str) -> int:
         when = _dt.datetime(year, month, day, hour, minute, second, tzinfo=tz)
     except ValueError as e:  # "day is out of range for month", say
         raise ValueError(f"is not a valid time: {e}") from None
-    return (when - _EPOCH) // _dt.timedelta(seconds=1)
+    return (when - _EPOCH) // _dt.timedelta(seconds=1), nsec
 
 
-def _parse_modtime(text: str, index: int, name: str) -> int:
-    """Entry ``index``'s modtime in seconds since the epoch (0 if it has none)."""
+def _parse_modtime(text: str, index: int, name: str) -> tuple[int, int]:
+    """Entry ``index``'s modtime: seconds since the epoch and nanoseconds ((0, 0) if it has none)."""
     if not text:
-        return 0
+        return 0, 0
     try:
         return _epoch_seconds(text)
     except ValueError as e:
@@ -377,6 +379,7 @@ def toc_entry(obj: dict, index: int) -> toc.Entry:
     if digest and not is_sha256(digest):
         _check_digest(digest, f"{_where(index, name)}: digest")
     modtime = get("modtime")
+    mtime, mtime_nsec = _parse_modtime(modtime, index, name) if modtime else (0, 0)
     xattrs = get("xattrs")
     # Positional, in toc.Entry's field order: keywords cost a third of the call, per entry.
     return toc.Entry(
@@ -386,12 +389,14 @@ def toc_entry(obj: dict, index: int) -> toc.Entry:
         uid,
         gid,
         get("size", 0) if kind == toc.REG else 0,
-        _parse_modtime(modtime, index, name) if modtime else 0,
+        mtime,
         linkname,
         dev_major,
         dev_minor,
         _decode_xattrs(xattrs, _where(index, name)) if xattrs else {},
         digest,
+        [],
+        mtime_nsec,
     )
 
 

@@ -64,13 +64,14 @@ class Entry:
     uid: int = 0
     gid: int = 0
     size: int = 0
-    mtime: int = 0  # seconds since the epoch
+    mtime: int = 0  # seconds since the epoch, negative before 1970
     linkname: str = ""  # symlink target, or the cleaned name a hard link points at
     devmajor: int = 0
     devminor: int = 0
     xattrs: dict[str, bytes] = field(default_factory=dict)
     digest: str = ""  # "sha256:<hex>" of the whole content, regular files only
     chunks: list[Chunk] = field(default_factory=list)
+    mtime_nsec: int = 0  # the nanoseconds of mtime
 
 
 @dataclass(slots=True)
