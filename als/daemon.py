@@ -191,7 +191,7 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
                 raise ALSError(str(e)) from None
             session = fuseproto.Session(fd, fs, workers=f.threads, waiting=f.waiting_threads,
                                         observe=observe).start()
-            fs.invalidate = session.invalidate
+            fs.invalidate, fs.invalidate_entry = session.invalidate, session.invalidate_entry
             sessions.append((path, session))
         log.info("serving the additional layer store at %s (cache and state in %s)", mountpoint, root)
         while not stop.is_set() and not all(s.initialized.wait(1.0) for _, s in sessions):

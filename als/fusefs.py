@@ -122,6 +122,8 @@ class StoreFS:
         self.plain_mount = plain_mount  # on the main mount: xattr-free layers' diff link to .noxattr
         # set by the session: drops the kernel's cached listing of a directory that has grown
         self.invalidate: Callable[[int], None] = lambda nodeid: None
+        # set by the session too: makes the kernel drop a name (an evicted layer's directory)
+        self.invalidate_entry: Callable[[int, bytes], None] = lambda parent, name: None
         self.fetcher: ChunkFetcher = store.fetcher
         self.entry_timeout, self.attr_timeout, self.negative_timeout = entry_timeout, attr_timeout, negative_timeout
         self._t = int(time.time())
@@ -285,6 +287,14 @@ class StoreFS:
                 ino.parent = p.node
             return ino
         return self._entry(key, make)
+
+    def evicted(self, ref: str, digest: str) -> None:
+        """The store let go of a layer nobody uses: have the kernel let go of its nodes too, so that
+        its tree is freed (a later lookup rebuilds it)."""
+        with self._lock:
+            image = self._by_key.get(("image", ref))
+        if image is not None:
+            self.invalidate_entry(image.nodeid, digest.encode())
 
     # ---- attributes and contents ---------------------------------------------------------
     def getattr(self, nodeid: int) -> tuple[Attr, float]:

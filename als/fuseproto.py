@@ -53,7 +53,7 @@ ASYNC_READ, DO_READDIRPLUS, READDIRPLUS_AUTO = 1 << 0, 1 << 13, 1 << 14
 NO_OPEN_SUPPORT, PARALLEL_DIROPS, MAX_PAGES, CACHE_SYMLINKS, NO_OPENDIR_SUPPORT = 1 << 17, 1 << 18, 1 << 22, 1 << 23, 1 << 24
 WANTED = ASYNC_READ | DO_READDIRPLUS | READDIRPLUS_AUTO | PARALLEL_DIROPS | MAX_PAGES | CACHE_SYMLINKS
 FOPEN_KEEP_CACHE, FOPEN_CACHE_DIR = 1 << 1, 1 << 3
-NOTIFY_INVAL_INODE = 2
+NOTIFY_INVAL_INODE, NOTIFY_INVAL_ENTRY = 2, 3
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")
 OUT_HEADER = struct.Struct("<IiQ")
@@ -69,6 +69,7 @@ SIZE_IN = struct.Struct("<II")  # getxattr_in / listxattr_in, getxattr_out
 FORGET_IN = struct.Struct("<Q")
 FORGET_ONE = struct.Struct("<QQ")
 INVAL_INODE = struct.Struct("<Qqq")  # nodeid, offset, length
+INVAL_ENTRY = struct.Struct("<QII")  # parent, namelen, flags
 DIRENT = struct.Struct("<QQII")
 STATFS_OUT = struct.Struct("<QQQQQIIII24x")
 
@@ -201,7 +202,7 @@ class Session:
         self.refused: str | None = None  # why INIT was refused: the mount is unusable
         self.no_open = False  # the kernel takes ENOSYS from OPEN/OPENDIR as "open needs no message"
         self.finished = threading.Event()
-        self._stale: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._stale: queue.SimpleQueue[tuple[int, bytes]] = queue.SimpleQueue()  # (notification, message)
         self._lock = threading.Lock()
         self._waiting: dict[int, Request] = {}  # unique -> request on the waiting pool
         self._pool = ThreadPoolExecutor(max_workers=max(1, waiting), thread_name_prefix="fuse-wait")
@@ -230,22 +231,26 @@ class Session:
         Sent from a thread of its own: the kernel may need locks that the request
         which caused the change still holds.
         """
-        self._stale.put(nodeid)
+        # offset 0, length 0: every page, the listing included
+        self._stale.put((NOTIFY_INVAL_INODE, INVAL_INODE.pack(nodeid, 0, 0)))
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        """Make the kernel drop the name ``name`` in ``parent``; what it named is forgotten once unused."""
+        self._stale.put((NOTIFY_INVAL_ENTRY, INVAL_ENTRY.pack(parent, len(name), 0) + name + b"\0"))
 
     def _notify(self) -> None:
         while not self.finished.is_set():
             try:
-                nodeid = self._stale.get(timeout=1.0)
+                code, msg = self._stale.get(timeout=1.0)
             except queue.Empty:
                 continue
-            msg = INVAL_INODE.pack(nodeid, 0, 0)  # offset 0, length 0: every page, the listing included
             try:
-                os.write(self.fd, OUT_HEADER.pack(OUT_HEADER.size + len(msg), NOTIFY_INVAL_INODE, 0) + msg)
+                os.write(self.fd, OUT_HEADER.pack(OUT_HEADER.size + len(msg), code, 0) + msg)
             except OSError as e:
                 if e.errno == errno.ENODEV:
                     return
                 if e.errno != errno.ENOENT:  # ENOENT: the kernel holds nothing for it
-                    log.warning("telling the kernel to refresh node %d failed: %s", nodeid, e)
+                    log.warning("telling the kernel to refresh node %d failed: %s", struct.unpack_from("<Q", msg)[0], e)
 
     # ---- the request loop ----------------------------------------------------------------
     def _serve(self) -> None:
