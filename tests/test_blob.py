@@ -329,3 +329,17 @@ def test_an_interrupted_read_returns_and_a_dropped_reader_stops_its_download(
     del reader
     gc.collect()
     assert spool_files(os.getpid(), spool_dir.parent) == []
+
+
+def test_a_spool_nobody_reads_is_freed_and_a_later_read_downloads_again(local_store, registry, client, proxy,
+                                                                        healthy_again):
+    store, spool_dir = local_store
+    ref, layer, raw = push(registry, client, "idle", host=proxy.host)
+    reader = BlobReader(store.layer(ref, layer.digest), spool_dir, idle=0.2)
+    mark = registry.mark()
+    assert bounded(reader.read, 0, 1000) == raw[:1000] and reader.ready()
+    wait_until(lambda: not spool_files(os.getpid(), spool_dir.parent), "the idle spool was freed")
+    assert not reader.ready()  # the reader is still there: only the spool went
+    assert bounded(reader.read, layer.size - 1000, 1000) == raw[-1000:]
+    downloads = [a for a in registry.accesses_since(mark) if a.method == "GET" and a.uri.endswith(layer.digest)]
+    assert sum(a.written for a in downloads) == 2 * layer.size
