@@ -29,7 +29,7 @@ from als.daemon import build_store
 from als.errors import Interrupted
 from tests.support import faultproxy as fp
 from tests.support import images
-from tests.support.store_process import StoreProcess, write_registries_conf
+from tests.support.store_process import write_registries_conf
 
 CHUNK = 256 << 10
 SIZE = 3 << 20  # uncompressible: the blob is a little larger
@@ -216,18 +216,13 @@ def proxy(registry):
 
 @pytest.fixture
 def healthy_again(proxy, registry):
-    proxy.set(fp.PASS)
-    yield
-    proxy.set(fp.PASS, drop=True)
-    if registry.proc is None:
-        registry.start()
+    with fp.healthy_around(proxy, registry):
+        yield
 
 
 @pytest.fixture(scope="module")
 def proxied_store(registry, proxy, tmp_path_factory):
-    work = tmp_path_factory.mktemp("blob-faults")
-    conf = write_registries_conf(work / "registries.conf", [registry.host, proxy.host])
-    with StoreProcess(work, registries_conf=conf, config=FAULT_CONFIG) as s:
+    with fp.store_behind(proxy, registry, tmp_path_factory.mktemp("blob-faults"), FAULT_CONFIG) as s:
         yield s
 
 
@@ -328,7 +323,7 @@ def test_an_interrupted_read_returns_and_a_dropped_reader_stops_its_download(
     assert spool_files(os.getpid(), spool_dir.parent)
     del reader
     gc.collect()
-    assert spool_files(os.getpid(), spool_dir.parent) == []
+    wait_until(lambda: not spool_files(os.getpid(), spool_dir.parent), "the dropped reader's spool was freed")
 
 
 def test_a_spool_nobody_reads_is_freed_and_a_later_read_downloads_again(local_store, registry, client, proxy,
