@@ -33,7 +33,8 @@ from als.fetch import ChunkFetcher
 from als.digest import is_sha256
 from als.fuseproto import Attr, Entry, FuseError, Request, WouldBlock
 from als.layer import Node
-from als.store import BlobReader, Layer, LayerUnavailable, Store, decode_ref
+from als.blob import BlobReader
+from als.store import Layer, LayerUnavailable, Store, decode_ref
 
 log = logging.getLogger("als.fuse")
 
@@ -261,7 +262,7 @@ class StoreFS:
                 ino.reader = layer.info(p.digest)
                 size = len(ino.reader)
             else:
-                ino.reader = BlobReader(layer)
+                ino.reader = BlobReader(layer, self.fetcher.cache.root)
                 size = layer.desc.size
             ino.attr = Attr(nodeid, META_FILE, size, mtime=self._t)
             return ino

@@ -1,4 +1,4 @@
-"""The additional layer store: images, their layers, `info`, `blob` and use counts.
+"""The additional layer store: images, their layers, `info` and use counts (`blob` is in als/blob.py).
 
 This is the ALS protocol with no FUSE in it. The first lookup under an image
 reference resolves the image once (manifest, config) and starts resolving all
@@ -14,7 +14,6 @@ import base64
 import binascii
 import errno
 import functools
-import hashlib
 import json
 import logging
 import platform
@@ -28,7 +27,7 @@ from functools import partial
 from als import metrics, startup
 from als.access import AccessRecorder
 from als.config import Config
-from als.errors import ALSError, BlockedError, FormatError, Interrupted, NotFoundError, RegistryError, VerificationError
+from als.errors import ALSError, BlockedError, FormatError, Interrupted, NotFoundError, RegistryError
 from als.fetch import BlobSource, ChunkFetcher
 from als.image import json_object
 from als.formats import estargz, zstdchunked
@@ -588,41 +587,3 @@ def _as_unavailable(e: Exception, what: str) -> LayerUnavailable:
         return LayerUnavailable(errno.ENOENT, f"{what}: {e}")
     return LayerUnavailable(errno.EIO, f"{what}: {e}", transient=_transient(e))
 
-
-class BlobReader:
-    """Sequential reads of a layer's compressed blob, for `podman push` and `podman save`.
-
-    Podman streams `blob` from byte 0 to the end, so this reads ahead in large
-    ranges and hashes as it goes: a blob that does not match its digest fails
-    the last read with EIO rather than completing an export of wrong bytes.
-    """
-
-    WINDOW = 8 << 20
-
-    def __init__(self, layer: Layer):
-        self.layer = layer
-        self._lock = threading.Lock()
-        self._buf = b""
-        self._buf_start = 0
-        self._hash = hashlib.sha256()
-        self._hashed_to = 0
-
-    def ready(self) -> bool:
-        return False
-
-    def read(self, offset: int, size: int, cancel=None) -> bytes:
-        total = self.layer.desc.size
-        end = min(offset + size, total)
-        if offset >= end:
-            return b""
-        with self._lock:
-            if not (self._buf_start <= offset and end <= self._buf_start + len(self._buf)):
-                self._buf_start = offset
-                self._buf = self.layer.source.read_range(offset, min(offset + max(self.WINDOW, size), total))
-            data = self._buf[offset - self._buf_start:end - self._buf_start]
-            if offset == self._hashed_to:
-                self._hash.update(data)
-                self._hashed_to = end
-                if end == total and "sha256:" + self._hash.hexdigest() != self.layer.desc.digest:
-                    raise VerificationError(f"{self.layer.source.label}: blob does not match its digest")
-        return data

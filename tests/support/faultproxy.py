@@ -22,12 +22,17 @@ all threads.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import struct
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from tests.support.store_process import StoreProcess, write_registries_conf
 
 PASS, REFUSE, RESET, ERROR, STALL, CUT, TRICKLE = "pass", "refuse", "reset", "error", "stall", "cut", "trickle"
 MODES = (PASS, REFUSE, RESET, ERROR, STALL, CUT, TRICKLE)
@@ -283,6 +288,27 @@ def _read_request(sock: socket.socket, stop: threading.Event, limit: int = 64 <<
         if not part:
             return
         buf += part
+
+
+
+@contextlib.contextmanager
+def store_behind(proxy: "FaultProxy", registry, work: Path, config: str) -> Iterator[StoreProcess]:
+    """`als serve` reaching ``registry`` both directly and through ``proxy`` (by the proxy's host)."""
+    conf = write_registries_conf(work / "registries.conf", [registry.host, proxy.host])
+    with StoreProcess(work, registries_conf=conf, config=config) as s:
+        yield s
+
+
+@contextlib.contextmanager
+def healthy_around(proxy: "FaultProxy", registry) -> Iterator["FaultProxy"]:
+    """A passing proxy for the test, and a working registry behind it afterwards, whatever the test broke."""
+    proxy.set(PASS)
+    try:
+        yield proxy
+    finally:
+        proxy.set(PASS, drop=True)
+        if registry.proc is None:
+            registry.start()
 
 
 def _reset(sock: socket.socket) -> None:
