@@ -500,19 +500,20 @@ class Store:
         if not zstdchunked.is_zstd_chunked(desc.annotations):
             raise FormatError("a zstd layer without zstd:chunked annotations is not served lazily")
         max_toc = self.config.resolve.max_toc_size
+        max_entries = self.config.resolve.max_toc_entries
         loc = zstdchunked.locate(desc.annotations, desc.size, max_toc_size=max_toc)
         saved = self.state.get_toc(loc.checksum)
         toc = None
         if saved is not None:
             try:
                 with _PARSE_SLOTS:
-                    toc = zstdchunked.parse_manifest(saved[1], loc)
+                    toc = zstdchunked.parse_manifest(saved[1], loc, max_entries=max_entries)
             except FormatError:
                 log.warning("%s: saved TOC is unusable; reading it from the registry again", label)
         if toc is None:
             data = read_range(loc.offset, loc.offset + loc.length)
             with _PARSE_SLOTS:
-                toc = zstdchunked.parse_manifest(data, loc)
+                toc = zstdchunked.parse_manifest(data, loc, max_entries=max_entries)
             self.state.put_toc(loc.checksum, loc.offset, data)
         try:
             diff_size = int(desc.annotations[zstdchunked.UNCOMPRESSED_SIZE_ANNOTATION])

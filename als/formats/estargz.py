@@ -478,9 +478,7 @@ _chunk_offset = operator.attrgetter("offset")
 
 
 def _normalise(doc: object, digest: str, toc_offset: int, max_entries: int = MAX_TOC_ENTRIES) -> toc.TOC:
-    items = toc.entry_list(doc, "TOC")
-    if len(items) > max_entries:
-        raise FormatError(f"TOC has {len(items)} entries, over the limit of {max_entries}")
+    items = toc.entry_list(doc, "TOC", max_entries)
 
     entries: list[toc.Entry] = []
     warnings: list[str] = []
