@@ -46,6 +46,9 @@ LAYERS_RESOLVED = Counter("als_layers_resolved", "Layers resolved and served laz
 LAYERS_DECLINED = Counter("als_layers_declined",
                           "Layers that could not be served lazily (the engine pulled them itself).",
                           registry=REGISTRY)
+LAYERS_EVICTED = Counter("als_layers_evicted",
+                         "Unused layers dropped from memory (resolve.max_idle_layers); rebuilt from the state "
+                         "directory when looked up again.", registry=REGISTRY)
 REGISTRY_BYTES = Counter("als_registry_fetched_bytes",
                          "Bytes received from registries (manifests, configs, TOCs, chunks, blob exports), "
                          "by the image's registry.", ["registry"], registry=REGISTRY)
@@ -76,6 +79,10 @@ def layer_resolved() -> None:
 
 def layer_declined() -> None:
     LAYERS_DECLINED.inc()
+
+
+def layer_evicted() -> None:
+    LAYERS_EVICTED.inc()
 
 
 def registry_fetch(registry: str, nbytes: int, seconds: float | None = None) -> None:
