@@ -6,7 +6,7 @@ own (one per chunk), so a byte range of the blob decompresses on its own. The
 TOC ("manifest") is zstd-compressed inside a skippable frame after the data,
 and the layer annotations say where it is and vouch for it: the
 ``manifest-checksum`` is the sha256 of its *compressed* bytes. See
-docs/estargz-format.md §11 for the byte layout.
+docs/formats.md for the byte layout.
 
 Two spellings of the annotations exist: ``io.github.containers.zstd-chunked.*``
 (containers/storage >= 1.44) and ``io.containers.zstd-chunked.*`` (what
