@@ -182,7 +182,8 @@ class _StoreCollector(Collector):
         yield GaugeMetricFamily("als_inflight_chunks", "Chunks being fetched right now.", value=self.inflight())
         yield GaugeMetricFamily("als_images", "Image references looked up since the store started.",
                                 value=self.images())
-        yield GaugeMetricFamily("als_layers", "Layers resolved and being served.", value=self.layers())
+        yield GaugeMetricFamily("als_layers", "Layers resolved and held in memory (those no container "
+                                "uses are bounded by resolve.max_idle_layers).", value=self.layers())
 
 
 _watched: Collector | None = None
