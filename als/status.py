@@ -83,7 +83,7 @@ def collect(store, *, mountpoint: Path | str = "", root: Path | str = "", starte
                 image["manifest"] = value.manifest_digest
             pending = dict(res.layers)
         layers = served.get(ref, {})
-        evicted = [d for d in (res.evicted if res is not None else ()) if d not in pending and d not in layers]
+        evicted = [d for d in (list(res.evicted) if res is not None else []) if d not in pending and d not in layers]
         for digest in list(pending) + [d for d in layers if d not in pending] + evicted:
             if digest in evicted:
                 image["layers"].append({"digest": digest, "state": "evicted", "uses": store.uses(ref, digest),

@@ -150,6 +150,12 @@ class _Resolution:
     # blob digest -> an evicted layer of this image: it has no future until it is looked up again
     evicted: dict[str, _Evicted] = field(default_factory=dict)
 
+    def has_layer(self, digest: str) -> bool:
+        """Whether the image resolved to a manifest naming this blob."""
+        image = self.image
+        return (image.done() and image.exception() is None
+                and any(d.digest == digest for d in image.result().layers))
+
     def failed_transiently(self) -> bool:
         """Whether the image or one of its layers failed for a reason that may pass by now."""
         return any(f.done() and getattr(f.exception(), "transient", False)
@@ -341,9 +347,10 @@ class Store:
                     del self._layers[(ref, name)]
             for res in self._held_by(ref):
                 fut = res.layers.get(digest)
-                if fut is not None and fut.done() and fut.exception() is None and fut.result() is layer:
-                    del res.layers[digest]
-                    res.evicted[digest] = _Evicted(layer.diff_size, layer.layer_id)
+                if fut is None or (fut.done() and fut.exception() is None and fut.result() is layer):
+                    res.layers.pop(digest, None)  # None: a lookup kept it after an earlier eviction
+                    if res.has_layer(digest):
+                        res.evicted[digest] = _Evicted(layer.diff_size, layer.layer_id)
             victims.append(layer)
         return victims
 
