@@ -19,8 +19,9 @@ def _serve_parser(sub) -> None:
         "serve", help="mount the additional layer store (runs in the foreground)",
         description="Mount an additional layer store for Podman and CRI-O at MOUNTPOINT and serve it "
                     "in the foreground until SIGINT or SIGTERM, which unmount it. Name the mount point "
-                    "in storage.conf: additionallayerstores = [\"MOUNTPOINT:ref\"]. eStargz layers are "
-                    "served lazily; every other layer is declined and pulled normally by the engine.")
+                    "in storage.conf: additionallayerstores = [\"MOUNTPOINT:ref\"]. eStargz and zstd:chunked "
+                    "layers are served lazily; every other layer is declined and pulled normally by the "
+                    "engine.")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="where to mount the store (created if missing)")
     p.add_argument("--root", default="/var/lib/als", help="chunk cache and state (default: %(default)s)")
     p.add_argument("--config", default=None,

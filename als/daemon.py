@@ -192,6 +192,7 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
             session = fuseproto.Session(fd, fs, workers=f.threads, waiting=f.waiting_threads,
                                         observe=observe).start()
             fs.invalidate, fs.invalidate_entry = session.invalidate, session.invalidate_entry
+            store.on_evict.append(fs.evicted)  # the kernel lets go of an evicted layer's nodes too
             sessions.append((path, session))
         log.info("serving the additional layer store at %s (cache and state in %s)", mountpoint, root)
         while not stop.is_set() and not all(s.initialized.wait(1.0) for _, s in sessions):

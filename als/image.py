@@ -45,9 +45,10 @@ class BuiltLayer:
     size: int
     diff_id: str
     annotations: dict[str, str] = field(default_factory=dict)
+    media_type: str = OCI_LAYER_GZIP
 
     def descriptor(self) -> dict:
-        d = {"mediaType": OCI_LAYER_GZIP, "digest": self.digest, "size": self.size}
+        d = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
         if self.annotations:
             d["annotations"] = self.annotations
         return d

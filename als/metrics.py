@@ -46,6 +46,9 @@ LAYERS_RESOLVED = Counter("als_layers_resolved", "Layers resolved and served laz
 LAYERS_DECLINED = Counter("als_layers_declined",
                           "Layers that could not be served lazily (the engine pulled them itself).",
                           registry=REGISTRY)
+LAYERS_EVICTED = Counter("als_layers_evicted",
+                         "Unused layers dropped from memory (resolve.max_idle_layers); rebuilt from the state "
+                         "directory when looked up again.", registry=REGISTRY)
 REGISTRY_BYTES = Counter("als_registry_fetched_bytes",
                          "Bytes received from registries (manifests, configs, TOCs, chunks, blob exports), "
                          "by the image's registry.", ["registry"], registry=REGISTRY)
@@ -76,6 +79,10 @@ def layer_resolved() -> None:
 
 def layer_declined() -> None:
     LAYERS_DECLINED.inc()
+
+
+def layer_evicted() -> None:
+    LAYERS_EVICTED.inc()
 
 
 def registry_fetch(registry: str, nbytes: int, seconds: float | None = None) -> None:
@@ -175,7 +182,8 @@ class _StoreCollector(Collector):
         yield GaugeMetricFamily("als_inflight_chunks", "Chunks being fetched right now.", value=self.inflight())
         yield GaugeMetricFamily("als_images", "Image references looked up since the store started.",
                                 value=self.images())
-        yield GaugeMetricFamily("als_layers", "Layers resolved and being served.", value=self.layers())
+        yield GaugeMetricFamily("als_layers", "Layers resolved and held in memory (those no container "
+                                "uses are bounded by resolve.max_idle_layers).", value=self.layers())
 
 
 _watched: Collector | None = None

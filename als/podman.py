@@ -30,7 +30,7 @@ with ``pid_namespace=False``) keep their namespace alive through conmon;
 of written ones (what `als optimize` does, so private and insecure registries
 work as they do for the user's Podman).
 
-machine-notes.md explains each setting (runc, ulimits, netns none, ALS mount).
+docs/testing.md says why each setting is needed here (runc, ulimits, netns none, ALS mount).
 """
 
 from __future__ import annotations

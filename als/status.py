@@ -83,7 +83,12 @@ def collect(store, *, mountpoint: Path | str = "", root: Path | str = "", starte
                 image["manifest"] = value.manifest_digest
             pending = dict(res.layers)
         layers = served.get(ref, {})
-        for digest in list(pending) + [d for d in layers if d not in pending]:
+        evicted = [d for d in (list(res.evicted) if res is not None else []) if d not in pending and d not in layers]
+        for digest in list(pending) + [d for d in layers if d not in pending] + evicted:
+            if digest in evicted:
+                image["layers"].append({"digest": digest, "state": "evicted", "uses": store.uses(ref, digest),
+                                        "reason": "unused, dropped from memory; rebuilt when looked up again"})
+                continue
             if digest in layers:
                 image["layers"].append(_layer_status(store, layers[digest]))
                 continue

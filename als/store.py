@@ -6,6 +6,12 @@ of its layers in parallel, because containers/image looks layers up one at a
 time under a lock: by the time it asks for the second layer, it is ready.
 Every wait is bounded; a layer that cannot be served lazily is *declined*
 (the FUSE adapter answers EIO), and Podman pulls it normally.
+
+A resolved layer's tree costs about 1.5 KiB of memory per TOC entry, so the
+store keeps at most ``resolve.max_idle_layers`` layers that no container uses
+(containers/storage's `use` count), dropping the least recently looked up
+first. Their TOCs stay in the state directory: a later lookup rebuilds the
+layer from there, with the same inode numbers, without asking the registry.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import logging
 import platform
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Callable
 
 from als import metrics, startup
 from als.access import AccessRecorder
@@ -107,6 +115,7 @@ class Layer:
     view: LayerView
     source: BlobSource
     prefetch: list[T.Chunk] = field(default_factory=list)  # fetched as soon as the layer resolves
+    layer_id: int = 0  # the high half of its inode numbers; a rebuild after eviction keeps it
 
     def info(self, key: str) -> bytes:
         """The `info` JSON for the digest Podman used to name the layer."""
@@ -122,6 +131,15 @@ class Layer:
         return (json.dumps(body) + "\n").encode()
 
 
+@dataclass(frozen=True)
+class _Evicted:
+    """What the rebuild of an evicted layer reuses: its diff size (zstd:chunked may have computed
+    it with registry reads) and its layer id (its files keep their inode numbers)."""
+
+    diff_size: int
+    layer_id: int
+
+
 @dataclass
 class _Resolution:
     """One resolution of an image reference; replaced when its TTL runs out."""
@@ -129,6 +147,14 @@ class _Resolution:
     started: float
     image: Future = field(default_factory=Future)  # -> Image
     layers: dict[str, Future] = field(default_factory=dict)  # blob digest -> Future[Layer]
+    # blob digest -> an evicted layer of this image: it has no future until it is looked up again
+    evicted: dict[str, _Evicted] = field(default_factory=dict)
+
+    def has_layer(self, digest: str) -> bool:
+        """Whether the image resolved to a manifest naming this blob."""
+        image = self.image
+        return (image.done() and image.exception() is None
+                and any(d.digest == digest for d in image.result().layers))
 
     def failed_transiently(self) -> bool:
         """Whether the image or one of its layers failed for a reason that may pass by now."""
@@ -168,6 +194,10 @@ class Store:
         self._lock = threading.Lock()
         self._resolutions: dict[str, _Resolution] = {}
         self._layers: dict[tuple[str, str], Layer] = {}  # (ref, digest or TOC digest) -> Layer
+        self._recent: OrderedDict[tuple[str, str], Layer] = OrderedDict()  # (ref, blob digest), LRU first
+        # Called with (ref, digest) for each name of an evicted layer, after it is evicted (outside
+        # the store's lock): whoever caches its entries (the kernel, through the FUSE layer) drops them.
+        self.on_evict: list[Callable[[str, str], None]] = []
         self._fallbacks: dict[str, _Resolution] = {}  # ref -> image rebuilt from saved metadata
         self._uses: dict[tuple[str, str], int] = {}
         self._next_layer_id = 1
@@ -194,19 +224,23 @@ class Store:
 
     def ready_layer(self, ref: str, digest: str) -> Layer | None:
         """The layer if it is resolved already: what a caller that must not wait asks first."""
-        return self._layers.get((ref, digest))
+        with self._lock:
+            layer = self._layers.get((ref, digest))
+            if layer is not None:
+                self._recent.move_to_end((ref, layer.desc.digest))
+            return layer
 
     def layer(self, ref: str, digest: str, cancel: threading.Event | None = None) -> Layer:
         """The servable layer ``digest`` of image ``ref``, waiting at most the resolve timeout.
 
         ``cancel``: the caller went away (a FUSE interrupt): stop waiting, raise Interrupted.
         """
-        layer = self._layers.get((ref, digest))
+        layer = self.ready_layer(ref, digest)
         if layer is not None:
             return layer
-        deadline = time.monotonic() + self.config.resolve.timeout
         with self._lock:
             fallback = self._fallbacks.get(ref)
+        deadline = time.monotonic() + self.config.resolve.timeout
         desc = fallback.image.result().find(digest) if fallback is not None else None
         if desc is not None:
             # An earlier lookup found the registry away and served this image from saved
@@ -214,12 +248,21 @@ class Store:
             res = fallback
         else:
             desc, res, deadline = self._from_registry(ref, digest, deadline, cancel)
-        layer = self._wait(res.layers[desc.digest], deadline, f"image {ref} layer {digest}", cancel)
-        with self._lock:
-            self._layers[(ref, desc.digest)] = layer
-            if layer.toc_digest:
-                self._layers[(ref, layer.toc_digest)] = layer
+        layer = self._wait(self._layer_future(res, desc), deadline, f"image {ref} layer {digest}", cancel)
+        self._keep(layer)
         return layer
+
+    def _layer_future(self, res: _Resolution, desc: LayerDescriptor) -> Future:
+        """The resolution's future of layer ``desc``; an evicted layer's rebuild starts here."""
+        with self._lock:
+            fut = res.layers.get(desc.digest)
+            if fut is not None:
+                return fut
+            fut = res.layers[desc.digest] = Future()
+            evicted = res.evicted.pop(desc.digest, None)
+        image = res.image.result()  # done: desc was found in it
+        self._pool.submit(self._run_layer, image.ref, desc, fut, image.entrypoint, evicted)
+        return fut
 
     def _from_registry(self, ref: str, digest: str, deadline: float,
                        cancel: threading.Event | None) -> tuple[LayerDescriptor, _Resolution, float]:
@@ -252,9 +295,12 @@ class Store:
             n = self._uses.get((ref, digest), 0)
             if n <= 1:
                 self._uses.pop((ref, digest), None)
+                evicted = self._evict_over_bound()  # one more idle layer
             else:
                 self._uses[(ref, digest)] = n - 1
+                evicted = []
         log.info("image %s layer %s: released (%d)", ref, digest, max(n - 1, 0))
+        self._after_eviction(evicted)
 
     def uses(self, ref: str, digest: str) -> int:
         return self._uses.get((ref, digest), 0)
@@ -265,8 +311,75 @@ class Store:
             return list(self._resolutions)
 
     def layers(self) -> list[Layer]:
+        """The layers held in memory, least recently looked up first."""
         with self._lock:
-            return list({id(l): l for l in self._layers.values()}.values())
+            return list(self._recent.values())
+
+    # ---- keeping and evicting ---------------------------------------------------------
+    def _keep(self, layer: Layer) -> None:
+        """Hold ``layer`` as the most recently looked up, and evict what that puts over the bound."""
+        ref, digest = layer.ref, layer.desc.digest
+        with self._lock:
+            self._recent[(ref, digest)] = layer
+            self._recent.move_to_end((ref, digest))
+            self._layers[(ref, digest)] = layer
+            if layer.toc_digest:
+                self._layers[(ref, layer.toc_digest)] = layer
+            for res in self._held_by(ref):
+                res.evicted.pop(digest, None)
+            evicted = self._evict_over_bound()
+        self._after_eviction(evicted)
+
+    def _held_by(self, ref: str) -> list[_Resolution]:
+        """The resolutions whose futures hold ``ref``'s layers for later lookups (lock held)."""
+        return [r for r in (self._resolutions.get(ref), self._fallbacks.get(ref)) if r is not None]
+
+    def _in_use(self, layer: Layer) -> bool:
+        """containers/storage counts uses by the name it looked the layer up by (lock held)."""
+        return any(self._uses.get((layer.ref, name), 0) > 0 for name in (layer.desc.digest, layer.toc_digest)
+                   if name)
+
+    def _evict_over_bound(self) -> list[Layer]:
+        """Drop the least recently looked up unused layers past ``max_idle_layers`` (lock held).
+
+        Layers in use are neither evicted nor counted: they stay whatever the
+        bound, and a pull's other layers are not dropped before containers/storage
+        has looked them up and counted its use.
+        """
+        bound = self.config.resolve.max_idle_layers
+        if not bound:
+            return []
+        idle = [key for key, layer in self._recent.items() if not self._in_use(layer)]
+        victims = []
+        for ref, digest in idle[:max(len(idle) - bound, 0)]:
+            layer = self._recent.pop((ref, digest))
+            for name in (digest, layer.toc_digest):
+                if name and self._layers.get((ref, name)) is layer:
+                    del self._layers[(ref, name)]
+            for res in self._held_by(ref):
+                fut = res.layers.get(digest)
+                if fut is None or (fut.done() and fut.exception() is None and fut.result() is layer):
+                    res.layers.pop(digest, None)  # None: a lookup kept it after an earlier eviction
+                    if res.has_layer(digest):
+                        res.evicted[digest] = _Evicted(layer.diff_size, layer.layer_id)
+            victims.append(layer)
+        return victims
+
+    def _after_eviction(self, evicted: list[Layer]) -> None:
+        """Log evictions and tell ``on_evict`` about every name of each layer (outside the lock)."""
+        for layer in evicted:
+            log.info("image %s layer %s: dropped from memory, unused and least recently looked up (at most %d "
+                     "unused layers are kept); it is rebuilt from saved metadata when looked up again",
+                     layer.ref, layer.desc.digest, self.config.resolve.max_idle_layers)
+            metrics.layer_evicted()
+            for name in (layer.desc.digest, layer.toc_digest):
+                if not name:
+                    continue
+                for hook in list(self.on_evict):
+                    try:
+                        hook(layer.ref, name)
+                    except Exception:
+                        log.exception("image %s layer %s: eviction hook failed", layer.ref, name)
 
     def resolutions(self) -> dict[str, _Resolution]:
         """The current resolution of each image reference looked up, for `als status`."""
@@ -283,12 +396,12 @@ class Store:
             if res is not None and not fresh and age < self.config.resolve.ttl and not (
                     age >= self.config.resolve.failure_ttl and res.failed_transiently()):
                 return res
-            res = _Resolution(started=now)
+            previous, res = res, _Resolution(started=now)
             self._resolutions[ref] = res
-        self._pool.submit(self._run_resolution, ref, res)
+        self._pool.submit(self._run_resolution, ref, res, previous)
         return res
 
-    def _run_resolution(self, ref: str, res: _Resolution) -> None:
+    def _run_resolution(self, ref: str, res: _Resolution, previous: _Resolution | None = None) -> None:
         t0 = time.monotonic()
         try:
             image = self._fetch_image(ref)
@@ -296,34 +409,59 @@ class Store:
             log.warning("image %s: cannot resolve: %s", ref, e)
             res.image.set_exception(_as_unavailable(e, f"image {ref}"))
             return
-        self._start_layers(image, res)
+        self._start_layers(image, res, previous)
         res.image.set_result(image)
         log.info("image %s: resolved manifest %s (%d layers) in %.2fs", ref, image.manifest_digest,
                  len(image.layers), time.monotonic() - t0)
 
-    def _start_layers(self, image: Image, res: _Resolution) -> None:
-        for desc in image.layers:
-            fut: Future = Future()
-            res.layers[desc.digest] = fut
+    def _start_layers(self, image: Image, res: _Resolution, previous: _Resolution | None = None) -> None:
+        """Resolve every layer of ``image`` in parallel, but for those ``res`` need not build again.
+
+        A layer held in memory is reused as it is (a tag resolved again after
+        its TTL does not build a second tree of it), and one evicted since the
+        ``previous`` resolution stays evicted until it is looked up.
+        """
+        start = []
+        with self._lock:
+            for desc in image.layers:
+                kept = self._recent.get((image.ref, desc.digest))
+                evicted = previous.evicted.get(desc.digest) if previous is not None else None
+                if kept is not None and kept.desc == desc:
+                    res.layers[desc.digest] = fut = Future()
+                    fut.set_result(kept)
+                elif evicted is not None:
+                    res.evicted[desc.digest] = evicted
+                else:
+                    res.layers[desc.digest] = fut = Future()
+                    start.append((desc, fut))
+        for desc, fut in start:
             self._pool.submit(self._run_layer, image.ref, desc, fut, image.entrypoint)
 
-    def _run_layer(self, ref: str, desc: LayerDescriptor, fut: Future, entrypoint: list[str]) -> None:
+    def _run_layer(self, ref: str, desc: LayerDescriptor, fut: Future, entrypoint: list[str],
+                   evicted: _Evicted | None = None) -> None:
+        """Resolve one layer (or rebuild an ``evicted`` one) into ``fut``, then keep it."""
         t0 = time.monotonic()
         try:
-            layer = self._resolve_layer(ref, desc)
+            layer = self._resolve_layer(ref, desc, evicted)
         except Exception as e:
             log.warning("image %s layer %s: declined: %s", ref, desc.digest, e)
             metrics.layer_declined()
             fut.set_exception(LayerUnavailable(errno.EIO, f"image {ref} layer {desc.digest}: {e}",
                                                transient=_transient(e)))
             return
-        log.info("image %s layer %s: ready: %d files, %d bytes compressed, %d uncompressed, in %.2fs",
-                 ref, desc.digest, layer.view.file_count, desc.size, layer.diff_size, time.monotonic() - t0)
-        metrics.layer_resolved()
-        if self.predictor is not None and not layer.prefetch:  # an optimized layer prefetches its own
-            self.predictor.start(layer, entrypoint)
-        if layer.prefetch or self.config.fetch.background:
-            self._warmers.submit(self._warm, layer)
+        if evicted is not None:
+            # Its prefetch, prediction and background fetch ran when it was first resolved.
+            log.info("image %s layer %s: rebuilt from saved metadata: %d files, in %.2fs",
+                     ref, desc.digest, layer.view.file_count, time.monotonic() - t0)
+        else:
+            log.info("image %s layer %s: ready: %d files, %d bytes compressed, %d uncompressed, in %.2fs",
+                     ref, desc.digest, layer.view.file_count, desc.size, layer.diff_size, time.monotonic() - t0)
+            metrics.layer_resolved()
+            if self.predictor is not None and not layer.prefetch:  # an optimized layer prefetches its own
+                self.predictor.start(layer, entrypoint)
+            if layer.prefetch or self.config.fetch.background:
+                self._warmers.submit(self._warm, layer)
+        self._keep(layer)  # first: what it evicts is gone, hooks called, before a lookup gets it
         fut.set_result(layer)
 
     def _find_elsewhere(self, ref: str, digest: str, res: _Resolution,
@@ -421,18 +559,22 @@ class Store:
             raise NotFoundError(f"image {ref} has no manifest for {'/'.join(filter(None, self._platform))}")
         return sorted(candidates)[0][1]
 
-    def _resolve_layer(self, ref: str, desc: LayerDescriptor) -> Layer:
+    def _resolve_layer(self, ref: str, desc: LayerDescriptor, evicted: _Evicted | None = None) -> Layer:
         r = parse_reference(ref)
         label = f"image {ref} layer {desc.digest}"
         read_range = partial(self.client.read_range, r, desc.digest)
         if desc.media_type in ZSTD_LAYER_TYPES:
-            toc, diff_size = self._load_zstd_toc(label, desc, read_range)
+            toc, diff_size = self._load_zstd_toc(label, desc, read_range,
+                                                 evicted.diff_size if evicted is not None else None)
             tail, tail_start = b"", 0
         else:
             toc, diff_size, tail, tail_start = self._load_estargz_toc(label, desc, read_range)
-        with self._lock:
-            layer_id = self._next_layer_id
-            self._next_layer_id += 1
+        if evicted is not None:
+            layer_id = evicted.layer_id
+        else:
+            with self._lock:
+                layer_id = self._next_layer_id
+                self._next_layer_id += 1
         for warning in toc.warnings[:20]:
             log.warning("%s: %s", label, warning)
         if len(toc.warnings) > 20:
@@ -449,7 +591,7 @@ class Store:
         if tail:
             self.fetcher.absorb(source, tail[:max(toc.data_end - tail_start, 0)], tail_start)
         return Layer(ref=ref, desc=desc, toc_digest=toc.digest, diff_size=diff_size, view=view, source=source,
-                     prefetch=self._prefetch_chunks(toc, source))
+                     prefetch=self._prefetch_chunks(toc, source), layer_id=layer_id)
 
     def _prefetch_chunks(self, toc: T.TOC, source: BlobSource) -> list[T.Chunk]:
         """What to fetch as soon as the layer resolves: landmarks first, else the configured size."""
@@ -500,33 +642,38 @@ class Store:
         toc, tail, tail_start = self._load_toc(label, desc, toc_digest, read_range)
         return toc, diff_size, tail, tail_start
 
-    def _load_zstd_toc(self, label: str, desc: LayerDescriptor, read_range) -> tuple[T.TOC, int]:
+    def _load_zstd_toc(self, label: str, desc: LayerDescriptor, read_range,
+                       known_size: int | None = None) -> tuple[T.TOC, int]:
         """A zstd:chunked layer's verified TOC (located by its annotations) and its exact diff size.
 
         The size comes from the uncompressed-size annotation when the writer
         gave one (``als convert`` does), else it is computed from the blob's
         header frames (Podman writes none): containers/storage needs it exact.
+        ``known_size`` is one computed before (the layer is rebuilt after eviction).
         """
         if not zstdchunked.is_zstd_chunked(desc.annotations):
             raise FormatError("a zstd layer without zstd:chunked annotations is not served lazily")
         max_toc = self.config.resolve.max_toc_size
+        max_entries = self.config.resolve.max_toc_entries
         loc = zstdchunked.locate(desc.annotations, desc.size, max_toc_size=max_toc)
         saved = self.state.get_toc(loc.checksum)
         toc = None
         if saved is not None:
             try:
                 with _PARSE_SLOTS:
-                    toc = zstdchunked.parse_manifest(saved[1], loc)
+                    toc = zstdchunked.parse_manifest(saved[1], loc, max_entries=max_entries)
             except FormatError:
                 log.warning("%s: saved TOC is unusable; reading it from the registry again", label)
         if toc is None:
             data = read_range(loc.offset, loc.offset + loc.length)
             with _PARSE_SLOTS:
-                toc = zstdchunked.parse_manifest(data, loc)
+                toc = zstdchunked.parse_manifest(data, loc, max_entries=max_entries)
             self.state.put_toc(loc.checksum, loc.offset, data)
         try:
             diff_size = int(desc.annotations[zstdchunked.UNCOMPRESSED_SIZE_ANNOTATION])
         except (KeyError, ValueError):
+            if known_size is not None:
+                return toc, known_size
             t0 = time.monotonic()
             diff_size = zstdchunked.uncompressed_size(toc, read_range)
             log.info("%s: computed its uncompressed size, %d bytes, from its header frames in %.2fs",

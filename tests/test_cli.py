@@ -72,6 +72,7 @@ def test_cache_stats_prune_verify(tmp_path):
     cache = ChunkCache(tmp_path / "cache")
     for i in range(3):
         cache.put(sha256_digest(bytes([i]) * 100), bytes([i]) * 100)
+    assert cache.flush()  # put() leaves the writing to a thread; the command reads the directory
     r = als("cache", "stats", "--root", str(tmp_path), "--json")
     assert r.returncode == 0 and '"entries": 3' in r.stdout and '"bytes": 300' in r.stdout
     victim = next((tmp_path / "cache" / "chunks" / "sha256").rglob("*/*"))

@@ -762,12 +762,21 @@ def test_parse_footer_raises_only_format_error(tail, blob_size):
 @_FUZZ
 @given(offset=st.integers(0, 1 << 50), cut=st.integers(0, 51), flip=st.integers(0, 50), byte=st.integers(0, 255))
 def test_mutated_footers_raise_only_format_error(offset, cut, flip, byte):
-    footer = bytearray(estargz.make_footer(offset))
+    original = estargz.make_footer(offset)
+    blob_size = (1 << 50) + 100
+    assert estargz.parse_footer(original, blob_size) == (offset, 51)
+    footer = bytearray(original)
     footer[flip] = byte
     try:
-        estargz.parse_footer(bytes(footer[cut:]), (1 << 50) + 100)
+        got = estargz.parse_footer(bytes(footer[cut:]), blob_size)
     except FormatError:
-        pass
+        assert cut or bytes(footer) != original, "an intact footer was refused"
+        return
+    # Accepted: a whole footer, and the TOC offset is the one its bytes spell (a changed hex digit
+    # moves it); anything else changed must still be an empty gzip member carrying STARGZ.
+    assert cut == 0
+    assert got == (int(footer[16:32], 16), 51)
+    assert footer[32:38] == b"STARGZ" and gzip.decompress(bytes(footer)) == b""
 
 
 @_FUZZ

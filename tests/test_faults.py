@@ -7,6 +7,8 @@ frozen with SIGSTOP. Every read must either return the right bytes or fail
 with EIO within the configured bound (no FUSE request waits longer), and
 once the registry behaves again the same reads must work without restarting
 the store: failed fetches and failed resolutions are not remembered for long.
+Totals (faults injected, reads, bytes verified, slowest read) are figures for
+the soak run, `test_soak.py::test_soak_faults_under_load`, not checks here.
 """
 
 from __future__ import annotations
@@ -52,14 +54,12 @@ read_timeout = 10.0
 # waited for two such requests; slack for a loaded 2-core machine on top.
 REQUEST_BOUND = DEADLINE + READ_TIMEOUT
 READ_BOUND = 2 * REQUEST_BOUND + 3.0
-FIGURES = {"faults": 0, "reads": 0, "bytes_verified": 0, "max_read_s": 0.0, "max_failed_read_s": 0.0}
 
 
 @pytest.fixture(scope="module")
 def proxy(registry):
     with fp.FaultProxy(registry.host, cut_after=1000, trickle_interval=0.2) as p:
         yield p
-    FIGURES["faults"] += p.stats.faults
 
 
 @pytest.fixture(autouse=True)
@@ -121,11 +121,7 @@ def timed_read(path: Path, offset: int, size: int) -> tuple[bytes | None, int, f
     t.start()
     t.join(READ_BOUND + 20)
     assert not t.is_alive(), f"a read of {path} hung for over {READ_BOUND + 20:.0f}s"
-    took = result["took"]
-    FIGURES["reads"] += 1
-    key = "max_failed_read_s" if "errno" in result else "max_read_s"
-    FIGURES[key] = max(FIGURES[key], took)
-    return result.get("data"), result.get("errno", 0), took
+    return result.get("data"), result.get("errno", 0), result["took"]
 
 
 def fails_in_bound(path: Path, offset: int) -> float:
@@ -139,7 +135,6 @@ def reads_right(path: Path, offset: int, data: bytes, size: int = 1000) -> None:
     got, err, took = timed_read(path, offset, size)
     assert err == 0, f"read failed with errno {err}"
     assert got == data[offset:offset + size]
-    FIGURES["bytes_verified"] += len(got)
 
 
 # ---- reads: fail within the bound, work again once the registry does ------------------------
@@ -258,9 +253,3 @@ def test_a_bad_layer_stays_declined(store, registry, client, proxy):
             os.stat(diff)
         time.sleep(FAILURE_TTL + 0.2)
     assert store.log().count(f"image {ref}: resolved manifest") == 1
-
-
-def test_figures(proxy):
-    """Not a check: the totals of this module, for the record (pytest -s shows them)."""
-    FIGURES["faults"] = proxy.stats.faults
-    print(f"\nfault figures: {FIGURES}")

@@ -1,13 +1,20 @@
-"""The store's warming through a real mount: landmark prefetch and background fetch."""
+"""The store: warming through a real mount (landmark prefetch, background fetch), and the bound on
+the layers it keeps in memory (eviction, and rebuilding from the state directory), in-process."""
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import time
 
 import pytest
 
-from tests.support import images
+from als import status
+from als.formats import estargz
+from als.image import estargz_layer, push_image
+from als.reference import parse_reference
+from tests.support import images, inprocess
 from tests.support.store_process import StoreProcess
 
 CHUNK = 128 << 10
@@ -69,3 +76,127 @@ def test_background_fetch_completes_a_layer_then_reads_stay_local(warm_store, re
     for name, data in files.items():
         assert (warm_store.layer_dir(ref, layer.digest) / "diff" / name).read_bytes() == data
     assert blob_requests(registry, mark, layer.digest) == []
+
+
+# ---- the bound on layers kept in memory -----------------------------------------------------
+def evicting(bound: int, extra: str = "") -> str:
+    """A config bounding idle layers, with nothing fetched behind the test's back."""
+    return f"[resolve]\nmax_idle_layers = {bound}\n{extra}[fetch]\nbackground = false\npredict = false\n"
+
+
+def one_layer_images(registry, client, tag: str, count: int) -> list[tuple[str, object, dict]]:
+    out = []
+    for i in range(count):
+        files = {"f": os.urandom(3000 + i), "g": os.urandom(500)}
+        ref = f"{registry.host}/evict/{tag}{i}:esgz"
+        out.append((ref, images.push_files(client, ref, files, chunk_size=CHUNK), files))
+    return out
+
+
+def names(ref: str, layer) -> list[tuple[str, str]]:
+    """What the eviction hook hears for one layer: each name containers/storage may look it up by."""
+    return [(ref, layer.digest), (ref, layer.annotations[estargz.TOC_DIGEST_ANNOTATION])]
+
+
+def recorded(store) -> list[tuple[str, str]]:
+    seen: list[tuple[str, str]] = []
+    store.on_evict.append(lambda ref, digest: seen.append((ref, digest)))
+    return seen
+
+
+def held(store) -> set[tuple[str, str]]:
+    return {(l.ref, l.desc.digest) for l in store.layers()}
+
+
+def test_unused_layers_past_the_bound_go_least_recently_looked_up_first_and_come_back_from_state(
+        registry, client, registries_conf, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="als.store")
+    (r0, l0, f0), (r1, l1, _), (r2, l2, _), (r3, l3, _) = one_layer_images(registry, client, "lru", 4)
+    with inprocess.store(tmp_path, registries_conf, evicting(2)) as s:
+        seen = recorded(s)
+        first = s.layer(r0, l0.digest)
+        ino = first.view.lookup(["f"]).ino
+        s.layer(r1, l1.digest)
+        assert seen == []
+        s.layer(r2, l2.digest)
+        assert seen == names(r0, l0)  # three unused layers, two kept: the least recently looked up goes
+        assert f"image {r0} layer {l0.digest}: dropped from memory" in caplog.text
+        s.layer(r1, l1.digest)  # looked up again: now r2's layer is the oldest
+        s.layer(r3, l3.digest)
+        assert seen == names(r0, l0) + names(r2, l2)
+        assert held(s) == {(r1, l1.digest), (r3, l3.digest)}
+
+        mark = registry.mark()
+        again = s.layer(r0, l0.digest)
+        assert registry.accesses_since(mark) == []  # no TOC (and no manifest) read: rebuilt from the state dir
+        assert f"image {r0} layer {l0.digest}: rebuilt from saved metadata" in caplog.text
+        assert again is not first and again.view.lookup(["f"]).ino == ino  # same inode numbers
+        assert inprocess.read_file(s, again, "f") == f0["f"]
+        assert seen[4:] == names(r1, l1)  # r0's layer is back: r1's is now the least recently looked up
+        assert held(s) == {(r3, l3.digest), (r0, l0.digest)}
+
+
+def test_layers_in_use_are_neither_evicted_nor_counted(registry, client, registries_conf, tmp_path):
+    (r0, l0, _), (r1, l1, _), (r2, l2, _), (r3, l3, _) = one_layer_images(registry, client, "use", 4)
+    with inprocess.store(tmp_path, registries_conf, evicting(1)) as s:
+        seen = recorded(s)
+        s.layer(r0, l0.digest)
+        s.use(r0, l0.digest)
+        toc1 = l1.annotations[estargz.TOC_DIGEST_ANNOTATION]
+        s.layer(r1, toc1)  # Podman >= 5.1 names a layer by its TOC digest, and counts uses under that name
+        s.use(r1, toc1)
+        s.layer(r2, l2.digest)
+        assert seen == []
+        s.layer(r3, l3.digest)
+        assert seen == names(r2, l2)  # of the two unused ones, the older
+        s.release(r0, l0.digest)  # unused now, and older than r3's
+        assert seen == names(r2, l2) + names(r0, l0)
+        assert held(s) == {(r1, l1.digest), (r3, l3.digest)}
+
+
+def test_a_tag_resolved_again_neither_rebuilds_an_evicted_layer_nor_builds_a_kept_one_twice(
+        registry, client, registries_conf, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="als.store")
+    ref = f"{registry.host}/evict/two:esgz"
+    files = {"a": os.urandom(2000), "b": os.urandom(2000)}
+    built = [estargz_layer(io.BytesIO(images.files_tar({name: data})), chunk_size=CHUNK)
+             for name, data in files.items()]
+    push_image(client, parse_reference(ref), built)
+    a, b = (l.digest for l in built)
+    (other, l1, _), = one_layer_images(registry, client, "ttl-other", 1)
+    with inprocess.store(tmp_path, registries_conf, evicting(1, "ttl = 1.0\n")) as s:
+        s.layer(ref, a)
+        s.use(ref, a)
+        s.layer(ref, b)
+        s.layer(other, l1.digest)  # one unused layer is kept: b's goes
+        assert held(s) == {(ref, a), (other, l1.digest)}
+        time.sleep(1.2)
+        mark = registry.mark()
+        s.prepare(ref)  # past the TTL: the tag is resolved again
+        s.resolutions()[ref].image.result(timeout=30)
+        blobs = [x.uri for x in registry.accesses_since(mark) if "/blobs/" in x.uri]
+        assert not [u for u in blobs if u.endswith(a) or u.endswith(b)], blobs  # config only, no layer
+        assert caplog.text.count(f"layer {a}: ready") == 1
+        [image] = [i for i in status.collect(s)["images"] if i["ref"] == ref]
+        layers = {x["digest"]: x for x in image["layers"]}
+        assert (layers[a]["state"], layers[a]["uses"], layers[b]["state"]) == ("ready", 1, "evicted")
+        assert inprocess.read_file(s, s.layer(ref, b), "b") == files["b"]
+        assert f"layer {b}: rebuilt from saved metadata" in caplog.text
+
+
+def test_a_zstd_chunked_layer_keeps_its_computed_size_across_eviction(registry, client, registries_conf, tmp_path):
+    """Podman writes no uncompressed size for zstd:chunked: it is computed with registry reads, once."""
+    files = {"f": os.urandom(5000)}
+    ref = f"{registry.host}/evict/zstd:podman"
+    layer = images.push_zstd_files(client, ref, files, chunk_size=CHUNK, size_annotation=False)
+    (other, l1, _), = one_layer_images(registry, client, "zstd-other", 1)
+    with inprocess.store(tmp_path, registries_conf, evicting(1)) as s:
+        seen = recorded(s)
+        first = s.layer(ref, layer.digest)
+        s.layer(other, l1.digest)
+        assert (ref, layer.digest) in seen
+        mark = registry.mark()
+        again = s.layer(ref, layer.digest)
+        assert registry.accesses_since(mark) == []
+        assert again.diff_size == first.diff_size and again.info(layer.digest) == first.info(layer.digest)
+        assert inprocess.read_file(s, again, "f") == files["f"]

@@ -7,9 +7,12 @@ chunks, zero chunks) and runs a container from them through the store.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import logging
+import os
 import tarfile
 
 import pytest
@@ -20,7 +23,8 @@ from als.errors import FormatError, VerificationError
 from als.fetch import BlobSource, ChunkFetcher
 from als.formats import toc as T
 from als.formats import zstdchunked as Z
-from tests.support import images
+from als.store import LayerUnavailable
+from tests.support import images, inprocess
 from als.podman import Podman
 from tests.test_fusefs import actual_tree, expected_tree
 
@@ -109,6 +113,37 @@ def test_hostile_tocs_are_refused():
     loc = Z.ManifestLocation(checksum=sha(bad), offset=off, length=len(bad), uncompressed_length=len(json.dumps(doc)))
     with pytest.raises(FormatError, match="outside the data"):
         Z.parse_manifest(bad, loc)
+
+
+def test_a_manifest_over_the_entry_limit_is_refused_before_its_entries_are_built():
+    blob, r = write(sample_tar())
+    loc = Z.locate(r.annotations(), len(blob))
+    data = blob[loc.offset:loc.offset + loc.length]
+    items = json.loads(zstandard.ZstdDecompressor().decompress(data, max_output_size=loc.uncompressed_length))
+    entries = len(items["entries"])
+    assert {e.name for e in Z.parse_manifest(data, loc, max_entries=entries).entries} >= {"d/big", "d/link"}
+    with pytest.raises(FormatError, match=f"zstd:chunked manifest has {entries} entries, over the limit of "
+                                          f"{entries - 1}"):
+        Z.parse_manifest(data, loc, max_entries=entries - 1)
+
+
+def test_the_store_declines_a_zstd_chunked_layer_over_max_toc_entries(registry, client, registries_conf,
+                                                                      tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="als.store")
+    under = {f"f{i}": os.urandom(100) for i in range(4)}
+    over = {f"f{i}": os.urandom(100) for i in range(5)}  # one entry per small file
+    ref_under, ref_over = f"{registry.host}/zstd/limit:under", f"{registry.host}/zstd/limit:over"
+    layer_under = images.push_zstd_files(client, ref_under, under, chunk_size=64 << 10)
+    layer_over = images.push_zstd_files(client, ref_over, over, chunk_size=64 << 10)
+    config = "[resolve]\nmax_toc_entries = 4\n[fetch]\nbackground = false\npredict = false\n"
+    with inprocess.store(tmp_path, registries_conf, config) as s:
+        with pytest.raises(LayerUnavailable) as e:
+            s.layer(ref_over, layer_over.digest)
+        assert e.value.errno == errno.EIO
+        assert (f"image {ref_over} layer {layer_over.digest}: declined: zstd:chunked manifest has 5 entries, "
+                "over the limit of 4") in caplog.text
+        served = s.layer(ref_under, layer_under.digest)
+        assert {name: inprocess.read_file(s, served, name) for name in under} == under
 
 
 def test_zero_chunks_are_synthesised_without_a_fetch(tmp_path):

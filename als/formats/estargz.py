@@ -5,7 +5,7 @@ tar stream; each regular-file chunk starts a member of its own, so a byte
 range of the blob can be fetched and gunzipped on its own. The TOC
 (``stargz.index.json``) lists every entry with the compressed offsets of its
 chunks and sits in the second-to-last member; a fixed-size empty gzip footer
-holds the TOC's offset. See docs/estargz-format.md for the byte layout.
+holds the TOC's offset. docs/formats.md has the byte layout.
 
 The reader is pure (the caller fetches bytes and passes them in) and treats
 every byte as hostile: all sizes are bounded and any inconsistency becomes a
@@ -68,7 +68,7 @@ _RFC3339_RE = re.compile(
 )
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 
-# Footer layouts (docs/estargz-format.md §3). Both are complete, empty gzip
+# Footer layouts (docs/formats.md, "Footer"). Both are complete, empty gzip
 # members whose Extra field carries "%016x" % toc_offset + "STARGZ".
 _GZIP_FEXTRA_HEADER = b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff"
 _EMPTY_DEFLATE_AND_TRAILER = b"\x01\x00\x00\xff\xff" + bytes(8)
@@ -483,9 +483,7 @@ _chunk_offset = operator.attrgetter("offset")
 
 
 def _normalise(doc: object, digest: str, toc_offset: int, max_entries: int = MAX_TOC_ENTRIES) -> toc.TOC:
-    items = toc.entry_list(doc, "TOC")
-    if len(items) > max_entries:
-        raise FormatError(f"TOC has {len(items)} entries, over the limit of {max_entries}")
+    items = toc.entry_list(doc, "TOC", max_entries)
 
     entries: list[toc.Entry] = []
     warnings: list[str] = []

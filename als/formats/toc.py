@@ -87,8 +87,12 @@ class TOC:
     warnings: list[str] = field(default_factory=list)
 
 
-def entry_list(doc: object, what: str) -> list:
-    """The raw ``entries`` of a version 1 TOC document (eStargz TOC or zstd:chunked manifest)."""
+def entry_list(doc: object, what: str, max_entries: int) -> list:
+    """The raw ``entries`` of a version 1 TOC document (eStargz TOC or zstd:chunked manifest).
+
+    Every entry becomes objects of ours (about 1.5 KiB each once in a layer's
+    tree), so their number is refused past ``max_entries`` before any is built.
+    """
     if not isinstance(doc, dict):
         raise FormatError(f"{what} JSON is not an object")
     version = doc.get("version")
@@ -97,6 +101,8 @@ def entry_list(doc: object, what: str) -> list:
     items = doc.get("entries", [])
     if not isinstance(items, list):
         raise FormatError(f"{what} 'entries' is not a list")
+    if len(items) > max_entries:
+        raise FormatError(f"{what} has {len(items)} entries, over the limit of {max_entries}")
     return items
 
 

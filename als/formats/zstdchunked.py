@@ -6,7 +6,7 @@ own (one per chunk), so a byte range of the blob decompresses on its own. The
 TOC ("manifest") is zstd-compressed inside a skippable frame after the data,
 and the layer annotations say where it is and vouch for it: the
 ``manifest-checksum`` is the sha256 of its *compressed* bytes. See
-docs/estargz-format.md §11 for the byte layout.
+docs/formats.md for the byte layout.
 
 Two spellings of the annotations exist: ``io.github.containers.zstd-chunked.*``
 (containers/storage >= 1.44) and ``io.containers.zstd-chunked.*`` (what
@@ -127,14 +127,15 @@ def _bounded_decompress(data: bytes, limit: int, what: str) -> bytes:
         raise FormatError(f"{what}: corrupt zstd data: {e}") from None
 
 
-def parse_manifest(data: bytes, location: ManifestLocation) -> toc.TOC:
+def parse_manifest(data: bytes, location: ManifestLocation, *,
+                   max_entries: int = estargz.MAX_TOC_ENTRIES) -> toc.TOC:
     """Verify, decompress and normalise a zstd:chunked TOC.
 
     ``data`` is exactly the blob bytes ``[location.offset, location.offset +
     location.length)``. The checksum is over these compressed bytes (as
     containers/storage computes it) and is checked before anything is
     decompressed; the output is bounded by the uncompressed length the
-    annotation states.
+    annotation states; at most ``max_entries`` entries are accepted, as for eStargz.
     """
     if len(data) != location.length:
         raise FormatError(f"zstd:chunked manifest is {len(data)} bytes, the annotation says {location.length}")
@@ -149,7 +150,7 @@ def parse_manifest(data: bytes, location: ManifestLocation) -> toc.TOC:
         doc = json.loads(raw)
     except (ValueError, RecursionError) as e:
         raise FormatError(f"zstd:chunked manifest is not valid JSON: {e}") from None
-    return _normalise(doc, location)
+    return _normalise(doc, location, max_entries)
 
 
 def _int(obj: dict, key: str, where: str) -> int:
@@ -166,8 +167,8 @@ def _str(obj: dict, key: str, where: str) -> str:
     return value
 
 
-def _normalise(doc: object, location: ManifestLocation) -> toc.TOC:
-    items = toc.entry_list(doc, "zstd:chunked manifest")
+def _normalise(doc: object, location: ManifestLocation, max_entries: int) -> toc.TOC:
+    items = toc.entry_list(doc, "zstd:chunked manifest", max_entries)
     entries: list[toc.Entry] = []
     files: list[tuple[toc.Entry, list[dict]]] = []
     current: tuple[toc.Entry, list[dict]] | None = None

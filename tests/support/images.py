@@ -693,3 +693,22 @@ def push_files(client, ref: str, files: dict[str, bytes], *, chunk_size: int, le
     layer = estargz_layer(io.BytesIO(files_tar(files)), chunk_size=chunk_size, level=level, prioritized=prioritized)
     push_image(client, parse_reference(ref), [layer])
     return layer
+
+
+def push_zstd_files(client, ref: str, files: dict[str, bytes], *, chunk_size: int, size_annotation: bool = True):
+    """Push a one-layer zstd:chunked image of ``files`` as ``ref``; returns the layer (an als.image.BuiltLayer).
+
+    Without ``size_annotation`` the layer carries no uncompressed size, as Podman writes it.
+    """
+    from als.formats import zstdchunked
+    from als.image import BuiltLayer, push_image
+    from als.reference import parse_reference
+    blob = io.BytesIO()
+    r = zstdchunked.write_zstdchunked(io.BytesIO(files_tar(files)), blob, chunk_size=chunk_size)
+    annotations = r.annotations()
+    if not size_annotation:
+        del annotations[zstdchunked.UNCOMPRESSED_SIZE_ANNOTATION]
+    layer = BuiltLayer(blob=blob, digest=r.blob_digest, size=r.compressed_size, diff_id=r.diff_id,
+                       annotations=annotations, media_type=zstdchunked.MEDIA_TYPE)
+    push_image(client, parse_reference(ref), [layer])
+    return layer
