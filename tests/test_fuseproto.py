@@ -519,3 +519,31 @@ def test_waiting_requests_leave_the_readers_free_and_an_interrupt_ends_one_at_on
     while (7, 1) not in ops.forgot and time.monotonic() < deadline:
         time.sleep(0.05)
     assert ops.forgot == [(7, 1)]
+
+
+def test_an_evicted_layer_is_let_go_by_the_kernel_and_served_again(registries_conf, registry, client, tmp_path):
+    """With one unused layer kept, resolving a second evicts the first: the kernel is told to drop its
+    names (it asks again, where it would otherwise answer from its cache for an hour), and the next
+    lookup rebuilds it from saved metadata and serves the same bytes."""
+    port = free_port()
+    refs = [f"{registry.host}/proto:evict{i}" for i in range(2)]
+    layers = [images.push_files(client, ref, {"f.txt": ref.encode()}, chunk_size=64 << 10) for ref in refs]
+    with StoreProcess(tmp_path, registries_conf=registries_conf,
+                      config=f'[resolve]\nmax_idle_layers = 1\n[fetch]\nbackground = false\n'
+                             f'[metrics]\naddress = "127.0.0.1:{port}"\n') as s:
+        first = s.layer_dir(refs[0], layers[0].digest)
+        assert (first / "diff/f.txt").read_bytes() == refs[0].encode()
+        assert (first / "info").exists()
+        lookups = counts(port)["lookup"]
+        assert (first / "info").exists()
+        assert counts(port)["lookup"] == lookups  # cached by the kernel
+        assert (s.layer_dir(refs[1], layers[1].digest) / "diff/f.txt").read_bytes() == refs[1].encode()
+        deadline = time.monotonic() + 10
+        while "dropped from memory" not in s.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert f"layer {layers[0].digest}: dropped from memory" in s.log()
+        time.sleep(0.5)  # the notification goes out from a thread of its own
+        lookups = counts(port)["lookup"]
+        assert (first / "info").exists()
+        assert counts(port)["lookup"] > lookups  # the kernel let go of the evicted layer's names
+        assert (first / "diff/f.txt").read_bytes() == refs[0].encode()
