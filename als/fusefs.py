@@ -320,7 +320,12 @@ class StoreFS:
         if ino.kind == K_BLOB:
             if not req.can_wait and not ino.reader.ready():
                 raise WouldBlock
-            return ino.reader.read(offset, size, req.interrupted)
+            try:
+                return ino.reader.read(offset, size, req.interrupted)
+            except Interrupted:
+                raise FuseError(errno.EINTR) from None
+            except ALSError:
+                raise FuseError(errno.EIO) from None  # the blob reader logged why, once
         node = ino.node
         if node is None or not node.is_reg:
             raise FuseError(errno.EISDIR)
