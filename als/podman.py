@@ -371,6 +371,7 @@ class Podman:
                 except PodmanError:
                     pass
         self._closed = True
+        self.stop_environment()
         self._kill_leftovers()
         self._unmount_leftovers()
         if not self.keep:
@@ -381,6 +382,11 @@ class Podman:
                     shutil.rmtree(d, ignore_errors=True)
             if self._short_dir is not None:
                 shutil.rmtree(self._short_dir, ignore_errors=True)
+
+    def stop_environment(self) -> None:
+        """Called by ``close()`` once the last podman command ran, before leftover processes
+        are killed and the work dir deleted: a subclass that runs podman somewhere else
+        (another root file system, a namespace of its own) takes that down here."""
 
     def leftover_pids(self) -> list[int]:
         """PIDs (other than ours) of processes this instance started through podman
