@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from tests.support.store_process import REPO, StoreProcess
 from tests.support.regtest import auth_file, b64auth
 from tests.test_convert import get_blob, get_json, run_als
 from tests.test_registry_e2e import USERS, htpasswd_registry, store_config
+from tests.test_rootless import CONTAINERS_CONF as ROOTLESS_CONTAINERS_CONF
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +62,10 @@ OLD_ANNOTATION_NAMES = (
     "`als convert --zstd-chunked` writes only the io.containers.zstd-chunked.* annotation names; "
     "Podman >= 5.1 asks the store only for layers with io.github.containers.zstd-chunked."
     "manifest-checksum, so it pulls this image normally")
+
+# This checkout, where Python in the chroot finds it (any user may enter it there).
+CHECKOUT_INSIDE = "/opt/als"
+CHECKOUT = podman5.Bind(REPO, CHECKOUT_INSIDE, read_only=True)
 
 # What Podman >= 5.5 says of a layer it lost (run, save, push; system check; rmi).
 LOST_LAYER_SIGNS = ("layer not known", "layer in lower level storage driver not accounted for",
@@ -185,8 +191,40 @@ class Pipeline:
     image: str
     ref: str
     release: tuple[int, int]
+    layers: list[dict]  # the manifest's layer descriptors
     served_by_store: bool = False  # the store logged every layer in use during the pull
     steps: dict[str, Step] = dataclasses.field(default_factory=dict)
+
+    def step(self, label: str, fn) -> None:
+        """Run ``fn`` (-> ok, detail) and record its outcome, failures included."""
+        t0 = time.monotonic()
+        try:
+            ok, detail = fn()
+        except (PodmanError, AssertionError, KeyError, ValueError, OSError) as e:
+            ok, detail = False, f"{type(e).__name__}: {e}"
+        self.steps[label] = Step(ok, detail, time.monotonic() - t0)
+
+    def keys(self) -> list[set[str]]:
+        """For each layer, the digests Podman may name it by in the store: blob or TOC digest."""
+        keys = []
+        for desc in self.layers:
+            ann = desc.get("annotations") or {}
+            keys.append({desc["digest"], *(ann[a] for a in TOC_ANNOTATIONS if a in ann)})
+        return keys
+
+    def logged(self, log: str, event: str) -> bool:
+        """Whether the store's ``log`` has ``event`` (a regex) for every layer."""
+        return all(any(re.search(rf"layer {re.escape(k)}: {event}", log) for k in keys) for keys in self.keys())
+
+    def record_laziness(self, registry: RegistryProcess, mark: int, store_log: str) -> None:
+        """The "lazy" step: the store served every layer and the registry sent under half the bytes."""
+        fetched = sum(a.written for a in registry.accesses_since(mark)
+                      if any(a.uri.endswith(d["digest"]) for d in self.layers))
+        total = sum(d["size"] for d in self.layers)
+        self.served_by_store = self.logged(store_log, "in use")
+        self.steps["lazy"] = Step(self.served_by_store and 0 < fetched < total / 2,
+                                  f"{fetched} of {total} layer bytes fetched; store served every layer: "
+                                  f"{self.served_by_store}")
 
     def check(self, name: str) -> None:
         step = self.steps.get(name)
@@ -194,34 +232,11 @@ class Pipeline:
         assert step.ok, f"{name} of {self.ref} on Podman {self.release}: {step.detail}"
 
 
-def _layer_keys(manifest: dict) -> list[set[str]]:
-    """For each layer, the digests Podman may name it by in the store: blob or TOC digest."""
-    keys = []
-    for desc in manifest["layers"]:
-        ann = desc.get("annotations") or {}
-        keys.append({desc["digest"], *(ann[a] for a in TOC_ANNOTATIONS if a in ann)})
-    return keys
-
-
-def _logged(log: str, keys: set[str], event: str) -> bool:
-    return any(re.search(rf"layer {re.escape(k)}: {event}", log) for k in keys)
-
-
 def run_pipeline(name: str, ref: str, chroot: podman5.Chroot, store: StoreProcess,
                  registry: RegistryProcess, workdir: Path) -> Pipeline:
     manifest, config = manifest_and_config(registry, ref)
     diff_ids = config["rootfs"]["diff_ids"]
-    keys = _layer_keys(manifest)
-    total = sum(d["size"] for d in manifest["layers"])
-    p = Pipeline(name, ref, chroot.podman_release)
-
-    def step(label: str, fn) -> None:
-        t0 = time.monotonic()
-        try:
-            ok, detail = fn()
-        except (PodmanError, AssertionError, KeyError, ValueError, OSError) as e:
-            ok, detail = False, f"{type(e).__name__}: {e}"
-        p.steps[label] = Step(ok, detail, time.monotonic() - t0)
+    p = Pipeline(name, ref, chroot.podman_release, manifest["layers"])
 
     with podman5.Podman5(chroot, workdir, additional_layer_store=store.mountpoint,
                          insecure_registries=[registry.host]) as podman:
@@ -230,19 +245,13 @@ def run_pipeline(name: str, ref: str, chroot: podman5.Chroot, store: StoreProces
         def pull_and_run():
             out = podman.run("run", "--rm", ref, *PRINT1, timeout=180).stdout.strip()
             return out == "1", f"printed {out!r}"
-        step("run", pull_and_run)
-        fetched = sum(a.written for a in registry.accesses_since(mark)
-                      if any(a.uri.endswith(d["digest"]) for d in manifest["layers"]))
-        log = store.log()[log_at:]
-        p.served_by_store = all(_logged(log, k, r"in use") for k in keys)
-        p.steps["lazy"] = Step(p.served_by_store and 0 < fetched < total / 2,
-                               f"{fetched} of {total} layer bytes fetched; store served every layer: "
-                               f"{p.served_by_store}")
+        p.step("run", pull_and_run)
+        p.record_laziness(registry, mark, store.log()[log_at:])
 
         def run_again():
             out = podman.run("run", "--rm", "--pull=never", ref, *PRINT1, timeout=120).stdout.strip()
             return out == "1", f"printed {out!r}"
-        step("run --pull=never", run_again)
+        p.step("run --pull=never", run_again)
 
         def save():
             archive = workdir / "saved.tar"
@@ -251,7 +260,7 @@ def run_pipeline(name: str, ref: str, chroot: podman5.Chroot, store: StoreProces
             problems = layer_problems(saved.config, [b for _, b in saved.layer_blobs()], diff_ids)
             archive.unlink()
             return not problems, "; ".join(problems) or "diff IDs match"
-        step("save", save)
+        p.step("save", save)
 
         def push():
             copy = f"{registry.host}/p5/copy-{chroot.suite}-{name}:1"
@@ -261,24 +270,74 @@ def run_pipeline(name: str, ref: str, chroot: podman5.Chroot, store: StoreProces
             problems = layer_problems(c, [get_blob(registry, r.repository, d["digest"]) for d in m["layers"]],
                                       diff_ids)
             return not problems, "; ".join(problems) or "copy has every layer"
-        step("push", push)
+        p.step("push", push)
 
         def system_check():
             r = podman.run("system", "check", check=False, timeout=120)
             out = (r.stdout + r.stderr).strip()
             return r.returncode == 0 and not out, f"exit {r.returncode}: {out[-2000:]}"
-        step("system check", system_check)
+        p.step("system check", system_check)
 
         def rmi():
             at = len(store.log())
             r = podman.run("rmi", ref, check=False, timeout=120)
             gone = not podman.image_exists(ref)
-            log = store.log()[at:]
-            released = all(_logged(log, k, r"released \(0\)") for k in keys) if p.served_by_store else True
+            released = p.logged(store.log()[at:], r"released \(0\)") if p.served_by_store else True
             return (r.returncode == 0 and gone and released and "corrupt" not in r.stderr,
                     f"exit {r.returncode}, image gone: {gone}, store released every layer: {released}; "
                     f"{r.stderr[-1500:]}")
-        step("rmi", rmi)
+        p.step("rmi", rmi)
+    return p
+
+
+def run_rootless(chroot: podman5.Chroot, registry: RegistryProcess, client, workdir: Path) -> Pipeline:
+    """The documented rootless setup in the chroot: the user's own configuration, the store started
+    by the user in `podman unshare`, a lazy pull and run of the tree image, whose owners must come
+    out mapped exactly as for Podman's own layers; then a separate `run --pull=never` lists every
+    file of it, which must be exactly what the image holds."""
+    layers = [estargz_layer(io.BytesIO(t), chunk_size=256 << 10) for t in images.tree_image_layers()]
+    ref = f"{registry.host}/p5/rootless-{chroot.suite}:estargz"
+    push_image(client, parse_reference(ref), layers)
+    p = Pipeline("rootless-tree-estargz", ref, chroot.podman_release, [l.descriptor() for l in layers])
+    log_path = workdir / "als.log"
+    with podman5.RootlessUser5(chroot, workdir / "user", binds=[CHECKOUT]) as user:
+        root = f"{user.home}/.local/share/als"
+        mountpoint = f"{root}/store"
+        user.write(".config/containers/storage.conf", '[storage]\ndriver = "overlay"\n\n[storage.options]\n'
+                   f'additionallayerstores = ["{mountpoint}:ref"]\n')
+        user.write(".config/containers/containers.conf", ROOTLESS_CONTAINERS_CONF)
+        user.write(".config/containers/registries.conf",
+                   f'[[registry]]\nlocation = "{registry.host}"\ninsecure = true\n')
+        config = user.write(".config/als/config.toml", NO_BACKGROUND)
+        # `podman unshare` opens the storage, which refuses a missing store directory
+        user.write(".local/share/als/store/.keep", "")
+        (user.host_home / ".local/share/als/store/.keep").unlink()
+        with open(log_path, "wb") as log:
+            user.popen(["podman", "unshare", "python3", "-m", "als", "serve", "--root", root, "--config", config,
+                        "--log-level", "debug", mountpoint], env={"PYTHONPATH": CHECKOUT_INSIDE},
+                       stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while b"and answering" not in log_path.read_bytes():
+            assert time.monotonic() < deadline, log_path.read_text(errors="replace")[-3000:]
+            time.sleep(0.1)
+
+        mark = registry.mark()
+
+        def pull_and_run():  # reads little: the laziness is measured on this one
+            script = "cat /tree/small.txt; stat -c %u:%g /tree/dir/inner.txt /tree/setgid_file /tree/big_ids"
+            out = user.run(["podman", "run", "--rm", ref, "/bin/sh", "-c", script]).stdout
+            # owners are mapped through the user namespace like Podman's own layers: not "nobody"
+            return out == "hello, tree\n1000:1000\n0:1000\n65534:65534\n", f"printed {out!r}"
+        p.step("run", pull_and_run)
+        p.record_laziness(registry, mark, log_path.read_text(errors="replace"))
+
+        def run_again():  # reads every file, lists every attribute
+            listing = user.run(["podman", "run", "--rm", "--pull=never", ref, *images.tree_listing_command()],
+                               timeout=120).stdout
+            problems = images.diff_listings(images.expected_tree(), images.parse_tree_listing(listing))
+            return not problems, f"differences from the image: {problems}"
+        p.step("run --pull=never", run_again)
+    # close() killed the namespace: the user's processes, the store among them, and its mount are gone
     return p
 
 
@@ -358,6 +417,20 @@ class Podman5Checks:
     def test_rmi_releases_the_layers(self, request, pipeline):
         self.expect(request, pipeline, "rmi")
 
+    @pytest.fixture(scope="class")
+    def rootless(self, chroot, registry, client, tmp_path_factory) -> Pipeline:
+        blocked = podman5.userns_blocked()
+        if blocked:
+            pytest.skip(f"rootless Podman needs user namespaces: {blocked}")
+        return run_rootless(chroot, registry, client, tmp_path_factory.mktemp(f"rootless-{self.SUITE}"))
+
+    def test_rootless_pull_and_run_lazily(self, request, rootless):
+        self.expect(request, rootless, "run")
+        self.expect(request, rootless, "lazy")
+
+    def test_rootless_run_pull_never_afterwards(self, request, rootless):
+        self.expect(request, rootless, "run --pull=never")
+
     def test_auth_helper_hands_podmans_credentials_to_the_store(self, chroot, tmp_path, monkeypatch):
         """Podman runs `als auth-helper` (registries.conf additional-layer-store-auth-helper) inside
         the chroot; the store itself has no credentials for the registry, which refuses anonymous
@@ -384,15 +457,14 @@ class Podman5Checks:
                                    "DOCKER_CONFIG": str(home["docker"]),
                                    "XDG_RUNTIME_DIR": str(home["run"])}) as store:
                 helper = "/usr/local/bin/als-auth-helper"
-                # what `pip install als` puts on PATH, pointing at this checkout
+                # what `pip install als` puts on PATH, here with this checkout seen at /opt/als
                 script = ("#!/usr/bin/python3\nimport sys\n"
-                          f"sys.path.insert(0, {str(REPO)!r})\n"
+                          f"sys.path.insert(0, {CHECKOUT_INSIDE!r})\n"
                           "from als.authhelper import main\nsys.exit(main())\n")
                 with podman5.Podman5(chroot, tmp_path / "podman", additional_layer_store=store.mountpoint,
                                      insecure_registries=[reg.host], auth_file=creds, auth_helper=helper,
                                      files={helper: script},
-                                     binds=[podman5.Bind(REPO, read_only=True),
-                                            podman5.Bind(store.root, "/var/lib/als")]) as podman:
+                                     binds=[CHECKOUT, podman5.Bind(store.root, "/var/lib/als")]) as podman:
                     mark = reg.mark()
                     out = podman.run("run", "--rm", ref, *PRINT1, timeout=180).stdout.strip()
                     assert out == "1"

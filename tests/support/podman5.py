@@ -37,11 +37,12 @@ import re
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from als.podman import Podman, PodmanError
 
@@ -54,7 +55,7 @@ CACHE_DIR = Path("/var/tmp/als-podman5")
 PACKAGES = ("podman", "runc", "ca-certificates", "uidmap", "python3", "python3-requests",
             "python3-zstandard", "python3-cffi-backend", "python3-cachetools", "python3-prometheus-client")
 STAMP = ".als-chroot.json"  # written last, inside the tree before the rename
-BUILD_TIMEOUT = 1500.0
+BUILD_TIMEOUT = 900.0  # measured here: 60 s (trixie), 60-140 s (sid)
 LOCK_TIMEOUT = BUILD_TIMEOUT + 120.0
 CHROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MIRROR_ENV = "ALS_DEBIAN_MIRROR"  # overrides the mirror read from apt's sources
@@ -103,12 +104,13 @@ def debian_mirror(apt_dir: Path = Path("/etc/apt"), codename: str | None = None)
         return os.environ[MIRROR_ENV]
     codename = codename or host_codename()
     entries: list[dict[str, str]] = []
-    for f in sorted((apt_dir / "sources.list.d").glob("*.sources")):
-        entries += [s for s in _deb822_stanzas(f.read_text(errors="replace"))
-                    if s.get("enabled", "yes").lower() != "no"]
-    for f in [apt_dir / "sources.list", *sorted((apt_dir / "sources.list.d").glob("*.list"))]:
-        if f.exists():
-            entries += list(_one_line_entries(f.read_text(errors="replace")))
+    for f in [apt_dir / "sources.list", *sorted((apt_dir / "sources.list.d").glob("*"))]:  # apt's order
+        if f.suffix == ".sources":
+            entries += [s for s in _deb822_stanzas(f.read_text(errors="replace"))
+                        if s.get("enabled", "yes").lower() != "no"]
+        elif f.name == "sources.list" or f.suffix == ".list":
+            if f.is_file():
+                entries += list(_one_line_entries(f.read_text(errors="replace")))
     for e in entries:
         if "deb" in e.get("types", "").split() and codename in e.get("suites", "").split():
             return e["uris"].split()[0]
@@ -178,8 +180,9 @@ def _locked(lock_path: Path, timeout: float):
             time.sleep(1)
 
 
-def _debootstrap(suite: str, target: Path, packages: Sequence[str], mirror: str, timeout: float,
-                 log_path: Path) -> None:
+def debootstrap(suite: str, target: Path, packages: Sequence[str], mirror: str, timeout: float,
+                log_path: Path) -> None:
+    """``debootstrap --variant=minbase --include=PACKAGES SUITE TARGET MIRROR``, bounded by ``timeout``."""
     # In a private mount namespace: the /proc and /sys debootstrap mounts in the target vanish
     # with it, even if it is killed half way.
     argv = ["unshare", "--mount", "--propagation", "private", "--", "debootstrap", "--variant=minbase",
@@ -203,8 +206,10 @@ def _debootstrap(suite: str, target: Path, packages: Sequence[str], mirror: str,
 
 def ensure_chroot(suite: str, *, cache_dir: Path = CACHE_DIR, packages: Sequence[str] = PACKAGES,
                   mirror: str | None = None, build_timeout: float = BUILD_TIMEOUT,
-                  lock_timeout: float = LOCK_TIMEOUT) -> Chroot:
-    """The chroot of ``suite`` from the cache, built first if missing or made with other packages."""
+                  lock_timeout: float = LOCK_TIMEOUT, build: Callable[..., None] = debootstrap) -> Chroot:
+    """The chroot of ``suite`` from the cache, built first if missing or made with other packages.
+
+    ``build(suite, target, packages, mirror, timeout, log_path)`` makes the tree (``debootstrap``)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / suite
     key = _key(packages)
@@ -221,8 +226,7 @@ def ensure_chroot(suite: str, *, cache_dir: Path = CACHE_DIR, packages: Sequence
         tmp = cache_dir / f".build-{suite}-{os.getpid()}"
         t0 = time.monotonic()
         try:
-            _debootstrap(suite, tmp, packages, mirror or debian_mirror(), build_timeout,
-                         cache_dir / f".build-{suite}.log")
+            build(suite, tmp, packages, mirror or debian_mirror(), build_timeout, cache_dir / f".build-{suite}.log")
             shutil.rmtree(tmp / "var/cache/apt/archives", ignore_errors=True)  # the .debs: ~75 MB
             (tmp / "var/cache/apt/archives/partial").mkdir(parents=True)
             stamp = {"key": key, "suite": suite, "podman": _package_version(tmp, "podman"),
@@ -284,6 +288,7 @@ cd "$root"
 pivot_root . .host-root
 umount -l /.host-root
 rmdir /.host-root
+mount --make-rshared /  # what rootless Podman expects of /; shared only inside this namespace
 echo ready
 exec /usr/bin/python3 -c "$ALS_REAPER"
 """
@@ -371,10 +376,10 @@ class ChrootNamespace:
         if not children:  # without CONFIG_PROC_CHILDREN: look for the process whose parent is pid
             for name in os.listdir("/proc"):
                 try:
-                    stat = Path(f"/proc/{name}/stat").read_text()
+                    fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
                 except OSError:
                     continue
-                if name.isdigit() and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                if name.isdigit() and int(fields[1]) == pid:
                     children.append(name)
         if len(children) != 1:
             raise RuntimeError(f"cannot find the namespace's init under PID {pid}: {children}")
@@ -406,6 +411,11 @@ class ChrootNamespace:
                                f"stdout: {out[-3000:]}\nstderr: {err[-3000:]}")
         return res
 
+    def pids(self) -> list[int]:
+        """Host PIDs of every process started in the namespace: its init and all descendants
+        (containers run in PID namespaces of their own below it)."""
+        return process_tree(self.init_pid) if self.init_pid is not None else []
+
     def stop(self, timeout: float = 20.0) -> None:
         """Kill the namespace's init (and with it every process inside), wait for it; idempotent."""
         if self.init_pid is not None:
@@ -436,6 +446,27 @@ class ChrootNamespace:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every live process descending from it (host PIDs)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(name))
+    if not os.path.exists(f"/proc/{root}"):
+        return []
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -501,3 +532,115 @@ class Podman5(Podman):
 
     def version(self) -> str:
         return self.run("version", "--format", "{{.Client.Version}}").stdout.strip()
+
+
+def userns_blocked() -> str | None:
+    """Why an unprivileged user cannot create user namespaces on this kernel, if it cannot."""
+    for knob, bad in (("/proc/sys/user/max_user_namespaces", "0"),
+                      ("/proc/sys/kernel/unprivileged_userns_clone", "0")):
+        try:
+            if Path(knob).read_text().strip() == bad:
+                return f"{knob} is {bad}"
+        except OSError:
+            pass
+    return None
+
+
+class RootlessUser5:
+    """An unprivileged user of the chroot, with subuid/subgid ranges, for rootless Podman 5.
+
+    The user exists only in the namespace's overlay (``useradd`` there); its home
+    is a host directory bind-mounted at /home/<name> (rootless Podman's overlay
+    storage cannot sit on the namespace's overlay root), and /dev/fuse is a
+    device node of our own with mode 0666 (this host's is 0600; Debian's udev
+    rule makes it 0666), so the host's /dev is never changed. ``close()`` kills
+    the namespace, and with it every process of the user: Podman's pause process,
+    a store started in ``podman unshare``, containers.
+    """
+
+    # ``workdir``: a directory for the home, the device node and the namespace; ``close()`` deletes it.
+    def __init__(self, chroot: Chroot, workdir: str | os.PathLike, name: str = "alsuser",
+                 binds: Sequence[Bind] = ()):
+        self.workdir = Path(workdir)
+        self.name = name
+        self.uid = self._free_uid(chroot.path)
+        self.home = Path("/home") / name                 # inside
+        self.host_home = self.workdir / "home"           # outside
+        self.runtime_dir = f"/run/user/{self.uid}"
+        self.host_home.mkdir(parents=True)
+        os.chown(self.host_home, self.uid, self.uid)
+        fuse = self.workdir / "fuse"
+        os.mknod(fuse, 0o666 | stat.S_IFCHR, os.makedev(10, 229))  # /dev/fuse: misc 10, minor 229
+        os.chmod(fuse, 0o666)
+        self.namespace = ChrootNamespace(chroot.path, self.workdir / "namespace",
+                                         [Bind(self.host_home, str(self.home)), Bind(fuse, "/dev/fuse"), *binds])
+        self.namespace.start()
+        try:
+            self.namespace.run(["sh", "-c", 'touch /etc/subuid /etc/subgid && '
+                                f'useradd --uid {self.uid} --home-dir {self.home} --shell /bin/sh {name} && '
+                                f'mkdir -p {self.runtime_dir} && chown {name}: {self.runtime_dir} && '
+                                f'chmod 0700 {self.runtime_dir} && grep -q "^{name}:" /etc/subuid'])
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _free_uid(root: Path) -> int:
+        """A uid that neither the host nor the chroot gives anyone (so no process of ours is confused
+        with someone else's)."""
+        taken = set()
+        for passwd in (Path("/etc/passwd"), root / "etc/passwd"):
+            taken |= {int(line.split(":")[2]) for line in passwd.read_text().splitlines() if line.count(":") >= 3}
+        return next(u for u in range(23000, 60000) if u not in taken)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"HOME": str(self.home), "USER": self.name, "LOGNAME": self.name, "PATH": CHROOT_PATH,
+                "XDG_RUNTIME_DIR": self.runtime_dir, "PODMAN_IGNORE_CGROUPSV1_WARNING": "1"}
+
+    def write(self, rel: str, text: str) -> str:
+        """Write ``rel`` under the user's home, owned by the user (parents too); returns the path inside."""
+        path = self.host_home / rel
+        for parent in reversed(path.relative_to(self.host_home).parents[:-1]):
+            d = self.host_home / parent
+            d.mkdir(exist_ok=True)
+            os.chown(d, self.uid, self.uid)
+        path.write_text(text)
+        os.chown(path, self.uid, self.uid)
+        return str(self.home / rel)
+
+    def command(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
+        inner = ["runuser", "-u", self.name, "--", "env", "-i",
+                 *[f"{k}={v}" for k, v in {**self.env, **(env or {})}.items()], *argv]
+        return self.namespace.command(inner, {"PATH": CHROOT_PATH})
+
+    def run(self, argv: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 180,
+            check: bool = True) -> subprocess.CompletedProcess:
+        """``argv`` as the user; bounded by ``timeout``; raises PodmanError on failure when ``check``."""
+        proc = subprocess.Popen(self.command(argv, env), text=True, start_new_session=True,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        res = subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
+        if check and res.returncode != 0:
+            raise PodmanError(f"{' '.join(argv)} as {self.name} exited {res.returncode}\n"
+                              f"stdout: {out[-3000:]}\nstderr: {err[-3000:]}", res)
+        return res
+
+    def popen(self, argv: Sequence[str], env: Mapping[str, str] | None = None, **kw) -> subprocess.Popen:
+        kw.setdefault("start_new_session", True)
+        return subprocess.Popen(self.command(argv, env), **kw)
+
+    def close(self) -> None:
+        self.namespace.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "RootlessUser5":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
