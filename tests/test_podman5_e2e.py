@@ -141,6 +141,27 @@ def ctr_remote_image(registry, layer_tars, tmp_path_factory):
     return dst
 
 
+@pytest.fixture(scope="module")
+def private_image(tmp_path_factory):
+    """An eStargz image in a registry that refuses anonymous pulls: (registry, ref, layer, auth file
+    with alice's login, registries.conf). The environment holds no credentials for it."""
+    tmp = tmp_path_factory.mktemp("private")
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("REGISTRY_AUTH_FILE", "CONTAINERS_REGISTRIES_CONF", "DOCKER_CONFIG"):
+            mp.delenv(var, raising=False)
+        with htpasswd_registry(tmp) as reg:
+            ref = f"{reg.host}/private/python:estargz"
+            conf = tmp / "registries.conf"
+            conf.write_text(f'[[registry]]\nlocation = "{reg.host}"\ninsecure = true\n')
+            creds = auth_file(tmp / "auth.json", {reg.host: {"auth": b64auth("alice", USERS["alice"])}})
+            with images.python_rootfs_tar().open("rb") as tar:
+                layer = estargz_layer(tar, chunk_size=1 << 20, level=1)
+            with RegistryClient(RegistriesConf.load(str(conf)), retries=1,
+                                credentials=Keychain(auth_files=[AuthFile(creds)])) as c:
+                push_image(c, parse_reference(ref), [layer])
+            yield reg, ref, layer, creds, conf
+
+
 # --------------------------------------------------------------------------
 # Reading images back
 # --------------------------------------------------------------------------
@@ -431,48 +452,37 @@ class Podman5Checks:
     def test_rootless_run_pull_never_afterwards(self, request, rootless):
         self.expect(request, rootless, "run --pull=never")
 
-    def test_auth_helper_hands_podmans_credentials_to_the_store(self, chroot, tmp_path, monkeypatch):
+    def test_auth_helper_hands_podmans_credentials_to_the_store(self, chroot, private_image, tmp_path):
         """Podman runs `als auth-helper` (registries.conf additional-layer-store-auth-helper) inside
         the chroot; the store itself has no credentials for the registry, which refuses anonymous
         pulls, so it can serve the image only with what the helper passed."""
-        for var in ("REGISTRY_AUTH_FILE", "CONTAINERS_REGISTRIES_CONF", "DOCKER_CONFIG"):
-            monkeypatch.delenv(var, raising=False)
-        home = {name: tmp_path / name for name in ("home", "config", "docker", "run")}
-        for d in home.values():
+        reg, ref, layer, creds, conf = private_image
+        hermetic = {name: tmp_path / name.lower() for name in ("HOME", "XDG_CONFIG_HOME", "DOCKER_CONFIG",
+                                                               "XDG_RUNTIME_DIR")}
+        for d in hermetic.values():
             d.mkdir()
-        with htpasswd_registry(tmp_path) as reg:
-            ref = f"{reg.host}/private/python:estargz"
-            conf = tmp_path / "registries.conf"
-            conf.write_text(f'[[registry]]\nlocation = "{reg.host}"\ninsecure = true\n')
-            creds = auth_file(tmp_path / "auth.json", {reg.host: {"auth": b64auth("alice", USERS["alice"])}})
-            layer = estargz_layer(images.python_rootfs_tar().open("rb"), chunk_size=1 << 20)
-            with RegistryClient(RegistriesConf.load(str(conf)), retries=1,
-                                credentials=Keychain(auth_files=[AuthFile(creds)])) as c:
-                push_image(c, parse_reference(ref), [layer])
-
-            store_dir = tmp_path / "als"
-            store_dir.mkdir()
-            with StoreProcess(store_dir, registries_conf=conf, config=store_config(),
-                              env={"HOME": str(home["home"]), "XDG_CONFIG_HOME": str(home["config"]),
-                                   "DOCKER_CONFIG": str(home["docker"]),
-                                   "XDG_RUNTIME_DIR": str(home["run"])}) as store:
-                helper = "/usr/local/bin/als-auth-helper"
-                # what `pip install als` puts on PATH, here with this checkout seen at /opt/als
-                script = ("#!/usr/bin/python3\nimport sys\n"
-                          f"sys.path.insert(0, {CHECKOUT_INSIDE!r})\n"
-                          "from als.authhelper import main\nsys.exit(main())\n")
-                with podman5.Podman5(chroot, tmp_path / "podman", additional_layer_store=store.mountpoint,
-                                     insecure_registries=[reg.host], auth_file=creds, auth_helper=helper,
-                                     files={helper: script},
-                                     binds=[CHECKOUT, podman5.Bind(store.root, "/var/lib/als")]) as podman:
-                    mark = reg.mark()
-                    out = podman.run("run", "--rm", ref, *PRINT1, timeout=180).stdout.strip()
-                    assert out == "1"
-                    log = store.log()
-                    assert f"als auth-helper passed credentials for {reg.host}/private/python" in log, log[-3000:]
-                    fetched = sum(a.written for a in reg.accesses_since(mark) if a.uri.endswith(layer.digest))
-                    assert 0 < fetched < layer.size / 2, f"{fetched} of {layer.size} bytes fetched"
-                    assert USERS["alice"] not in log
+        store_dir = tmp_path / "als"
+        store_dir.mkdir()
+        with StoreProcess(store_dir, registries_conf=conf, config=store_config(),
+                          env={k: str(v) for k, v in hermetic.items()}) as store:
+            helper = "/usr/local/bin/als-auth-helper"
+            # what `pip install als` puts on PATH, here with this checkout seen at /opt/als
+            script = ("#!/usr/bin/python3\nimport sys\n"
+                      f"sys.path.insert(0, {CHECKOUT_INSIDE!r})\n"
+                      "from als.authhelper import main\nsys.exit(main())\n")
+            # the store's root at its default place, where the helper looks for the control socket
+            with podman5.Podman5(chroot, tmp_path / "podman", additional_layer_store=store.mountpoint,
+                                 insecure_registries=[reg.host], auth_file=creds, auth_helper=helper,
+                                 files={helper: script},
+                                 binds=[CHECKOUT, podman5.Bind(store.root, "/var/lib/als")]) as podman:
+                mark = reg.mark()
+                out = podman.run("run", "--rm", ref, *PRINT1, timeout=180).stdout.strip()
+                assert out == "1"
+                log = store.log()
+                assert f"als auth-helper passed credentials for {reg.host}/private/python" in log, log[-3000:]
+                fetched = sum(a.written for a in reg.accesses_since(mark) if a.uri.endswith(layer.digest))
+                assert 0 < fetched < layer.size / 2, f"{fetched} of {layer.size} bytes fetched"
+                assert USERS["alice"] not in log
 
 
 class TestPodman54Trixie(Podman5Checks):

@@ -644,3 +644,25 @@ class RootlessUser5:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tests.support.podman5 [SUITE...]``: build (or find) the chroots, say how long it took."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m tests.support.podman5", description=main.__doc__)
+    parser.add_argument("suites", nargs="*", metavar="SUITE", help=f"default: {' '.join(SUITES)}")
+    parser.add_argument("--cache-dir", type=Path, default=CACHE_DIR)
+    args = parser.parse_args(argv)
+    unknown = set(args.suites) - set(SUITES)
+    if unknown:
+        parser.error(f"unknown suite {', '.join(sorted(unknown))} (known: {', '.join(SUITES)})")
+    for suite in args.suites or SUITES:
+        t0 = time.monotonic()
+        c = ensure_chroot(suite, cache_dir=args.cache_dir)
+        how = f"built in {c.build_seconds:.0f}s" if c.built_now else f"cached (built in {c.build_seconds:.0f}s)"
+        print(f"{suite}: podman {c.podman_version} at {c.path}: {how}; {time.monotonic() - t0:.1f}s now")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
