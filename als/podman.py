@@ -239,15 +239,20 @@ class Podman:
         """The environment every podman command gets."""
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("CONTAINERS_") and k not in ("REGISTRY_AUTH_FILE", "TMPDIR")}
-        env.update({
+        env.update(self.own_env)
+        return env
+
+    @property
+    def own_env(self) -> dict[str, str]:
+        """The variables that point podman at our files (and ``env_extra``)."""
+        return {
             "CONTAINERS_STORAGE_CONF": str(self.storage_conf),
             "CONTAINERS_CONF": str(self.containers_conf),
             "CONTAINERS_REGISTRIES_CONF": str(self.registries_conf),
             "REGISTRY_AUTH_FILE": str(self.auth_file),
             "TMPDIR": str(self.image_tmp_dir),
-        })
-        env.update(self.env_extra)
-        return env
+            **self.env_extra,
+        }
 
     def command(self, *args: str) -> list[str]:
         """The full argv (unshare wrapper + podman) for ``podman ARGS``; for Popen users."""

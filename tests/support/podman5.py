@@ -16,7 +16,7 @@ inside a namespace of its own (``ChrootNamespace``):
   mount point, which runc needs, and user namespaces, which rootless Podman
   needs, may still be created: a chrooted process may not) is an overlay of
   the cached chroot with a per-instance upper dir: the cache is never written;
-* a fresh ``/proc``, ``/sys`` and ``/dev`` from the host, tmpfs on ``/run`` and ``/tmp``;
+* ``/proc`` of its own PID namespace, the host's ``/sys`` and ``/dev``, tmpfs on ``/run`` and ``/tmp``;
 * the work dir, the store's mount point and any other host path the caller
   names bind-mounted at the same path, so that every path in the config files
   Podman reads is the same inside and out;
@@ -369,21 +369,10 @@ class ChrootNamespace:
 
     @staticmethod
     def _child_of(pid: int) -> int:
-        try:
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        except OSError:
-            children = []
-        if not children:  # without CONFIG_PROC_CHILDREN: look for the process whose parent is pid
-            for name in os.listdir("/proc"):
-                try:
-                    fields = Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if name.isdigit() and int(fields[1]) == pid:
-                    children.append(name)
+        children = _children().get(pid, [])
         if len(children) != 1:
             raise RuntimeError(f"cannot find the namespace's init under PID {pid}: {children}")
-        return int(children[0])
+        return children[0]
 
     def command(self, argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
         """argv that runs ``argv`` inside, as root, with exactly ``env``."""
@@ -393,23 +382,10 @@ class ChrootNamespace:
                 "/usr/bin/env", "-i", *[f"{k}={v}" for k, v in env.items()], *argv]
 
     def run(self, argv: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 120,
-            check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
-        """Run ``argv`` inside (as root unless argv says otherwise); bounded by ``timeout``."""
-        env = dict(env or {"PATH": CHROOT_PATH, "HOME": "/root"})
-        proc = subprocess.Popen(self.command(argv, env), text=True, start_new_session=True,
-                                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            out, err = proc.communicate(input, timeout=timeout)
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise
-        res = subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
-        if check and res.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)} exited {res.returncode} in the Podman 5 namespace\n"
-                               f"stdout: {out[-3000:]}\nstderr: {err[-3000:]}")
-        return res
+            check: bool = True) -> subprocess.CompletedProcess:
+        """Run ``argv`` inside as root (``env``: default PATH and HOME); bounded by ``timeout``."""
+        return run_bounded(self.command(argv, env or {"PATH": CHROOT_PATH, "HOME": "/root"}), argv,
+                           "in the Podman 5 namespace", timeout, check)
 
     def pids(self) -> list[int]:
         """Host PIDs of every process started in the namespace: its init and all descendants
@@ -437,7 +413,7 @@ class ChrootNamespace:
             self.proc = None
         if self.init_pid is not None:
             deadline = time.monotonic() + timeout
-            while os.path.exists(f"/proc/{self.init_pid}") and time.monotonic() < deadline:
+            while process_tree(self.init_pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             self.init_pid = None
 
@@ -448,8 +424,32 @@ class ChrootNamespace:
         self.stop()
 
 
-def process_tree(root: int) -> list[int]:
-    """``root`` and every live process descending from it (host PIDs)."""
+def run_bounded(command: Sequence[str], argv: Sequence[str], where: str, timeout: float,
+                check: bool) -> subprocess.CompletedProcess:
+    """Run ``command`` (which runs ``argv`` ``where``), killing its process group after ``timeout``;
+    PodmanError (with both outputs) on a non-zero status when ``check``."""
+    proc = subprocess.Popen(command, text=True, start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise PodmanError(f"{' '.join(argv)} timed out after {timeout}s {where}\n"
+                          f"stdout: {out[-3000:]}\nstderr: {err[-3000:]}") from None
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    res = subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
+    if check and res.returncode != 0:
+        raise PodmanError(f"{' '.join(argv)} exited {res.returncode} {where}\n"
+                          f"stdout: {out[-3000:]}\nstderr: {err[-3000:]}", res)
+    return res
+
+
+def _children() -> dict[int, list[int]]:
+    """PID -> PIDs of its live (not zombie) children, from /proc."""
     children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -459,8 +459,17 @@ def process_tree(root: int) -> list[int]:
                 continue
             if fields[0] != "Z":
                 children.setdefault(int(fields[1]), []).append(int(name))
-    if not os.path.exists(f"/proc/{root}"):
+    return children
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every live process descending from it (host PIDs); [] once ``root`` is gone."""
+    try:
+        if Path(f"/proc/{root}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return []
+    except OSError:
         return []
+    children = _children()
     out, todo = [], [root]
     while todo:
         pid = todo.pop()
@@ -509,17 +518,10 @@ class Podman5(Podman):
 
     @property
     def env(self) -> dict[str, str]:
-        env = {
-            "PATH": CHROOT_PATH, "HOME": "/root",
-            "PODMAN_IGNORE_CGROUPSV1_WARNING": "1",  # this host mounts cgroups v1
-            "CONTAINERS_STORAGE_CONF": str(self.storage_conf),
-            "CONTAINERS_CONF": str(self.containers_conf),
-            "CONTAINERS_REGISTRIES_CONF": str(self.registries_conf),
-            "REGISTRY_AUTH_FILE": str(self.auth_file),
-            "TMPDIR": str(self.image_tmp_dir),
-        }
-        env.update(self.env_extra)
-        return env
+        """Exactly what podman gets inside (nothing of the test process's environment)."""
+        return {"PATH": CHROOT_PATH, "HOME": "/root",
+                "PODMAN_IGNORE_CGROUPSV1_WARNING": "1",  # this host mounts cgroups v1
+                **self.own_env}
 
     def command(self, *args: str) -> list[str]:
         if self.namespace.init_pid is None:  # e.g. close() after a failed start
@@ -617,19 +619,7 @@ class RootlessUser5:
     def run(self, argv: Sequence[str], env: Mapping[str, str] | None = None, timeout: float = 180,
             check: bool = True) -> subprocess.CompletedProcess:
         """``argv`` as the user; bounded by ``timeout``; raises PodmanError on failure when ``check``."""
-        proc = subprocess.Popen(self.command(argv, env), text=True, start_new_session=True,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise
-        res = subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
-        if check and res.returncode != 0:
-            raise PodmanError(f"{' '.join(argv)} as {self.name} exited {res.returncode}\n"
-                              f"stdout: {out[-3000:]}\nstderr: {err[-3000:]}", res)
-        return res
+        return run_bounded(self.command(argv, env), argv, f"as {self.name}", timeout, check)
 
     def popen(self, argv: Sequence[str], env: Mapping[str, str] | None = None, **kw) -> subprocess.Popen:
         kw.setdefault("start_new_session", True)
