@@ -8,7 +8,7 @@ CONFIG_DIR ?= /etc/als
 DOC_DIR ?= /usr/share/doc/als
 DESTDIR ?=
 
-.PHONY: deps demo test test-fast soak bench install install-files clean
+.PHONY: deps demo test test-fast test-podman5 podman5-chroots soak bench install install-files clean
 
 # Install what the demo and the tests need: Debian packages (as root) and the package itself.
 deps:
@@ -30,6 +30,15 @@ test: deps
 # Everything but the slow end-to-end Podman tests.
 test-fast: deps
 	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The Podman 5 tier alone: Debian trixie's Podman 5.4 and sid's 5.8 from chroots the suite builds
+# once with debootstrap and keeps in /var/tmp/als-podman5 (part of `make test` too).
+test-podman5: deps
+	$(PYTHON) -m pytest tests/test_podman5_e2e.py tests/test_support_podman5.py $(PYTEST_ARGS)
+
+# Build those chroots ahead (about a minute each), or say that they are there.
+podman5-chroots: deps
+	$(PYTHON) -m tests.support.podman5
 
 # Long hostile-input, fault, crash and load runs (tens of minutes); figures are printed.
 soak: deps

@@ -239,15 +239,20 @@ class Podman:
         """The environment every podman command gets."""
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("CONTAINERS_") and k not in ("REGISTRY_AUTH_FILE", "TMPDIR")}
-        env.update({
+        env.update(self.own_env)
+        return env
+
+    @property
+    def own_env(self) -> dict[str, str]:
+        """The variables that point podman at our files (and ``env_extra``)."""
+        return {
             "CONTAINERS_STORAGE_CONF": str(self.storage_conf),
             "CONTAINERS_CONF": str(self.containers_conf),
             "CONTAINERS_REGISTRIES_CONF": str(self.registries_conf),
             "REGISTRY_AUTH_FILE": str(self.auth_file),
             "TMPDIR": str(self.image_tmp_dir),
-        })
-        env.update(self.env_extra)
-        return env
+            **self.env_extra,
+        }
 
     def command(self, *args: str) -> list[str]:
         """The full argv (unshare wrapper + podman) for ``podman ARGS``; for Popen users."""
@@ -371,6 +376,7 @@ class Podman:
                 except PodmanError:
                     pass
         self._closed = True
+        self.stop_environment()
         self._kill_leftovers()
         self._unmount_leftovers()
         if not self.keep:
@@ -381,6 +387,11 @@ class Podman:
                     shutil.rmtree(d, ignore_errors=True)
             if self._short_dir is not None:
                 shutil.rmtree(self._short_dir, ignore_errors=True)
+
+    def stop_environment(self) -> None:
+        """Called by ``close()`` once the last podman command ran, before leftover processes
+        are killed and the work dir deleted: a subclass that runs podman somewhere else
+        (another root file system, a namespace of its own) takes that down here."""
 
     def leftover_pids(self) -> list[int]:
         """PIDs (other than ours) of processes this instance started through podman
