@@ -28,6 +28,7 @@ from functools import partial
 from als import metrics, startup
 from als.access import AccessRecorder
 from als.config import Config
+from als.consumer import Consumers
 from als.errors import ALSError, BlockedError, FormatError, NotFoundError, RegistryError, VerificationError
 from als.fetch import BlobSource, ChunkFetcher
 from als.image import json_object
@@ -172,6 +173,9 @@ class Store:
         self._uses: dict[tuple[str, str], int] = {}
         self._next_layer_id = 1
         self.accesses = AccessRecorder()  # `als optimize` switches it on through the control socket
+        # The engines asking for layers (the FUSE layer reports each request's caller pid), to warn about
+        # a containers/storage that loses lazily pulled layers.
+        self.consumers = Consumers()
         self.predictor = (startup.Predictor(fetcher, config.fetch.prefetch_request)
                           if config.fetch.predict else None)
         if config.resolve.platform:
@@ -186,6 +190,7 @@ class Store:
         self._warmers.shutdown(wait=False, cancel_futures=True)
         if self.predictor is not None:
             self.predictor.close()
+        self.consumers.close()
 
     # ---- the ALS protocol -------------------------------------------------------------
     def prepare(self, ref: str) -> None:
