@@ -207,7 +207,10 @@ def _convert_image(src, dst, manifest: bytes, media_type: str, options: ConvertO
         what = f"{src}{' ' + label if label else ''} layer {i + 1}/{len(layers)} ({desc.get('digest')})"
         if _keep(desc, options):
             blob = _copy_blob(src, dst, desc, work, progress, what)
-            descriptors.append({k: desc[k] for k in ("mediaType", "digest", "size", "annotations") if k in desc})
+            kept = {k: desc[k] for k in ("mediaType", "digest", "size", "annotations") if k in desc}
+            if options.zstd_chunked:  # the blob stays; its manifest entry gains the names Podman >= 5.1 reads
+                kept["annotations"] = zstdchunked.with_current_names(kept["annotations"])
+            descriptors.append(kept)
             diff_ids.append(rootfs["diff_ids"][i])
             report.append(LayerReport(desc["digest"], desc["digest"], int(desc["size"]), kept=True))
         else:
@@ -233,7 +236,7 @@ def _keep(desc: dict, options: ConvertOptions) -> bool:
         return False
     ann = desc.get("annotations") or {}
     if options.zstd_chunked:
-        return desc.get("mediaType") in ZSTD_TYPES and zstdchunked.is_zstd_chunked(ann)
+        return desc.get("mediaType") in ZSTD_TYPES and any(k in ann for k in zstdchunked.CHECKSUM_ANNOTATIONS)
     return (desc.get("mediaType") in GZIP_TYPES and estargz.TOC_DIGEST_ANNOTATION in ann
             and estargz.UNCOMPRESSED_SIZE_ANNOTATION in ann)
 

@@ -217,6 +217,8 @@ class StoreFS:
             digest = _name(name)
             if not is_sha256(digest):
                 raise FuseError(errno.ENOENT)
+            if req.pid:
+                self.store.consumers.seen(req.pid)  # which containers/storage asks (some lose layers)
             layer = self._layer(p.ref, digest, req)
 
             def make(nodeid):

@@ -102,6 +102,7 @@ def collect(store, *, mountpoint: Path | str = "", root: Path | str = "", starte
         images.append(image)
     cache = store.fetcher.cache
     stats = cache.stats() if hasattr(cache, "stats") else None
+    consumers = getattr(store, "consumers", None)
     return {
         "version": __version__,
         "pid": os.getpid(),
@@ -116,6 +117,8 @@ def collect(store, *, mountpoint: Path | str = "", root: Path | str = "", starte
         "images": images,
         "registry_errors_window_seconds": errors_window,
         "registry_errors": errors.since(errors_window) if errors is not None else [],
+        # Engines that asked for layers; "affected" ones lose lazily pulled layers (als/consumer.py).
+        "engines": [c.as_dict() for c in consumers.all()] if consumers is not None else [],
     }
 
 
@@ -162,6 +165,11 @@ def render(st: dict) -> str:
     left = sum(b["total_bytes"] - b["fetched_bytes"] for b in bg)
     lines.append(f"fetching now: {st['inflight_chunks']} chunks; background fetches: {len(bg)}"
                  + (f", {size(left)} left" if bg else ""))
+    for engine in st.get("engines", []):
+        if engine["affected"]:
+            built = f"{engine['module']} {engine['version']}" if engine["version"] else "containers/storage 1.58 or later"
+            lines.append(f"WARNING: {engine['program']} ({built}) loses layers pulled from this store: later commands "
+                         "say 'layer not known' (README: 'Podman and CRI-O versions')")
     lines.append("")
     rows = [("IMAGE", "LAYER", "STATE", "USES", "CACHED")]
     for image in st["images"]:

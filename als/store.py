@@ -35,7 +35,8 @@ from typing import Callable
 from als import metrics, startup
 from als.access import AccessRecorder
 from als.config import Config
-from als.errors import ALSError, BlockedError, FormatError, Interrupted, NotFoundError, RegistryError
+from als.consumer import Consumers
+from als.errors import ALSError, BlockedError, FormatError, Interrupted, NotFoundError, RegistryError, VerificationError
 from als.fetch import BlobSource, ChunkFetcher
 from als.image import json_object
 from als.formats import estargz, zstdchunked
@@ -202,6 +203,9 @@ class Store:
         self._uses: dict[tuple[str, str], int] = {}
         self._next_layer_id = 1
         self.accesses = AccessRecorder()  # `als optimize` switches it on through the control socket
+        # The engines asking for layers (the FUSE layer reports each request's caller pid), to warn about
+        # a containers/storage that loses lazily pulled layers.
+        self.consumers = Consumers()
         self.predictor = (startup.Predictor(fetcher, config.fetch.prefetch_request)
                           if config.fetch.predict else None)
         if config.resolve.platform:
@@ -216,6 +220,7 @@ class Store:
         self._warmers.shutdown(wait=False, cancel_futures=True)
         if self.predictor is not None:
             self.predictor.close()
+        self.consumers.close()
 
     # ---- the ALS protocol -------------------------------------------------------------
     def prepare(self, ref: str) -> None:
@@ -646,9 +651,8 @@ class Store:
                        known_size: int | None = None) -> tuple[T.TOC, int]:
         """A zstd:chunked layer's verified TOC (located by its annotations) and its exact diff size.
 
-        The size comes from the uncompressed-size annotation when the writer
-        gave one (``als convert`` does), else it is computed from the blob's
-        header frames (Podman writes none): containers/storage needs it exact.
+        containers/storage needs the size exact, and Podman writes no
+        annotation for it (see ``_zstd_diff_size``).
         ``known_size`` is one computed before (the layer is rebuilt after eviction).
         """
         if not zstdchunked.is_zstd_chunked(desc.annotations):
@@ -669,16 +673,40 @@ class Store:
             with _PARSE_SLOTS:
                 toc = zstdchunked.parse_manifest(data, loc, max_entries=max_entries)
             self.state.put_toc(loc.checksum, loc.offset, data)
+        if known_size is not None:
+            return toc, known_size
+        return toc, self._zstd_diff_size(label, desc, toc, read_range)
+
+    def _zstd_diff_size(self, label: str, desc: LayerDescriptor, toc: T.TOC, read_range) -> int:
+        """The exact uncompressed size: from the annotation, else the tar-split, else the header frames.
+
+        The tar-split (Podman >= 5 writes one) takes one range read; the
+        header frames about one request per thousand files, so they are the
+        fallback for layers without a usable tar-split (Podman 4.3.1's).
+        """
         try:
-            diff_size = int(desc.annotations[zstdchunked.UNCOMPRESSED_SIZE_ANNOTATION])
+            return int(desc.annotations[zstdchunked.UNCOMPRESSED_SIZE_ANNOTATION])
         except (KeyError, ValueError):
-            if known_size is not None:
-                return toc, known_size
-            t0 = time.monotonic()
-            diff_size = zstdchunked.uncompressed_size(toc, read_range)
-            log.info("%s: computed its uncompressed size, %d bytes, from its header frames in %.2fs",
-                     label, diff_size, time.monotonic() - t0)
-        return toc, diff_size
+            pass
+        t0 = time.monotonic()
+        why = "it has no tar-split"
+        if zstdchunked.TAR_SPLIT_POSITION_ANNOTATION in desc.annotations:
+            try:
+                where = zstdchunked.locate_tar_split(desc.annotations, desc.size, toc,
+                                                     max_compressed=self.config.resolve.max_toc_size)
+                data = read_range(where.offset, where.offset + where.length)
+                file_bytes = sum(e.size for e in toc.entries if e.type == T.REG)
+                size = zstdchunked.tar_split_size(data, where, file_bytes=file_bytes)
+                log.info("%s: its uncompressed size, %d bytes, comes from its tar-split (%d bytes read) in %.2fs",
+                         label, size, where.length, time.monotonic() - t0)
+                return size
+            except (FormatError, VerificationError) as e:
+                why = f"its tar-split is unusable: {e}"
+                log.warning("%s: %s", label, why)
+        diff_size = zstdchunked.uncompressed_size(toc, read_range)
+        log.info("%s: computed its uncompressed size, %d bytes, from its header frames in %.2fs (%s)",
+                 label, diff_size, time.monotonic() - t0, why)
+        return diff_size
 
     def _load_toc(self, label: str, desc: LayerDescriptor, toc_digest: str,
                   read_range) -> tuple[T.TOC, bytes, int]:

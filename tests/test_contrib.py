@@ -1,10 +1,12 @@
-"""contrib/crio: the storage.conf files and the OpenShift MachineConfig.
+"""contrib/crio: the storage.conf files, the OpenShift MachineConfigs and ContainerRuntimeConfig.
 
 CRI-O and OpenShift cannot run here, so these are checked for what their
 consumers need: the TOML parses and names the store the unit mounts, with
-`:ref`; the MachineConfig parses and has the fields the machineconfiguration
-API and Ignition 3 require, and the files it would write on nodes are byte
-for byte the ones tested in this repository.
+`:ref`; the MachineConfigs parse and have the fields the machineconfiguration
+API and Ignition 3 require, and the files they would write on nodes are byte
+for byte the ones tested in this repository; the ContainerRuntimeConfig obeys
+the schema of openshift/api's ContainerRuntimeConfig and renders, the way the
+machine-config operator renders it, to the storage.conf line tested here.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from tests.support.store_process import REPO
 
 CRIO = REPO / "contrib" / "crio"
 MACHINECONFIG = CRIO / "openshift" / "99-worker-als.yaml"
+SERVICE_MACHINECONFIG = CRIO / "openshift" / "99-worker-als-service.yaml"
+CONTAINERRUNTIMECONFIG = CRIO / "openshift" / "als-containerruntimeconfig.yaml"
 UNIT = REPO / "contrib" / "systemd" / "als.service"
 
 
@@ -46,12 +50,94 @@ def test_storage_conf_names_the_store_the_unit_mounts(path):
         assert conf["storage"]["driver"] == "overlay"  # only overlay honours additional layer stores
 
 
-def test_the_machineconfig_is_current():
+@pytest.mark.parametrize("path, storage_conf", [(MACHINECONFIG, True), (SERVICE_MACHINECONFIG, False)])
+def test_the_machineconfigs_are_current(path, storage_conf):
     spec = importlib.util.spec_from_file_location("render", CRIO / "openshift" / "render.py")
     render = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(render)
-    assert MACHINECONFIG.read_text() == render.render("worker"), (
-        "stale: python3 contrib/crio/openshift/render.py > contrib/crio/openshift/99-worker-als.yaml")
+    assert path.read_text() == render.render("worker", storage_conf=storage_conf), (
+        f"stale: regenerate {path.name} with contrib/crio/openshift/render.py (see its docstring)")
+
+
+def test_the_service_machineconfig_leaves_storage_conf_to_the_containerruntimeconfig():
+    full = yaml.safe_load(MACHINECONFIG.read_text())["spec"]["config"]
+    service = yaml.safe_load(SERVICE_MACHINECONFIG.read_text())["spec"]["config"]
+    assert [f["path"] for f in service["storage"]["files"]] == ["/etc/als/config.toml"]
+    assert service["systemd"] == full["systemd"]
+    assert [f for f in full["storage"]["files"] if f["path"] != "/etc/containers/storage.conf"] == \
+        service["storage"]["files"]
+
+
+# ContainerRuntimeConfig.spec, as openshift/api's machineconfiguration/v1 (types.go, and the CRD it
+# generates) defines it from release 4.22 on: the fields of containerRuntimeConfig, and the validation
+# of additionalLayerStores (1 to 5 items, unique paths; each {path}, 1 to 256 characters of
+# ^/[a-zA-Z0-9/._-]+$ without "//").
+RUNTIME_CONFIG_FIELDS = {"pidsLimit", "logLevel", "logSizeMax", "overlaySize", "defaultRuntime",
+                         "additionalLayerStores", "additionalImageStores", "additionalArtifactStores",
+                         "containerGomaxprocsBehavior"}
+STORE_PATH = re.compile(r"^/[a-zA-Z0-9/._-]+$")
+
+
+def schema_errors(doc: dict) -> list[str]:
+    """What the API server would refuse in a ContainerRuntimeConfig (the parts this example uses)."""
+    errors = []
+    if doc.get("apiVersion") != "machineconfiguration.openshift.io/v1" or doc.get("kind") != "ContainerRuntimeConfig":
+        errors.append("apiVersion/kind")
+    name = doc.get("metadata", {}).get("name", "")
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) or len(name) > 253:
+        errors.append(f"metadata.name {name!r}")
+    spec = doc.get("spec", {})
+    if set(spec) - {"machineConfigPoolSelector", "containerRuntimeConfig"} or "containerRuntimeConfig" not in spec:
+        errors.append(f"spec fields {sorted(spec)}")
+    labels = spec.get("machineConfigPoolSelector", {}).get("matchLabels", {})
+    if not labels or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        errors.append("machineConfigPoolSelector.matchLabels (a selector that selects nothing applies nowhere)")
+    config = spec.get("containerRuntimeConfig") or {}
+    if set(config) - RUNTIME_CONFIG_FIELDS:
+        errors.append(f"unknown containerRuntimeConfig fields {sorted(set(config) - RUNTIME_CONFIG_FIELDS)}")
+    stores = config.get("additionalLayerStores")
+    if not isinstance(stores, list) or not 1 <= len(stores) <= 5:
+        return errors + ["additionalLayerStores must have 1 to 5 items"]
+    paths = []
+    for store in stores:
+        path = store.get("path") if isinstance(store, dict) else None
+        if not isinstance(store, dict) or set(store) != {"path"} or not isinstance(path, str):
+            errors.append(f"additionalLayerStores item {store!r}: only a required path")
+            continue
+        if not 1 <= len(path) <= 256 or not STORE_PATH.match(path) or "//" in path:
+            errors.append(f"path {path!r}")
+        paths.append(path)
+    if len(set(paths)) != len(paths):
+        errors.append("additionalLayerStores must not contain duplicate paths")
+    return errors
+
+
+def mco_additionallayerstores(doc: dict) -> list[str]:
+    """storage.conf's additionallayerstores as the machine-config operator writes them (release 4.22 on):
+    each path, with ":ref" appended unless it ends with it already."""
+    return [p if p.endswith(":ref") else p + ":ref"
+            for p in (s["path"] for s in doc["spec"]["containerRuntimeConfig"]["additionalLayerStores"])]
+
+
+def test_the_containerruntimeconfig_obeys_the_api_schema():
+    doc = yaml.safe_load(CONTAINERRUNTIMECONFIG.read_text())
+    assert schema_errors(doc) == []
+    assert doc["spec"]["machineConfigPoolSelector"]["matchLabels"] == \
+        {"pools.operator.machineconfiguration.openshift.io/worker": ""}
+    # What the API refuses, so the check above can fail: ":ref" in the path, "//", six stores, twins.
+    store = doc["spec"]["containerRuntimeConfig"]["additionalLayerStores"]
+    for bad in ([{"path": "/var/lib/als/store:ref"}], [{"path": "/var//als"}], [{"path": f"/s{i}"} for i in range(6)],
+                [{"path": "/s"}, {"path": "/s"}], [{"path": "/s", "ref": True}], []):
+        store[:] = bad
+        assert schema_errors(doc), bad
+
+
+def test_the_containerruntimeconfig_renders_to_the_store_with_ref():
+    """":ref" cannot be written in the API object, and survives because the operator appends it."""
+    doc = yaml.safe_load(CONTAINERRUNTIMECONFIG.read_text())
+    rendered = mco_additionallayerstores(doc)
+    assert rendered == [unit_mountpoint(UNIT.read_text()) + ":ref"]
+    assert rendered == tomllib.loads((CRIO / "storage.conf").read_text())["storage"]["options"]["additionallayerstores"]
 
 
 def test_the_machineconfig_has_what_the_api_needs():

@@ -3,10 +3,14 @@
 The interop test takes layers Podman 4.3.1 itself writes (`podman push
 --compression-format zstd:chunked`: old annotation names, content-defined
 chunks, zero chunks) and runs a container from them through the store.
+Podman 5's layers (current names, a tar-split) come from tests/data/, written
+by Podman 5.8.6.
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import errno
 import hashlib
 import io
@@ -14,6 +18,7 @@ import json
 import logging
 import os
 import tarfile
+from pathlib import Path
 
 import pytest
 import zstandard
@@ -26,7 +31,11 @@ from als.formats import zstdchunked as Z
 from als.store import LayerUnavailable
 from tests.support import images, inprocess
 from als.podman import Podman
+from als.reference import parse_reference
+from tests.support.store_process import StoreProcess
 from tests.test_fusefs import actual_tree, expected_tree
+
+PODMAN5 = Path(__file__).parent / "data" / "podman5-zstd-chunked"
 
 
 def sha(data: bytes) -> str:
@@ -79,9 +88,30 @@ def test_writer_output_reads_back_and_decompresses_to_its_diff_id():
     assert Z.uncompressed_size(parsed, lambda s, e: blob[s:e]) == len(raw)
 
 
+def test_writer_annotations_are_read_by_podman_4_and_5():
+    """Both spellings, equal: Podman >= 5.1 takes the TOC digest from the current name only (and refuses a
+    layer that also has an eStargz TOC digest), Podman 4.3.1's partial pulls read the old names only."""
+    blob, r = write(sample_tar())
+    ann = r.annotations()
+    assert ann[Z.CHECKSUM_ANNOTATION] == ann[Z.OLD_CHECKSUM_ANNOTATION] == r.toc_digest
+    assert ann[Z.POSITION_ANNOTATION] == ann[Z.OLD_POSITION_ANNOTATION] == r.manifest_position
+    assert "containerd.io/snapshot/stargz/toc.digest" not in ann
+    assert int(ann[Z.UNCOMPRESSED_SIZE_ANNOTATION]) == r.uncompressed_size
+
+
+def test_old_only_annotations_gain_the_current_names():
+    old = {Z.OLD_CHECKSUM_ANNOTATION: "sha256:" + "a" * 64, Z.OLD_POSITION_ANNOTATION: "10:20:30:1", "x": "y"}
+    assert Z.with_current_names(old) == dict(old, **{Z.CHECKSUM_ANNOTATION: old[Z.OLD_CHECKSUM_ANNOTATION],
+                                                     Z.POSITION_ANNOTATION: "10:20:30:1"})
+    current = dict(old, **{Z.CHECKSUM_ANNOTATION: "sha256:" + "b" * 64})
+    assert Z.with_current_names(current) == current  # one writer's names are never mixed with another's
+    esgz = dict(old, **{"containerd.io/snapshot/stargz/toc.digest": "sha256:" + "c" * 64})
+    assert Z.with_current_names(esgz) == esgz  # Podman 5 refuses a layer with both TOC digests
+
+
 def test_both_annotation_spellings_locate_the_same_toc():
     blob, r = write(sample_tar())
-    old = r.annotations()
+    old = {k: v for k, v in r.annotations().items() if not k.startswith("io.github.")}
     new = {k.replace("io.containers.", "io.github.containers."): v for k, v in old.items()
            if k.startswith("io.containers.zstd-chunked.")}
     a, b = parse(blob, old), parse(blob, new)
@@ -94,7 +124,7 @@ def test_both_annotation_spellings_locate_the_same_toc():
 
 def test_hostile_tocs_are_refused():
     blob, r = write(sample_tar())
-    ann = r.annotations()
+    ann = {k: v for k, v in r.annotations().items() if not k.startswith("io.github.")}
     off, length, size, kind = (int(x) for x in ann[Z.OLD_POSITION_ANNOTATION].split(":"))
     with pytest.raises(VerificationError):
         parse(blob, dict(ann, **{Z.OLD_CHECKSUM_ANNOTATION: sha(b"x")}))
@@ -149,7 +179,7 @@ def test_the_store_declines_a_zstd_chunked_layer_over_max_toc_entries(registry, 
 def test_zero_chunks_are_synthesised_without_a_fetch(tmp_path):
     """A chunk marked "zeros" (Podman writes them for long zero runs) is never fetched."""
     blob, r = write(sample_tar())
-    ann = r.annotations()
+    ann = {k: v for k, v in r.annotations().items() if not k.startswith("io.github.")}
     off, length, size, _ = (int(x) for x in ann[Z.OLD_POSITION_ANNOTATION].split(":"))
     doc = json.loads(zstandard.ZstdDecompressor().decompress(blob[off:off + length], max_output_size=size))
     for entry in doc["entries"]:
@@ -173,6 +203,165 @@ def test_size_computation_is_bounded():
     parsed = parse(blob, r.annotations())
     with pytest.raises(FormatError, match="requests"):
         Z.uncompressed_size(parsed, lambda s, e: blob[s:e], max_requests=1, merge_gap=0)
+
+
+# ---- the tar-split (Podman 5) --------------------------------------------------------------
+
+def podman5_layer() -> tuple[bytes, dict, T.TOC]:
+    """The layer Podman 5.8.6 wrote (tests/data), its manifest descriptor and its parsed TOC."""
+    blob = (PODMAN5 / "layer.zst").read_bytes()
+    [desc] = json.loads((PODMAN5 / "manifest.json").read_bytes())["layers"]
+    return blob, desc, parse(blob, desc["annotations"])
+
+
+def decompressed(blob: bytes) -> bytes:
+    return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob), read_across_frames=True).read()
+
+
+def file_bytes(parsed: T.TOC) -> int:
+    return sum(e.size for e in parsed.entries if e.type == T.REG)
+
+
+def test_tar_split_of_a_podman5_layer_gives_its_exact_size():
+    blob, desc, parsed = podman5_layer()
+    raw = decompressed(blob)
+    diff_id = json.loads((PODMAN5 / "config.json").read_bytes())["rootfs"]["diff_ids"][0]
+    assert sha(raw) == diff_id and sha(blob) == desc["digest"]
+    assert Z.OLD_CHECKSUM_ANNOTATION not in desc["annotations"]  # Podman 5 writes only the current names
+    where = Z.locate_tar_split(desc["annotations"], len(blob), parsed)
+    assert where.digest == parsed.tar_split_digest  # the TOC vouches for it
+    data = blob[where.offset:where.offset + where.length]
+    assert Z.tar_split_size(data, where, file_bytes=file_bytes(parsed)) == len(raw) == 1_423_360
+
+
+def tar_split(entries: list[dict]) -> tuple[bytes, Z.TarSplitLocation]:
+    """A hand-made tar-split (JSON lines, zstd) and a location vouching for it."""
+    raw = b"".join(json.dumps(e).encode() + b"\n" for e in entries)
+    data = zstandard.ZstdCompressor().compress(raw)
+    return data, Z.TarSplitLocation(offset=0, length=len(data), uncompressed_length=len(raw), digest=sha(data))
+
+
+def segment(data: bytes) -> dict:
+    return {"type": 2, "payload": base64.b64encode(data).decode(), "position": 0}
+
+
+def test_hand_made_tar_split_sums_segments_and_file_sizes():
+    data, where = tar_split([segment(b"h" * 512), {"type": 1, "name": "f", "size": 700, "payload": None},
+                             segment(bytes(324 + 1024))])
+    assert Z.tar_split_size(data, where, file_bytes=700) == 512 + 700 + 324 + 1024
+
+
+@pytest.mark.parametrize("case, error", [
+    ("digest", VerificationError),
+    ("inflates more", "more than"),
+    ("inflates less", "inflates to"),
+    ("not json", "not valid JSON"),
+    ("unknown type", "unknown type"),
+    ("negative size", "non-negative"),
+    ("bad base64", "not base64"),
+    ("file sizes differ from the TOC", "bytes of file content"),
+    ("not zstd", "corrupt zstd"),
+])
+def test_hostile_tar_splits_are_refused(case, error):
+    good = [segment(b"h" * 512), {"type": 1, "name": "f", "size": 700}, segment(bytes(1024))]
+    data, where = tar_split(good)
+    expected_files = 700
+    if case == "digest":
+        where = dataclasses.replace(where, digest=sha(b"other"))
+    elif case == "inflates more":
+        where = dataclasses.replace(where, uncompressed_length=where.uncompressed_length - 1)
+    elif case == "inflates less":
+        where = dataclasses.replace(where, uncompressed_length=where.uncompressed_length + 1)
+    elif case == "not json":
+        data, where = tar_split(good)
+        raw = b"{not json}\n"
+        data = zstandard.ZstdCompressor().compress(raw)
+        where = Z.TarSplitLocation(0, len(data), len(raw), sha(data))
+    elif case == "unknown type":
+        data, where = tar_split(good + [{"type": 3}])
+    elif case == "negative size":
+        data, where = tar_split([{"type": 1, "name": "f", "size": -5}])
+    elif case == "bad base64":
+        data, where = tar_split([{"type": 2, "payload": "!!!!"}])
+    elif case == "file sizes differ from the TOC":
+        expected_files = 701
+    elif case == "not zstd":
+        data = b"plain bytes, not a zstd frame"
+        where = Z.TarSplitLocation(0, len(data), 100, sha(data))
+    with pytest.raises(FormatError if isinstance(error, str) else error, match=error if isinstance(error, str) else None):
+        Z.tar_split_size(data, where, file_bytes=expected_files)
+
+
+def test_tar_split_location_is_checked_before_any_read():
+    blob, desc, parsed = podman5_layer()
+    ann = desc["annotations"]
+    off, length, size = (int(x) for x in ann[Z.TAR_SPLIT_POSITION_ANNOTATION].split(":"))
+    for position, error in ((f"{off}:{len(blob)}:{size}", "outside"),  # past the end of the blob
+                            (f"100:{length}:{size}", "outside"),  # inside the file data
+                            (f"{off}:{length}:{2 << 30}", "exceeds the limits"),  # a bomb, by its own word
+                            (f"{off}:{length}", "not offset:length:size")):
+        with pytest.raises(FormatError, match=error):
+            Z.locate_tar_split(dict(ann, **{Z.TAR_SPLIT_POSITION_ANNOTATION: position}), len(blob), parsed)
+    with pytest.raises(FormatError, match="no io.github.containers.zstd-chunked.tarsplit-position"):
+        Z.locate_tar_split({}, len(blob), parsed)
+    # A tar-split nothing vouches for is not used (as containers/storage ignores it) ...
+    unvouched = dataclasses.replace(parsed, tar_split_digest="")
+    with pytest.raises(FormatError, match="nothing vouches"):
+        Z.locate_tar_split(ann, len(blob), unvouched)
+    # ... unless an older writer's checksum annotation does.
+    where = Z.locate_tar_split(dict(ann, **{Z.TAR_SPLIT_CHECKSUM_ANNOTATION: parsed.tar_split_digest}),
+                               len(blob), unvouched)
+    assert Z.tar_split_size(blob[where.offset:where.offset + where.length], where) == 1_423_360
+
+
+def push_podman5_image(client, ref: str, annotations: dict | None = None) -> dict:
+    """Push the Podman 5.8.6 image from tests/data as ``ref`` (optionally with other layer annotations)."""
+    r = parse_reference(ref)
+    manifest = json.loads((PODMAN5 / "manifest.json").read_bytes())
+    for name, desc in (("layer.zst", manifest["layers"][0]), ("config.json", manifest["config"])):
+        data = (PODMAN5 / name).read_bytes()
+        client.push_blob(r, data, desc["digest"], len(data))
+    if annotations is not None:
+        manifest["layers"][0]["annotations"] = annotations
+    client.put_manifest(r, json.dumps(manifest).encode(), manifest["mediaType"])
+    return manifest["layers"][0]
+
+
+def test_store_takes_diff_size_from_the_tar_split_in_one_read(tmp_path, registry, client, registries_conf):
+    """The store's `info` has the exact size, from one read of the tar-split (the registry's log says so);
+    without a usable tar-split it falls back to the header frames, says why, and gets the same size."""
+    raw_size = len(decompressed((PODMAN5 / "layer.zst").read_bytes()))
+    config = "[fetch]\nbackground = false\npredict = false\n"  # only the resolve's reads reach the registry
+    with StoreProcess(tmp_path, registries_conf=registries_conf, config=config) as store:
+        ref = f"{registry.host}/p5/small:tarsplit"
+        desc = push_podman5_image(client, ref)
+        mark = registry.mark()
+        info = json.loads((store.layer_dir(ref, desc["digest"]) / "info").read_bytes())
+        reads = [a.written for a in registry.accesses_since(mark) if desc["digest"] in a.uri]
+        toc_length = int(desc["annotations"][Z.POSITION_ANNOTATION].split(":")[1])
+        tar_split_length = int(desc["annotations"][Z.TAR_SPLIT_POSITION_ANNOTATION].split(":")[1])
+        assert info["diff-size"] == raw_size
+        assert sorted(reads) == sorted([toc_length, tar_split_length]), reads  # the TOC, then the tar-split
+        assert "comes from its tar-split" in store.log()
+
+        # No tar-split annotation: the header frames (more requests), and the log says why.
+        plain = {k: v for k, v in desc["annotations"].items() if k != Z.TAR_SPLIT_POSITION_ANNOTATION}
+        ref = f"{registry.host}/p5/small:plain"
+        push_podman5_image(client, ref, plain)
+        mark = registry.mark()
+        info = json.loads((store.layer_dir(ref, desc["digest"]) / "info").read_bytes())
+        reads = [a.written for a in registry.accesses_since(mark) if desc["digest"] in a.uri]
+        assert info["diff-size"] == raw_size and len(reads) > 1 and tar_split_length not in reads
+        assert "from its header frames" in store.log() and "(it has no tar-split)" in store.log()
+
+        # A tar-split position that does not match what the TOC vouches for: refused, logged, same fallback.
+        off, length, size = desc["annotations"][Z.TAR_SPLIT_POSITION_ANNOTATION].split(":")
+        lying = dict(desc["annotations"], **{Z.TAR_SPLIT_POSITION_ANNOTATION: f"{off}:{int(length) - 1}:{size}"})
+        ref = f"{registry.host}/p5/small:lying"
+        push_podman5_image(client, ref, lying)
+        info = json.loads((store.layer_dir(ref, desc["digest"]) / "info").read_bytes())
+        assert info["diff-size"] == raw_size
+        assert "its tar-split is unusable: tar-split digest is" in store.log()
 
 
 # ---- Podman's own zstd:chunked, served lazily --------------------------------------------

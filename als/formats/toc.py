@@ -85,6 +85,8 @@ class TOC:
     # Entries the parser accepted only after confining them (a name climbing out with ".."),
     # in operator words: the store logs them with the layer's name.
     warnings: list[str] = field(default_factory=list)
+    # zstd:chunked only: the sha256 of the compressed tar-split this TOC vouches for ("" if none).
+    tar_split_digest: str = ""
 
 
 def entry_list(doc: object, what: str, max_entries: int) -> list:

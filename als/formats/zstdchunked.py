@@ -5,15 +5,22 @@ is the layer's tar stream; every regular file's content starts a frame of its
 own (one per chunk), so a byte range of the blob decompresses on its own. The
 TOC ("manifest") is zstd-compressed inside a skippable frame after the data,
 and the layer annotations say where it is and vouch for it: the
-``manifest-checksum`` is the sha256 of its *compressed* bytes. See
-docs/formats.md for the byte layout.
+``manifest-checksum`` is the sha256 of its *compressed* bytes. Writers since
+containers/storage 1.47 add a second skippable frame, the *tar-split*: the
+tar stream's headers and padding as JSON lines, with each file's size, which
+gives the exact uncompressed size in one read. See docs/formats.md
+for the byte layout.
 
 Two spellings of the annotations exist: ``io.github.containers.zstd-chunked.*``
 (containers/storage >= 1.44) and ``io.containers.zstd-chunked.*`` (what
-Podman 4.3.1 writes); both are read. The writer produces what Podman 4.3.1
-produces (old names, 40-byte footer, no tar-split), which every version of
-containers/storage can pull, plus the uncompressed-size annotation that the
-store needs for an exact ``diff-size``.
+Podman 4.3.1 writes); both are read. Podman >= 5.1 asks an additional layer
+store only about layers with the current ``manifest-checksum`` name, and
+Podman 4.3.1's own partial pulls read only the old names, so the writer puts
+both on each layer (neither version reads the other's). It writes what
+Podman 4.3.1 writes otherwise (40-byte footer, no tar-split: Podman >= 5 then
+pulls such a layer whole when no store serves it, as it does eStargz), plus
+the uncompressed-size annotation that the store needs for an exact
+``diff-size``.
 
 Like the eStargz reader, the reader is pure (the caller fetches bytes) and
 treats every byte as hostile: decompression is always bounded.
@@ -21,6 +28,7 @@ treats every byte as hostile: decompression is always bounded.
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import io
 import json
@@ -41,8 +49,11 @@ MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+zstd"
 _PREFIXES = ("io.github.containers.zstd-chunked.", "io.containers.zstd-chunked.")
 CHECKSUM_ANNOTATIONS = tuple(p + "manifest-checksum" for p in _PREFIXES)
 POSITION_ANNOTATIONS = tuple(p + "manifest-position" for p in _PREFIXES)
-OLD_CHECKSUM_ANNOTATION = CHECKSUM_ANNOTATIONS[1]
-OLD_POSITION_ANNOTATION = POSITION_ANNOTATIONS[1]
+CHECKSUM_ANNOTATION, OLD_CHECKSUM_ANNOTATION = CHECKSUM_ANNOTATIONS
+POSITION_ANNOTATION, OLD_POSITION_ANNOTATION = POSITION_ANNOTATIONS
+TAR_SPLIT_POSITION_ANNOTATION = _PREFIXES[0] + "tarsplit-position"  # "offset:length:uncompressed length"
+# Older writers vouched for the tar-split with this annotation; newer ones with the TOC's "tarSplitDigest".
+TAR_SPLIT_CHECKSUM_ANNOTATION = _PREFIXES[0] + "tarsplit-checksum"
 UNCOMPRESSED_SIZE_ANNOTATION = estargz.UNCOMPRESSED_SIZE_ANNOTATION
 
 MANIFEST_TYPE_CRFS = 1
@@ -53,6 +64,10 @@ CHUNK_ZEROS = "zeros"
 MAX_WINDOW = 1 << 27  # largest zstd window accepted (128 MiB, zstd's own default limit)
 _COPY_PIECE = 1 << 20
 _BLOCK = tarfile.BLOCKSIZE
+MAX_TAR_SPLIT = 256 << 20  # largest tar-split inflated (streamed, so this bounds time, not memory)
+MAX_TAR_SPLIT_LINE = 16 << 20  # largest single tar-split entry (a tar header with big PAX records)
+TAR_SPLIT_FILE = 1  # tar-split entry types: a file's content, by size
+TAR_SPLIT_SEGMENT = 2  # raw tar bytes (headers, padding), base64
 
 ReadRange = Callable[[int, int], bytes]
 
@@ -80,6 +95,26 @@ class ManifestLocation:
 def is_zstd_chunked(annotations: dict) -> bool:
     """Whether the annotations claim a zstd:chunked TOC (either spelling)."""
     return any(k in annotations for k in CHECKSUM_ANNOTATIONS + POSITION_ANNOTATIONS)
+
+
+def with_current_names(annotations: dict) -> dict:
+    """The annotations, with the current spelling added where a layer has only the old one.
+
+    Why: Podman >= 5.1 asks an additional layer store only about layers with
+    the current ``manifest-checksum`` name, so a layer that Podman 4.3.1 (or
+    an older ``als convert``) wrote is pulled whole there. Both spellings mean
+    the same bytes, so adding the current one in the manifest makes such a
+    layer lazy without touching the blob.
+    """
+    out = dict(annotations)
+    # Never next to an eStargz TOC digest: Podman >= 5.1 refuses a layer that has both.
+    if (CHECKSUM_ANNOTATION in out or OLD_CHECKSUM_ANNOTATION not in out
+            or estargz.TOC_DIGEST_ANNOTATION in out):
+        return out
+    for new, old in ((CHECKSUM_ANNOTATION, OLD_CHECKSUM_ANNOTATION), (POSITION_ANNOTATION, OLD_POSITION_ANNOTATION)):
+        if old in out:
+            out[new] = out[old]
+    return out
 
 
 def locate(annotations: dict, blob_size: int, *, max_toc_size: int = 64 << 20) -> ManifestLocation:
@@ -192,7 +227,9 @@ def _normalise(doc: object, location: ManifestLocation, max_entries: int) -> toc
             files.append(current)
     for entry, objs in files:
         _attach_chunks(entry, objs, location.data_end)
-    return toc.TOC(entries=entries, digest=location.checksum, compression=toc.ZSTD, data_end=location.data_end)
+    tar_split_digest = doc.get("tarSplitDigest", "")
+    return toc.TOC(entries=entries, digest=location.checksum, compression=toc.ZSTD, data_end=location.data_end,
+                   tar_split_digest=tar_split_digest if isinstance(tar_split_digest, str) else "")
 
 
 def _attach_chunks(entry: toc.Entry, objs: list[dict], data_end: int) -> None:
@@ -254,6 +291,114 @@ def decompress_chunk(data: bytes, chunk: toc.Chunk) -> bytes:
     if len(out) < want:
         raise FormatError(f"chunk at blob offset {chunk.blob_start} decompresses to {len(out)} bytes, need {want}")
     return out[chunk.inner_offset:]
+
+
+@dataclass(frozen=True, slots=True)
+class TarSplitLocation:
+    """Where the compressed tar-split is, and the digest that vouches for it."""
+
+    offset: int
+    length: int
+    uncompressed_length: int
+    digest: str  # sha256 of the compressed bytes
+
+
+def locate_tar_split(annotations: dict, blob_size: int, parsed: toc.TOC, *, max_compressed: int = 64 << 20,
+                     max_uncompressed: int = MAX_TAR_SPLIT) -> TarSplitLocation:
+    """The tar-split's location from the annotations, checked against the blob and the limits.
+
+    Only a tar-split something vouches for is used: the verified TOC's
+    ``tarSplitDigest``, else the older writers' checksum annotation (which
+    the manifest carries, like the TOC digest itself).
+    """
+    position = annotations.get(TAR_SPLIT_POSITION_ANNOTATION)
+    if position is None:
+        raise FormatError(f"no {TAR_SPLIT_POSITION_ANNOTATION} annotation")
+    parts = position.split(":") if isinstance(position, str) else []
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise FormatError(f"annotation {TAR_SPLIT_POSITION_ANNOTATION} is {position!r:.100}, "
+                          "not offset:length:size")
+    offset, length, size = (int(p) for p in parts)
+    if not (parsed.data_end <= offset and 0 < length and offset + length <= blob_size):
+        raise FormatError(f"tar-split at [{offset}, {offset + length}) lies outside the {blob_size}-byte blob's "
+                          f"metadata after {parsed.data_end}")
+    if length > max_compressed or size > max_uncompressed:
+        raise FormatError(f"tar-split of {length} bytes ({size} inflated) exceeds the limits "
+                          f"({max_compressed} and {max_uncompressed})")
+    digest = parsed.tar_split_digest or annotations.get(TAR_SPLIT_CHECKSUM_ANNOTATION, "")
+    if not is_sha256(digest):
+        raise FormatError("nothing vouches for its tar-split (no tarSplitDigest in the TOC, "
+                          f"no {TAR_SPLIT_CHECKSUM_ANNOTATION} annotation)")
+    return TarSplitLocation(offset=offset, length=length, uncompressed_length=size, digest=digest)
+
+
+def tar_split_size(data: bytes, location: TarSplitLocation, *, file_bytes: int | None = None) -> int:
+    """The exact length of the layer's tar stream, from its tar-split (the bytes ``location`` names).
+
+    Why: containers/storage needs the exact ``diff-size``, and the tar-split
+    lists every raw tar segment (headers, padding, the end of the archive)
+    and every file's size, so their sum is the size: one read, against
+    about one request per thousand files from the header frames. The digest
+    is checked before anything is inflated, the output is streamed and
+    bounded by the size the annotation states, and ``file_bytes`` (the
+    regular files' sizes from the TOC) must equal what the tar-split lists.
+    """
+    if len(data) != location.length:
+        raise FormatError(f"tar-split is {len(data)} bytes, the annotation says {location.length}")
+    digest = sha256_digest(data)
+    if digest != location.digest:
+        raise VerificationError(f"tar-split digest is {digest}, the TOC or manifest says {location.digest}")
+    files = segments = 0
+    for n, line in enumerate(_lines(data, location.uncompressed_length), 1):
+        try:
+            entry = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise FormatError(f"tar-split entry {n} is not valid JSON: {e}") from None
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        if kind == TAR_SPLIT_FILE:
+            size = entry.get("size", 0)
+            if type(size) is not int or size < 0:
+                raise FormatError(f"tar-split entry {n}: size {size!r:.40} is not a non-negative integer")
+            files += size
+        elif kind == TAR_SPLIT_SEGMENT:
+            payload = entry.get("payload") or ""
+            try:
+                segments += len(binascii.a2b_base64(payload, strict_mode=True)) if payload else 0
+            except (binascii.Error, TypeError, ValueError):
+                raise FormatError(f"tar-split entry {n}: payload is not base64") from None
+        else:
+            raise FormatError(f"tar-split entry {n}: unknown type {kind!r:.40}")
+    if file_bytes is not None and files != file_bytes:
+        raise FormatError(f"tar-split lists {files} bytes of file content, the TOC {file_bytes}")
+    return files + segments
+
+
+def _lines(data: bytes, expected: int):
+    """The newline-separated lines of a zstd stream that must inflate to exactly ``expected`` bytes."""
+    try:
+        reader = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).stream_reader(
+            io.BytesIO(data), read_across_frames=True)
+        produced = 0
+        pending = bytearray()
+        while piece := reader.read(_COPY_PIECE):
+            produced += len(piece)
+            if produced > expected:
+                raise FormatError(f"tar-split inflates to more than the {expected} bytes its annotation states")
+            pending += piece
+            start = 0
+            while (end := pending.find(b"\n", start)) >= 0:
+                if end > start:
+                    yield bytes(pending[start:end])
+                start = end + 1
+            del pending[:start]
+            if len(pending) > MAX_TAR_SPLIT_LINE:
+                raise FormatError(f"tar-split entry longer than {MAX_TAR_SPLIT_LINE} bytes")
+    except zstandard.ZstdError as e:
+        raise FormatError(f"tar-split: corrupt zstd data: {e}") from None
+    if produced != expected:
+        raise FormatError(f"tar-split inflates to {produced} bytes, its annotation says {expected}")
+    if pending:
+        yield bytes(pending)
 
 
 def uncompressed_size(parsed: toc.TOC, read_range: ReadRange, *, max_requests: int = 8192,
@@ -347,7 +492,9 @@ class WriteResult:
     blob_digest: str
 
     def annotations(self) -> dict[str, str]:
-        return {OLD_CHECKSUM_ANNOTATION: self.toc_digest, OLD_POSITION_ANNOTATION: self.manifest_position,
+        """Both spellings (Podman >= 5.1 reads only the current one, 4.3.1 only the old one) and the size."""
+        return {CHECKSUM_ANNOTATION: self.toc_digest, POSITION_ANNOTATION: self.manifest_position,
+                OLD_CHECKSUM_ANNOTATION: self.toc_digest, OLD_POSITION_ANNOTATION: self.manifest_position,
                 UNCOMPRESSED_SIZE_ANNOTATION: str(self.uncompressed_size)}
 
 
