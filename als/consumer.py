@@ -128,7 +128,8 @@ def _version_tuple(version: str) -> tuple[int, int, int] | None:
     return (int(m[1]), int(m[2]), int(m[3])) if m else None
 
 
-def _version_affected(module: str, version: str) -> bool:
+def version_affected(module: str, version: str) -> bool:
+    """Whether containers/storage ``version`` (of ``module``) loses lazily pulled layers."""
     v = _version_tuple(version)
     if v is None:
         return False
@@ -153,7 +154,7 @@ def inspect_file(f, program: str) -> Consumer | None:
                 off, size = sections[".go.buildinfo"]
                 module, version = storage_dependency(modinfo(m[off:off + min(size, 1 << 20)]))
                 if version:
-                    affected = _version_affected(module, version)
+                    affected = version_affected(module, version)
                     return Consumer(program, module, version, affected, f"build info: {module} {version}")
             if ".gopclntab" not in sections:
                 return None

@@ -96,7 +96,7 @@ def test_storage_dependency_from_build_info(lines, module, version, affected):
     info = "\n".join(["path\tgithub.com/containers/podman/v5/cmd/podman", "mod\tgithub.com/containers/podman/v5\t(devel)\t",
                       "dep\tgithub.com/BurntSushi/toml\tv1.5.0\th1:z=", *lines, "build\t-compiler=gc"])
     assert C.storage_dependency(info) == (module, version)
-    assert C._version_affected(module, version) == affected
+    assert C.version_affected(module, version) == affected
 
 
 def affected_copy(tmp_path: Path) -> Path:
