@@ -64,10 +64,6 @@ LOST_LAYERS = (
     "Podman >= 5.5 (containers/storage >= 1.58) does not record layers taken from an additional "
     "layer store: PutAdditionalLayer never sets the layer's location, so it is saved to no file "
     "and lost when the pulling command exits ('layer not known')")
-OLD_ANNOTATION_NAMES = (
-    "`als convert --zstd-chunked` writes only the io.containers.zstd-chunked.* annotation names; "
-    "Podman >= 5.1 asks the store only for layers with io.github.containers.zstd-chunked."
-    "manifest-checksum, so it pulls this image normally")
 
 # This checkout, where Python in the chroot finds it (any user may enter it there).
 CHECKOUT_INSIDE = "/opt/als"
@@ -80,10 +76,6 @@ LOST_LAYER_SIGNS = ("layer not known", "layer in lower level storage driver not 
 
 class LayersLost(Exception):
     """A step failed the way Podman >= 5.5 fails on layers from an additional layer store."""
-
-
-class NotAskedForLayers(Exception):
-    """Podman never asked the store for the image's layers."""
 
 
 # image -> the fixture that pushes it
@@ -409,9 +401,7 @@ class Podman5Checks:
         """Check ``step``; a known failure is a strict expected failure, but only when the step
         failed the known way (any other failure fails the test)."""
         known: tuple[type[Exception], str, bool] | None = None
-        if step == "lazy" and pipeline.image == "zstd-chunked-als-convert":
-            known = NotAskedForLayers, OLD_ANNOTATION_NAMES, not pipeline.served_by_store
-        elif step not in ("run", "lazy") and pipeline.served_by_store and lost_layers_expected(pipeline.release):
+        if step not in ("run", "lazy") and pipeline.served_by_store and lost_layers_expected(pipeline.release):
             detail = pipeline.steps[step].detail if step in pipeline.steps else ""
             known = LayersLost, LOST_LAYERS, any(s in detail for s in LOST_LAYER_SIGNS)
         if known is not None:
