@@ -27,11 +27,12 @@ from typing import BinaryIO
 
 from als.errors import ALSError, CacheError, Interrupted, VerificationError
 from als.store import Layer
+from als.wait import wait_for
 
 log = logging.getLogger("als.blob")
 
 RANGE = 16 << 20  # bytes per registry request of the download
-POLL = 0.05  # seconds between two looks at a waiting read's cancel flag
+POLL = 0.05  # seconds between two looks at whether a freed reader's spool may close
 # Seconds a verified spool is kept after its last read. The kernel may keep a `blob` inode
 # (and so its reader) for hours after the engine closed it, and a spool is the blob's size.
 IDLE = 60.0
@@ -230,14 +231,7 @@ class BlobReader:
             return d
 
     def _wait(self, d: _Download, cancel: threading.Event | None) -> None:
-        if cancel is None:
-            d.outcome.result()
-            return
-        while True:
-            if cancel.is_set() and not d.outcome.done():
-                raise Interrupted(f"{self.layer.source.label}: blob read interrupted while the blob downloads")
-            try:
-                d.outcome.result(timeout=POLL)
-                return
-            except TimeoutError:
-                continue
+        try:
+            wait_for(d.outcome, None, cancel)
+        except Interrupted:
+            raise Interrupted(f"{self.layer.source.label}: blob read interrupted while the blob downloads") from None

@@ -18,7 +18,6 @@ flight.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import logging
 import threading
 import time
@@ -296,49 +295,52 @@ class ChunkFetcher:
         and empties it, for the same reason: a delivered chunk must not
         outlive its waiters because of a list here.
         """
-        failed = None
-        with self._answering(source, claimed) as outcome:
-            runs = list(self._runs_of(self._drop_cached(claimed), max_request or self.max_request))
-            claimed.clear()
-            while runs:
-                run = _RunDecoder(self, source, runs.pop(0))
-                try:
-                    source.stream_range(run.start, run.end, run.feed)
-                    if run.left:
-                        raise RegistryError(f"{source.label}: got {run.received} of the {run.end - run.start} "
-                                            f"bytes at blob offset {run.start}")
-                except Exception as e:  # every waiter must hear about it
-                    failed = failed or e
-                    run.abort(e)
-                with self._lock:
-                    self.bytes_fetched += run.received
-                    self.requests += 1
-                failed = failed or run.failed
-            outcome.append(failed)
-        return next((e for e in outcome if e is not None), None)
+        return self._answering(source, claimed,
+                               lambda: self._fetch_runs(source, claimed, max_request or self.max_request))
 
-    @contextlib.contextmanager
-    def _answering(self, source: BlobSource, claimed: list):
-        """Whatever happens inside, every claim in ``claimed`` is answered on the way out.
+    def _fetch_runs(self, source: BlobSource, claimed: list, max_request: int) -> BaseException | None:
+        runs = list(self._runs_of(self._drop_cached(claimed), max_request))
+        claimed.clear()
+        failed = None
+        while runs:
+            run = _RunDecoder(self, source, runs.pop(0))
+            try:
+                source.stream_range(run.start, run.end, run.feed)
+                if run.left:
+                    raise RegistryError(f"{source.label}: got {run.received} of the {run.end - run.start} bytes "
+                                        f"at blob offset {run.start}")
+            except Exception as e:  # every waiter must hear about it
+                failed = failed or e
+                run.abort(e)
+            with self._lock:
+                self.bytes_fetched += run.received
+                self.requests += 1
+            failed = failed or run.failed
+        return failed
+
+    def _answering(self, source: BlobSource, claimed: list,
+                   work: Callable[[], BaseException | None]) -> BaseException | None:
+        """Run ``work`` (it answers the claims it can and returns its first failure); whatever
+        happens in it, every claim in ``claimed`` is answered on the way out.
 
         A claim nobody answers would make every later read of its chunk wait
         for the full timeout and fail, until the store restarts. The futures
         are held weakly: a delivered chunk must not outlive its readers here.
         """
         guard = [(c, weakref.ref(fut)) for c, fut in claimed]
-        outcome: list = []
+        failed = None
         try:
-            yield outcome
+            failed = work()
         except Exception as e:
-            outcome.append(e)
+            failed = e
             log.error("%s: fetching %d chunks failed: %s", source.label, len(guard), e)
         finally:
-            cause = next((e for e in outcome if e is not None), None)
             for c, ref in guard:
                 fut = ref()
                 if fut is not None and not fut.done():
-                    self._finish(c, fut, exc=cause or RegistryError(
+                    self._finish(c, fut, exc=failed or RegistryError(
                         f"{source.label}: the fetch of chunk {c.digest} ended without it"))
+        return failed
 
     def _runs_of(self, claimed: list, max_request: int):
         """``claimed`` in blob order, cut into runs of one range request each."""
@@ -355,8 +357,7 @@ class ChunkFetcher:
                   and not self.cache.contains(c.digest)]
         mine, _ = self._claim(inside)
         if mine:
-            with self._answering(source, mine):
-                self._deliver(source, mine, data, start)
+            self._answering(source, mine, lambda: self._deliver(source, mine, data, start))
         return len(mine)
 
     def _deliver(self, source: BlobSource, claimed: list, data: bytes, start: int) -> None:

@@ -346,7 +346,7 @@ class Session:
         req.interrupted.set()
         self._finish(req, errno.EINTR, b"")
 
-    def _finish(self, req: Request, err: int, reply: bytes | list[bytes]) -> None:
+    def _finish(self, req: Request, err: int, reply: bytes) -> None:
         """Send the one reply ``req`` gets; drop the references of a reply the kernel never took."""
         with self._lock:
             late = req.answered
@@ -358,22 +358,19 @@ class Session:
         if err:
             self._release(req)
         name = OP_NAMES.get(req.opcode, str(req.opcode))
-        if not self._write(req.unique, err, reply, name):
-            self._release(req)
-        if self.observe is not None and req.opcode != INIT:
+        if self.observe is not None and req.opcode != INIT:  # counted before the caller can see it
             try:
                 self.observe(name, err)
             except Exception:
                 log.exception("counting a FUSE answer failed")
+        if not self._write(req.unique, err, reply, name):
+            self._release(req)
 
-    def _write(self, unique: int, err: int, reply: bytes | list[bytes], name: str) -> bool:
+    def _write(self, unique: int, err: int, reply: bytes, name: str) -> bool:
         """Write one reply; whether the kernel took it. A refused reply is replaced by EIO."""
-        parts = [] if err else (reply if type(reply) is list else [reply])
-        if len(parts) > 8:  # writev takes at most IOV_MAX (1024) buffers: a listing is one
-            parts = [b"".join(parts)]
-        size = OUT_HEADER.size + sum(len(p) for p in parts)
-        try:
-            os.writev(self.fd, [OUT_HEADER.pack(size, -err, unique)] + parts)
+        body = b"" if err else reply
+        try:  # two buffers at most: writev takes no more than IOV_MAX (1024)
+            os.writev(self.fd, [OUT_HEADER.pack(OUT_HEADER.size + len(body), -err, unique), body])
             return True
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENODEV):  # interrupted, or the mount is gone

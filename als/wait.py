@@ -17,17 +17,18 @@ from als.errors import Interrupted
 POLL = 0.1  # seconds between looks at the cancel event: the kernel is answered at once anyway
 
 
-def wait_for(fut: Future, deadline: float, cancel: threading.Event | None = None):
-    """``fut``'s result by ``deadline`` (time.monotonic()); FutureTimeout after it, Interrupted once
-    ``cancel`` is set. The future's own exception is raised as it is."""
+def wait_for(fut: Future, deadline: float | None, cancel: threading.Event | None = None):
+    """``fut``'s result by ``deadline`` (time.monotonic(); None: however long it takes);
+    FutureTimeout after it, Interrupted once ``cancel`` is set. The future's own exception is
+    raised as it is."""
     while True:
-        left = max(deadline - time.monotonic(), 0.0)
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
         if cancel is None:
             return fut.result(timeout=left)
         if cancel.is_set():
             raise Interrupted("the caller went away")
         try:
-            return fut.result(timeout=min(left, POLL))
+            return fut.result(timeout=POLL if left is None else min(left, POLL))
         except FutureTimeout:
-            if time.monotonic() >= deadline:
+            if deadline is not None and time.monotonic() >= deadline:
                 raise
