@@ -66,27 +66,27 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _status_parser(sub)
     _cache_parser(sub)
-    from als import authhelper
+    from als.ops import authhelper
     authhelper.add_parser(sub)
-    from als import imagecli
-    imagecli.add_parsers(sub)
+    from als.tools import commands
+    commands.add_parsers(sub)
     return parser
 
 
 def setup_logging(level: str, fmt: str = "text") -> None:
-    from als import logfmt
+    from als.ops import logfmt
     logfmt.setup(level, fmt)
 
 
 def cmd_serve(args) -> int:
-    from als.daemon import serve
+    from als.ops.daemon import serve
     return serve(Path(args.mountpoint), Path(args.root), args.config)
 
 
 def cmd_status(args) -> int:
     import json
 
-    from als import control, status
+    from als.ops import control, status
     st = control.request(Path(args.root), "status", timeout=30)
     print(json.dumps(st, indent=2) if args.json else status.render(st))
     return 0
@@ -95,7 +95,7 @@ def cmd_status(args) -> int:
 def cmd_cache(args) -> int:
     import json
 
-    from als.cache import ChunkCache
+    from als.fetch.cache import ChunkCache
     cache_dir = Path(args.root) / "cache"
     if not (cache_dir / "chunks").is_dir():
         raise ALSError(f"no chunk cache under {args.root}")

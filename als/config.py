@@ -53,7 +53,7 @@ class CacheConfig:
 class FetchConfig:
     prefetch_size: int = 0  # bytes from the blob start to prefetch when a layer has no landmark
     prefetch_request: int = 64 << 20  # largest single request of a prefetch
-    predict: bool = True  # fetch what a container start reads next, side by side (als/startup.py)
+    predict: bool = True  # fetch what a container start reads next, side by side (als/layer/startup.py)
     background: bool = True  # stream the rest of each layer into the cache after it resolves
     background_layers: int = 2  # layers fetched in the background at once
     background_step: int = 4 << 20  # bytes per background request

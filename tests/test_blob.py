@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from als.blob import RANGE, BlobReader
+from als.store.blob import RANGE, BlobReader
 from als.config import Config
-from als.daemon import build_store
+from als.ops.daemon import build_store
 from als.errors import Interrupted
 from tests.support import faultproxy as fp
 from tests.support import images

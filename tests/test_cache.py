@@ -2,7 +2,7 @@
 
 import hashlib
 
-from als.cache import ChunkCache, sha256_digest
+from als.fetch.cache import ChunkCache, sha256_digest
 
 
 def test_put_get_and_survives_a_new_instance(tmp_path):

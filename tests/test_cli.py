@@ -67,7 +67,7 @@ def test_a_stale_mount_from_a_killed_store_is_cleared_at_start(tmp_path):
 
 
 def test_cache_stats_prune_verify(tmp_path):
-    from als.cache import ChunkCache
+    from als.fetch.cache import ChunkCache
     from als.digest import sha256_digest
     cache = ChunkCache(tmp_path / "cache")
     for i in range(3):

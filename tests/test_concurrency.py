@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from als.image import estargz_layer, push_image
+from als.tools.image import estargz_layer, push_image
 from als.reference import parse_reference
 from tests.support import procstat
 from tests.support.store_process import StoreProcess

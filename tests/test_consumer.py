@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from als import consumer as C
-from als import status
+from als.store import consumer as C
+from als.ops import status
 from als.config import load_config
-from als.daemon import build_store
+from als.ops.daemon import build_store
 
 PODMAN4 = "/usr/bin/podman"
 PODMAN5_ROOTS = os.environ.get("ALS_PODMAN5_ROOTS", "/var/tmp/als-podman5/*")  # chroots with Debian's Podman 5

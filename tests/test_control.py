@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from als.control import ControlError, ControlServer, request, socket_path
+from als.ops.control import ControlError, ControlServer, request, socket_path
 
 
 def test_request_answer_and_errors(tmp_path):

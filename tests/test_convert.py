@@ -23,7 +23,7 @@ import pytest
 import zstandard
 
 from als.formats import estargz, zstdchunked
-from als.image import BuiltLayer, estargz_layer, gzip_layer, push_image
+from als.tools.image import BuiltLayer, estargz_layer, gzip_layer, push_image
 from als.reference import parse_reference
 from tests.support import images
 from tests.support.store_process import REPO
@@ -510,7 +510,7 @@ def test_memory_stays_bounded_for_a_large_layer(registry, registries_conf, tmp_p
 @pytest.mark.slow
 def test_podman_partial_pull_accepts_converted_image(tmp_path, registry, converted_python):
     """Podman's own eStargz reader (partial pulls) checks our TOC and every chunk digest."""
-    from als.podman import Podman
+    from als.tools.podman import Podman
     dst, _ = converted_python
     [desc] = get_json(registry, "conv/python", "esgz")["layers"]
     with Podman(tmp_path / "partial", insecure_registries=[registry.host], partial_pulls=True) as podman:
@@ -523,7 +523,7 @@ def test_podman_partial_pull_accepts_converted_image(tmp_path, registry, convert
 def test_podman_4_pulls_zstd_chunked_output_lazily(tmp_path, registry, registries_conf, converted_zstd):
     """Podman 4.3.1 looks every layer up in the store by its blob digest: the converted zstd:chunked
     image (with both annotation spellings) runs with a fraction of the layer fetched."""
-    from als.podman import Podman
+    from als.tools.podman import Podman
     from tests.conftest import NO_BACKGROUND
     from tests.support.store_process import StoreProcess
     [desc] = get_json(registry, "conv/python", "zstd")["layers"]

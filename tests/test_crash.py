@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from als.cache import ChunkCache
-from als.image import estargz_layer, push_image
+from als.fetch.cache import ChunkCache
+from als.tools.image import estargz_layer, push_image
 from als.reference import parse_reference
 from tests.support.store_process import StoreProcess, is_mounted
 

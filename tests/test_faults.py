@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from als.image import estargz_layer, push_image
+from als.tools.image import estargz_layer, push_image
 from als.reference import parse_reference
 from tests.support import faultproxy as fp
 from tests.support.store_process import StoreProcess, write_registries_conf

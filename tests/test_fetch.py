@@ -11,11 +11,11 @@ from functools import partial
 
 import pytest
 
-from als.cache import ChunkCache
+from als.fetch.cache import ChunkCache
 from als.errors import Interrupted, RegistryError
-from als.fetch import BlobSource, ChunkFetcher
+from als.fetch.fetcher import BlobSource, ChunkFetcher
 from als.formats import estargz
-from als.layer import LayerView
+from als.layer.view import LayerView
 from als.reference import parse_reference
 from tests.support import images
 

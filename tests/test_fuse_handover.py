@@ -24,7 +24,7 @@ import time
 
 import pytest
 
-from als.image import estargz_layer, push_image
+from als.tools.image import estargz_layer, push_image
 from als.reference import parse_reference
 from als.registry.client import RegistryClient
 from als.registry.sysregistries import RegistriesConf

@@ -23,7 +23,7 @@ import pytest
 
 from als.config import Config
 from als.formats import estargz
-from als.image import estargz_layer, gzip_layer, push_image
+from als.tools.image import estargz_layer, gzip_layer, push_image
 from als.reference import parse_reference
 from tests.support import images
 

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from als.errors import FormatError
 from als.formats import estargz
 from als.formats import toc as T
-from als.layer import HIDDEN_AT_ROOT, LayerView
+from als.layer.view import HIDDEN_AT_ROOT, LayerView
 from tests.support.rawblob import sha, toc_tar
 
 _FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

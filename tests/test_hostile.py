@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from als.formats import estargz
-from als.image import push_image
+from als.tools.image import push_image
 from als.reference import parse_reference
 from tests.support import images, procstat
 from tests.support.rawblob import RawBlob, sha, toc, toc_tar, zeros_member

@@ -4,7 +4,7 @@ import os
 import stat
 
 from als.formats import toc as T
-from als.layer import LayerView, OPAQUE_XATTRS
+from als.layer.view import LayerView, OPAQUE_XATTRS
 
 
 def E(name, type=T.REG, **kw):

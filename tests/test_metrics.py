@@ -17,9 +17,9 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from als import metrics
+from als.ops import metrics
 from als.errors import ConfigError
-from als.image import estargz_layer, gzip_layer, push_image
+from als.tools.image import estargz_layer, gzip_layer, push_image
 from als.reference import parse_reference
 from tests.support import images
 from tests.support.registry import free_port

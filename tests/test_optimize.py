@@ -13,18 +13,18 @@ import time
 
 import pytest
 
-from als import control
-from als.access import OP_PROFILE, OP_RECORD
+from als.ops import control
+from als.layer.access import OP_PROFILE, OP_RECORD
 from als.formats import estargz
 from tests.conftest import NO_BACKGROUND
-from als.podman import Podman
+from als.tools.podman import Podman
 from tests.support.store_process import StoreProcess
 from tests.test_convert import config_for, get_blob, get_json, read_toc, run_als, tar_of
 
 
 @pytest.fixture(scope="module")
 def small_image(registry, client):
-    from als.image import estargz_layer, push_image
+    from als.tools.image import estargz_layer, push_image
     from als.reference import parse_reference
     import io
     tar = tar_of({"first": b"1\n", "second": b"2\n", "third": b"3\n", "unread": b"u\n"})
@@ -90,7 +90,7 @@ def cold_start(tmp_path, registry, registries_conf, ref: str, digest: str, name:
 
 @pytest.mark.slow
 def test_optimized_image_cold_start_fetches_less_than_plain_convert(registry, client, registries_conf, tmp_path):
-    from als.image import gzip_layer, push_image
+    from als.tools.image import gzip_layer, push_image
     from als.reference import parse_reference
     from tests.support import images
     src = f"{registry.host}/opt/python:gzip"

@@ -37,8 +37,8 @@ import pytest
 import zstandard
 
 from als.formats import estargz, zstdchunked
-from als.image import estargz_layer, gzip_layer, push_image
-from als.podman import PodmanError
+from als.tools.image import estargz_layer, gzip_layer, push_image
+from als.tools.podman import PodmanError
 from als.reference import parse_reference
 from als.registry.auth import AuthFile
 from als.registry.client import RegistryClient
@@ -463,7 +463,7 @@ class Podman5Checks:
             # what `pip install als` puts on PATH, here with this checkout seen at /opt/als
             script = ("#!/usr/bin/python3\nimport sys\n"
                       f"sys.path.insert(0, {CHECKOUT_INSIDE!r})\n"
-                      "from als.authhelper import main\nsys.exit(main())\n")
+                      "from als.ops.authhelper import main\nsys.exit(main())\n")
             # the store's root at its default place, where the helper looks for the control socket
             with podman5.Podman5(chroot, tmp_path / "podman", additional_layer_store=store.mountpoint,
                                  insecure_registries=[reg.host], auth_file=creds, auth_helper=helper,

@@ -13,10 +13,10 @@ import tarfile
 
 import pytest
 
-from als.image import estargz_layer, gzip_layer, push_image
+from als.tools.image import estargz_layer, gzip_layer, push_image
 from als.reference import parse_reference
 from tests.support import images
-from als.podman import Podman
+from als.tools.podman import Podman
 
 pytestmark = pytest.mark.slow
 

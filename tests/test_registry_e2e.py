@@ -19,8 +19,8 @@ import sys
 
 import pytest
 
-from als import image as alsimage
-from als.control import ControlError, request
+from als.tools import image as alsimage
+from als.ops.control import ControlError, request
 from als.reference import parse_reference
 from als.registry.auth import AuthFile
 from als.registry.keychain import Keychain
@@ -110,7 +110,7 @@ def assert_no_secrets(store: StoreProcess, secrets: list[str]) -> None:
 
 
 # The `als-auth-helper` console script, as pip installs it: what registries.conf names.
-CONSOLE_SCRIPT = ("-c", "import sys; from als.authhelper import main; sys.exit(main())")
+CONSOLE_SCRIPT = ("-c", "import sys; from als.ops.authhelper import main; sys.exit(main())")
 
 
 def auth_helper(stdin: str, env: dict | None = None,
@@ -311,7 +311,7 @@ def test_store_config_certs_dir_global_auth_file_and_kubelet_config(tmp_path):
 
 @pytest.mark.slow
 def test_podman_login_is_all_a_private_image_needs(tmp_path):
-    from als.podman import Podman
+    from als.tools.podman import Podman
 
     unread = random.Random(9).randbytes(4 << 20)
     entries = images.busybox_entries() + [images.Entry("tmp", images.DIR, 0o1777),

@@ -19,12 +19,12 @@ import time
 
 import pytest
 
-from als.image import estargz_layer, push_image
+from als.tools.image import estargz_layer, push_image
 from als.reference import parse_reference
 from als.registry.client import RegistryClient
 from als.registry.sysregistries import RegistriesConf
 from tests.support import images
-from als.podman import Podman
+from als.tools.podman import Podman
 from tests.support.registry import RegistryProcess
 from tests.support.store_process import StoreProcess, is_mounted, write_registries_conf
 

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from als.image import estargz_layer, push_image
+from als.tools.image import estargz_layer, push_image
 from als.reference import parse_reference
 from tests.support import images
 from tests.support.rootless import RootlessUser

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from als.control import request
-from als.image import estargz_layer, push_image
+from als.ops.control import request
+from als.tools.image import estargz_layer, push_image
 from als.reference import parse_reference
 from als.registry.client import RegistryClient
 from als.registry.sysregistries import RegistriesConf

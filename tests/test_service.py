@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from als import notify
+from als.ops import notify
 from tests.support.store_process import REPO, StoreProcess, is_mounted
 
 UNIT = REPO / "contrib" / "systemd" / "als.service"

@@ -20,8 +20,8 @@ import pytest
 
 from als.errors import FormatError
 from als.formats import estargz
-from als.image import push_image
-from als.layer import LayerView
+from als.tools.image import push_image
+from als.layer.view import LayerView
 from als.reference import parse_reference
 from tests.support import faultproxy as fp
 from tests.support import procstat

@@ -8,8 +8,8 @@ import struct
 import pytest
 
 from als.formats import toc as T
-from als.layer import LayerView
-from als.startup import elf_needs_of, entrypoint, libraries, program, resolve
+from als.layer.view import LayerView
+from als.layer.startup import elf_needs_of, entrypoint, libraries, program, resolve
 
 
 def E(name, type=T.REG, **kw):
@@ -105,7 +105,7 @@ def test_a_resolved_layer_has_its_start_files_program_and_libraries_fetched_befo
     import io
     import time
 
-    from als.image import estargz_layer, image_config, push_image
+    from als.tools.image import estargz_layer, image_config, push_image
     from als.reference import parse_reference
     from tests.support import images
     from tests.support.store_process import StoreProcess

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from als import status
-from als.image import estargz_layer, gzip_layer, push_image
+from als.ops import status
+from als.tools.image import estargz_layer, gzip_layer, push_image
 from als.reference import parse_reference
 from tests.support import images
 from tests.support.registry import free_port

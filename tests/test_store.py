@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from als import status
+from als.ops import status
 from als.formats import estargz
-from als.image import estargz_layer, push_image
+from als.tools.image import estargz_layer, push_image
 from als.reference import parse_reference
 from tests.support import images, inprocess
 from tests.support.store_process import StoreProcess

@@ -1,5 +1,5 @@
 """The test harness itself, against real Podman 4.3.1 and a real docker-registry:
-als/podman.py (isolated Podman) and tests/support/images.py (layers).
+als/tools/podman.py (isolated Podman) and tests/support/images.py (layers).
 
     python3 -m pytest tests/test_support_podman.py -q -m slow
 """
@@ -14,7 +14,7 @@ import pytest
 
 from tests.support import images
 from tests.support.images import BLOCK, CHAR, DIR, FILE, SYMLINK
-from als.podman import HOST_STATE_PATHS, Podman
+from als.tools.podman import HOST_STATE_PATHS, Podman
 from tests.support.registry import RegistryProcess
 
 

@@ -23,14 +23,14 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from als.cache import ChunkCache
+from als.fetch.cache import ChunkCache
 from als.errors import FormatError, VerificationError
-from als.fetch import BlobSource, ChunkFetcher
+from als.fetch.fetcher import BlobSource, ChunkFetcher
 from als.formats import toc as T
 from als.formats import zstdchunked as Z
-from als.store import LayerUnavailable
+from als.store.namespace import LayerUnavailable
 from tests.support import images, inprocess
-from als.podman import Podman
+from als.tools.podman import Podman
 from als.reference import parse_reference
 from tests.support.store_process import StoreProcess
 from tests.test_fusefs import actual_tree, expected_tree
@@ -405,7 +405,7 @@ def test_podman_zstd_chunked_is_served_lazily(tmp_path, registry, store):
 @pytest.mark.slow
 def test_podman_partial_pull_accepts_our_zstd_chunked(tmp_path, registry, client, registries_conf):
     """Podman 4.3.1's own zstd:chunked reader takes what `als convert --zstd-chunked` writes."""
-    from als.image import BuiltLayer, push_image
+    from als.tools.image import BuiltLayer, push_image
     from als.reference import parse_reference
     from tests.test_convert import config_for, run_als
     tar = images.python_rootfs_tar().read_bytes()

@@ -1,7 +1,7 @@
 """Registry credentials from Podman's auth files, and the 401 challenge flow.
 
 Podman before 5.1 never hands its credentials to an Additional Layer Store
-(and 5.1+ only through a helper, als/authhelper.py), so the store looks where
+(and 5.1+ only through a helper, als/ops/authhelper.py), so the store looks where
 ``podman login`` and ``docker login`` leave them, in the order
 containers/image reads them, and then speaks the registry's own challenge
 protocol (Basic, or the Docker token service) with them. Which sources are

@@ -33,12 +33,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from als.image import estargz_layer, gzip_layer, push_image
+from als.tools.image import estargz_layer, gzip_layer, push_image
 from als.reference import parse_reference
 from als.registry.client import RegistryClient
 from als.registry.sysregistries import RegistriesConf
 from tests.support.linkproxy import LinkProxy
-from als.podman import Podman
+from als.tools.podman import Podman
 from tests.support.registry import RegistryProcess
 from tests.support.store_process import StoreProcess, write_registries_conf
 
@@ -212,7 +212,7 @@ def wait_until_fetched(store: StoreProcess, timeout: float = 300.0) -> None:
 
 def record_profile(bench: Bench) -> list[str]:
     """The files `python3 -c 'print(1)'` opens, in order, recorded by `als optimize`'s own recorder."""
-    from als.optimize import record
+    from als.tools.optimize import record
     (bench.work / "profile").mkdir()
     saved = os.environ.get("CONTAINERS_REGISTRIES_CONF")
     os.environ["CONTAINERS_REGISTRIES_CONF"] = str(bench.conf)  # the recording store reads it, as Podman does

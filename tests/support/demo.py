@@ -16,12 +16,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from als.image import estargz_layer, push_image
+from als.tools.image import estargz_layer, push_image
 from als.reference import parse_reference
 from als.registry.client import RegistryClient
 from als.registry.sysregistries import RegistriesConf
 from tests.support import images
-from als.podman import Podman
+from als.tools.podman import Podman
 from tests.support.registry import RegistryProcess
 from tests.support.store_process import StoreProcess, write_registries_conf
 

@@ -688,7 +688,7 @@ def files_tar(files: dict[str, bytes]) -> bytes:
 def push_files(client, ref: str, files: dict[str, bytes], *, chunk_size: int, level: int = 9,
                prioritized: list[str] | None = None):
     """Push a one-layer eStargz image of ``files`` as ``ref``; returns the layer (an als.image.BuiltLayer)."""
-    from als.image import estargz_layer, push_image
+    from als.tools.image import estargz_layer, push_image
     from als.reference import parse_reference
     layer = estargz_layer(io.BytesIO(files_tar(files)), chunk_size=chunk_size, level=level, prioritized=prioritized)
     push_image(client, parse_reference(ref), [layer])
@@ -701,7 +701,7 @@ def push_zstd_files(client, ref: str, files: dict[str, bytes], *, chunk_size: in
     Without ``size_annotation`` the layer carries no uncompressed size, as Podman writes it.
     """
     from als.formats import zstdchunked
-    from als.image import BuiltLayer, push_image
+    from als.tools.image import BuiltLayer, push_image
     from als.reference import parse_reference
     blob = io.BytesIO()
     r = zstdchunked.write_zstdchunked(io.BytesIO(files_tar(files)), blob, chunk_size=chunk_size)

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Iterator
 
 from als.config import load_config
-from als.daemon import build_store
-from als.store import Layer, Store
+from als.ops.daemon import build_store
+from als.store.namespace import Layer, Store
 
 
 @contextmanager

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
-from als.podman import Podman, PodmanError
+from als.tools.podman import Podman, PodmanError
 
 SUITES = {"trixie": "Podman 5.4", "sid": "Podman 5.8"}
 CACHE_DIR = Path("/var/tmp/als-podman5")

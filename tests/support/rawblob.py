@@ -17,7 +17,7 @@ import zlib
 from dataclasses import dataclass, field
 
 from als.formats import estargz
-from als.image import BuiltLayer
+from als.tools.image import BuiltLayer
 
 
 def sha(data: bytes) -> str:

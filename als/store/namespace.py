@@ -1,4 +1,4 @@
-"""The additional layer store: images, their layers, `info` and use counts (`blob` is in als/blob.py).
+"""The additional layer store: images, their layers, `info` and use counts (`blob` is in als/store/blob.py).
 
 This is the ALS protocol with no FUSE in it. The first lookup under an image
 reference resolves the image once (manifest, config) and starts resolving all
@@ -32,19 +32,20 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
-from als import metrics, startup
-from als.access import AccessRecorder
+from als.ops import metrics
+from als.layer import startup
+from als.layer.access import AccessRecorder
 from als.config import Config
-from als.consumer import Consumers
+from als.store.consumer import Consumers
 from als.errors import ALSError, BlockedError, FormatError, Interrupted, NotFoundError, RegistryError, VerificationError
-from als.fetch import BlobSource, ChunkFetcher
-from als.image import json_object
+from als.fetch.fetcher import BlobSource, ChunkFetcher
+from als.tools.image import json_object
 from als.formats import estargz, zstdchunked
 from als.formats import toc as T
-from als.layer import LayerView
+from als.layer.view import LayerView
 from als.reference import parse_reference
 from als.registry.client import RegistryClient
-from als.state import StateDir
+from als.store.state import StateDir
 from als.wait import wait_for
 
 log = logging.getLogger("als.store")

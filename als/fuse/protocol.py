@@ -9,7 +9,7 @@ across opens), cached symlinks, listings with attributes (readdirplus), timeouts
 per entry, names and xattr values as bytes, and a fixed pool of worker threads.
 
 This module knows nothing about layers: it calls an ``Operations`` object by
-node id (see als/fusefs.py) and packs what it returns. Structures and opcodes
+node id (see als/fuse/filesystem.py) and packs what it returns. Structures and opcodes
 are those of <linux/fuse.h>, protocol 7.31.
 """
 

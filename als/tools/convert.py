@@ -31,9 +31,9 @@ import zstandard
 from als.digest import sha256_digest
 from als.errors import ALSError, FormatError
 from als.formats import estargz, zstdchunked
-from als.image import json_object
-from als.progress import Progress
-from als.transport import ImageTransport, TransportError
+from als.tools.image import json_object
+from als.tools.progress import Progress
+from als.tools.transport import ImageTransport, TransportError
 
 log = logging.getLogger("als.convert")
 

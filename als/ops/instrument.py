@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from als import metrics
+from als.ops import metrics
 
 
 @dataclass(frozen=True)

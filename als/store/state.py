@@ -14,7 +14,7 @@ import logging
 import threading
 from pathlib import Path
 
-from als.cache import atomic_write, private_dir
+from als.fetch.cache import atomic_write, private_dir
 from als.digest import hex_of, sha256_digest
 
 log = logging.getLogger("als.state")

@@ -16,7 +16,8 @@ import time
 from concurrent.futures import Future
 from pathlib import Path
 
-from als import __version__, metrics
+from als import __version__
+from als.ops import metrics
 
 ERRORS_WINDOW = 600.0  # seconds of registry errors shown
 
@@ -117,7 +118,7 @@ def collect(store, *, mountpoint: Path | str = "", root: Path | str = "", starte
         "images": images,
         "registry_errors_window_seconds": errors_window,
         "registry_errors": errors.since(errors_window) if errors is not None else [],
-        # Engines that asked for layers; "affected" ones lose lazily pulled layers (als/consumer.py).
+        # Engines that asked for layers; "affected" ones lose lazily pulled layers (als/store/consumer.py).
         "engines": [c.as_dict() for c in consumers.all()] if consumers is not None else [],
     }
 

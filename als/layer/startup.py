@@ -22,7 +22,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
-from als.layer import LayerView, Node
+from als.layer.view import LayerView, Node
 
 log = logging.getLogger("als.startup")
 

@@ -13,21 +13,22 @@ import threading
 import time
 from pathlib import Path
 
-from als import access, authhelper
-from als import metrics, notify, status
-from als.cache import ChunkCache
+from als.layer import access
+from als.ops import authhelper
+from als.ops import metrics, notify, status
+from als.fetch.cache import ChunkCache
 from als.config import load_config
-from als.control import ControlServer, socket_path
+from als.ops.control import ControlServer, socket_path
 from als.errors import ALSError
-from als.fetch import ChunkFetcher
-from als import fuseproto
-from als.fusefs import PLAIN_DIR, StoreFS, observer
-from als.instrument import InstrumentedClient
+from als.fetch.fetcher import ChunkFetcher
+from als.fuse import protocol
+from als.fuse.filesystem import PLAIN_DIR, StoreFS, observer
+from als.ops.instrument import InstrumentedClient
 from als.registry.client import RegistryClient
 from als.registry.keychain import Keychain
 from als.registry.sysregistries import RegistriesConf
-from als.state import StateDir
-from als.store import Store
+from als.store.state import StateDir
+from als.store.namespace import Store
 
 log = logging.getLogger("als")
 
@@ -180,16 +181,16 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    sessions: list[tuple[Path, fuseproto.Session]] = []
+    sessions: list[tuple[Path, protocol.Session]] = []
     observe = observer()
     code = 0
     try:
         for path, fs in mounts:
             try:
-                fd = fuseproto.mount(path, read_only=fs is not main)  # nothing is ever created there
+                fd = protocol.mount(path, read_only=fs is not main)  # nothing is ever created there
             except OSError as e:
                 raise ALSError(str(e)) from None
-            session = fuseproto.Session(fd, fs, workers=f.threads, waiting=f.waiting_threads,
+            session = protocol.Session(fd, fs, workers=f.threads, waiting=f.waiting_threads,
                                         observe=observe).start()
             fs.invalidate, fs.invalidate_entry = session.invalidate, session.invalidate_entry
             store.on_evict.append(fs.evicted)  # the kernel lets go of an evicted layer's nodes too
@@ -213,7 +214,7 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
     finally:
         for path, session in reversed(sessions):
             if not session.finished.is_set():
-                fuseproto.unmount(path)
+                protocol.unmount(path)
         if sessions:
             notify.notify(stopping=1, status=f"unmounted {mountpoint}")
         control.close()

@@ -110,7 +110,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     """Read stdin, check it, send it; 0 on success, 1 (and a message on stderr) otherwise."""
-    from als.control import ControlError, request
+    from als.ops.control import ControlError, request
 
     root = Path(args.root or root_default())
     data = sys.stdin.buffer.read(MAX_INPUT + 1)

@@ -136,7 +136,7 @@ class ChunkCache:
 
     def __init__(self, root: Path, memory_bytes: int = 32 << 20, max_bytes: int = 0,
                  pending_bytes: int = 16 << 20):
-        self.root = Path(root)  # private (0700): `blob` exports spool here too (als/blob.py)
+        self.root = Path(root)  # private (0700): `blob` exports spool here too (als/store/blob.py)
         self.dir = Path(root) / "chunks" / "sha256"
         for d in (Path(root), Path(root) / "chunks", self.dir):
             private_dir(d)

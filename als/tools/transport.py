@@ -36,7 +36,7 @@ class TransportError(ALSError):
 
 def client_from_config(config) -> RegistryClient:
     """A registry client with the registry settings of ``config``, exactly as `als serve` builds it."""
-    from als.daemon import registry_client
+    from als.ops.daemon import registry_client
     return registry_client(config)
 
 

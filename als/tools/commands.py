@@ -82,8 +82,8 @@ def add_parsers(sub) -> None:
 
 
 def _options(args):
-    from als.convert import ConvertOptions
-    from als.profile import read_profile
+    from als.tools.convert import ConvertOptions
+    from als.tools.profile import read_profile
     return ConvertOptions(chunk_size=args.chunk_size, compression_level=args.compression_level,
                           prioritized=read_profile(args.prioritize) if args.prioritize else None,
                           zstd_chunked=args.zstd_chunked, platform=args.platform, reconvert=args.reconvert)
@@ -94,7 +94,7 @@ def _client_factory(config):
 
     def factory():
         if not made:
-            from als.transport import client_from_config
+            from als.tools.transport import client_from_config
             made.append(client_from_config(config))
         return made[0]
     return factory
@@ -102,9 +102,9 @@ def _client_factory(config):
 
 def cmd_convert(args) -> int:
     from als.config import load_config
-    from als.convert import convert
-    from als.progress import Progress
-    from als.transport import open_transport
+    from als.tools.convert import convert
+    from als.tools.progress import Progress
+    from als.tools.transport import open_transport
     config = load_config(args.config)
     factory = _client_factory(config)
     src = open_transport(args.src, factory)
@@ -116,8 +116,8 @@ def cmd_convert(args) -> int:
 
 def cmd_optimize(args) -> int:
     from als.config import load_config
-    from als.optimize import OptimizeOptions, optimize
-    from als.progress import Progress
+    from als.tools.optimize import OptimizeOptions, optimize
+    from als.tools.progress import Progress
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]

@@ -23,15 +23,15 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from als import control
-from als.access import OP_PROFILE, OP_RECORD
-from als.convert import ConvertOptions, convert
+from als.ops import control
+from als.layer.access import OP_PROFILE, OP_RECORD
+from als.tools.convert import ConvertOptions, convert
 from als.errors import ALSError
-from als.podman import Podman
-from als.profile import write_profile
-from als.progress import Progress
+from als.tools.podman import Podman
+from als.tools.profile import write_profile
+from als.tools.progress import Progress
 from als.reference import Reference
-from als.transport import OCILayout, RegistryImage, open_transport
+from als.tools.transport import OCILayout, RegistryImage, open_transport
 
 log = logging.getLogger("als.optimize")
 
@@ -71,7 +71,7 @@ def optimize(src_spec: str, dst_spec: str, opts: OptimizeOptions, config,
 
     def client():
         if not made:
-            from als.transport import client_from_config
+            from als.tools.transport import client_from_config
             made.append(client_from_config(config))
         return made[0]
 

@@ -1,4 +1,4 @@
-"""The store as a FUSE file system: node ids over the store's namespace (als/fuseproto.py speaks FUSE).
+"""The store as a FUSE file system: node ids over the store's namespace (als/fuse/protocol.py speaks FUSE).
 
     /                               the mount root
     /<base64(ref)>/                 an image reference (resolution starts on lookup)
@@ -27,14 +27,14 @@ from typing import Callable
 
 from cachetools import LRUCache
 
-from als import metrics
+from als.ops import metrics
 from als.errors import ALSError, Interrupted
-from als.fetch import ChunkFetcher
+from als.fetch.fetcher import ChunkFetcher
 from als.digest import is_sha256
-from als.fuseproto import Attr, Entry, FuseError, Request, WouldBlock
-from als.layer import Node
-from als.blob import BlobReader
-from als.store import Layer, LayerUnavailable, Store, decode_ref
+from als.fuse.protocol import Attr, Entry, FuseError, Request, WouldBlock
+from als.layer.view import Node
+from als.store.blob import BlobReader
+from als.store.namespace import Layer, LayerUnavailable, Store, decode_ref
 
 log = logging.getLogger("als.fuse")
 

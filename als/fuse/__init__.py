@@ -1,0 +1,1 @@
+"""The FUSE side: the kernel protocol spoken on /dev/fuse, and the file system that translates the store into it."""

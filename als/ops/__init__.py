@@ -1,0 +1,1 @@
+"""Running the store: daemon wiring, control socket, status, metrics, readiness notification, logs."""

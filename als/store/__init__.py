@@ -1,0 +1,1 @@
+"""The additional layer store itself: image references resolved, layers kept and evicted, their info and blob files."""

@@ -1,0 +1,1 @@
+"""Image tooling beside the store: convert, optimize, the registry and OCI-layout transports, an isolated Podman."""
