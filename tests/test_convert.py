@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from als.oci import OCI_INDEX, OCI_MANIFEST
 from als.formats import estargz, zstdchunked
 from als.tools.image import BuiltLayer, estargz_layer, gzip_layer, push_image
 from als.reference import parse_reference
@@ -29,8 +30,6 @@ from tests.support import images
 from tests.support.store_process import REPO
 from tests.test_fusefs import actual_tree, expected_tree
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 LABELS = {"org.example.team": "als", "org.opencontainers.image.title": "python"}
 
 

@@ -30,7 +30,8 @@ from als.errors import (AuthError, BlockedError, ConfigError, NotFoundError, Reg
 from als.reference import parse_reference
 from als.registry.auth import (AuthFile, Credentials, default_auth_files, find_credentials,
                                parse_challenges)
-from als.registry.client import OCI_MANIFEST, Manifest, RegistryClient
+from als.oci import OCI_MANIFEST
+from als.registry.client import Manifest, RegistryClient
 from als.registry.sysregistries import Endpoint, RegistriesConf
 from tests.support.registry import RegistryProcess, free_port
 from tests.support.regtest import (mirrored, PASSWORD, running_token_registry, auth_file, b64auth, fast_client, hermetic_env,  # noqa: F401

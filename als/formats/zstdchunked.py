@@ -42,10 +42,11 @@ import zstandard
 
 from als.digest import is_sha256, sha256_digest
 from als.errors import FormatError, VerificationError
+from als.oci import OCI_LAYER_ZSTD
 from als.formats import estargz
 from als.formats import toc
 
-MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+zstd"
+MEDIA_TYPE = OCI_LAYER_ZSTD
 _PREFIXES = ("io.github.containers.zstd-chunked.", "io.containers.zstd-chunked.")
 CHECKSUM_ANNOTATIONS = tuple(p + "manifest-checksum" for p in _PREFIXES)
 POSITION_ANNOTATIONS = tuple(p + "manifest-position" for p in _PREFIXES)

@@ -34,7 +34,8 @@ from als.digest import is_sha256
 from als.fuse.protocol import Attr, Entry, FuseError, Request, WouldBlock
 from als.layer.view import Node
 from als.store.blob import BlobReader
-from als.store.namespace import Layer, LayerUnavailable, Store, decode_ref
+from als.layer.resolved import Layer
+from als.store.namespace import LayerUnavailable, Store, decode_ref
 
 log = logging.getLogger("als.fuse")
 

@@ -28,6 +28,7 @@ from requests.adapters import HTTPAdapter
 
 from .. import __version__
 from ..errors import AuthError, ConfigError, NotFoundError, RegistryError, VerificationError
+from ..oci import MANIFEST_TYPES
 from ..reference import Reference
 from .auth import Authenticator, CredentialLookup, TransientError
 from .keychain import Keychain
@@ -39,11 +40,6 @@ from .tls import TLSAdapter, TLSContexts
 
 log = logging.getLogger("als.registry")
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-MANIFEST_MEDIA_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST)
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024  # the limit containers/image applies too
 
 _DIGEST = re.compile(r"(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})")
@@ -138,13 +134,13 @@ class RegistryClient:
         if by_digest:
             _check_digest(reference)
         req = _Request(ref, f"manifest {reference}")
-        headers = {"Accept": ", ".join(MANIFEST_MEDIA_TYPES)}
+        headers = {"Accept": ", ".join(MANIFEST_TYPES)}
 
         def consume(resp: requests.Response, ep: Endpoint) -> Manifest:
             self._expect(resp, (200,), req, ep)
             data = _read_limited(resp, MAX_MANIFEST_SIZE, req, ep)
             media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
-            if media_type not in MANIFEST_MEDIA_TYPES:
+            if media_type not in MANIFEST_TYPES:
                 media_type = _media_type_from_json(data) or media_type
             if by_digest:
                 _verify(data, reference, req, ep)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from als.errors import ALSError, CacheError, Interrupted, VerificationError
-from als.store.namespace import Layer
+from als.layer.resolved import Layer
 from als.wait import wait_for
 
 log = logging.getLogger("als.blob")

@@ -20,7 +20,6 @@ import base64
 import binascii
 import errno
 import functools
-import json
 import logging
 import platform
 import threading
@@ -39,9 +38,10 @@ from als.config import Config
 from als.store.consumer import Consumers
 from als.errors import ALSError, BlockedError, FormatError, Interrupted, NotFoundError, RegistryError, VerificationError
 from als.fetch.fetcher import BlobSource, ChunkFetcher
-from als.tools.image import json_object
+from als.oci import GZIP_LAYER_TYPES, INDEX_TYPES, ZSTD_LAYER_TYPES, json_object
 from als.formats import estargz, zstdchunked
 from als.formats import toc as T
+from als.layer.resolved import Layer, LayerDescriptor
 from als.layer.view import LayerView
 from als.reference import parse_reference
 from als.registry.client import RegistryClient
@@ -50,13 +50,6 @@ from als.wait import wait_for
 
 log = logging.getLogger("als.store")
 
-INDEX_TYPES = {"application/vnd.oci.image.index.v1+json",
-               "application/vnd.docker.distribution.manifest.list.v2+json"}
-GZIP_LAYER_TYPES = {"application/vnd.oci.image.layer.v1.tar+gzip",
-                    "application/vnd.docker.image.rootfs.diff.tar.gzip"}
-COMPRESSION_GZIP = 2  # containers/storage archive.Gzip
-COMPRESSION_ZSTD = 4  # containers/storage archive.Zstd
-ZSTD_LAYER_TYPES = {zstdchunked.MEDIA_TYPE}
 MAX_METADATA = 8 << 20  # largest manifest or config accepted
 SAVED_GRACE = 5.0  # seconds a layer rebuilt from saved metadata may take, past a failed resolution
 # TOC parsing is pure Python under the GIL: running more at once gains no speed but multiplies
@@ -73,24 +66,6 @@ class LayerUnavailable(ALSError):
         self.transient = transient  # the cause may pass (registry trouble): retried after failure_ttl
 
 
-@dataclass(frozen=True)
-class LayerDescriptor:
-    index: int
-    digest: str
-    size: int
-    media_type: str
-    annotations: dict
-    diff_id: str
-
-    @property
-    def toc_digest(self) -> str:
-        """The eStargz TOC digest, or the zstd:chunked manifest checksum (either annotation spelling)."""
-        for key in (estargz.TOC_DIGEST_ANNOTATION, *zstdchunked.CHECKSUM_ANNOTATIONS):
-            if key in self.annotations:
-                return self.annotations[key]
-        return ""
-
-
 @dataclass
 class Image:
     ref: str
@@ -104,33 +79,6 @@ class Image:
             if digest in (d.digest, d.toc_digest):
                 return d
         return None
-
-
-@dataclass
-class Layer:
-    """A resolved layer that the store serves lazily."""
-
-    ref: str
-    desc: LayerDescriptor
-    toc_digest: str
-    diff_size: int
-    view: LayerView
-    source: BlobSource
-    prefetch: list[T.Chunk] = field(default_factory=list)  # fetched as soon as the layer resolves
-    layer_id: int = 0  # the high half of its inode numbers; a rebuild after eviction keeps it
-
-    def info(self, key: str) -> bytes:
-        """The `info` JSON for the digest Podman used to name the layer."""
-        compression = COMPRESSION_ZSTD if self.source.compression == T.ZSTD else COMPRESSION_GZIP
-        if key == self.desc.digest:
-            body = {"compressed-diff-digest": self.desc.digest, "compressed-size": self.desc.size,
-                    "diff-digest": self.desc.diff_id, "diff-size": self.diff_size,
-                    "compression": compression}
-        else:  # named by TOC digest: Podman >= 5.1 keeps TOC-trusted layers apart from DiffID ones
-            body = {"toc-digest": self.toc_digest, "compressed-size": self.desc.size,
-                    "diff-size": self.diff_size, "compression": compression,
-                    "flags": {"expected-layer-diffid": self.desc.diff_id}}
-        return (json.dumps(body) + "\n").encode()
 
 
 @dataclass(frozen=True)

@@ -31,24 +31,14 @@ import zstandard
 from als.digest import sha256_digest
 from als.errors import ALSError, FormatError
 from als.formats import estargz, zstdchunked
-from als.tools.image import json_object
+from als.oci import (GZIP_LAYER_TYPES, IMAGE_TYPES, INDEX_TYPES, OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST,
+                     ZSTD_LAYER_TYPES, json_object)
 from als.tools.progress import Progress
 from als.tools.transport import ImageTransport, TransportError
 
 log = logging.getLogger("als.convert")
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-INDEX_TYPES = {OCI_INDEX, DOCKER_LIST}
-IMAGE_TYPES = {OCI_MANIFEST, DOCKER_MANIFEST}
-
-GZIP_TYPES = {"application/vnd.oci.image.layer.v1.tar+gzip", "application/vnd.docker.image.rootfs.diff.tar.gzip"}
-ZSTD_TYPES = {"application/vnd.oci.image.layer.v1.tar+zstd"}
 TAR_TYPES = {"application/vnd.oci.image.layer.v1.tar", "application/vnd.docker.image.rootfs.diff.tar"}
-OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 ATTESTATION_ANNOTATION = "vnd.docker.reference.type"
 MAX_CONFIG = 8 << 20
 _PIECE = 1 << 20
@@ -236,8 +226,8 @@ def _keep(desc: dict, options: ConvertOptions) -> bool:
         return False
     ann = desc.get("annotations") or {}
     if options.zstd_chunked:
-        return desc.get("mediaType") in ZSTD_TYPES and any(k in ann for k in zstdchunked.CHECKSUM_ANNOTATIONS)
-    return (desc.get("mediaType") in GZIP_TYPES and estargz.TOC_DIGEST_ANNOTATION in ann
+        return desc.get("mediaType") in ZSTD_LAYER_TYPES and any(k in ann for k in zstdchunked.CHECKSUM_ANNOTATIONS)
+    return (desc.get("mediaType") in GZIP_LAYER_TYPES and estargz.TOC_DIGEST_ANNOTATION in ann
             and estargz.UNCOMPRESSED_SIZE_ANNOTATION in ann)
 
 
@@ -276,9 +266,9 @@ class _Counting:
 
 
 def _decompressed(stream, media_type: str):
-    if media_type in GZIP_TYPES:
+    if media_type in GZIP_LAYER_TYPES:
         return gzip.GzipFile(fileobj=stream, mode="rb")  # reads multi-member (eStargz) streams too
-    if media_type in ZSTD_TYPES:
+    if media_type in ZSTD_LAYER_TYPES:
         return zstandard.ZstdDecompressor(max_window_size=zstdchunked.MAX_WINDOW).stream_reader(
             stream, read_across_frames=True)
     return stream
@@ -287,7 +277,7 @@ def _decompressed(stream, media_type: str):
 def _convert_layer(src, desc: dict, options: ConvertOptions, work: Path, progress: Progress,
                    what: str) -> tuple[_Blob, dict, str]:
     media_type = desc.get("mediaType", "")
-    if media_type not in GZIP_TYPES | ZSTD_TYPES | TAR_TYPES:
+    if media_type not in GZIP_LAYER_TYPES | ZSTD_LAYER_TYPES | TAR_TYPES:
         raise ConvertError(f"{what}: media type {media_type or '(none)'} is not a layer als convert can read "
                            "(gzip, zstd or uncompressed tar)")
     digest = desc.get("digest", "")
@@ -330,7 +320,7 @@ def _convert_layer(src, desc: dict, options: ConvertOptions, work: Path, progres
 
 
 def _kind(media_type: str) -> str:
-    return "gzip" if media_type in GZIP_TYPES else "zstd" if media_type in ZSTD_TYPES else "plain"
+    return "gzip" if media_type in GZIP_LAYER_TYPES else "zstd" if media_type in ZSTD_LAYER_TYPES else "plain"
 
 
 # ---- pushing -----------------------------------------------------------------------------

@@ -15,25 +15,12 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from als.errors import FormatError
 from als.formats import estargz
+from als.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST
 from als.reference import Reference
 from als.registry.client import RegistryClient
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 
-
-def json_object(data: bytes, what: str, error: type[Exception] = FormatError) -> dict:
-    """Parse a manifest, index or config, which must be a JSON object; ``error`` names the failure."""
-    try:
-        doc = json.loads(data)
-    except ValueError as e:
-        raise error(f"{what} is not JSON: {e}") from None
-    if not isinstance(doc, dict):
-        raise error(f"{what} is not a JSON object")
-    return doc
 
 
 @dataclass

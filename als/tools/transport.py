@@ -21,12 +21,12 @@ from typing import BinaryIO, Protocol
 
 from als.digest import hex_of, is_sha256, sha256_digest
 from als.errors import ALSError, NotFoundError, VerificationError
+from als.oci import OCI_INDEX
 from als.reference import Reference, parse_reference
 from als.registry.client import Manifest, RegistryClient
 
 OCI_PREFIX = "oci:"
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 _LAYOUT_FILE = b'{"imageLayoutVersion":"1.0.0"}'
 
 

@@ -13,7 +13,8 @@ from typing import Iterator
 
 from als.config import load_config
 from als.ops.daemon import build_store
-from als.store.namespace import Layer, Store
+from als.layer.resolved import Layer
+from als.store.namespace import Store
 
 
 @contextmanager

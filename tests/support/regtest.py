@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from als.reference import Reference
-from als.registry.client import OCI_MANIFEST, RegistryClient
+from als.oci import OCI_MANIFEST
+from als.registry.client import RegistryClient
 from als.registry.sysregistries import RegistriesConf
 from tests.support.registry import RegistryProcess
 

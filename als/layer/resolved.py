@@ -1,0 +1,66 @@
+"""A layer as its image's manifest describes it, and once resolved: what the store serves.
+
+The descriptor is the manifest's word (digest, size, media type, annotations,
+and the DiffID the config pairs with it); the resolved layer adds what the
+store built from the layer's table of contents: its tree, the blob source its
+chunks are read from, and the `info` file containers/storage reads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from als.fetch.fetcher import BlobSource
+from als.formats import estargz, zstdchunked
+from als.formats import toc as T
+from als.layer.view import LayerView
+
+COMPRESSION_GZIP = 2  # containers/storage archive.Gzip
+COMPRESSION_ZSTD = 4  # containers/storage archive.Zstd
+
+
+@dataclass(frozen=True)
+class LayerDescriptor:
+    index: int
+    digest: str
+    size: int
+    media_type: str
+    annotations: dict
+    diff_id: str
+
+    @property
+    def toc_digest(self) -> str:
+        """The eStargz TOC digest, or the zstd:chunked manifest checksum (either annotation spelling)."""
+        for key in (estargz.TOC_DIGEST_ANNOTATION, *zstdchunked.CHECKSUM_ANNOTATIONS):
+            if key in self.annotations:
+                return self.annotations[key]
+        return ""
+
+
+
+@dataclass
+class Layer:
+    """A resolved layer that the store serves lazily."""
+
+    ref: str
+    desc: LayerDescriptor
+    toc_digest: str
+    diff_size: int
+    view: LayerView
+    source: BlobSource
+    prefetch: list[T.Chunk] = field(default_factory=list)  # fetched as soon as the layer resolves
+    layer_id: int = 0  # the high half of its inode numbers; a rebuild after eviction keeps it
+
+    def info(self, key: str) -> bytes:
+        """The `info` JSON for the digest Podman used to name the layer."""
+        compression = COMPRESSION_ZSTD if self.source.compression == T.ZSTD else COMPRESSION_GZIP
+        if key == self.desc.digest:
+            body = {"compressed-diff-digest": self.desc.digest, "compressed-size": self.desc.size,
+                    "diff-digest": self.desc.diff_id, "diff-size": self.diff_size,
+                    "compression": compression}
+        else:  # named by TOC digest: Podman >= 5.1 keeps TOC-trusted layers apart from DiffID ones
+            body = {"toc-digest": self.toc_digest, "compressed-size": self.desc.size,
+                    "diff-size": self.diff_size, "compression": compression,
+                    "flags": {"expected-layer-diffid": self.desc.diff_id}}
+        return (json.dumps(body) + "\n").encode()
