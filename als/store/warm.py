@@ -1,0 +1,94 @@
+"""Warming a layer as soon as it resolves, so that a container's first reads find its data local.
+
+Three things run once per layer, on its first resolution (a layer rebuilt
+after eviction ran them already): the prefetch of its prioritised front (the
+landmark `als optimize` writes, else the first ``fetch.prefetch_size`` bytes),
+the startup prediction of the image's program (als/layer/startup.py), and the
+background fetch of the rest. All of it is an optimisation: a read fetches
+whatever warming missed, so a failure here is logged and nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from als.config import Config
+from als.fetch.fetcher import BlobSource, ChunkFetcher
+from als.formats import estargz
+from als.formats import toc as T
+from als.layer import startup
+from als.layer.resolved import Layer
+from als.ops import metrics
+
+log = logging.getLogger("als.store")
+
+
+def prefetch_chunks(toc: T.TOC, source: BlobSource, prefetch_size: int) -> list[T.Chunk]:
+    """What to fetch as soon as the layer resolves: landmarks first, else the configured size."""
+    names = {e.name: e for e in toc.entries if e.name in (estargz.PREFETCH_LANDMARK,
+                                                           estargz.NO_PREFETCH_LANDMARK)}
+    if estargz.NO_PREFETCH_LANDMARK in names:
+        return []
+    landmark = names.get(estargz.PREFETCH_LANDMARK)
+    if landmark is not None and landmark.chunks:
+        end = landmark.chunks[0].blob_start
+    else:
+        end = prefetch_size
+    return [c for c in source.chunks if c.blob_end <= end]
+
+
+class Warmer:
+    """Prefetch, prediction and background fetch of newly resolved layers, on threads of its own.
+
+    Its pool is apart from the resolver's so that a long background fetch
+    never delays the resolution of another image's layers; its size
+    (``fetch.background_layers``) bounds how many layers stream at once.
+    """
+
+    def __init__(self, config: Config, fetcher: ChunkFetcher):
+        self.config = config
+        self.fetcher = fetcher
+        self._pool = ThreadPoolExecutor(max_workers=max(config.fetch.background_layers, 1),
+                                        thread_name_prefix="als-background")
+        self._stop = threading.Event()
+        # The FUSE layer tells it which program ran, through the store (``Store.predictor``).
+        self.predictor = (startup.Predictor(fetcher, config.fetch.prefetch_request)
+                          if config.fetch.predict else None)
+
+    def start(self, layer: Layer, entrypoint: list[str]) -> None:
+        """Start warming a layer resolved for the first time (``entrypoint``: its image's program)."""
+        if self.predictor is not None and not layer.prefetch:  # an optimized layer prefetches its own
+            self.predictor.start(layer, entrypoint)
+        if layer.prefetch or self.config.fetch.background:
+            self._pool.submit(self._warm, layer)
+
+    def close(self) -> None:
+        """Stop background fetches at their next step; queued ones never start."""
+        self._stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.predictor is not None:
+            self.predictor.close()
+
+    def _warm(self, layer: Layer) -> None:
+        """Prefetch the layer's prioritised front, then stream the rest of it in the background."""
+        label = layer.source.label
+        try:
+            if layer.prefetch:
+                t0 = time.monotonic()
+                n = self.fetcher.prefetch(layer.source, layer.prefetch, self.config.fetch.prefetch_request)
+                log.info("%s: prefetched %d chunks (%d bytes) in %.2fs", label, len(layer.prefetch), n,
+                         time.monotonic() - t0)
+            if self.config.fetch.background and not self._stop.is_set():
+                t0 = time.monotonic()
+                left = sum(c.blob_end - c.blob_start for c in layer.source.chunks
+                           if not self.fetcher.cache.contains(c.digest))
+                with metrics.background_fetch(label, left) as progress:
+                    n = self.fetcher.background(layer.source, self._stop, self.config.fetch.background_step,
+                                                progress=progress.advance)
+                if not self._stop.is_set():
+                    log.info("%s: background fetch done: %d bytes in %.2fs", label, n, time.monotonic() - t0)
+        except Exception as e:  # warming is an optimisation: reads fetch what it missed
+            log.warning("%s: prefetch or background fetch failed: %s", label, e)
