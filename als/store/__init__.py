@@ -1,1 +1,1 @@
-"""The additional layer store itself: image references resolved, layers kept and evicted, their info and blob files."""
+"""The additional layer store itself: its namespace and use counts (namespace), image resolution (resolve), layers built from their TOCs (build), warming (warm), `blob` export, the state dir and the engines asking."""

@@ -75,6 +75,7 @@ class Store:
                                  held=self._held, keep=self._keep)
 
     def close(self) -> None:
+        """Stop resolving and warming, without waiting for work under way (`als serve` unmounts first)."""
         self.resolver.close()
         self.warmer.close()
         self.consumers.close()

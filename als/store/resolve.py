@@ -57,6 +57,8 @@ class LayerUnavailable(ALSError):
 
 @dataclass
 class Image:
+    """What a lookup needs of an image: its layers' descriptors (and its program, for prediction)."""
+
     ref: str
     manifest_digest: str
     layers: list[LayerDescriptor]
@@ -93,6 +95,7 @@ class Resolution:
 
 
 def host_platform() -> tuple[str, str, str]:
+    """The (os, architecture, variant) an index is searched for, in OCI's words (Python's differ)."""
     machine = platform.machine().lower()
     arch, variant = {"x86_64": ("amd64", ""), "amd64": ("amd64", ""), "aarch64": ("arm64", "v8"),
                      "arm64": ("arm64", "v8"), "armv7l": ("arm", "v7"), "ppc64le": ("ppc64le", ""),
@@ -132,6 +135,7 @@ class Resolver:
             self._platform = host_platform()
 
     def close(self) -> None:
+        """Start no more resolutions; those running finish (a lookup's wait is bounded anyway)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def prepare(self, ref: str) -> None:
