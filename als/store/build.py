@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from als.config import Config
@@ -44,16 +44,16 @@ class Evicted:
     layer_id: int
 
 
+@dataclass
 class LayerBuilder:
     """Builds servable layers; owns the layer ids, which place each layer's inode numbers apart."""
 
-    def __init__(self, config: Config, client: RegistryClient, fetcher: ChunkFetcher, state: StateDir):
-        self.config = config
-        self.client = client
-        self.fetcher = fetcher
-        self.state = state
-        self._lock = threading.Lock()
-        self._next_layer_id = 1
+    config: Config
+    client: RegistryClient
+    fetcher: ChunkFetcher
+    state: StateDir
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _next_layer_id: int = field(default=1, init=False, repr=False)
 
     def build(self, ref: str, desc: LayerDescriptor, evicted: Evicted | None = None) -> Layer:
         """Layer ``desc`` of image ``ref`` (or the rebuild of an ``evicted`` one, with its layer id)."""
