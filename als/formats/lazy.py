@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol
 
 from als.errors import FormatError, VerificationError
-from als.formats import estargz, toc, zstdchunked
+from als.formats import estargz, toc, zstdchunked, zstdchunked_size
 from als.oci import GZIP_LAYER_TYPES, ZSTD_LAYER_TYPES
 
 ReadRange = Callable[[int, int], bytes]  # [start, end) of the compressed blob
@@ -182,17 +182,17 @@ class ZstdChunked:
         why = "it has no tar-split"
         if zstdchunked.TAR_SPLIT_POSITION_ANNOTATION in annotations:
             try:
-                where = zstdchunked.locate_tar_split(annotations, size, parsed, max_compressed=ctx.max_toc_size)
+                where = zstdchunked_size.locate_tar_split(annotations, size, parsed, max_compressed=ctx.max_toc_size)
                 data = read_range(where.offset, where.offset + where.length)
                 file_bytes = sum(e.size for e in parsed.entries if e.type == toc.REG)
-                diff_size = zstdchunked.tar_split_size(data, where, file_bytes=file_bytes)
+                diff_size = zstdchunked_size.tar_split_size(data, where, file_bytes=file_bytes)
                 ctx.log.info("%s: its uncompressed size, %d bytes, comes from its tar-split (%d bytes read) "
                              "in %.2fs", label, diff_size, where.length, time.monotonic() - t0)
                 return diff_size
             except (FormatError, VerificationError) as e:
                 why = f"its tar-split is unusable: {e}"
                 ctx.log.warning("%s: %s", label, why)
-        diff_size = zstdchunked.uncompressed_size(parsed, read_range)
+        diff_size = zstdchunked_size.uncompressed_size(parsed, read_range)
         ctx.log.info("%s: computed its uncompressed size, %d bytes, from its header frames in %.2fs (%s)",
                      label, diff_size, time.monotonic() - t0, why)
         return diff_size
