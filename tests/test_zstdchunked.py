@@ -26,10 +26,13 @@ import zstandard
 from als.fetch.cache import ChunkCache
 from als.errors import FormatError, VerificationError
 from als.fetch.fetcher import BlobSource, ChunkFetcher
+from als.formats.estargz import TOC_DIGEST_ANNOTATION as ESTARGZ_TOC_DIGEST
+from als.formats import lazy
 from als.formats import toc as T
 from als.formats import zstdchunked as Z
 from als.formats import zstdchunked_size as ZS
 from als.formats import zstdchunked_writer as ZW
+from als.oci import OCI_LAYER_GZIP
 from als.store.namespace import LayerUnavailable
 from tests.support import images, inprocess
 from als.tools.podman import Podman
@@ -99,6 +102,27 @@ def test_writer_annotations_are_read_by_podman_4_and_5():
     assert ann[Z.POSITION_ANNOTATION] == ann[Z.OLD_POSITION_ANNOTATION] == r.manifest_position
     assert "containerd.io/snapshot/stargz/toc.digest" not in ann
     assert int(ann[Z.UNCOMPRESSED_SIZE_ANNOTATION]) == r.uncompressed_size
+
+
+def test_the_format_is_chosen_by_media_type_and_annotations():
+    """What the store serves lazily: eStargz by its gzip media types (open_toc then says what a plain one lacks),
+    zstd:chunked only with its annotations; anything else is declined with the reason the log shows."""
+    _, r = write(sample_tar())
+    ann = r.annotations()
+    assert lazy.format_for(Z.MEDIA_TYPE, ann) is lazy.ZSTD_CHUNKED
+    assert lazy.format_for(OCI_LAYER_GZIP, {}) is lazy.ESTARGZ
+    assert lazy.format_for(Z.MEDIA_TYPE, {}) is None
+    assert lazy.unserved_reason(Z.MEDIA_TYPE) == "a zstd layer without zstd:chunked annotations is not served lazily"
+    assert lazy.format_for("application/vnd.oci.image.layer.v1.tar", ann) is None
+    assert lazy.unserved_reason("") == "media type (none) is not served lazily"
+    assert (lazy.for_compression(T.ZSTD), lazy.for_compression(T.GZIP), lazy.for_compression("lz4")) == (
+        lazy.ZSTD_CHUNKED, lazy.ESTARGZ, None)
+    assert (lazy.ZSTD_CHUNKED.storage_compression, lazy.ESTARGZ.storage_compression) == (4, 2)
+    # The TOC digest under any spelling, the current one first; an eStargz one before either.
+    old = {Z.OLD_CHECKSUM_ANNOTATION: "sha256:" + "a" * 64}
+    assert lazy.toc_digest(old) == old[Z.OLD_CHECKSUM_ANNOTATION] and lazy.toc_digest(ann) == r.toc_digest
+    assert lazy.toc_digest(dict(ann, **{ESTARGZ_TOC_DIGEST: "sha256:" + "c" * 64})) == "sha256:" + "c" * 64
+    assert lazy.toc_digest({}) == ""
 
 
 def test_old_only_annotations_gain_the_current_names():
