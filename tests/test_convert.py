@@ -23,7 +23,7 @@ import pytest
 import zstandard
 
 from als.oci import OCI_INDEX, OCI_MANIFEST
-from als.formats import estargz, zstdchunked
+from als.formats import estargz, zstdchunked, zstdchunked_writer
 from als.tools.image import BuiltLayer, estargz_layer, gzip_layer, push_image
 from als.reference import parse_reference
 from tests.support import images
@@ -308,7 +308,7 @@ def test_zstd_chunked_layers_are_kept_with_the_names_podman_5_reads(registry, cl
     blob and gains the current names in the new manifest; Podman 5's own layer is kept exactly."""
     from tests.test_zstdchunked import PODMAN5
     old_blob = io.BytesIO()
-    written = zstdchunked.write_zstdchunked(io.BytesIO(tar_of({"a": b"first\n"})), old_blob)
+    written = zstdchunked_writer.write_zstdchunked(io.BytesIO(tar_of({"a": b"first\n"})), old_blob)
     old = BuiltLayer(blob=io.BytesIO(old_blob.getvalue()), digest=written.blob_digest,
                      size=written.compressed_size, diff_id=written.diff_id)
     p5_manifest = json.loads((PODMAN5 / "manifest.json").read_bytes())

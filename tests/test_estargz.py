@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from als.digest import sha256_digest
 from als.errors import FormatError, VerificationError
-from als.formats import estargz, toc
+from als.formats import estargz, estargz_writer, reorder, toc
 from tests.support import containerd as ctd
 
 CHUNK = 64 << 10
@@ -99,9 +99,9 @@ def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
     return buf.getvalue()
 
 
-def _convert(tar_bytes: bytes, **kwargs) -> tuple[bytes, estargz.WriteResult]:
+def _convert(tar_bytes: bytes, **kwargs) -> tuple[bytes, estargz_writer.WriteResult]:
     out = io.BytesIO()
-    result = estargz.write_estargz(io.BytesIO(tar_bytes), _NoSeek(out), **kwargs)
+    result = estargz_writer.write_estargz(io.BytesIO(tar_bytes), _NoSeek(out), **kwargs)
     return out.getvalue(), result
 
 
@@ -353,7 +353,7 @@ def test_prioritized_files_come_first_then_the_landmark():
 def test_prioritized_hard_link_brings_its_target_along():
     names = [i.name for i, _ in _prio_members()]
     links = [i.linkname if i.islnk() else "" for i, _ in _prio_members()]
-    order, n = estargz.prefetch_order(names, links, ["c/h"])
+    order, n = reorder.prefetch_order(names, links, ["c/h"])
     assert [names[i] for i in order[:n]] == ["c", "a", "a/b", "a/b/f1", "c/h"]
     assert sorted(order) == list(range(len(names)))
 

@@ -273,10 +273,10 @@ def test_times_before_1970_list_and_stat_signed(store, registry, client):
 
 def test_a_files_nanoseconds_reach_stat():
     """eStargz writers round to seconds, zstd:chunked keeps nanoseconds (RFC 3339 with a fraction)."""
-    from als.formats import estargz
+    from als.formats import tocentries
     from als.fuse.filesystem import StoreFS
     from als.layer.view import LayerView
-    e = estargz.toc_entry({"name": "f", "type": "reg", "size": 0, "modtime": "1969-07-20T20:17:40.123456789Z"}, 0)
+    e = tocentries.toc_entry({"name": "f", "type": "reg", "size": 0, "modtime": "1969-07-20T20:17:40.123456789Z"}, 0)
     assert (e.mtime, e.mtime_nsec) == (-14182940, 123456789)
     node = LayerView([e]).lookup(["f"])
     st = protocol.ATTR.unpack(StoreFS._node_attr(node).pack())

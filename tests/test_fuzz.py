@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from als.errors import FormatError
-from als.formats import estargz
+from als.formats import estargz, estargz_writer
 from als.formats import toc as T
 from als.layer.view import HIDDEN_AT_ROOT, LayerView
 from tests.support.rawblob import sha, toc_tar
@@ -201,7 +201,7 @@ def test_writer_tar_input_mutations_raise_only_format_error(members, cut, flips)
     data = bytes(data[:cut]) if cut < len(data) else bytes(data)
     out = io.BytesIO()
     try:
-        result = estargz.write_estargz(io.BytesIO(data), out, chunk_size=128, level=1)
+        result = estargz_writer.write_estargz(io.BytesIO(data), out, chunk_size=128, level=1)
     except FormatError:
         return
     blob = out.getvalue()

@@ -26,8 +26,13 @@ import zstandard
 from als.fetch.cache import ChunkCache
 from als.errors import FormatError, VerificationError
 from als.fetch.fetcher import BlobSource, ChunkFetcher
+from als.formats.estargz import TOC_DIGEST_ANNOTATION as ESTARGZ_TOC_DIGEST
+from als.formats import lazy
 from als.formats import toc as T
 from als.formats import zstdchunked as Z
+from als.formats import zstdchunked_size as ZS
+from als.formats import zstdchunked_writer as ZW
+from als.oci import OCI_LAYER_GZIP
 from als.store.namespace import LayerUnavailable
 from tests.support import images, inprocess
 from als.tools.podman import Podman
@@ -53,9 +58,9 @@ def sample_tar() -> bytes:
     ])
 
 
-def write(tar: bytes, **kw) -> tuple[bytes, Z.WriteResult]:
+def write(tar: bytes, **kw) -> tuple[bytes, ZW.WriteResult]:
     out = io.BytesIO()
-    r = Z.write_zstdchunked(io.BytesIO(tar), out, chunk_size=128 << 10, **kw)
+    r = ZW.write_zstdchunked(io.BytesIO(tar), out, chunk_size=128 << 10, **kw)
     return out.getvalue(), r
 
 
@@ -85,7 +90,7 @@ def test_writer_output_reads_back_and_decompresses_to_its_diff_id():
     assert len(by_name["d/big"].chunks) == 4
     assert by_name["d/link"].linkname == "small" and by_name["d/empty"].chunks == []
     # Without the size annotation the store computes the same size from the header frames.
-    assert Z.uncompressed_size(parsed, lambda s, e: blob[s:e]) == len(raw)
+    assert ZS.uncompressed_size(parsed, lambda s, e: blob[s:e]) == len(raw)
 
 
 def test_writer_annotations_are_read_by_podman_4_and_5():
@@ -97,6 +102,27 @@ def test_writer_annotations_are_read_by_podman_4_and_5():
     assert ann[Z.POSITION_ANNOTATION] == ann[Z.OLD_POSITION_ANNOTATION] == r.manifest_position
     assert "containerd.io/snapshot/stargz/toc.digest" not in ann
     assert int(ann[Z.UNCOMPRESSED_SIZE_ANNOTATION]) == r.uncompressed_size
+
+
+def test_the_format_is_chosen_by_media_type_and_annotations():
+    """What the store serves lazily: eStargz by its gzip media types (open_toc then says what a plain one lacks),
+    zstd:chunked only with its annotations; anything else is declined with the reason the log shows."""
+    _, r = write(sample_tar())
+    ann = r.annotations()
+    assert lazy.format_for(Z.MEDIA_TYPE, ann) is lazy.ZSTD_CHUNKED
+    assert lazy.format_for(OCI_LAYER_GZIP, {}) is lazy.ESTARGZ
+    assert lazy.format_for(Z.MEDIA_TYPE, {}) is None
+    assert lazy.unserved_reason(Z.MEDIA_TYPE) == "a zstd layer without zstd:chunked annotations is not served lazily"
+    assert lazy.format_for("application/vnd.oci.image.layer.v1.tar", ann) is None
+    assert lazy.unserved_reason("") == "media type (none) is not served lazily"
+    assert (lazy.for_compression(T.ZSTD), lazy.for_compression(T.GZIP), lazy.for_compression("lz4")) == (
+        lazy.ZSTD_CHUNKED, lazy.ESTARGZ, None)
+    assert (lazy.ZSTD_CHUNKED.storage_compression, lazy.ESTARGZ.storage_compression) == (4, 2)
+    # The TOC digest under any spelling, the current one first; an eStargz one before either.
+    old = {Z.OLD_CHECKSUM_ANNOTATION: "sha256:" + "a" * 64}
+    assert lazy.toc_digest(old) == old[Z.OLD_CHECKSUM_ANNOTATION] and lazy.toc_digest(ann) == r.toc_digest
+    assert lazy.toc_digest(dict(ann, **{ESTARGZ_TOC_DIGEST: "sha256:" + "c" * 64})) == "sha256:" + "c" * 64
+    assert lazy.toc_digest({}) == ""
 
 
 def test_old_only_annotations_gain_the_current_names():
@@ -202,7 +228,7 @@ def test_size_computation_is_bounded():
     blob, r = write(sample_tar())
     parsed = parse(blob, r.annotations())
     with pytest.raises(FormatError, match="requests"):
-        Z.uncompressed_size(parsed, lambda s, e: blob[s:e], max_requests=1, merge_gap=0)
+        ZS.uncompressed_size(parsed, lambda s, e: blob[s:e], max_requests=1, merge_gap=0)
 
 
 # ---- the tar-split (Podman 5) --------------------------------------------------------------
@@ -228,17 +254,17 @@ def test_tar_split_of_a_podman5_layer_gives_its_exact_size():
     diff_id = json.loads((PODMAN5 / "config.json").read_bytes())["rootfs"]["diff_ids"][0]
     assert sha(raw) == diff_id and sha(blob) == desc["digest"]
     assert Z.OLD_CHECKSUM_ANNOTATION not in desc["annotations"]  # Podman 5 writes only the current names
-    where = Z.locate_tar_split(desc["annotations"], len(blob), parsed)
+    where = ZS.locate_tar_split(desc["annotations"], len(blob), parsed)
     assert where.digest == parsed.tar_split_digest  # the TOC vouches for it
     data = blob[where.offset:where.offset + where.length]
-    assert Z.tar_split_size(data, where, file_bytes=file_bytes(parsed)) == len(raw) == 1_423_360
+    assert ZS.tar_split_size(data, where, file_bytes=file_bytes(parsed)) == len(raw) == 1_423_360
 
 
-def tar_split(entries: list[dict]) -> tuple[bytes, Z.TarSplitLocation]:
+def tar_split(entries: list[dict]) -> tuple[bytes, ZS.TarSplitLocation]:
     """A hand-made tar-split (JSON lines, zstd) and a location vouching for it."""
     raw = b"".join(json.dumps(e).encode() + b"\n" for e in entries)
     data = zstandard.ZstdCompressor().compress(raw)
-    return data, Z.TarSplitLocation(offset=0, length=len(data), uncompressed_length=len(raw), digest=sha(data))
+    return data, ZS.TarSplitLocation(offset=0, length=len(data), uncompressed_length=len(raw), digest=sha(data))
 
 
 def segment(data: bytes) -> dict:
@@ -248,7 +274,7 @@ def segment(data: bytes) -> dict:
 def test_hand_made_tar_split_sums_segments_and_file_sizes():
     data, where = tar_split([segment(b"h" * 512), {"type": 1, "name": "f", "size": 700, "payload": None},
                              segment(bytes(324 + 1024))])
-    assert Z.tar_split_size(data, where, file_bytes=700) == 512 + 700 + 324 + 1024
+    assert ZS.tar_split_size(data, where, file_bytes=700) == 512 + 700 + 324 + 1024
 
 
 @pytest.mark.parametrize("case, error", [
@@ -276,7 +302,7 @@ def test_hostile_tar_splits_are_refused(case, error):
         data, where = tar_split(good)
         raw = b"{not json}\n"
         data = zstandard.ZstdCompressor().compress(raw)
-        where = Z.TarSplitLocation(0, len(data), len(raw), sha(data))
+        where = ZS.TarSplitLocation(0, len(data), len(raw), sha(data))
     elif case == "unknown type":
         data, where = tar_split(good + [{"type": 3}])
     elif case == "negative size":
@@ -287,9 +313,9 @@ def test_hostile_tar_splits_are_refused(case, error):
         expected_files = 701
     elif case == "not zstd":
         data = b"plain bytes, not a zstd frame"
-        where = Z.TarSplitLocation(0, len(data), 100, sha(data))
+        where = ZS.TarSplitLocation(0, len(data), 100, sha(data))
     with pytest.raises(FormatError if isinstance(error, str) else error, match=error if isinstance(error, str) else None):
-        Z.tar_split_size(data, where, file_bytes=expected_files)
+        ZS.tar_split_size(data, where, file_bytes=expected_files)
 
 
 def test_tar_split_location_is_checked_before_any_read():
@@ -301,17 +327,17 @@ def test_tar_split_location_is_checked_before_any_read():
                             (f"{off}:{length}:{2 << 30}", "exceeds the limits"),  # a bomb, by its own word
                             (f"{off}:{length}", "not offset:length:size")):
         with pytest.raises(FormatError, match=error):
-            Z.locate_tar_split(dict(ann, **{Z.TAR_SPLIT_POSITION_ANNOTATION: position}), len(blob), parsed)
+            ZS.locate_tar_split(dict(ann, **{Z.TAR_SPLIT_POSITION_ANNOTATION: position}), len(blob), parsed)
     with pytest.raises(FormatError, match="no io.github.containers.zstd-chunked.tarsplit-position"):
-        Z.locate_tar_split({}, len(blob), parsed)
+        ZS.locate_tar_split({}, len(blob), parsed)
     # A tar-split nothing vouches for is not used (as containers/storage ignores it) ...
     unvouched = dataclasses.replace(parsed, tar_split_digest="")
     with pytest.raises(FormatError, match="nothing vouches"):
-        Z.locate_tar_split(ann, len(blob), unvouched)
+        ZS.locate_tar_split(ann, len(blob), unvouched)
     # ... unless an older writer's checksum annotation does.
-    where = Z.locate_tar_split(dict(ann, **{Z.TAR_SPLIT_CHECKSUM_ANNOTATION: parsed.tar_split_digest}),
+    where = ZS.locate_tar_split(dict(ann, **{Z.TAR_SPLIT_CHECKSUM_ANNOTATION: parsed.tar_split_digest}),
                                len(blob), unvouched)
-    assert Z.tar_split_size(blob[where.offset:where.offset + where.length], where) == 1_423_360
+    assert ZS.tar_split_size(blob[where.offset:where.offset + where.length], where) == 1_423_360
 
 
 def push_podman5_image(client, ref: str, annotations: dict | None = None) -> dict:

@@ -30,19 +30,15 @@ from typing import Callable, Sequence
 from als.fetch.cache import ChunkCache, release_free_memory
 from als.digest import sha256_digest
 from als.errors import FormatError, RegistryError, VerificationError
-from als.formats import estargz, zstdchunked
+from als.formats import lazy
 from als.formats import toc as T
 from als.wait import wait_for
 
 log = logging.getLogger("als.fetch")
 
-Decompressor = Callable[[bytes | memoryview, T.Chunk], bytes]
 StreamRange = Callable[[int, int, Callable[[bytes], None]], int]  # start, end, sink -> bytes handed over
 # Longest a background batch waits for the cache's disk writer to catch up (seconds).
 WRITER_WAIT = 10.0
-
-DECOMPRESSORS: dict[str, Decompressor] = {T.GZIP: estargz.decompress_chunk,
-                                          T.ZSTD: zstdchunked.decompress_chunk}
 
 
 class BlobSource:
@@ -408,10 +404,10 @@ class ChunkFetcher:
         yield run
 
     def _decode(self, source: BlobSource, c: T.Chunk, raw: bytes | memoryview) -> bytes:
-        decompress = DECOMPRESSORS.get(source.compression)
-        if decompress is None:
+        fmt = lazy.for_compression(source.compression)
+        if fmt is None:
             raise FormatError(f"{source.label}: no decompressor for {source.compression}")
-        data = decompress(raw, c)
+        data = fmt.decompress_chunk(raw, c)
         if sha256_digest(data) != c.digest:
             raise VerificationError(
                 f"{source.label}: chunk at blob offset {c.blob_start} does not match its digest {c.digest}")

@@ -1,4 +1,4 @@
-"""zstd:chunked: locating and verifying its TOC, decompressing its chunks, and writing it.
+"""zstd:chunked reading: its annotations, locating and verifying its TOC, decompressing its chunks.
 
 A zstd:chunked blob is a run of zstd frames whose decompressed concatenation
 is the layer's tar stream; every regular file's content starts a frame of its
@@ -23,28 +23,25 @@ the uncompressed-size annotation that the store needs for an exact
 ``diff-size``.
 
 Like the eStargz reader, the reader is pure (the caller fetches bytes) and
-treats every byte as hostile: decompression is always bounded.
+treats every byte as hostile: decompression is always bounded. The writer is
+in zstdchunked_writer.py, the layer's exact uncompressed size (tar-split or
+header frames) in zstdchunked_size.py.
 """
 
 from __future__ import annotations
 
-import binascii
-import hashlib
 import io
 import json
-import struct
-import tarfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Sequence
 
 import zstandard
 
 from als.digest import is_sha256, sha256_digest
 from als.errors import FormatError, VerificationError
 from als.oci import OCI_LAYER_ZSTD
-from als.formats import estargz
-from als.formats import toc
+from als.formats import toc, tocentries
+from als.formats.tocentries import (CHUNK, COPY_PIECE, MAX_CHUNK, MAX_CHUNK_SPAN, MAX_TOC_ENTRIES,
+                                    TOC_DIGEST_ANNOTATION, checked_fields, clean_name, toc_entry)
 
 MEDIA_TYPE = OCI_LAYER_ZSTD
 _PREFIXES = ("io.github.containers.zstd-chunked.", "io.containers.zstd-chunked.")
@@ -55,7 +52,7 @@ POSITION_ANNOTATION, OLD_POSITION_ANNOTATION = POSITION_ANNOTATIONS
 TAR_SPLIT_POSITION_ANNOTATION = _PREFIXES[0] + "tarsplit-position"  # "offset:length:uncompressed length"
 # Older writers vouched for the tar-split with this annotation; newer ones with the TOC's "tarSplitDigest".
 TAR_SPLIT_CHECKSUM_ANNOTATION = _PREFIXES[0] + "tarsplit-checksum"
-UNCOMPRESSED_SIZE_ANNOTATION = estargz.UNCOMPRESSED_SIZE_ANNOTATION
+UNCOMPRESSED_SIZE_ANNOTATION = tocentries.UNCOMPRESSED_SIZE_ANNOTATION
 
 MANIFEST_TYPE_CRFS = 1
 SKIPPABLE_MAGIC = 0x184D2A50  # the first of the 16 skippable-frame magics
@@ -63,19 +60,6 @@ _SKIPPABLE_HEADER = 8
 OLD_FOOTER_MAGIC = b"GnUlInUx"
 CHUNK_ZEROS = "zeros"
 MAX_WINDOW = 1 << 27  # largest zstd window accepted (128 MiB, zstd's own default limit)
-_COPY_PIECE = 1 << 20
-_BLOCK = tarfile.BLOCKSIZE
-MAX_TAR_SPLIT = 256 << 20  # largest tar-split inflated (streamed, so this bounds time, not memory)
-MAX_TAR_SPLIT_LINE = 16 << 20  # largest single tar-split entry (a tar header with big PAX records)
-TAR_SPLIT_FILE = 1  # tar-split entry types: a file's content, by size
-TAR_SPLIT_SEGMENT = 2  # raw tar bytes (headers, padding), base64
-
-ReadRange = Callable[[int, int], bytes]
-
-
-# --------------------------------------------------------------------------
-# Reader
-# --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +94,7 @@ def with_current_names(annotations: dict) -> dict:
     out = dict(annotations)
     # Never next to an eStargz TOC digest: Podman >= 5.1 refuses a layer that has both.
     if (CHECKSUM_ANNOTATION in out or OLD_CHECKSUM_ANNOTATION not in out
-            or estargz.TOC_DIGEST_ANNOTATION in out):
+            or TOC_DIGEST_ANNOTATION in out):
         return out
     for new, old in ((CHECKSUM_ANNOTATION, OLD_CHECKSUM_ANNOTATION), (POSITION_ANNOTATION, OLD_POSITION_ANNOTATION)):
         if old in out:
@@ -147,14 +131,14 @@ def locate(annotations: dict, blob_size: int, *, max_toc_size: int = 64 << 20) -
     return ManifestLocation(checksum=checksum, offset=offset, length=length, uncompressed_length=size)
 
 
-def _bounded_decompress(data: bytes, limit: int, what: str) -> bytes:
+def bounded_decompress(data: bytes, limit: int, what: str) -> bytes:
     """Decompress the zstd frames in ``data`` (skippable frames are skipped), at most ``limit`` bytes."""
     try:
         reader = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).stream_reader(
             io.BytesIO(data), read_across_frames=True)
         out = bytearray()
         while len(out) < limit:
-            piece = reader.read(min(limit - len(out), _COPY_PIECE))
+            piece = reader.read(min(limit - len(out), COPY_PIECE))
             if not piece:
                 break
             out += piece
@@ -164,7 +148,7 @@ def _bounded_decompress(data: bytes, limit: int, what: str) -> bytes:
 
 
 def parse_manifest(data: bytes, location: ManifestLocation, *,
-                   max_entries: int = estargz.MAX_TOC_ENTRIES) -> toc.TOC:
+                   max_entries: int = MAX_TOC_ENTRIES) -> toc.TOC:
     """Verify, decompress and normalise a zstd:chunked TOC.
 
     ``data`` is exactly the blob bytes ``[location.offset, location.offset +
@@ -178,7 +162,7 @@ def parse_manifest(data: bytes, location: ManifestLocation, *,
     digest = sha256_digest(data)
     if digest != location.checksum:
         raise VerificationError(f"zstd:chunked manifest checksum is {digest}, the manifest says {location.checksum}")
-    raw = _bounded_decompress(data, location.uncompressed_length + 1, "zstd:chunked manifest")
+    raw = bounded_decompress(data, location.uncompressed_length + 1, "zstd:chunked manifest")
     if len(raw) != location.uncompressed_length:
         raise FormatError(f"zstd:chunked manifest decompresses to {len(raw)} bytes, "
                           f"the annotation says {location.uncompressed_length}")
@@ -211,16 +195,16 @@ def _normalise(doc: object, location: ManifestLocation, max_entries: int) -> toc
     file_name = ""  # the current regular file's name as the TOC spells it
     for i, obj in enumerate(items):
         # The entry vocabulary is eStargz's; its parser checks every shared field.
-        get = estargz.checked_fields(obj, i).get
-        if get("type") == estargz.CHUNK:
+        get = checked_fields(obj, i).get
+        if get("type") == CHUNK:
             if current is None:
                 raise FormatError(f"TOC entry {i}: chunk entry does not follow a regular file")
             name = get("name", "")
-            if name and name != file_name and estargz.clean_name(name) != current[0].name:
+            if name and name != file_name and clean_name(name) != current[0].name:
                 raise FormatError(f"TOC entry {i}: chunk of {name!r:.300} follows {current[0].name!r:.300}")
             current[1].append(obj)
             continue
-        entry = estargz.toc_entry(obj, i)
+        entry = toc_entry(obj, i)
         entries.append(entry)
         current = (entry, [obj]) if entry.type == toc.REG else None
         if current is not None:
@@ -263,9 +247,9 @@ def _attach_chunks(entry: toc.Entry, objs: list[dict], data_end: int) -> None:
             raise FormatError(f"{where}: unknown chunkType {kind!r:.40}")
         if size <= 0:
             raise FormatError(f"{where}: chunk at {chunk_offset} lies beyond the file size {entry.size}")
-        if size > estargz.MAX_CHUNK or (kind != CHUNK_ZEROS and end - start > estargz.MAX_CHUNK_SPAN):
+        if size > MAX_CHUNK or (kind != CHUNK_ZEROS and end - start > MAX_CHUNK_SPAN):
             raise FormatError(f"{where}: chunk at {chunk_offset} is {size} bytes from {end - start} compressed, "
-                              f"over the limits ({estargz.MAX_CHUNK} and {estargz.MAX_CHUNK_SPAN})")
+                              f"over the limits ({MAX_CHUNK} and {MAX_CHUNK_SPAN})")
         if not start < end <= data_end:
             raise FormatError(f"{where}: chunk at {chunk_offset} has compressed range [{start}, {end}) "
                               f"outside the data before the TOC at {data_end}")
@@ -284,346 +268,12 @@ def decompress_chunk(data: bytes, chunk: toc.Chunk) -> bytes:
     range cannot make us produce more. The digest is checked by the caller.
     """
     want = chunk.inner_offset + chunk.size
-    if (chunk.size <= 0 or chunk.inner_offset < 0 or want > estargz.MAX_CHUNK
-            or chunk.blob_end - chunk.blob_start > estargz.MAX_CHUNK_SPAN):
+    if (chunk.size <= 0 or chunk.inner_offset < 0 or want > MAX_CHUNK
+            or chunk.blob_end - chunk.blob_start > MAX_CHUNK_SPAN):
         raise FormatError(f"bad chunk bounds: inner offset {chunk.inner_offset}, size {chunk.size}, "
                           f"{chunk.blob_end - chunk.blob_start} bytes compressed")
-    out = _bounded_decompress(data, want, f"chunk at blob offset {chunk.blob_start}")
+    out = bounded_decompress(data, want, f"chunk at blob offset {chunk.blob_start}")
     if len(out) < want:
         raise FormatError(f"chunk at blob offset {chunk.blob_start} decompresses to {len(out)} bytes, need {want}")
     return out[chunk.inner_offset:]
 
-
-@dataclass(frozen=True, slots=True)
-class TarSplitLocation:
-    """Where the compressed tar-split is, and the digest that vouches for it."""
-
-    offset: int
-    length: int
-    uncompressed_length: int
-    digest: str  # sha256 of the compressed bytes
-
-
-def locate_tar_split(annotations: dict, blob_size: int, parsed: toc.TOC, *, max_compressed: int = 64 << 20,
-                     max_uncompressed: int = MAX_TAR_SPLIT) -> TarSplitLocation:
-    """The tar-split's location from the annotations, checked against the blob and the limits.
-
-    Only a tar-split something vouches for is used: the verified TOC's
-    ``tarSplitDigest``, else the older writers' checksum annotation (which
-    the manifest carries, like the TOC digest itself).
-    """
-    position = annotations.get(TAR_SPLIT_POSITION_ANNOTATION)
-    if position is None:
-        raise FormatError(f"no {TAR_SPLIT_POSITION_ANNOTATION} annotation")
-    parts = position.split(":") if isinstance(position, str) else []
-    if len(parts) != 3 or not all(p.isdigit() for p in parts):
-        raise FormatError(f"annotation {TAR_SPLIT_POSITION_ANNOTATION} is {position!r:.100}, "
-                          "not offset:length:size")
-    offset, length, size = (int(p) for p in parts)
-    if not (parsed.data_end <= offset and 0 < length and offset + length <= blob_size):
-        raise FormatError(f"tar-split at [{offset}, {offset + length}) lies outside the {blob_size}-byte blob's "
-                          f"metadata after {parsed.data_end}")
-    if length > max_compressed or size > max_uncompressed:
-        raise FormatError(f"tar-split of {length} bytes ({size} inflated) exceeds the limits "
-                          f"({max_compressed} and {max_uncompressed})")
-    digest = parsed.tar_split_digest or annotations.get(TAR_SPLIT_CHECKSUM_ANNOTATION, "")
-    if not is_sha256(digest):
-        raise FormatError("nothing vouches for its tar-split (no tarSplitDigest in the TOC, "
-                          f"no {TAR_SPLIT_CHECKSUM_ANNOTATION} annotation)")
-    return TarSplitLocation(offset=offset, length=length, uncompressed_length=size, digest=digest)
-
-
-def tar_split_size(data: bytes, location: TarSplitLocation, *, file_bytes: int | None = None) -> int:
-    """The exact length of the layer's tar stream, from its tar-split (the bytes ``location`` names).
-
-    Why: containers/storage needs the exact ``diff-size``, and the tar-split
-    lists every raw tar segment (headers, padding, the end of the archive)
-    and every file's size, so their sum is the size: one read, against
-    about one request per thousand files from the header frames. The digest
-    is checked before anything is inflated, the output is streamed and
-    bounded by the size the annotation states, and ``file_bytes`` (the
-    regular files' sizes from the TOC) must equal what the tar-split lists.
-    """
-    if len(data) != location.length:
-        raise FormatError(f"tar-split is {len(data)} bytes, the annotation says {location.length}")
-    digest = sha256_digest(data)
-    if digest != location.digest:
-        raise VerificationError(f"tar-split digest is {digest}, the TOC or manifest says {location.digest}")
-    files = segments = 0
-    for n, line in enumerate(_lines(data, location.uncompressed_length), 1):
-        try:
-            entry = json.loads(line)
-        except (ValueError, RecursionError) as e:
-            raise FormatError(f"tar-split entry {n} is not valid JSON: {e}") from None
-        kind = entry.get("type") if isinstance(entry, dict) else None
-        if kind == TAR_SPLIT_FILE:
-            size = entry.get("size", 0)
-            if type(size) is not int or size < 0:
-                raise FormatError(f"tar-split entry {n}: size {size!r:.40} is not a non-negative integer")
-            files += size
-        elif kind == TAR_SPLIT_SEGMENT:
-            payload = entry.get("payload") or ""
-            try:
-                segments += len(binascii.a2b_base64(payload, strict_mode=True)) if payload else 0
-            except (binascii.Error, TypeError, ValueError):
-                raise FormatError(f"tar-split entry {n}: payload is not base64") from None
-        else:
-            raise FormatError(f"tar-split entry {n}: unknown type {kind!r:.40}")
-    if file_bytes is not None and files != file_bytes:
-        raise FormatError(f"tar-split lists {files} bytes of file content, the TOC {file_bytes}")
-    return files + segments
-
-
-def _lines(data: bytes, expected: int):
-    """The newline-separated lines of a zstd stream that must inflate to exactly ``expected`` bytes."""
-    try:
-        reader = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).stream_reader(
-            io.BytesIO(data), read_across_frames=True)
-        produced = 0
-        pending = bytearray()
-        while piece := reader.read(_COPY_PIECE):
-            produced += len(piece)
-            if produced > expected:
-                raise FormatError(f"tar-split inflates to more than the {expected} bytes its annotation states")
-            pending += piece
-            start = 0
-            while (end := pending.find(b"\n", start)) >= 0:
-                if end > start:
-                    yield bytes(pending[start:end])
-                start = end + 1
-            del pending[:start]
-            if len(pending) > MAX_TAR_SPLIT_LINE:
-                raise FormatError(f"tar-split entry longer than {MAX_TAR_SPLIT_LINE} bytes")
-    except zstandard.ZstdError as e:
-        raise FormatError(f"tar-split: corrupt zstd data: {e}") from None
-    if produced != expected:
-        raise FormatError(f"tar-split inflates to {produced} bytes, its annotation says {expected}")
-    if pending:
-        yield bytes(pending)
-
-
-def uncompressed_size(parsed: toc.TOC, read_range: ReadRange, *, max_requests: int = 8192,
-                      merge_gap: int = 1 << 10, max_header_bytes: int = 256 << 20, workers: int = 8) -> int:
-    """The exact length of the blob's decompressed tar stream, without reading file contents.
-
-    Why: containers/storage needs the exact ``diff-size`` of a layer, and a
-    zstd:chunked layer made by Podman carries no annotation for it. File
-    contents are known from the TOC (their sizes); everything else (tar
-    headers, padding, the end-of-archive blocks) sits in the frames between
-    file ranges, which are small: those are fetched and decompressed. Ranges
-    separated by less than ``merge_gap`` compressed file bytes are read in one
-    request (and decompressed whole). More than ``max_requests`` requests
-    raise FormatError rather than stall a lookup.
-    """
-    spans: list[tuple[int, int, int]] = []  # (blob start, blob end, uncompressed size) of file data
-    seen: set[tuple[int, int]] = set()
-    for e in parsed.entries:
-        for c in e.chunks:
-            if (c.blob_start, c.blob_end) not in seen:
-                seen.add((c.blob_start, c.blob_end))
-                spans.append((c.blob_start, c.blob_end, c.inner_offset + c.size))
-    spans.sort()
-    # Requests: the gaps between spans, merged over small spans. A span inside
-    # a request is decompressed with it; the others count by their size.
-    gaps: list[tuple[int, int]] = []
-    cursor = 0
-    for start, end, _size in spans:
-        if start < cursor:
-            raise FormatError(f"file data at blob offset {start} overlaps other data")
-        if start > cursor:
-            gaps.append((cursor, start))
-        cursor = end
-    if cursor < parsed.data_end:
-        gaps.append((cursor, parsed.data_end))
-    requests = _merge(gaps, merge_gap)
-    if len(requests) > max_requests:
-        raise FormatError(f"its uncompressed size is unknown and would take {len(requests)} requests "
-                          f"to compute (limit {max_requests})")
-    inside = _spans_inside(requests, spans)
-    total_file = sum(size for _, _, size in spans) - sum(size for _, _, size in inside)
-
-    def measure(r: tuple[int, int]) -> int:
-        data = read_range(*r)
-        n = len(_bounded_decompress(data, max_header_bytes + 1, f"blob bytes {r[0]}-{r[1] - 1}"))
-        if n > max_header_bytes:
-            raise FormatError(f"blob bytes {r[0]}-{r[1] - 1} decompress to more than {max_header_bytes} bytes")
-        return n
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="als-zstd-size") as pool:
-        header_bytes = sum(pool.map(measure, requests))
-    return total_file + header_bytes
-
-
-def _merge(requests: list[tuple[int, int]], merge_gap: int) -> list[tuple[int, int]]:
-    """Join consecutive requests whose distance (file data between them) is at most ``merge_gap``."""
-    out: list[tuple[int, int]] = []
-    for start, end in requests:
-        if out and start - out[-1][1] <= merge_gap:
-            out[-1] = (out[-1][0], end)
-        else:
-            out.append((start, end))
-    return out
-
-
-def _spans_inside(requests: list[tuple[int, int]], spans: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    inside = []
-    i = 0
-    for start, end, size in spans:
-        while i < len(requests) and requests[i][1] <= start:
-            i += 1
-        if i < len(requests) and requests[i][0] <= start and end <= requests[i][1]:
-            inside.append((start, end, size))
-    return inside
-
-
-# --------------------------------------------------------------------------
-# Writer
-# --------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class WriteResult:
-    """What a manifest needs to describe the written layer."""
-
-    toc_digest: str  # the manifest checksum (sha256 of the compressed TOC)
-    manifest_position: str  # "offset:length:uncompressed length:1"
-    diff_id: str
-    uncompressed_size: int
-    compressed_size: int
-    blob_digest: str
-
-    def annotations(self) -> dict[str, str]:
-        """Both spellings (Podman >= 5.1 reads only the current one, 4.3.1 only the old one) and the size."""
-        return {CHECKSUM_ANNOTATION: self.toc_digest, POSITION_ANNOTATION: self.manifest_position,
-                OLD_CHECKSUM_ANNOTATION: self.toc_digest, OLD_POSITION_ANNOTATION: self.manifest_position,
-                UNCOMPRESSED_SIZE_ANNOTATION: str(self.uncompressed_size)}
-
-
-class _FrameWriter:
-    """Writes zstd frames to a non-seekable stream, counting offsets and hashing both sides."""
-
-    def __init__(self, out: BinaryIO, level: int) -> None:
-        self._out = out
-        self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
-        self._z = None
-        self.offset = 0
-        self.size = 0
-        self._compressed = hashlib.sha256()
-        self._uncompressed = hashlib.sha256()
-
-    def _emit(self, data: bytes) -> None:
-        if data:
-            self._out.write(data)
-            self._compressed.update(data)
-            self.offset += len(data)
-
-    def write(self, data: bytes) -> None:
-        if not data:
-            return
-        if self._z is None:
-            self._z = self._cctx.compressobj()
-        self._uncompressed.update(data)
-        self.size += len(data)
-        self._emit(self._z.compress(data))
-
-    def end_frame(self) -> int:
-        """Close the open frame (if any); return the offset where the next one starts."""
-        if self._z is not None:
-            self._emit(self._z.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
-            self._z = None
-        return self.offset
-
-    def write_skippable(self, payload: bytes) -> int:
-        """Append a skippable frame; return the offset of its payload."""
-        self.end_frame()
-        self._emit(struct.pack("<II", SKIPPABLE_MAGIC, len(payload)))
-        start = self.offset
-        self._emit(payload)
-        return start
-
-    def digests(self) -> tuple[str, str]:
-        return "sha256:" + self._uncompressed.hexdigest(), "sha256:" + self._compressed.hexdigest()
-
-
-class _Writer:
-    def __init__(self, out: BinaryIO, chunk_size: int, level: int) -> None:
-        self._z = _FrameWriter(out, level)
-        self._chunk_size = chunk_size
-        self._level = level
-        self._entries: list[dict] = []
-
-    def add(self, info: tarfile.TarInfo, payload: BinaryIO | None) -> None:
-        kind, header, entry, size = estargz.tar_header_and_entry(info)
-        self._z.write(header)
-        self._entries.append(entry)
-        if kind == toc.REG and size:
-            self._write_payload(entry, payload, size)
-
-    def _write_payload(self, entry: dict, payload: BinaryIO | None, size: int) -> None:
-        """One frame per chunk holding exactly the chunk's bytes; the padding goes with the next header."""
-        whole = hashlib.sha256()
-        position = 0
-        first = True
-        while position < size:
-            length = min(self._chunk_size, size - position)
-            start = self._z.end_frame()
-            digest = estargz.copy_chunk(payload, length, self._z.write, whole, entry["name"], size)
-            end = self._z.end_frame()
-            fields = {"offset": start, "endOffset": end, "chunkSize": length, "chunkOffset": position,
-                      "chunkDigest": digest}
-            if first:
-                entry.update(fields)
-                first = False
-            else:
-                self._entries.append({"type": estargz.CHUNK, "name": entry["name"], **fields})
-            position += length
-        entry["endOffset"] = end  # the file's own entry spans all of its chunks, as Podman writes it
-        entry["digest"] = "sha256:" + whole.hexdigest()
-        self._z.write(bytes(-size % _BLOCK))
-
-    def finish(self) -> WriteResult:
-        self._z.write(bytes(2 * _BLOCK))  # end of archive
-        self._z.end_frame()
-        manifest = json.dumps({"version": 1, "entries": self._entries}, separators=(",", ":")).encode()
-        compressed = zstandard.ZstdCompressor(level=self._level).compress(manifest)
-        manifest_offset = self._z.write_skippable(compressed)
-        footer = struct.pack("<QQQQ", manifest_offset, len(compressed), len(manifest),
-                             MANIFEST_TYPE_CRFS) + OLD_FOOTER_MAGIC
-        self._z.write_skippable(footer)
-        diff_id, blob_digest = self._z.digests()
-        return WriteResult(toc_digest=sha256_digest(compressed),
-                           manifest_position=f"{manifest_offset}:{len(compressed)}:{len(manifest)}:{MANIFEST_TYPE_CRFS}",
-                           diff_id=diff_id, uncompressed_size=self._z.size, compressed_size=self._z.offset,
-                           blob_digest=blob_digest)
-
-
-def write_zstdchunked(tar_in: BinaryIO, out: BinaryIO, *, chunk_size: int = 4 << 20, level: int = 3,
-                      prioritized: Sequence[str] | None = None) -> WriteResult:
-    """Convert a tar stream into a zstd:chunked blob on ``out`` (need not be seekable).
-
-    With ``prioritized`` the named files come first (with their parent
-    directories), as in eStargz, so a store that prefetches the front of a
-    layer gets them; zstd:chunked has no landmark files, so none is written.
-    Memory stays bounded: reordering spools payloads to a temporary file.
-    """
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if not 1 <= level <= 22:
-        raise ValueError(f"zstd compression level must be in 1..22, got {level}")
-    writer = _Writer(out, chunk_size, level)
-    try:
-        with tarfile.open(fileobj=tar_in, mode="r|*") as tf:
-            if not prioritized:
-                for info in tf:
-                    if not estargz._skipped(info):
-                        writer.add(info, tf.extractfile(info) if info.isreg() else None)
-            else:
-                _write_reordered(writer, tf, prioritized)
-    except (tarfile.TarError, EOFError) as e:
-        raise FormatError(f"input is not a readable tar stream: {e}") from None
-    return writer.finish()
-
-
-def _write_reordered(writer: _Writer, tf: tarfile.TarFile, prioritized: Sequence[str]) -> None:
-    for info, payload, _ in estargz.reordered_members(tf, prioritized):
-        writer.add(info, payload)

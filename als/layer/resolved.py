@@ -12,12 +12,9 @@ import json
 from dataclasses import dataclass, field
 
 from als.fetch.fetcher import BlobSource
-from als.formats import estargz, zstdchunked
+from als.formats import lazy
 from als.formats import toc as T
 from als.layer.view import LayerView
-
-COMPRESSION_GZIP = 2  # containers/storage archive.Gzip
-COMPRESSION_ZSTD = 4  # containers/storage archive.Zstd
 
 
 @dataclass(frozen=True)
@@ -32,10 +29,7 @@ class LayerDescriptor:
     @property
     def toc_digest(self) -> str:
         """The eStargz TOC digest, or the zstd:chunked manifest checksum (either annotation spelling)."""
-        for key in (estargz.TOC_DIGEST_ANNOTATION, *zstdchunked.CHECKSUM_ANNOTATIONS):
-            if key in self.annotations:
-                return self.annotations[key]
-        return ""
+        return lazy.toc_digest(self.annotations)
 
 
 
@@ -54,7 +48,8 @@ class Layer:
 
     def info(self, key: str) -> bytes:
         """The `info` JSON for the digest Podman used to name the layer."""
-        compression = COMPRESSION_ZSTD if self.source.compression == T.ZSTD else COMPRESSION_GZIP
+        # Every source's compression comes from a TOC one of the formats parsed.
+        compression = (lazy.for_compression(self.source.compression) or lazy.ESTARGZ).storage_compression
         if key == self.desc.digest:
             body = {"compressed-diff-digest": self.desc.digest, "compressed-size": self.desc.size,
                     "diff-digest": self.desc.diff_id, "diff-size": self.diff_size,

@@ -21,7 +21,7 @@ import stat
 from dataclasses import dataclass, field
 
 from als.errors import FormatError
-from als.formats import estargz
+from als.formats.tocentries import MAX_TOC_ENTRIES
 from als.formats import toc as T
 
 log = logging.getLogger("als.layer")
@@ -86,7 +86,7 @@ class LayerView:
     """The tree of one layer. ``ino_base`` keeps inode numbers unique across layers."""
 
     def __init__(self, entries: list[T.Entry], ino_base: int = 0, label: str = "layer",
-                 max_nodes: int = estargz.MAX_TOC_ENTRIES + 65536):
+                 max_nodes: int = MAX_TOC_ENTRIES + 65536):
         self._next_ino = ino_base + 1
         self._last_ino = ino_base + max_nodes  # implicit parents too: a hostile TOC cannot build a huge tree
         self.label = label

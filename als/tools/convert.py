@@ -30,7 +30,7 @@ import zstandard
 
 from als.digest import sha256_digest
 from als.errors import ALSError, FormatError
-from als.formats import estargz, zstdchunked
+from als.formats import estargz, estargz_writer, zstdchunked, zstdchunked_writer
 from als.oci import (GZIP_LAYER_TYPES, IMAGE_TYPES, INDEX_TYPES, OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST,
                      ZSTD_LAYER_TYPES, json_object)
 from als.tools.progress import Progress
@@ -290,15 +290,14 @@ def _convert_layer(src, desc: dict, options: ConvertOptions, work: Path, progres
             counting = _Counting(raw, progress)
             tar = _decompressed(counting, media_type)
             if options.zstd_chunked:
-                r = zstdchunked.write_zstdchunked(tar, out, chunk_size=options.chunk_size, level=options.level,
+                r = zstdchunked_writer.write_zstdchunked(tar, out, chunk_size=options.chunk_size, level=options.level,
                                                   prioritized=options.prioritized)
                 annotations = r.annotations()
                 out_type = zstdchunked.MEDIA_TYPE
             else:
-                r = estargz.write_estargz(tar, out, chunk_size=options.chunk_size, level=options.level,
+                r = estargz_writer.write_estargz(tar, out, chunk_size=options.chunk_size, level=options.level,
                                           prioritized=options.prioritized)
-                annotations = {estargz.TOC_DIGEST_ANNOTATION: r.toc_digest,
-                               estargz.UNCOMPRESSED_SIZE_ANNOTATION: str(r.uncompressed_size)}
+                annotations = r.annotations()
                 out_type = OCI_LAYER_GZIP
             # Read the source to its very end: that is when its digest is checked.
             while counting.read(_PIECE):

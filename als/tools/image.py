@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from als.formats import estargz
+from als.formats import estargz_writer
 from als.oci import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST
 from als.reference import Reference
 from als.registry.client import RegistryClient
@@ -45,11 +45,10 @@ def estargz_layer(tar: BinaryIO, *, chunk_size: int = 4 << 20, level: int = 9,
                   prioritized: list[str] | None = None) -> BuiltLayer:
     """Convert a tar stream into an eStargz layer blob, with the annotations lazy pulling needs."""
     out = tempfile.SpooledTemporaryFile(max_size=32 << 20)
-    r = estargz.write_estargz(tar, out, chunk_size=chunk_size, level=level, prioritized=prioritized)
+    r = estargz_writer.write_estargz(tar, out, chunk_size=chunk_size, level=level, prioritized=prioritized)
     out.seek(0)
     return BuiltLayer(blob=out, digest=r.blob_digest, size=r.compressed_size, diff_id=r.diff_id,
-                      annotations={estargz.TOC_DIGEST_ANNOTATION: r.toc_digest,
-                                   estargz.UNCOMPRESSED_SIZE_ANNOTATION: str(r.uncompressed_size)})
+                      annotations=r.annotations())
 
 
 def gzip_layer(tar: bytes, level: int = 9) -> BuiltLayer:

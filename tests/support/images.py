@@ -700,11 +700,11 @@ def push_zstd_files(client, ref: str, files: dict[str, bytes], *, chunk_size: in
 
     Without ``size_annotation`` the layer carries no uncompressed size, as Podman writes it.
     """
-    from als.formats import zstdchunked
+    from als.formats import zstdchunked, zstdchunked_writer
     from als.tools.image import BuiltLayer, push_image
     from als.reference import parse_reference
     blob = io.BytesIO()
-    r = zstdchunked.write_zstdchunked(io.BytesIO(files_tar(files)), blob, chunk_size=chunk_size)
+    r = zstdchunked_writer.write_zstdchunked(io.BytesIO(files_tar(files)), blob, chunk_size=chunk_size)
     annotations = r.annotations()
     if not size_annotation:
         del annotations[zstdchunked.UNCOMPRESSED_SIZE_ANNOTATION]

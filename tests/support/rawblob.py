@@ -1,6 +1,6 @@
 """Hand-made eStargz blobs for hostile-input tests: any TOC, any offset, any footer.
 
-`als.formats.estargz.write_estargz` only writes valid layers, so a test that
+`als.formats.estargz_writer.write_estargz` only writes valid layers, so a test that
 wants a TOC entry named ``../../etc/passwd``, a chunk that inflates to a
 gigabyte or a footer pointing into the middle of a file builds the blob here,
 member by member, and pushes it to a real registry like any other layer.
