@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from als.reference import parse_reference
-from als.registry.auth import Credentials
+from als.registry.credentials.entries import Credentials
 
 log = logging.getLogger("als")
 
