@@ -22,6 +22,19 @@ class RegistryError(ALSError):
     """The registry could not be reached, refused, or answered nonsense."""
 
 
+class TransientError(RegistryError):
+    """A registry failure worth retrying: connection trouble, timeouts, 5xx, 429.
+
+    The registry client retries these within its count and deadline and only
+    lets a plain RegistryError out. ``retry_after`` carries the server's
+    Retry-After hint in seconds, if any.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class AuthError(RegistryError):
     """The registry refused our credentials or we have none it accepts."""
 

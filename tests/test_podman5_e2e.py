@@ -40,9 +40,9 @@ from als.formats import estargz, zstdchunked
 from als.tools.image import estargz_layer, gzip_layer, push_image
 from als.tools.podman import PodmanError
 from als.reference import parse_reference
-from als.registry.auth import AuthFile
+from als.registry.credentials.authfiles import AuthFile
 from als.registry.client import RegistryClient
-from als.registry.keychain import Keychain
+from als.registry.credentials.keychain import Keychain
 from als.registry.sysregistries import RegistriesConf
 from tests.support import containerd as ctd
 from tests.support import images, podman5

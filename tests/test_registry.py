@@ -28,10 +28,12 @@ from requests.adapters import BaseAdapter, HTTPAdapter
 from als.errors import (AuthError, BlockedError, ConfigError, NotFoundError, RegistryError,
                         VerificationError)
 from als.reference import parse_reference
-from als.registry.auth import (AuthFile, Credentials, default_auth_files, find_credentials,
-                               parse_challenges)
+from als.registry.challenges import parse_challenges
+from als.registry.credentials.authfiles import AuthFile, default_auth_files, find_credentials
+from als.registry.credentials.entries import Credentials
 from als.oci import OCI_MANIFEST
-from als.registry.client import Manifest, RegistryClient
+from als.registry.client import RegistryClient
+from als.registry.pull import Manifest
 from als.registry.sysregistries import Endpoint, RegistriesConf
 from tests.support.registry import RegistryProcess, free_port
 from tests.support.regtest import (mirrored, PASSWORD, running_token_registry, auth_file, b64auth, fast_client, hermetic_env,  # noqa: F401
@@ -602,7 +604,7 @@ def test_insecure_disables_tls_verification(tls_registry, tmp_path, caplog):
     with fast_client(write_conf(tmp_path, insecure(reg.host))) as c:
         image = push_image(c, ref)
         assert c.read_range(ref, sha(image.layer), 3, 9) == image.layer[3:9]
-        assert c._schemes == {reg.host: "https"}  # remembered: no plain HTTP for this host
+        assert c.http.schemes == {reg.host: "https"}  # remembered: no plain HTTP for this host
     assert "not verifying its TLS certificate" in caplog.text
     assert "trying plain HTTP" not in caplog.text
 

@@ -22,8 +22,10 @@ import pytest
 
 from als.errors import AuthError
 from als.reference import parse_reference
-from als.registry.auth import AuthFile, Credentials, find_credentials
-from als.registry.keychain import Keychain, kubelet_credentials
+from als.registry.credentials.authfiles import AuthFile, find_credentials
+from als.registry.credentials.entries import Credentials
+from als.registry.credentials.keychain import Keychain
+from als.registry.credentials.kubelet import kubelet_credentials
 from tests.support.registry import RegistryProcess
 from tests.support.regtest import (PASSWORD, running_token_registry, auth_file, auth_refusals, b64auth, fast_client,  # noqa: F401
                                    hermetic_env, insecure, log_lines, push_image, sha,
@@ -358,7 +360,7 @@ def test_find_credentials_cred_helpers_are_keyed_by_host_only(tmp_path, helpers_
 
 
 def test_helper_runs_with_a_bounded_timeout(helpers_bin):
-    from als.registry.credhelper import HelperError, helper_get
+    from als.registry.credentials.credhelper import HelperError, helper_get
 
     make_helper(helpers_bin, "sleepy", {"x.io": {"Username": "u", "Secret": "s"}}, sleep=20)
     t0 = time.monotonic()

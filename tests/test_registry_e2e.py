@@ -22,8 +22,8 @@ import pytest
 from als.tools import image as alsimage
 from als.ops.control import ControlError, request
 from als.reference import parse_reference
-from als.registry.auth import AuthFile
-from als.registry.keychain import Keychain
+from als.registry.credentials.authfiles import AuthFile
+from als.registry.credentials.keychain import Keychain
 from als.registry.sysregistries import RegistriesConf
 from tests.support import images
 from tests.support.registry import RegistryProcess, free_port

@@ -68,7 +68,7 @@ def test_system_ca_store_is_trusted(https_registry, ca, tmp_path, monkeypatch):
     with fast_client(RegistriesConf(), certs_dir=str(empty)) as c:
         image = push_image(c, ref)
         assert c.read_range(ref, sha(image.layer), 1, 9) == image.layer[1:9]
-        assert c._schemes == {}  # never tried plain HTTP: not insecure
+        assert c.http.schemes == {}  # never tried plain HTTP: not insecure
 
 
 def test_certs_d_ca_in_podmans_directories(https_registry, ca, hermetic_env, tmp_path, caplog):
@@ -135,4 +135,4 @@ def test_insecure_skips_verification_but_still_sends_the_client_certificate(mtls
     with fast_client(write_conf(tmp_path, insecure(reg.host)), certs_dir=str(certs)) as c:
         image = push_image(c, ref)
         assert c.read_range(ref, sha(image.layer), 0, 3) == image.layer[:3]
-        assert c._schemes == {reg.host: "https"}  # it spoke TLS; insecure did not mean plain HTTP
+        assert c.http.schemes == {reg.host: "https"}  # it spoke TLS; insecure did not mean plain HTTP

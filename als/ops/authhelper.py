@@ -7,7 +7,7 @@ and the credentials it used on stdin, as
 only logs a warning when the helper fails, so a pull never fails because of
 us. We pass the credentials to the running store over its control socket
 (``<root>/als.sock``, root only), which keeps them in memory for that
-repository (als/registry/keychain.py): private images then work with no
+repository (als/registry/credentials/keychain.py): private images then work with no
 auth file at all.
 
 Podman gives the helper no arguments, so the store's root comes from
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from als.reference import parse_reference
-from als.registry.auth import Credentials
+from als.registry.credentials.entries import Credentials
 
 log = logging.getLogger("als")
 

@@ -24,9 +24,7 @@ from als.fetch.fetcher import ChunkFetcher
 from als.fuse import protocol
 from als.fuse.filesystem import PLAIN_DIR, StoreFS, observer
 from als.ops.instrument import InstrumentedClient
-from als.registry.client import RegistryClient
-from als.registry.keychain import Keychain
-from als.registry.sysregistries import RegistriesConf
+from als.registry.configured import registry_client
 from als.store.state import StateDir
 from als.store.namespace import Store
 
@@ -66,16 +64,6 @@ def clear_stale_mount(mountpoint: Path) -> None:
     raise ALSError(f"cannot clear the stale mount on {mountpoint}")
 
 
-def registry_client(config) -> RegistryClient:
-    """The registry client of ``config``: `als serve`, `als convert` and `als optimize` share it."""
-    registries = RegistriesConf.load(config.registry.registries_conf or None)
-    return RegistryClient(registries, credentials=keychain(config.registry, registries),
-                          connect_timeout=config.registry.connect_timeout,
-                          read_timeout=config.registry.read_timeout, retries=config.registry.retries,
-                          retry_deadline=config.registry.request_deadline,
-                          certs_dir=config.registry.certs_dir or None)
-
-
 def check_root(root: Path) -> None:
     """Refuse a ``--root`` another user could write or own: they could swap its cache or state
     directory for a link elsewhere, and the daemon writes and deletes files in them as root."""
@@ -108,14 +96,6 @@ def build_store(root: Path, config) -> Store:
                            dir_readahead=f.dir_readahead)
     # Wrapped so that bytes, latency and failures per registry reach the metrics and `als status`.
     return Store(config, InstrumentedClient(client), fetcher, StateDir(root / "state"))
-
-
-def keychain(reg, registries: RegistriesConf) -> Keychain:
-    """Credential sources in the documented order (als/registry/keychain.py)."""
-    return Keychain(helpers=registries.credential_helpers,
-                    global_auth_file=reg.global_auth_file or None,
-                    kubelet_config=reg.kubelet_config or None,
-                    helper_timeout=reg.credential_helper_timeout)
 
 
 def control_handlers(store: Store, mountpoint: Path | None = None, root: Path | None = None,

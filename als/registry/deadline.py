@@ -6,7 +6,7 @@ byte inside the read timeout, would hold a request, and the FUSE read behind
 it, for hours. ``requests`` has no total timeout, so a watchdog thread shuts
 down the socket of a request whose deadline has passed while it waits for
 the response head; the read then fails like a dropped connection. Bodies are
-bounded by the reader checking the deadline between pieces (client.py).
+bounded by the reader checking the deadline between pieces (pull.py).
 """
 
 from __future__ import annotations

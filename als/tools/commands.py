@@ -94,8 +94,8 @@ def _client_factory(config):
 
     def factory():
         if not made:
-            from als.tools.transport import client_from_config
-            made.append(client_from_config(config))
+            from als.registry.configured import registry_client
+            made.append(registry_client(config))
         return made[0]
     return factory
 

@@ -71,8 +71,8 @@ def optimize(src_spec: str, dst_spec: str, opts: OptimizeOptions, config,
 
     def client():
         if not made:
-            from als.tools.transport import client_from_config
-            made.append(client_from_config(config))
+            from als.registry.configured import registry_client
+            made.append(registry_client(config))
         return made[0]
 
     src = open_transport(src_spec, client)

@@ -23,7 +23,8 @@ from als.digest import hex_of, is_sha256, sha256_digest
 from als.errors import ALSError, NotFoundError, VerificationError
 from als.oci import OCI_INDEX
 from als.reference import Reference, parse_reference
-from als.registry.client import Manifest, RegistryClient
+from als.registry.client import RegistryClient
+from als.registry.pull import Manifest
 
 OCI_PREFIX = "oci:"
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
@@ -32,12 +33,6 @@ _LAYOUT_FILE = b'{"imageLayoutVersion":"1.0.0"}'
 
 class TransportError(ALSError):
     """An image location is malformed, or an image or blob is missing there."""
-
-
-def client_from_config(config) -> RegistryClient:
-    """A registry client with the registry settings of ``config``, exactly as `als serve` builds it."""
-    from als.ops.daemon import registry_client
-    return registry_client(config)
 
 
 class ImageTransport(Protocol):

@@ -21,10 +21,8 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .auth import Credentials
+from .entries import Credentials
 
 log = logging.getLogger("als.registry")
 
@@ -42,14 +40,12 @@ def program(name: str) -> str:
     return f"docker-credential-{name}"
 
 
-def helper_get(name: str, server: str, timeout: float = 10.0) -> "Credentials | None":
+def helper_get(name: str, server: str, timeout: float = 10.0) -> Credentials | None:
     """Ask helper ``name`` for ``server``'s credentials; None when it has none.
 
     Raises HelperError when the helper is missing, times out, fails or
     answers something that is not the protocol's JSON.
     """
-    from .auth import Credentials
-
     argv = [program(name), "get"]
     try:
         proc = subprocess.run(argv, input=server.encode("utf-8"), capture_output=True,
@@ -90,7 +86,7 @@ def helper_get(name: str, server: str, timeout: float = 10.0) -> "Credentials | 
 
 @dataclass
 class _Answer:
-    creds: "Credentials | None"
+    creds: Credentials | None
     until: float
 
 
@@ -110,7 +106,7 @@ class HelperCache:
         self._answers: dict[tuple[str, str], _Answer] = {}
         self._running: dict[tuple[str, str], threading.Lock] = {}
 
-    def get(self, name: str, server: str) -> "Credentials | None":
+    def get(self, name: str, server: str) -> Credentials | None:
         key = (name, server)
         with self._lock:
             ans = self._answers.get(key)

@@ -1,279 +1,29 @@
-"""Registry credentials from Podman's auth files, and the 401 challenge flow.
+"""Answering a registry's 401: WWW-Authenticate challenges, Basic, and bearer tokens.
 
-Podman before 5.1 never hands its credentials to an Additional Layer Store
-(and 5.1+ only through a helper, als/ops/authhelper.py), so the store looks where
-``podman login`` and ``docker login`` leave them, in the order
-containers/image reads them, and then speaks the registry's own challenge
-protocol (Basic, or the Docker token service) with them. Which sources are
-asked, in which order, is keychain.py's business; this module reads one
-list of auth files.
+A registry names its own way of letting us in: Basic with the credentials
+the keychain found, or the Docker token service, whose tokens we fetch and
+cache so that thousands of lazy range reads cost one token request, not one
+each. Where the credentials come from is credentials/'s business.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
-import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
 from urllib.parse import urlsplit
 
 import requests
 
-from ..errors import AuthError, RegistryError
+from ..errors import AuthError, RegistryError, TransientError
+from .credentials.entries import CredentialLookup, Credentials
 
 log = logging.getLogger("als.registry")
 
-DOCKER_HUB = "docker.io"
-_DOCKER_HUB_ALIASES = {"index.docker.io", "registry-1.docker.io", "docker.io"}
 DEFAULT_TOKEN_TTL = 60.0
 CLIENT_ID = "als"
-
-
-class TransientError(RegistryError):
-    """A failure worth retrying: connection trouble, timeouts, 5xx, 429.
-
-    ``retry_after`` carries the server's Retry-After hint in seconds, if any.
-    """
-
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-# --------------------------------------------------------------------------
-# Credentials in auth files
-# --------------------------------------------------------------------------
-
-@dataclass
-class Credentials:
-    """A username/password pair or an identity (refresh) token for one registry."""
-
-    username: str
-    password: str
-    identity_token: str = ""
-
-    def __repr__(self) -> str:
-        secret = "identity_token=***" if self.identity_token else "password=***"
-        return f"Credentials(username={self.username!r}, {secret})"
-
-    __str__ = __repr__
-
-    def describe(self) -> str:
-        """Who we are, in words fit for a log line or an error message."""
-        if self.username:
-            return f"user {self.username!r}"
-        return "an identity token" if self.identity_token else "empty credentials"
-
-
-@dataclass(frozen=True)
-class AuthFile:
-    """One file to search. ``legacy`` marks ~/.dockercfg (registries at top level)."""
-
-    path: Path
-    legacy: bool = False
-
-
-def default_auth_files() -> list[AuthFile]:
-    """The files containers/image (and so Podman) reads credentials from, in order.
-
-    ``$REGISTRY_AUTH_FILE`` takes the place of the per-session
-    ``${XDG_RUNTIME_DIR}/containers/auth.json`` (``/run/containers/<uid>/...``
-    without XDG_RUNTIME_DIR), and, being an explicit choice, also turns off the
-    legacy ``~/.dockercfg``; the per-user and Docker files are always read.
-    """
-    env = os.environ
-    home = Path(env.get("HOME") or Path.home())
-    files: list[AuthFile] = []
-    explicit = env.get("REGISTRY_AUTH_FILE")
-    if explicit:
-        files.append(AuthFile(Path(explicit)))
-    elif env.get("XDG_RUNTIME_DIR"):
-        files.append(AuthFile(Path(env["XDG_RUNTIME_DIR"]) / "containers" / "auth.json"))
-    else:
-        files.append(AuthFile(Path(f"/run/containers/{os.getuid()}/auth.json")))
-    config_home = Path(env.get("XDG_CONFIG_HOME") or home / ".config")
-    files.append(AuthFile(config_home / "containers" / "auth.json"))
-    docker_config = Path(env["DOCKER_CONFIG"]) if env.get("DOCKER_CONFIG") else home / ".docker"
-    files.append(AuthFile(docker_config / "config.json"))
-    if not explicit:
-        files.append(AuthFile(home / ".dockercfg", legacy=True))
-    return files
-
-
-def normalize_registry(host: str) -> str:
-    """The auth-file spelling of a registry host: Docker Hub's many names become docker.io."""
-    host = host.strip().rstrip("/")
-    return DOCKER_HUB if host.lower() in _DOCKER_HUB_ALIASES else host
-
-
-def _normalize_key(key: str) -> tuple[str, bool]:
-    """(normalised key, had a URL scheme). Keys with a scheme are legacy: host only."""
-    k = key.strip()
-    for scheme in ("https://", "http://"):
-        if k.lower().startswith(scheme):
-            host = k[len(scheme):].split("/", 1)[0]
-            return normalize_registry(host), True
-    k = k.rstrip("/")
-    host, sep, path = k.partition("/")
-    return normalize_registry(host) + (f"/{path}" if sep else ""), False
-
-
-HelperLookup = Callable[[str, str], "Credentials | None"]  # (helper name, registry) -> creds
-
-
-def find_credentials(registry: str, repository: str,
-                     files: list[AuthFile] | None = None,
-                     helper: HelperLookup | None = None) -> Credentials | None:
-    """Credentials for ``registry/repository``, or None.
-
-    The first file with a matching entry wins, as in containers/image. In a
-    file, a ``credHelpers`` entry for the registry host is asked first (and,
-    as in containers/image, only by host: helpers hold no per-namespace
-    credentials); then the most specific ``auths`` key (``registry/ns/repo``
-    before ``registry/ns`` before ``registry``); then the file's ``credsStore``
-    (Docker's default helper, which containers/image ignores). ``files``
-    defaults to :func:`default_auth_files`; ``helper`` runs a credential
-    helper (default: :func:`credhelper.helper_get`, uncached).
-    """
-    registry = normalize_registry(registry)
-    parts = [p for p in repository.split("/") if p]
-    keys = [f"{registry}/{'/'.join(parts[:i])}" for i in range(len(parts), 0, -1)] + [registry]
-    for f in default_auth_files() if files is None else files:
-        content = _load_auth_file(f)
-        name = content.helpers.get(registry)
-        if name:
-            creds = _ask_helper(helper, name, registry, f.path, "credHelpers")
-            if creds is not None:
-                return creds
-            continue  # containers/image: a credHelpers entry settles this file
-        for key in keys:
-            if key in content.entries:
-                creds = _decode_entry(content.entries[key], f.path, key)
-                if creds is not None:
-                    log.debug("credentials for %s/%s: %s from %s", registry, repository,
-                              creds.describe(), f.path)
-                    return creds
-        if content.store:
-            creds = _ask_helper(helper, content.store, registry, f.path, "credsStore")
-            if creds is not None:
-                return creds
-    return None
-
-
-def _ask_helper(helper: HelperLookup | None, name: str, registry: str, path: Path,
-                field_name: str) -> Credentials | None:
-    from .credhelper import HelperError, helper_get
-    try:
-        creds = helper(name, registry) if helper is not None else helper_get(name, registry)
-    except HelperError as exc:
-        log.warning("%s (named by %s in %s); going on without it", exc, field_name, path)
-        return None
-    if creds is not None:
-        log.debug("credentials for %s: %s from credential helper %s (%s in %s)", registry,
-                  creds.describe(), name, field_name, path)
-    return creds
-
-
-@dataclass
-class _AuthFileContent:
-    """What one auth file says: normalised key -> entry, and the helpers it names."""
-
-    entries: dict[str, dict] = field(default_factory=dict)
-    helpers: dict[str, str] = field(default_factory=dict)  # credHelpers: registry -> helper name
-    store: str = ""  # credsStore: the helper for every registry
-
-
-def _load_auth_file(f: AuthFile) -> _AuthFileContent:
-    """Parse ``f``. Missing, unreadable or malformed files are empty."""
-    empty = _AuthFileContent()
-    try:
-        raw = f.path.read_bytes()
-    except FileNotFoundError:
-        return empty
-    except OSError as exc:
-        log.debug("cannot read auth file %s: %s", f.path, exc.strerror)
-        return empty
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        log.warning("ignoring auth file %s: it is not valid JSON", f.path)
-        return empty
-    if not isinstance(doc, dict):
-        log.warning("ignoring auth file %s: it is not a JSON object", f.path)
-        return empty
-    out = _AuthFileContent()
-    if f.legacy:
-        auths = doc
-    else:
-        auths = doc.get("auths", {})
-        helpers = doc.get("credHelpers", {})
-        if isinstance(helpers, dict):
-            out.helpers = {normalize_registry(k): v for k, v in helpers.items()
-                           if isinstance(k, str) and isinstance(v, str) and _helper_name_ok(v)}
-        else:
-            log.warning("ignoring 'credHelpers' in auth file %s: it is not a JSON object", f.path)
-        store = doc.get("credsStore", "")
-        if isinstance(store, str) and _helper_name_ok(store):
-            out.store = store
-        elif store:
-            log.warning("ignoring 'credsStore' in auth file %s: not a helper name", f.path)
-    if not isinstance(auths, dict):
-        log.warning("ignoring auth file %s: 'auths' is not a JSON object", f.path)
-        return out
-    seen: dict[str, tuple[dict, bool]] = {}
-    for key, entry in auths.items():
-        if not isinstance(key, str) or not isinstance(entry, dict):
-            continue
-        norm, legacy = _normalize_key(key)
-        # The form Podman writes (no scheme) beats a legacy URL for the same registry.
-        if norm not in seen or (seen[norm][1] and not legacy):
-            seen[norm] = (entry, legacy)
-    out.entries = {k: v[0] for k, v in seen.items()}
-    return out
-
-
-def _helper_name_ok(name: str) -> bool:
-    """A helper name becomes part of a program name: no paths, no options."""
-    return bool(name) and "/" not in name and not name.startswith("-") and len(name) < 128
-
-
-def _decode_entry(entry: dict, path: Path, key: str, plain: bool = False) -> Credentials | None:
-    """The credentials of one ``auths`` entry, or None (logged when malformed).
-
-    ``plain`` also accepts separate ``username``/``password`` fields, which
-    the kubelet's config.json may carry; containers/image reads only ``auth``.
-    """
-    auth = entry.get("auth") or ""
-    token = entry.get("identitytoken") or ""
-    if not isinstance(auth, str) or not isinstance(token, str):
-        log.warning("ignoring entry %r in auth file %s: malformed", key, path)
-        return None
-    if plain and not auth and not token:
-        user, pw = entry.get("username") or "", entry.get("password") or ""
-        if isinstance(user, str) and isinstance(pw, str) and user:
-            return Credentials(username=user, password=pw)
-    username = password = ""
-    if auth:
-        try:
-            decoded = base64.b64decode(auth.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, ValueError):
-            log.warning("ignoring entry %r in auth file %s: 'auth' is not base64 'user:password'",
-                        key, path)
-            return None
-        username, sep, password = decoded.partition(":")
-        if not sep:
-            log.warning("ignoring entry %r in auth file %s: 'auth' is not base64 'user:password'",
-                        key, path)
-            return None
-    if not auth and not token:
-        return None
-    return Credentials(username=username, password=password, identity_token=token)
 
 
 # --------------------------------------------------------------------------
@@ -363,9 +113,6 @@ class _Hint:
     scope: str = ""
     insecure: bool = False
     basic: str = field(default="", repr=False)  # the Basic header value, for scheme "basic"
-
-
-CredentialLookup = Callable[[str, str], "Credentials | None"]
 
 
 class Authenticator:
