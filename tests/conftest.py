@@ -1,4 +1,9 @@
-"""Shared fixtures: a real registry, a client for it, and a real `als serve` mount."""
+"""Shared fixtures: a real registry, a client for it, and a real `als serve` mount; and the tiers.
+
+Tests that need real parts (those fixtures among them) are marked ``real``
+from their code (tests/support/tiers.py), so ``-m "not real"`` (`make
+test-fast`) runs the rest; in those, starting a real part fails.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import pytest
 
 from als.registry.client import RegistryClient
 from als.registry.sysregistries import RegistriesConf
+from tests.support import tiers
 from tests.support.registry import RegistryProcess
 from tests.support.store_process import StoreProcess, write_registries_conf
 
@@ -13,15 +19,28 @@ from tests.support.store_process import StoreProcess, write_registries_conf
 NO_BACKGROUND = "[fetch]\nbackground = false\n"
 
 
+GUARD = "tier_guard"
+
+
 def pytest_collection_modifyitems(config, items):
-    """Soak tests run only when -m names them (`pytest -m soak`): plain `pytest`, `make test` and
+    """Tests that need real parts are marked ``real`` (tests/support/tiers.py says how it is decided).
+
+    Soak tests run only when -m names them (`pytest -m soak`): plain `pytest`, `make test` and
     `-m "not slow"` leave them out. (An addopts `-m "not soak"` would be replaced by any -m given.)"""
+    tiers.mark_real(items, ignore=frozenset({GUARD}))
     if "soak" in (config.getoption("markexpr") or ""):
         return
     soak = [item for item in items if item.get_closest_marker("soak")]
     if soak:
         config.hook.pytest_deselected(items=soak)
         items[:] = [item for item in items if not item.get_closest_marker("soak")]
+
+
+@pytest.fixture(autouse=True, name=GUARD)
+def tier_guard(request, monkeypatch):
+    """A test not marked ``real`` runs in `make test-fast`: there, starting a real part is a failure."""
+    if not request.node.get_closest_marker(tiers.MARK):
+        tiers.guard(monkeypatch)
 
 
 @pytest.fixture(scope="module")
