@@ -1,4 +1,5 @@
-"""Shared fixtures: a real registry, a client for it, and a real `als serve` mount; and the tiers.
+"""Shared fixtures: a real registry, a client for it, a real `als serve` mount, the store over an in-memory
+registry (``mem``); and the tiers.
 
 Tests that need real parts (those fixtures among them) are marked ``real``
 from their code (tests/support/tiers.py), so ``-m "not real"`` (`make
@@ -11,7 +12,7 @@ import pytest
 
 from als.registry.client import RegistryClient
 from als.registry.sysregistries import RegistriesConf
-from tests.support import tiers
+from tests.support import memstore, tiers
 from tests.support.registry import RegistryProcess
 from tests.support.store_process import StoreProcess, write_registries_conf
 
@@ -65,3 +66,10 @@ def store(registries_conf, tmp_path_factory):
     with StoreProcess(tmp_path_factory.mktemp("als"), registries_conf=registries_conf,
                       config=NO_BACKGROUND) as s:
         yield s
+
+
+@pytest.fixture
+def mem(tmp_path):
+    """The store and its file system over an in-memory registry, in this process (tests/support/memstore.py)."""
+    with memstore.harness(tmp_path) as h:
+        yield h
