@@ -51,7 +51,7 @@ def test_a_read_fetches_its_file_not_the_layer(mem, two_layers):
     resolved = mem.registry.bytes_served
     assert mem.read(node, 0, 10) == FILES["f1"][:10]
     fetched = mem.registry.bytes_served - resolved
-    assert 0 < fetched < layer.size // 2, (fetched, layer.size)
+    assert 0 < fetched < 2 * (64 << 10), (fetched, layer.size)  # its first chunk, not the file or layer
     assert mem.read_all(node) == FILES["f1"]
     again = mem.registry.bytes_served
     assert mem.read_all(node) == FILES["f1"]
@@ -61,7 +61,7 @@ def test_a_read_fetches_its_file_not_the_layer(mem, two_layers):
 def test_both_names_of_a_layer_are_one_layer_with_an_info_each(mem, two_layers):
     layer = two_layers[1]
     toc = layer.annotations["containerd.io/snapshot/stargz/toc.digest"]
-    by_blob, by_toc = mem.store.layer(REF, layer.digest), mem.store.layer(REF, toc)
+    by_toc, by_blob = mem.store.layer(REF, toc), mem.store.layer(REF, layer.digest)
     assert by_blob is by_toc
     assert json.loads(by_blob.info(layer.digest))["compressed-diff-digest"] == layer.digest
     assert json.loads(by_blob.info(toc))["toc-digest"] == toc

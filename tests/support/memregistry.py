@@ -10,7 +10,8 @@ own writers and "pushed" here without a socket. Its errors are the client's:
 It counts what it serves (``requests``, ``bytes_served``) and can misbehave on
 request: fail the next requests (``fail``), hand over part of a range and then
 fail (``fail(after=...)``), flip a byte of a blob as it is served
-(``tamper``), or hold requests until the test releases them (``hold``; the
+(``tamper``), serve another blob's bytes in its place (``substitute``: well
+formed, so only digests can tell), or hold requests until the test releases them (``hold``; the
 test learns a request arrived from ``Hold.arrived``, never from a sleep).
 """
 
@@ -91,6 +92,7 @@ class MemoryRegistry:
         self._faults: list[Fault] = []
         self._holds: list[Hold] = []
         self._tampered: dict[str, set[int]] = {}  # digest -> blob offsets whose byte is flipped
+        self._substitutes: dict[str, bytes] = {}  # digest -> bytes served as its ranges
 
     # ---- what push_image calls -----------------------------------------------------------
     def push_blob(self, ref: Reference, data: bytes | BinaryIO, digest: str, size: int) -> None:
@@ -135,6 +137,8 @@ class MemoryRegistry:
                      sink: Callable[[bytes], None]) -> int:
         fault = self._arrive(RANGE, digest, start, end)
         blob = self._blob(ref, digest)
+        with self._lock:
+            blob = self._substitutes.get(digest, blob)
         if not 0 <= start <= end <= len(blob):
             raise RegistryError(f"range [{start}, {end}) is outside blob {digest} of {len(blob)} bytes")
         data = bytearray(blob[start:end])
@@ -166,6 +170,11 @@ class MemoryRegistry:
         """Flip the byte at ``offset`` of blob ``digest`` in everything served from now on."""
         with self._lock:
             self._tampered.setdefault(digest, set()).add(offset)
+
+    def substitute(self, digest: str, data: bytes) -> None:
+        """Serve ranges of blob ``digest`` from ``data`` from now on (the same size)."""
+        with self._lock:
+            self._substitutes[digest] = data
 
     def hold(self, kind: str, digest: str | None = None) -> Hold:
         """Hold requests of ``kind`` until the returned hold is released."""

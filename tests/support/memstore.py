@@ -49,9 +49,12 @@ def ref_dir(ref: str) -> str:
 
 
 # ---- images --------------------------------------------------------------------------------
-def estargz(entries: Sequence[images.Entry], chunk_size: int = 4 << 20) -> BuiltLayer:
-    """An eStargz layer of ``entries`` (tests/support/images.py), with its TOC digest annotation."""
-    return estargz_layer(io.BytesIO(images.layer_tar(entries)), chunk_size=chunk_size)
+def estargz(entries: Sequence[images.Entry], chunk_size: int = 4 << 20, level: int = 9) -> BuiltLayer:
+    """An eStargz layer of ``entries`` (tests/support/images.py), with its TOC digest annotation.
+
+    ``level`` 0 stores the data: files of equal sizes then sit at equal offsets in two layers.
+    """
+    return estargz_layer(io.BytesIO(images.layer_tar(entries)), chunk_size=chunk_size, level=level)
 
 
 def zstd_chunked(entries: Sequence[images.Entry], chunk_size: int = 4 << 20) -> BuiltLayer:
