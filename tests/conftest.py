@@ -20,15 +20,12 @@ from tests.support.store_process import StoreProcess, write_registries_conf
 NO_BACKGROUND = "[fetch]\nbackground = false\n"
 
 
-GUARD = "tier_guard"
-
-
 def pytest_collection_modifyitems(config, items):
     """Tests that need real parts are marked ``real`` (tests/support/tiers.py says how it is decided).
 
     Soak tests run only when -m names them (`pytest -m soak`): plain `pytest`, `make test` and
     `-m "not slow"` leave them out. (An addopts `-m "not soak"` would be replaced by any -m given.)"""
-    tiers.mark_real(items, ignore=frozenset({GUARD}))
+    tiers.mark_real(items)
     if "soak" in (config.getoption("markexpr") or ""):
         return
     soak = [item for item in items if item.get_closest_marker("soak")]
@@ -37,11 +34,13 @@ def pytest_collection_modifyitems(config, items):
         items[:] = [item for item in items if not item.get_closest_marker("soak")]
 
 
-@pytest.fixture(autouse=True, name=GUARD)
-def tier_guard(request, monkeypatch):
-    """A test not marked ``real`` runs in `make test-fast`: there, starting a real part is a failure."""
-    if not request.node.get_closest_marker(tiers.MARK):
-        tiers.guard(monkeypatch)
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test not marked ``real`` runs in `make test-fast`: starting a real part in it is a failure."""
+    if item.get_closest_marker(tiers.MARK):
+        return (yield)
+    with tiers.guarded():
+        return (yield)
 
 
 @pytest.fixture(scope="module")

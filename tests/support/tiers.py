@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 import subprocess
 import types
-from typing import Callable, Iterable
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
 
 import pytest
 
@@ -108,9 +109,8 @@ class Reach:
         return callable(obj) and self.function(obj, depth + 1)
 
 
-def needs_real_parts(item: pytest.Item, reach: Reach, ignore: frozenset[str] = frozenset()) -> bool:
-    """Whether ``item`` is slow or soak, or its function or any fixture it uses (but ``ignore``) reaches
-    a real part."""
+def needs_real_parts(item: pytest.Item, reach: Reach) -> bool:
+    """Whether ``item`` is slow or soak, or its function or any fixture it uses reaches a real part."""
     if item.get_closest_marker("slow") or item.get_closest_marker("soak"):
         return True
     fn = getattr(item, "function", None)
@@ -118,15 +118,14 @@ def needs_real_parts(item: pytest.Item, reach: Reach, ignore: frozenset[str] = f
         return True
     info = getattr(item, "_fixtureinfo", None)  # pytest has no public accessor for the fixture closure
     names = info.name2fixturedefs.items() if info is not None else ()
-    return any(reach.function(d.func) for name, fixturedefs in names if name not in ignore for d in fixturedefs)
+    return any(reach.function(d.func) for _, fixturedefs in names for d in fixturedefs)
 
 
-def mark_real(items: Iterable[pytest.Item], ignore: frozenset[str] = frozenset()) -> None:
-    """Add the ``real`` marker to every item that needs real parts; fixtures named in ``ignore`` (the
-    guard itself) are not read."""
+def mark_real(items: Iterable[pytest.Item]) -> None:
+    """Add the ``real`` marker to every item that needs real parts."""
     reach = Reach()
     for item in items:
-        if not item.get_closest_marker(MARK) and needs_real_parts(item, reach, ignore):
+        if not item.get_closest_marker(MARK) and needs_real_parts(item, reach):
             item.add_marker(MARK)
 
 
@@ -138,8 +137,20 @@ def _refuse(what: str) -> Callable:
     return refuse
 
 
+@contextmanager
+def guarded() -> Iterator[None]:
+    """Starting a real part fails inside: around an unmarked test's setup, call and teardown (its
+    module's fixtures included, which a test-scoped fixture would come too late for)."""
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        guard(monkeypatch)
+        yield
+    finally:
+        monkeypatch.undo()
+
+
 def guard(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make starting a real part fail in the current (unmarked) test."""
+    """Make starting a real part fail until ``monkeypatch`` is undone."""
     from als.tools.podman import Podman
     from tests.support.containerd import ContainerdProcess
     from tests.support.registry import RegistryProcess
