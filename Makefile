@@ -1,4 +1,4 @@
-# als: make demo (the main job, end to end) and make test (the suite).
+# als: make demo (the main job, end to end), make test (the suite) and make test-fast (its tier without real parts).
 PYTHON ?= python3
 APT_PACKAGES = fuse3 podman runc docker-registry containerd stargz-snapshotter apache2-utils busybox-static python3 uidmap systemd debootstrap
 PYTEST_ARGS ?=
@@ -27,9 +27,11 @@ demo: deps
 test: deps
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
-# Everything but the slow end-to-end Podman tests.
+# The tier without real parts (no registry process, FUSE mount, Podman or root): the store and its file
+# system in-process over an in-memory registry, and the unit tests; well under a minute on 2 cores.
+# Tests are marked `real` from their code (tests/support/tiers.py); docs/testing.md describes the tiers.
 test-fast: deps
-	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -m "not real" $(PYTEST_ARGS)
 
 # The Podman 5 tier alone: Debian trixie's Podman 5.4 and sid's 5.8 from chroots the suite builds
 # once with debootstrap and keeps in /var/tmp/als-podman5 (part of `make test` too).
