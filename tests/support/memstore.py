@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 from als.config import load_config
 from als.fetch.cache import ChunkCache
 from als.fetch.fetcher import ChunkFetcher
-from als.formats import zstdchunked
+from als.formats import zstdchunked, zstdchunked_writer
 from als.fuse import protocol
 from als.fuse.filesystem import ROOT, StoreFS
 from als.fuse.protocol import Attr, Entry, FuseError, Request, WouldBlock
@@ -60,7 +60,7 @@ def estargz(entries: Sequence[images.Entry], chunk_size: int = 4 << 20, level: i
 def zstd_chunked(entries: Sequence[images.Entry], chunk_size: int = 4 << 20) -> BuiltLayer:
     """A zstd:chunked layer of ``entries``, with the annotations Podman writes and its size."""
     blob = io.BytesIO()
-    r = zstdchunked.write_zstdchunked(io.BytesIO(images.layer_tar(entries)), blob, chunk_size=chunk_size)
+    r = zstdchunked_writer.write_zstdchunked(io.BytesIO(images.layer_tar(entries)), blob, chunk_size=chunk_size)
     return BuiltLayer(blob=blob, digest=r.blob_digest, size=r.compressed_size, diff_id=r.diff_id,
                       annotations=r.annotations(), media_type=zstdchunked.MEDIA_TYPE)
 
