@@ -52,9 +52,9 @@ def paged_in(node: Node, path: str) -> bool:
 class LayerReader:
     """The read policy every file of every layer shares: the fetcher, the recorder, the predictor.
 
-    A file is opened by the name it was found under (``open``): a hard link's
-    path decides whether it is a library, and the directory it was found in
-    whose small files come along with it.
+    A file is opened under the name it was found by (``open``): a hard link has
+    several, and the name decides whether it is a library and which directory's
+    small files come along with it.
     """
 
     def __init__(self, fetcher: ChunkFetcher, accesses: AccessRecorder, predictor: Predictor | None = None):
