@@ -23,7 +23,8 @@ import time
 
 import pytest
 
-from als.fuse import protocol
+from als.fuse import abi
+from als.fuse.session import Session, WouldBlock
 from als.tools.image import estargz_layer, push_image
 from als.reference import parse_reference
 from tests.support import faultproxy as fp
@@ -274,12 +275,12 @@ def test_times_before_1970_list_and_stat_signed(store, registry, client):
 def test_a_files_nanoseconds_reach_stat():
     """eStargz writers round to seconds, zstd:chunked keeps nanoseconds (RFC 3339 with a fraction)."""
     from als.formats import tocentries
-    from als.fuse.filesystem import StoreFS
+    from als.fuse.filesystem import node_attr
     from als.layer.view import LayerView
     e = tocentries.toc_entry({"name": "f", "type": "reg", "size": 0, "modtime": "1969-07-20T20:17:40.123456789Z"}, 0)
     assert (e.mtime, e.mtime_nsec) == (-14182940, 123456789)
     node = LayerView([e]).lookup(["f"])
-    st = protocol.ATTR.unpack(StoreFS._node_attr(node).pack())
+    st = abi.ATTR.unpack(node_attr(node).pack())
     assert st[4] == -14182940 and st[7] == 123456789  # mtime and its nanoseconds, signed
 
 
@@ -383,14 +384,14 @@ class FakeKernel:
 
     def __init__(self, ops, **kw):
         self.kernel, self._daemon = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.session = protocol.Session(self._daemon.fileno(), ops, **kw).start()
+        self.session = Session(self._daemon.fileno(), ops, **kw).start()
         self.unique = 0
 
     def send(self, opcode: int, nodeid: int = 1, body: bytes = b"", unique: int | None = None) -> int:
         if unique is None:
             self.unique += 2
             unique = self.unique
-        self.kernel.send(protocol.IN_HEADER.pack(protocol.IN_HEADER.size + len(body), opcode, unique, nodeid,
+        self.kernel.send(abi.IN_HEADER.pack(abi.IN_HEADER.size + len(body), opcode, unique, nodeid,
                                                   0, 0, 4242, 0, 0) + body)
         return unique
 
@@ -398,9 +399,9 @@ class FakeKernel:
         """(unique, errno, payload) of the next reply."""
         self.kernel.settimeout(timeout)
         data = self.kernel.recv(4 << 20)
-        length, err, unique = protocol.OUT_HEADER.unpack_from(data)
+        length, err, unique = abi.OUT_HEADER.unpack_from(data)
         assert length == len(data)
-        return unique, -err, data[protocol.OUT_HEADER.size:]
+        return unique, -err, data[abi.OUT_HEADER.size:]
 
     def close(self) -> None:
         self.kernel.close()
@@ -420,9 +421,9 @@ class Ops:
     def lookup(self, parent, name, req):
         if name.startswith(b"slow"):
             if not req.can_wait:
-                raise protocol.WouldBlock
+                raise WouldBlock
             self.gate.wait(10)
-        return protocol.Entry(7, protocol.Attr(7, 0o100644), 1.0, 1.0)
+        return abi.Entry(7, abi.Attr(7, 0o100644), 1.0, 1.0)
 
     def forget(self, nodeid, count):
         self.forgot.append((nodeid, count))
@@ -430,7 +431,7 @@ class Ops:
             raise RuntimeError("a bug in forget")
 
     def getattr(self, nodeid):
-        return protocol.Attr(nodeid, 0o40755, mtime=-1), 1.0
+        return abi.Attr(nodeid, 0o40755, mtime=-1), 1.0
 
     def listing(self, nodeid):
         return self.entries
@@ -452,32 +453,32 @@ def kernel():
 
 
 def init_body(minor: int) -> bytes:
-    return protocol.INIT_IN.pack(7, minor, 128 << 10, 0xFFFFFFFF)
+    return abi.INIT_IN.pack(7, minor, 128 << 10, 0xFFFFFFFF)
 
 
 def test_init_refuses_a_kernel_older_than_the_protocol_needs(kernel):
     k = kernel(Ops(), workers=1)
-    u = k.send(protocol.INIT, body=init_body(protocol.MIN_MINOR - 1))
+    u = k.send(abi.INIT, body=init_body(abi.MIN_MINOR - 1))
     assert k.reply()[:2] == (u, errno.EPROTO)
-    assert f"7.{protocol.MIN_MINOR - 1}" in k.session.refused and not k.session.initialized.is_set()
+    assert f"7.{abi.MIN_MINOR - 1}" in k.session.refused and not k.session.initialized.is_set()
     k2 = kernel(Ops(), workers=1)
-    u = k2.send(protocol.INIT, body=init_body(40))
+    u = k2.send(abi.INIT, body=init_body(40))
     unique, err, payload = k2.reply()
-    assert (unique, err) == (u, 0) and protocol.INIT_OUT.unpack(payload)[:2] == (7, protocol.MINOR)
+    assert (unique, err) == (u, 0) and abi.INIT_OUT.unpack(payload)[:2] == (7, abi.MINOR)
 
 
 def test_a_failing_forget_or_observer_costs_no_reader_and_no_reply(kernel):
     ops = Ops()
     ops.fail_forget = True
     k = kernel(ops, workers=1, observe=lambda op, err: 1 / 0)  # one reader: if it died, nothing answers
-    k.send(protocol.FORGET, nodeid=9, body=protocol.FORGET_IN.pack(1))
-    k.send(protocol.BATCH_FORGET, body=struct.pack("<II", 2, 0) + protocol.FORGET_ONE.pack(3, 1)
-           + protocol.FORGET_ONE.pack(4, 2))
+    k.send(abi.FORGET, nodeid=9, body=abi.FORGET_IN.pack(1))
+    k.send(abi.BATCH_FORGET, body=struct.pack("<II", 2, 0) + abi.FORGET_ONE.pack(3, 1)
+           + abi.FORGET_ONE.pack(4, 2))
     for _ in range(2):
-        u = k.send(protocol.GETATTR, nodeid=5, body=bytes(16))
+        u = k.send(abi.GETATTR, nodeid=5, body=bytes(16))
         unique, err, payload = k.reply()
         assert (unique, err) == (u, 0)
-        assert protocol.ATTR.unpack_from(payload, protocol.ATTR_HEAD.size)[4] == -1  # a signed time
+        assert abi.ATTR.unpack_from(payload, abi.ATTR_HEAD.size)[4] == -1  # a signed time
     assert (9, 1) in ops.forgot and (3, 1) in ops.forgot
 
 
@@ -486,30 +487,30 @@ def test_a_listing_of_thousands_of_entries_is_one_whole_reply(kernel):
     ops.entries = [(b".", 1, 0o40000), (b"..", 1, 0o40000)] + [(b"f%04d" % i, 100 + i, 0o100644)
                                                                for i in range(5000)]
     k = kernel(ops, workers=1)
-    u = k.send(protocol.READDIR, body=protocol.READ_IN.pack(0, 0, 1 << 20) + bytes(16))
+    u = k.send(abi.READDIR, body=abi.READ_IN.pack(0, 0, 1 << 20) + bytes(16))
     unique, err, payload = k.reply()
     assert (unique, err) == (u, 0)
     names, pos = [], 0
     while pos < len(payload):
-        ino, off, namelen, _ = protocol.DIRENT.unpack_from(payload, pos)
-        names.append(payload[pos + protocol.DIRENT.size:pos + protocol.DIRENT.size + namelen])
-        pos += (protocol.DIRENT.size + namelen + 7) & ~7
+        ino, off, namelen, _ = abi.DIRENT.unpack_from(payload, pos)
+        names.append(payload[pos + abi.DIRENT.size:pos + abi.DIRENT.size + namelen])
+        pos += (abi.DIRENT.size + namelen + 7) & ~7
     assert names == [e[0] for e in ops.entries]
-    u = k.send(protocol.READDIR, body=protocol.READ_IN.pack(0, 4000, 4096) + bytes(16))  # from an offset
+    u = k.send(abi.READDIR, body=abi.READ_IN.pack(0, 4000, 4096) + bytes(16))  # from an offset
     unique, err, payload = k.reply()
     assert (unique, err) == (u, 0)
-    assert protocol.DIRENT.unpack_from(payload)[:2] == (100 + 3998, 4001)
+    assert abi.DIRENT.unpack_from(payload)[:2] == (100 + 3998, 4001)
 
 
 def test_waiting_requests_leave_the_readers_free_and_an_interrupt_ends_one_at_once(kernel):
     ops = Ops()
     k = kernel(ops, workers=1, waiting=4)
-    slow = [k.send(protocol.LOOKUP, body=b"slow%d\0" % i) for i in range(3)]
-    u = k.send(protocol.GETATTR, nodeid=3, body=bytes(16))
+    slow = [k.send(abi.LOOKUP, body=b"slow%d\0" % i) for i in range(3)]
+    u = k.send(abi.GETATTR, nodeid=3, body=bytes(16))
     assert k.reply()[:2] == (u, 0)  # the only reader answered while three lookups wait
-    k.send(protocol.INTERRUPT, unique=slow[0] | 1, body=struct.pack("<Q", slow[0]))
+    k.send(abi.INTERRUPT, unique=slow[0] | 1, body=struct.pack("<Q", slow[0]))
     assert k.reply()[:2] == (slow[0], errno.EINTR)
-    unknown = k.send(protocol.INTERRUPT, unique=(k.unique + 2) | 1, body=struct.pack("<Q", 999998))
+    unknown = k.send(abi.INTERRUPT, unique=(k.unique + 2) | 1, body=struct.pack("<Q", 999998))
     assert k.reply()[:2] == (unknown, errno.EAGAIN)  # not waiting here: the kernel asks again later
     ops.gate.set()
     answered = {k.reply()[0] for _ in range(2)}

@@ -23,7 +23,7 @@ import pytest
 import zstandard
 
 from als.fuse.filesystem import ROOT
-from als.fuse.protocol import WouldBlock
+from als.fuse.session import WouldBlock
 from tests.support import images, memstore, rawblob
 from tests.support.memregistry import MANIFEST, RANGE
 from tests.support.memstore import ref_dir

@@ -1,4 +1,4 @@
-"""The store as a FUSE file system: node ids over the store's namespace (als/fuse/protocol.py speaks FUSE).
+"""The store as a FUSE file system: node ids over the store's namespace (als/fuse/session.py speaks FUSE).
 
     /                               the mount root
     /<base64(ref)>/                 an image reference (resolution starts on lookup)
@@ -12,6 +12,10 @@ The kernel holds a reference on every node id it was given and says when it
 lets go (forget); a node id lives exactly that long here. Store errors become
 errno values in ``error`` and only there. Layer content is immutable, so names,
 attributes, pages, listings and symlinks are cached by the kernel for long.
+
+This module only translates: what to fetch for a read, and whether it would
+wait, is the layer reader's to decide (als/layer/reader.py), and the blob's
+verification is the blob reader's (als/store/blob.py).
 """
 
 from __future__ import annotations
@@ -25,16 +29,15 @@ import time
 from collections.abc import Sequence
 from typing import Callable
 
-from cachetools import LRUCache
-
-from als.ops import metrics
-from als.errors import ALSError, Interrupted
-from als.fetch.fetcher import ChunkFetcher
 from als.digest import is_sha256
-from als.fuse.protocol import Attr, Entry, FuseError, Request, WouldBlock
-from als.layer.view import Node
-from als.store.blob import BlobReader
+from als.errors import ALSError, Interrupted
+from als.fuse.abi import Attr, Entry, FuseError
+from als.fuse.session import Request, WouldBlock
+from als.layer.reader import LayerReader, Readable
 from als.layer.resolved import Layer
+from als.layer.view import Node
+from als.ops import metrics
+from als.store.blob import BlobReader
 from als.store.namespace import LayerUnavailable, Store, decode_ref
 
 log = logging.getLogger("als.fuse")
@@ -45,14 +48,7 @@ ROOT = 1
 
 # what a node id stands for
 K_ROOT, K_IMAGE, K_LAYER, K_INFO, K_BLOB, K_DIFF, K_LINK, K_PLAIN = range(8)
-SMALL_FILE = 64 << 10  # a file this small brings the small files after it in its directory on a miss
 PLAIN_DIR = b".noxattr"  # where the xattr-free mount sits on the main one (no image's base64 starts with ".")
-
-
-def _paged_in(node: Node, path: str) -> bool:
-    """Programs and shared libraries: mapped and paged in out of order, so worth fetching whole."""
-    base = path.rsplit("/", 1)[-1]
-    return bool(node.mode & 0o111) or base.endswith(".so") or ".so." in base
 
 
 def _name(raw: bytes) -> str:
@@ -63,7 +59,7 @@ class _Inode:
     """One node id the kernel holds: what it names and how many references the kernel took."""
 
     __slots__ = ("nodeid", "key", "kind", "ref", "digest", "layer", "node", "path", "refs", "attr",
-                 "whole_file", "reader", "parent", "listing")
+                 "data", "reader", "listing")
 
     def __init__(self, nodeid: int, key: tuple, kind: int, ref: str | None = None, digest: str | None = None,
                  layer: Layer | None = None, node: Node | None = None, path: str = ""):
@@ -71,9 +67,8 @@ class _Inode:
         self.ref, self.digest, self.layer, self.node, self.path = ref, digest, layer, node, path
         self.refs = 0
         self.attr: Attr | None = None
-        self.whole_file = ()  # programs and libraries come whole on a miss
-        self.reader = None  # info bytes or the blob's reader
-        self.parent: Node | None = None  # the directory a small file was found in (read-ahead)
+        self.data = b""  # the info file's bytes, or the link's target
+        self.reader: Readable | None = None  # a layer file's or the blob's: what reads go through
         self.listing: _Listing | None = None  # a layer directory's entries, kept while the kernel holds it
 
 
@@ -103,6 +98,12 @@ class _Listing(Sequence):
         return name.encode("utf-8", "surrogateescape"), child.ino, child.mode
 
 
+def node_attr(node: Node) -> Attr:
+    """A layer file's attributes as the kernel caches them."""
+    return Attr(node.ino, node.mode, node.size, node.nlink, node.uid, node.gid, node.rdev, node.mtime,
+                node.mtime_nsec)
+
+
 class StoreFS:
     """The file system one FUSE session serves; knows the store, not the wire format.
 
@@ -126,12 +127,11 @@ class StoreFS:
         self.invalidate: Callable[[int], None] = lambda nodeid: None
         # set by the session too: makes the kernel drop a name (an evicted layer's directory)
         self.invalidate_entry: Callable[[int, bytes], None] = lambda parent, name: None
-        self.fetcher: ChunkFetcher = store.fetcher
+        self.reader = LayerReader(store.fetcher, store.accesses, store.predictor)
         self.entry_timeout, self.attr_timeout, self.negative_timeout = entry_timeout, attr_timeout, negative_timeout
         self._t = int(time.time())
         self._lock = threading.Lock()
         self._inodes: dict[int, _Inode] = {}
-        self._dirs: LRUCache = LRUCache(maxsize=256)  # id(directory node) -> its small files' chunks
         self._by_key: dict[tuple, _Inode] = {}
         self._next = ROOT + 1
         root = _Inode(ROOT, ("root",), K_ROOT)
@@ -176,11 +176,6 @@ class StoreFS:
 
     def _dir_attr(self, ino: int) -> Attr:
         return Attr(ino, NAMESPACE_DIR, 4096, 2, mtime=self._t)
-
-    @staticmethod
-    def _node_attr(node: Node) -> Attr:
-        return Attr(node.ino, node.mode, node.size, node.nlink, node.uid, node.gid, node.rdev, node.mtime,
-                    node.mtime_nsec)
 
     # ---- lookups -------------------------------------------------------------------------
     def _layer(self, ref: str, digest: str, req: Request) -> Layer:
@@ -239,8 +234,8 @@ class StoreFS:
             def make(nodeid):
                 ino = _Inode(nodeid, key, K_LINK, p.ref, p.digest, layer)
                 ref_dir = base64.b64encode(p.ref.encode()).decode()
-                ino.reader = b"../../%s/%s/%s/diff" % (PLAIN_DIR, ref_dir.encode(), p.digest.encode())
-                ino.attr = Attr(nodeid, stat.S_IFLNK | 0o777, len(ino.reader), mtime=self._t)
+                ino.data = b"../../%s/%s/%s/diff" % (PLAIN_DIR, ref_dir.encode(), p.digest.encode())
+                ino.attr = Attr(nodeid, stat.S_IFLNK | 0o777, len(ino.data), mtime=self._t)
                 return ino
             return self._entry(key, make)
         if name == b"diff" and not self.xattrs and layer.view.has_xattrs:
@@ -251,7 +246,7 @@ class StoreFS:
 
             def make(nodeid):
                 ino = _Inode(nodeid, key, K_DIFF, p.ref, p.digest, layer, root, "")
-                ino.attr = self._node_attr(root)
+                ino.attr = node_attr(root)
                 return ino
             return self._entry(key, make)
         if name not in (b"info", b"blob"):
@@ -262,10 +257,10 @@ class StoreFS:
         def make(nodeid):
             ino = _Inode(nodeid, key, kind, p.ref, p.digest, layer)
             if kind == K_INFO:
-                ino.reader = layer.info(p.digest)
-                size = len(ino.reader)
+                ino.data = layer.info(p.digest)
+                size = len(ino.data)
             else:
-                ino.reader = BlobReader(layer, self.fetcher.cache.root)
+                ino.reader = BlobReader(layer, self.store.fetcher.cache.root)
                 size = layer.desc.size
             ino.attr = Attr(nodeid, META_FILE, size, mtime=self._t)
             return ino
@@ -284,11 +279,9 @@ class StoreFS:
 
         def make(nodeid):
             ino = _Inode(nodeid, key, K_DIFF, p.ref, p.digest, p.layer, child, path)
-            ino.attr = self._node_attr(child)
-            if child.is_reg and _paged_in(child, path):
-                ino.whole_file = child.chunks
-            elif child.is_reg and child.size <= SMALL_FILE:
-                ino.parent = p.node
+            ino.attr = node_attr(child)
+            if child.is_reg:
+                ino.reader = self.reader.open(p.layer, child, path, p.node)
             return ino
         return self._entry(key, make)
 
@@ -310,7 +303,7 @@ class StoreFS:
     def readlink(self, nodeid: int) -> bytes:
         ino = self._inode(nodeid)
         if ino.kind == K_LINK:
-            return ino.reader
+            return ino.data
         node = ino.node
         if node is None or not stat.S_ISLNK(node.mode):
             raise FuseError(errno.EINVAL)
@@ -319,54 +312,18 @@ class StoreFS:
     def read(self, nodeid: int, offset: int, size: int, req: Request) -> bytes:
         ino = self._inode(nodeid)
         if ino.kind == K_INFO:
-            return ino.reader[offset:offset + size]
-        if ino.kind == K_BLOB:
-            if not req.can_wait and not ino.reader.ready():
-                raise WouldBlock
-            try:
-                return ino.reader.read(offset, size, req.interrupted)
-            except Interrupted:
-                raise FuseError(errno.EINTR) from None
-            except ALSError:
-                raise FuseError(errno.EIO) from None  # the blob reader logged why, once
-        node = ino.node
-        if node is None or not node.is_reg:
+            return ino.data[offset:offset + size]
+        reader = ino.reader
+        if reader is None:
             raise FuseError(errno.EISDIR)
-        chunks = node.chunks_for(offset, size)
-        if not req.can_wait and not self.fetcher.cached(chunks):
+        if not req.can_wait and not reader.ready(offset, size):
             raise WouldBlock  # nothing has happened yet: the waiting pool runs all of this again
-        layer = ino.layer
-        log.debug("image %s layer %s: reading /%s at %d", layer.ref, layer.desc.digest, ino.path, offset)
-        self.store.accesses.record(layer.ref, layer.desc.digest, layer.desc.index, ino.path)
-        if not chunks:
-            return b""
-        if ino.whole_file and self.store.predictor is not None:
-            self.store.predictor.after_exec(layer, node)  # its loader and libraries come next
         try:
-            pieces = self.fetcher.read(layer.source, chunks, ino.whole_file,
-                                       self._small_files(ino.parent) if ino.parent is not None else (),
-                                       cancel=req.interrupted)
+            return reader.read(offset, size, req.interrupted)
         except Interrupted:
             raise FuseError(errno.EINTR) from None
-        except ALSError as e:
-            log.error("image %s layer %s file /%s: read failed: %s", layer.ref, layer.desc.digest, ino.path, e)
-            raise FuseError(errno.EIO) from None
-        end = min(offset + size, node.size)
-        first = chunks[0].offset
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        return data[offset - first:end - first]
-
-    def _small_files(self, directory: Node) -> list:
-        """The chunks of a directory's small files in blob order, for read-ahead; kept for recent ones."""
-        with self._lock:
-            hit = self._dirs.get(id(directory))
-        if hit is None:
-            chunks = sorted((c for n in directory.children.values() if n.is_reg and n.size <= SMALL_FILE
-                             for c in n.chunks), key=lambda c: c.blob_start)
-            hit = (directory, chunks)  # the node pins its id while cached
-            with self._lock:
-                self._dirs[id(directory)] = hit
-        return hit[1]
+        except ALSError:
+            raise FuseError(errno.EIO) from None  # the reader logged why, once
 
     def listing(self, nodeid: int) -> Sequence[tuple[bytes, int, int]]:
         ino = self._inode(nodeid)

@@ -21,8 +21,9 @@ from als.config import load_config
 from als.ops.control import ControlServer, socket_path
 from als.errors import ALSError
 from als.fetch.fetcher import ChunkFetcher
-from als.fuse import protocol
+from als.fuse.mount import mount, unmount
 from als.fuse.filesystem import PLAIN_DIR, StoreFS, observer
+from als.fuse.session import Session
 from als.ops.instrument import InstrumentedClient
 from als.registry.configured import registry_client
 from als.store.state import StateDir
@@ -161,17 +162,16 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    sessions: list[tuple[Path, protocol.Session]] = []
+    sessions: list[tuple[Path, Session]] = []
     observe = observer()
     code = 0
     try:
         for path, fs in mounts:
             try:
-                fd = protocol.mount(path, read_only=fs is not main)  # nothing is ever created there
+                fd = mount(path, read_only=fs is not main)  # nothing is ever created there
             except OSError as e:
                 raise ALSError(str(e)) from None
-            session = protocol.Session(fd, fs, workers=f.threads, waiting=f.waiting_threads,
-                                        observe=observe).start()
+            session = Session(fd, fs, workers=f.threads, waiting=f.waiting_threads, observe=observe).start()
             fs.invalidate, fs.invalidate_entry = session.invalidate, session.invalidate_entry
             store.on_evict.append(fs.evicted)  # the kernel lets go of an evicted layer's nodes too
             sessions.append((path, session))
@@ -194,7 +194,7 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
     finally:
         for path, session in reversed(sessions):
             if not session.finished.is_set():
-                protocol.unmount(path)
+                unmount(path)
         if sessions:
             notify.notify(stopping=1, status=f"unmounted {mountpoint}")
         control.close()

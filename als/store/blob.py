@@ -200,8 +200,8 @@ class BlobReader:
         self._slot = _Slot()
         weakref.finalize(self, self._slot.drop)
 
-    def ready(self) -> bool:
-        """True when a read will not wait on the network: the blob is verified and spooled."""
+    def ready(self, offset: int = 0, size: int = 0) -> bool:
+        """True when a read (of any range) will not wait on the network: the blob is verified and spooled."""
         d = self._slot.download
         return d is not None and d.verified()
 

@@ -28,9 +28,10 @@ from als.config import load_config
 from als.fetch.cache import ChunkCache
 from als.fetch.fetcher import ChunkFetcher
 from als.formats import zstdchunked, zstdchunked_writer
-from als.fuse import protocol
+from als.fuse import abi
 from als.fuse.filesystem import ROOT, StoreFS
-from als.fuse.protocol import Attr, Entry, FuseError, Request, WouldBlock
+from als.fuse.abi import Attr, Entry, FuseError
+from als.fuse.session import Request, WouldBlock
 from als.reference import parse_reference
 from als.store.namespace import Store
 from als.store.state import StateDir
@@ -116,7 +117,7 @@ class Harness:
     # ---- operations ----------------------------------------------------------------------------
     def lookup(self, parent: int, name: str | bytes, *, can_wait: bool = True, pid: int = 0) -> Entry:
         raw = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else name
-        req = self.request(protocol.LOOKUP, parent, can_wait=can_wait, pid=pid)
+        req = self.request(abi.LOOKUP, parent, can_wait=can_wait, pid=pid)
         return self.call("lookup", parent, self.fs.lookup, parent, raw, req)
 
     def walk(self, *names: str, can_wait: bool = True) -> int:
@@ -137,7 +138,7 @@ class Harness:
         return self.call("getattr", nodeid, self.fs.getattr, nodeid)[0]
 
     def read(self, nodeid: int, offset: int, size: int, *, can_wait: bool = True) -> bytes:
-        req = self.request(protocol.READ, nodeid, can_wait=can_wait)
+        req = self.request(abi.READ, nodeid, can_wait=can_wait)
         return self.call("read", nodeid, self.fs.read, nodeid, offset, size, req)
 
     def read_all(self, nodeid: int) -> bytes:

@@ -1,4 +1,4 @@
-"""The FUSE kernel protocol, spoken directly over /dev/fuse: mount, request loop, replies.
+"""A FUSE session over /dev/fuse: reader threads, the waiting pool, dispatch, replies, interrupts, notifications.
 
 Why not libfuse: its high-level API (fuse-python) answers every open, close,
 directory listing and symlink with a round trip into Python, which made warm
@@ -9,81 +9,28 @@ across opens), cached symlinks, listings with attributes (readdirplus), timeouts
 per entry, names and xattr values as bytes, and a fixed pool of worker threads.
 
 This module knows nothing about layers: it calls an ``Operations`` object by
-node id (see als/fuse/filesystem.py) and packs what it returns. Structures and opcodes
-are those of <linux/fuse.h>, protocol 7.31.
+node id (see als/fuse/filesystem.py) and packs what it returns with the byte
+layouts of als/fuse/abi.py; als/fuse/mount.py gives it its descriptor.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
 import queue
-import socket
-import stat
 import struct
-import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Protocol, Sequence
+
+from als.fuse import abi
+from als.fuse.abi import Attr, Entry, FuseError
 
 log = logging.getLogger("als.fuse")
 
-MINOR = 31  # the protocol version this module speaks (every feature it asks for is older)
-MIN_MINOR = 28  # the oldest it accepts: max_pages and cached symlinks (Linux 4.20)
-
-# opcodes
-LOOKUP, FORGET, GETATTR, SETATTR, READLINK, SYMLINK = 1, 2, 3, 4, 5, 6
-MKNOD, MKDIR, UNLINK, RMDIR, RENAME, LINK, OPEN, READ, WRITE, STATFS, RELEASE = 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18
-SETXATTR, GETXATTR, LISTXATTR, REMOVEXATTR, FLUSH, INIT, OPENDIR, READDIR, RELEASEDIR = 21, 22, 23, 24, 25, 26, 27, 28, 29
-ACCESS, CREATE, INTERRUPT, DESTROY, BATCH_FORGET, READDIRPLUS = 34, 35, 36, 38, 42, 44
-
-OP_NAMES = {LOOKUP: "lookup", GETATTR: "getattr", SETATTR: "setattr", READLINK: "readlink", SYMLINK: "symlink",
-            MKNOD: "mknod", MKDIR: "mkdir", UNLINK: "unlink", RMDIR: "rmdir", RENAME: "rename", LINK: "link",
-            OPEN: "open", READ: "read", WRITE: "write", STATFS: "statfs", RELEASE: "release",
-            SETXATTR: "setxattr", GETXATTR: "getxattr", LISTXATTR: "listxattr", REMOVEXATTR: "removexattr",
-            FLUSH: "flush", OPENDIR: "opendir", READDIR: "readdir", RELEASEDIR: "releasedir", ACCESS: "access",
-            CREATE: "create", READDIRPLUS: "readdirplus"}
-
-# INIT flags
-ASYNC_READ, DO_READDIRPLUS, READDIRPLUS_AUTO = 1 << 0, 1 << 13, 1 << 14
-NO_OPEN_SUPPORT, PARALLEL_DIROPS, MAX_PAGES, CACHE_SYMLINKS, NO_OPENDIR_SUPPORT = 1 << 17, 1 << 18, 1 << 22, 1 << 23, 1 << 24
-WANTED = ASYNC_READ | DO_READDIRPLUS | READDIRPLUS_AUTO | PARALLEL_DIROPS | MAX_PAGES | CACHE_SYMLINKS
-FOPEN_KEEP_CACHE, FOPEN_CACHE_DIR = 1 << 1, 1 << 3
-NOTIFY_INVAL_INODE, NOTIFY_INVAL_ENTRY = 2, 3
-
-IN_HEADER = struct.Struct("<IIQQIIIHH")
-OUT_HEADER = struct.Struct("<IiQ")
-ATTR = struct.Struct("<QQQqqqIIIIIIIIII")  # times are signed
-ENTRY_HEAD = struct.Struct("<QQQQII")  # nodeid, generation, entry_valid, attr_valid, their nanoseconds
-ENTRY_SIZE = ENTRY_HEAD.size + ATTR.size  # fuse_entry_out
-ATTR_HEAD = struct.Struct("<QII")
-INIT_IN = struct.Struct("<IIII")
-INIT_OUT = struct.Struct("<IIIIHHIIHHII24x")
-READ_IN = struct.Struct("<QQI")
-OPEN_OUT = struct.Struct("<QII")
-SIZE_IN = struct.Struct("<II")  # getxattr_in / listxattr_in, getxattr_out
-FORGET_IN = struct.Struct("<Q")
-FORGET_ONE = struct.Struct("<QQ")
-INVAL_INODE = struct.Struct("<Qqq")  # nodeid, offset, length
-INVAL_ENTRY = struct.Struct("<QII")  # parent, namelen, flags
-DIRENT = struct.Struct("<QQII")
-STATFS_OUT = struct.Struct("<QQQQQIIII24x")
-
-MAX_WRITE = 4096  # the least the kernel takes: nothing is writable, and each worker's buffer must hold one
-MAX_PAGES_COUNT = 256  # 1 MiB reads: a whole chunk per request
 BUFFER = 16 << 10  # a request: header, arguments and up to two names (PATH_MAX for a symlink target)
-MS_RDONLY, MNT_DETACH = 1, 2
-
-
-class FuseError(OSError):
-    """Raised by operations to answer with an errno."""
-
-    def __init__(self, err: int):
-        super().__init__(err, os.strerror(err))
 
 
 class WouldBlock(Exception):
@@ -107,54 +54,6 @@ class Request:
     interrupted: threading.Event | None = None  # set when the kernel gives up on the request
     refs: list[int] = field(default_factory=list)  # node ids this reply hands the kernel a reference to
     answered: bool = False
-
-
-@dataclass(slots=True)
-class Attr:
-    """What the kernel caches for an inode: ``stat`` fields plus how long they stay valid.
-
-    Times are signed (before 1970 is negative) with their nanoseconds, as the kernel's ABI has them.
-    """
-
-    ino: int
-    mode: int
-    size: int = 0
-    nlink: int = 1
-    uid: int = 0
-    gid: int = 0
-    rdev: int = 0
-    mtime: int = 0
-    mtime_nsec: int = 0
-
-    def pack(self) -> bytes:
-        t, ns = self.mtime, self.mtime_nsec
-        return ATTR.pack(self.ino, self.size, (self.size + 511) >> 9, t, t, t, ns, ns, ns, self.mode, self.nlink,
-                         self.uid, self.gid, self.rdev, 4096, 0)
-
-
-@dataclass(slots=True)
-class Entry:
-    """A looked-up name: the kernel counts one reference to ``nodeid`` for every entry sent."""
-
-    nodeid: int
-    attr: Attr
-    entry_timeout: float
-    attr_timeout: float
-
-    @classmethod
-    def missing(cls, timeout: float) -> "Entry":
-        """Node id 0: the kernel remembers for ``timeout`` that the name does not exist."""
-        return cls(0, Attr(0, 0), timeout, 0.0)
-
-    def pack(self) -> bytes:
-        ev, et = _split_seconds(self.entry_timeout)
-        av, at = _split_seconds(self.attr_timeout)
-        return ENTRY_HEAD.pack(self.nodeid, 0, ev, av, et, at) + self.attr.pack()
-
-
-def _split_seconds(t: float) -> tuple[int, int]:
-    s = int(t)
-    return s, int((t - s) * 1e9)
 
 
 class Operations(Protocol):
@@ -208,14 +107,16 @@ class Session:
         self._pool = ThreadPoolExecutor(max_workers=max(1, waiting), thread_name_prefix="fuse-wait")
         self._readers = 0
         self._handlers = {
-            LOOKUP: self._lookup, GETATTR: self._getattr, READLINK: self._readlink, OPEN: self._open,
-            OPENDIR: self._open, READ: self._read, READDIR: self._readdir, READDIRPLUS: self._readdirplus,
-            GETXATTR: self._getxattr, LISTXATTR: self._listxattr, STATFS: self._statfs, CREATE: self._create,
-            MKNOD: self._create, RMDIR: self._rmdir, ACCESS: self._empty, RELEASE: self._empty,
-            RELEASEDIR: self._empty, DESTROY: self._empty, INIT: self._init,
+            abi.LOOKUP: self._lookup, abi.GETATTR: self._getattr, abi.READLINK: self._readlink,
+            abi.OPEN: self._open, abi.OPENDIR: self._open, abi.READ: self._read, abi.READDIR: self._readdir,
+            abi.READDIRPLUS: self._readdirplus, abi.GETXATTR: self._getxattr, abi.LISTXATTR: self._listxattr,
+            abi.STATFS: self._statfs, abi.CREATE: self._create, abi.MKNOD: self._create, abi.RMDIR: self._rmdir,
+            abi.ACCESS: self._empty, abi.RELEASE: self._empty, abi.RELEASEDIR: self._empty,
+            abi.DESTROY: self._empty, abi.INIT: self._init,
         }
         # FLUSH is left unanswered (ENOSYS): the kernel then stops sending it on every close.
-        for op in (SETATTR, SYMLINK, MKDIR, UNLINK, RENAME, LINK, WRITE, SETXATTR, REMOVEXATTR):
+        for op in (abi.SETATTR, abi.SYMLINK, abi.MKDIR, abi.UNLINK, abi.RENAME, abi.LINK, abi.WRITE,
+                   abi.SETXATTR, abi.REMOVEXATTR):
             self._handlers[op] = self._read_only
 
     def start(self) -> "Session":
@@ -231,12 +132,11 @@ class Session:
         Sent from a thread of its own: the kernel may need locks that the request
         which caused the change still holds.
         """
-        # offset 0, length 0: every page, the listing included
-        self._stale.put((NOTIFY_INVAL_INODE, INVAL_INODE.pack(nodeid, 0, 0)))
+        self._stale.put((abi.NOTIFY_INVAL_INODE, abi.inval_inode(nodeid)))  # the listing included
 
     def invalidate_entry(self, parent: int, name: bytes) -> None:
         """Make the kernel drop the name ``name`` in ``parent``; what it named is forgotten once unused."""
-        self._stale.put((NOTIFY_INVAL_ENTRY, INVAL_ENTRY.pack(parent, len(name), 0) + name + b"\0"))
+        self._stale.put((abi.NOTIFY_INVAL_ENTRY, abi.inval_entry(parent, name)))
 
     def _notify(self) -> None:
         while not self.finished.is_set():
@@ -245,7 +145,7 @@ class Session:
             except queue.Empty:
                 continue
             try:
-                os.write(self.fd, OUT_HEADER.pack(OUT_HEADER.size + len(msg), code, 0) + msg)
+                os.write(self.fd, abi.notify_header(len(msg), code) + msg)
             except OSError as e:
                 if e.errno == errno.ENODEV:
                     return
@@ -280,17 +180,17 @@ class Session:
             self.finished.set()
 
     def _take(self, view: memoryview, n: int) -> None:
-        _, opcode, unique, nodeid, _, _, pid = IN_HEADER.unpack_from(view)[:7]
-        if opcode == FORGET:
-            self.ops.forget(nodeid, FORGET_IN.unpack_from(view, IN_HEADER.size)[0])
-        elif opcode == BATCH_FORGET:
-            self._batch_forget(view[IN_HEADER.size:n])
-        elif opcode == INTERRUPT:
-            self._interrupt(unique, FORGET_IN.unpack_from(view, IN_HEADER.size)[0])
+        _, opcode, unique, nodeid, _, _, pid = abi.IN_HEADER.unpack_from(view)[:7]
+        if opcode == abi.FORGET:
+            self.ops.forget(nodeid, abi.FORGET_IN.unpack_from(view, abi.IN_HEADER.size)[0])
+        elif opcode == abi.BATCH_FORGET:
+            self._batch_forget(view[abi.IN_HEADER.size:n])
+        elif opcode == abi.INTERRUPT:
+            self._interrupt(unique, abi.FORGET_IN.unpack_from(view, abi.IN_HEADER.size)[0])
         else:
             req = Request(unique, opcode, nodeid, pid)
             try:
-                self._run(req, bytes(view[IN_HEADER.size:n]))
+                self._run(req, bytes(view[abi.IN_HEADER.size:n]))
             except BaseException:
                 self._finish(req, errno.EIO, b"")  # whatever failed, the caller must not hang
                 raise
@@ -313,7 +213,7 @@ class Session:
             except FuseError as e:
                 err = e.errno
             except Exception as e:  # every failure is an errno for the kernel, never a dead worker
-                err = self.ops.error(OP_NAMES.get(req.opcode, str(req.opcode)), req.nodeid, e)
+                err = self.ops.error(abi.OP_NAMES.get(req.opcode, str(req.opcode)), req.nodeid, e)
         self._finish(req, err, reply)
 
     def _wait_for(self, req: Request, body: bytes) -> None:
@@ -357,8 +257,8 @@ class Session:
             return
         if err:
             self._release(req)
-        name = OP_NAMES.get(req.opcode, str(req.opcode))
-        if self.observe is not None and req.opcode != INIT:  # counted before the caller can see it
+        name = abi.OP_NAMES.get(req.opcode, str(req.opcode))
+        if self.observe is not None and req.opcode != abi.INIT:  # counted before the caller can see it
             try:
                 self.observe(name, err)
             except Exception:
@@ -370,7 +270,7 @@ class Session:
         """Write one reply; whether the kernel took it. A refused reply is replaced by EIO."""
         body = b"" if err else reply
         try:  # two buffers at most: writev takes no more than IOV_MAX (1024)
-            os.writev(self.fd, [OUT_HEADER.pack(OUT_HEADER.size + len(body), -err, unique), body])
+            os.writev(self.fd, [abi.reply_header(len(body), err, unique), body])
             return True
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENODEV):  # interrupted, or the mount is gone
@@ -378,7 +278,7 @@ class Session:
             log.error("answering the kernel's %s request failed: %s", name, e)
         if not err:
             try:
-                os.write(self.fd, OUT_HEADER.pack(OUT_HEADER.size, -errno.EIO, unique))
+                os.write(self.fd, abi.reply_header(0, errno.EIO, unique))
             except OSError as e:
                 if e.errno not in (errno.ENOENT, errno.ENODEV):
                     log.error("answering the kernel's %s request with EIO failed too: %s", name, e)
@@ -395,21 +295,20 @@ class Session:
 
     def _batch_forget(self, body: memoryview) -> None:
         count = struct.unpack_from("<I", body)[0]
-        for i in range(min(count, (len(body) - 8) // FORGET_ONE.size)):
-            nodeid, n = FORGET_ONE.unpack_from(body, 8 + i * FORGET_ONE.size)
+        for i in range(min(count, (len(body) - 8) // abi.FORGET_ONE.size)):
+            nodeid, n = abi.FORGET_ONE.unpack_from(body, 8 + i * abi.FORGET_ONE.size)
             self.ops.forget(nodeid, n)
 
     # ---- operations ----------------------------------------------------------------------
     def _init(self, req: Request, body: bytes) -> bytes:
-        major, minor, max_readahead, flags = INIT_IN.unpack_from(body)
-        if major != 7 or minor < MIN_MINOR:
-            self.refused = (f"the kernel speaks FUSE protocol {major}.{minor}; als needs 7.{MIN_MINOR} "
+        major, minor, max_readahead, flags = abi.INIT_IN.unpack_from(body)
+        if major != 7 or minor < abi.MIN_MINOR:
+            self.refused = (f"the kernel speaks FUSE protocol {major}.{minor}; als needs 7.{abi.MIN_MINOR} "
                             f"or later (Linux 4.20 or later)")
             log.error("%s", self.refused)
             raise FuseError(errno.EPROTO)
-        self.no_open = bool(flags & NO_OPEN_SUPPORT) and bool(flags & NO_OPENDIR_SUPPORT)
-        reply = INIT_OUT.pack(7, MINOR, max_readahead, flags & WANTED, 64, 48, MAX_WRITE, 1, MAX_PAGES_COUNT,
-                              0, 0, 0)
+        self.no_open = bool(flags & abi.NO_OPEN_SUPPORT) and bool(flags & abi.NO_OPENDIR_SUPPORT)
+        reply = abi.init_reply(max_readahead, flags)
         log.debug("FUSE connection: kernel protocol 7.%d, flags %#x, zero-message opens %s", minor, flags,
                   "on" if self.no_open else "off")
         self.initialized.set()
@@ -426,8 +325,7 @@ class Session:
 
     def _getattr(self, req: Request, body: bytes) -> bytes:
         attr, timeout = self.ops.getattr(req.nodeid)
-        s, ns = _split_seconds(timeout)
-        return ATTR_HEAD.pack(s, ns, 0) + attr.pack()
+        return abi.attr_reply(attr, timeout)
 
     def _readlink(self, req: Request, body: bytes) -> bytes:
         return self.ops.readlink(req.nodeid)
@@ -438,10 +336,10 @@ class Session:
             raise FuseError(errno.EROFS)
         if self.no_open:  # from now on the kernel opens with no message, keeping pages and listings
             raise FuseError(errno.ENOSYS)
-        return OPEN_OUT.pack(0, FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR, 0)
+        return abi.OPEN_REPLY
 
     def _read(self, req: Request, body: bytes) -> bytes:
-        _, offset, size = READ_IN.unpack_from(body)
+        _, offset, size = abi.READ_IN.unpack_from(body)
         return self.ops.read(req.nodeid, offset, size, req)
 
     def _readdir(self, req: Request, body: bytes) -> bytes:
@@ -455,32 +353,31 @@ class Session:
 
         Costs what it returns: the listing is the file system's, kept, and indexed from ``offset``.
         """
-        _, offset, size = READ_IN.unpack_from(body)
+        _, offset, size = abi.READ_IN.unpack_from(body)
         out, used = [], 0
         entries = self.ops.listing(req.nodeid)
         for i in range(offset, len(entries)):
             name, ino, mode = entries[i]
-            rec = DIRENT.pack(ino, i + 1, len(name), (mode >> 12) & 0o17) + name
-            rec += bytes(-len(rec) % 8)
-            if used + len(rec) + (ENTRY_SIZE if plus else 0) > size:
+            rec = abi.dirent(ino, i + 1, name, mode)
+            if used + len(rec) + (abi.ENTRY_SIZE if plus else 0) > size:
                 break  # looked up only once it fits: the kernel counts a reference per entry sent
             if plus:  # the kernel takes no reference for "." and ".."
-                rec = (bytes(ENTRY_SIZE) if name in (b".", b"..") else self._entry(req, req.nodeid, name)) + rec
+                rec = (bytes(abi.ENTRY_SIZE) if name in (b".", b"..") else self._entry(req, req.nodeid, name)) + rec
             out.append(rec)
             used += len(rec)
         return b"".join(out)
 
     def _getxattr(self, req: Request, body: bytes) -> bytes:
-        size = SIZE_IN.unpack_from(body)[0]
-        value = self.ops.getxattr(req.nodeid, body[SIZE_IN.size:-1])
-        return _sized(value, size)
+        size = abi.SIZE_IN.unpack_from(body)[0]
+        value = self.ops.getxattr(req.nodeid, body[abi.SIZE_IN.size:-1])
+        return abi.xattr_reply(value, size)
 
     def _listxattr(self, req: Request, body: bytes) -> bytes:
-        size = SIZE_IN.unpack_from(body)[0]
-        return _sized(b"".join(n + b"\0" for n in self.ops.listxattr(req.nodeid)), size)
+        size = abi.SIZE_IN.unpack_from(body)[0]
+        return abi.xattr_reply(b"".join(n + b"\0" for n in self.ops.listxattr(req.nodeid)), size)
 
     def _statfs(self, req: Request, body: bytes) -> bytes:
-        return STATFS_OUT.pack(0, 0, 0, 0, 0, 4096, 255, 4096, 0)
+        return abi.STATFS_REPLY
 
     def _create(self, req: Request, body: bytes) -> bytes:
         self.ops.create(req.nodeid, body[16:].split(b"\0", 1)[0])  # after create_in / mknod_in
@@ -497,66 +394,3 @@ class Session:
         raise FuseError(errno.EROFS)
 
 
-def _sized(value: bytes, size: int) -> bytes:
-    """The xattr answer convention: size 0 asks for the length, a short buffer is ERANGE."""
-    if size == 0:
-        return SIZE_IN.pack(len(value), 0)
-    if size < len(value):
-        raise FuseError(errno.ERANGE)
-    return value
-
-
-# ---- mounting --------------------------------------------------------------------------
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def mount(mountpoint: Path, read_only: bool = False, allow_other: bool = True) -> int:
-    """Mount an empty FUSE file system at ``mountpoint``; returns the /dev/fuse descriptor to serve.
-
-    mount(2) works as root and inside a user namespace that owns its mount
-    namespace (`podman unshare`); elsewhere fusermount3 mounts and passes back
-    the descriptor, as libfuse does. ``read_only`` also spares a round trip:
-    the kernel marks a file's access time stale after reading it from the
-    daemon, and asks for it again on the next stat, unless the mount is
-    read-only.
-    """
-    fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
-    opts = ["default_permissions", f"max_read={MAX_PAGES_COUNT * 4096}"] + (["allow_other"] if allow_other else [])
-    data = ",".join([f"fd={fd}", f"rootmode={stat.S_IFDIR:o}", f"user_id={os.getuid()}",
-                     f"group_id={os.getgid()}"] + opts)
-    flags = MS_RDONLY if read_only else 0
-    if _libc.mount(b"als", os.fsencode(mountpoint), b"fuse.als", flags, data.encode()) == 0:
-        return fd
-    err = ctypes.get_errno()
-    os.close(fd)
-    if err not in (errno.EPERM, errno.EACCES):
-        raise OSError(err, f"mounting FUSE on {mountpoint}: {os.strerror(err)}")
-    return _fusermount(mountpoint, ["fsname=als", "subtype=als"] + (["ro"] if read_only else []) + opts)
-
-
-def _fusermount(mountpoint: Path, opts: list[str]) -> int:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with ours, theirs:
-        env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
-        try:
-            r = subprocess.run(["fusermount3", "-o", ",".join(opts), "--", str(mountpoint)], env=env,
-                               pass_fds=(theirs.fileno(),), capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise OSError(errno.EPERM, f"mounting FUSE on {mountpoint} with fusermount3: {e}") from None
-        if r.returncode != 0:
-            raise OSError(errno.EPERM, f"fusermount3 could not mount {mountpoint}: {r.stderr.strip()}")
-        theirs.close()
-        _, fds, _, _ = socket.recv_fds(ours, 1, 1)
-    if not fds:
-        raise OSError(errno.EPERM, f"fusermount3 mounted {mountpoint} but passed no descriptor")
-    return fds[0]
-
-
-def unmount(mountpoint: Path) -> None:
-    """Detach the mount: in-flight users keep it until they let go, new ones no longer see it."""
-    if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH) == 0:
-        return
-    try:
-        subprocess.run(["fusermount3", "-u", "-z", "--", str(mountpoint)], capture_output=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        log.error("unmounting %s failed: %s", mountpoint, e)

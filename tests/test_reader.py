@@ -1,0 +1,166 @@
+"""The layer reader's read policy, in process: a real eStargz blob, the real fetcher and disk cache.
+
+What a read fetches besides its own chunks (a program whole, a small file's
+small neighbours), whether it would wait (asked by FUSE reader threads that
+never do, and must not fetch), what it records for `als optimize`, the
+startup prediction a program's first read starts, and a verification failure
+named in the log by file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import shutil
+import threading
+import time
+
+import pytest
+
+from als.errors import ALSError
+from als.fetch.cache import ChunkCache
+from als.fetch.fetcher import BlobSource, ChunkFetcher
+from als.formats import estargz
+from als.layer.access import AccessRecorder
+from als.layer.reader import LayerReader
+from als.layer.resolved import Layer, LayerDescriptor
+from als.layer.startup import Predictor, elf_needs_of
+from als.layer.view import LayerView
+from als.tools.image import estargz_layer
+from tests.support import images
+
+CHUNK = 64 << 10
+REF = "registry.test/reader:1"
+
+
+class Blob:
+    """An eStargz blob held in memory, serving ranges as a registry would and counting the requests."""
+
+    def __init__(self, entries: list[images.Entry], tamper: str = ""):
+        built = estargz_layer(io.BytesIO(images.layer_tar(entries)), chunk_size=CHUNK)
+        built.blob.seek(0)
+        self.data = bytearray(built.blob.read())
+        self.digest = built.digest
+        self.files = {e.path: e.data for e in entries if e.type == images.FILE}
+        toc_offset, footer = estargz.parse_footer(bytes(self.data[-estargz.FOOTER_SIZE:]), len(self.data))
+        self.toc = estargz.parse_toc(bytes(self.data[toc_offset:len(self.data) - footer]), None,
+                                     toc_offset=toc_offset)
+        self.view = LayerView(self.toc.entries)
+        if tamper:  # flip a byte in the middle of the file's first chunk: it no longer matches its digest
+            c = self.view.lookup(tamper.split("/")).chunks[0]
+            self.data[(c.blob_start + c.blob_end) // 2] ^= 0xFF
+        self.requests: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+
+    def read_range(self, start: int, end: int) -> bytes:
+        with self._lock:
+            self.requests.append((start, end))
+        return bytes(self.data[start:end])
+
+    def layer(self) -> Layer:
+        desc = LayerDescriptor(0, self.digest, len(self.data), "application/vnd.oci.image.layer.v1.tar+gzip", {},
+                               "sha256:" + hashlib.sha256(b"").hexdigest())
+        source = BlobSource(f"image {REF} layer {self.digest}", self.read_range, self.toc.compression,
+                            self.view.chunks())
+        return Layer(REF, desc, "", 0, self.view, source)
+
+
+def dirs(*paths: str) -> list[images.Entry]:
+    return [images.Entry(p, images.DIR, 0o755) for p in paths]
+
+
+def fetcher_for(tmp_path) -> ChunkFetcher:
+    # no adaptive read-ahead: what a read brings along is the reader's choice alone
+    return ChunkFetcher(ChunkCache(tmp_path / "cache"), readahead_max=0, file_readahead=8 << 20,
+                        dir_readahead=8 << 20)
+
+
+def open_file(reader: LayerReader, layer: Layer, path: str):
+    parts = path.split("/")
+    return reader.open(layer, layer.view.lookup(parts), path, layer.view.lookup(parts[:-1]))
+
+
+@pytest.fixture
+def tree():
+    return Blob(dirs("bin", "lib", "data", "py") + [
+        images.Entry("bin/tool", mode=0o755, data=os.urandom(3 * CHUNK)),
+        images.Entry("lib/libx.so.1", data=os.urandom(3 * CHUNK)),
+        images.Entry("data/big.bin", data=os.urandom(3 * CHUNK)),
+        *(images.Entry(f"py/m{i}.py", data=os.urandom(4096)) for i in range(5)),
+        images.Entry("py/zz.bin", data=os.urandom(2 * CHUNK)),
+    ])
+
+
+def test_a_program_or_library_comes_whole_on_its_first_miss_and_a_data_file_does_not(tmp_path, tree):
+    layer = tree.layer()
+    reader = LayerReader(fetcher_for(tmp_path), AccessRecorder())
+    for path in ("bin/tool", "lib/libx.so.1", "data/big.bin"):
+        f = open_file(reader, layer, path)
+        before = len(tree.requests)
+        assert not f.ready(0, 4096) and not f.ready(2 * CHUNK, 4096)
+        assert len(tree.requests) == before  # asking whether a read would wait fetches nothing
+        node = layer.view.lookup(path.split("/"))
+        assert f.read(0, 4096) == tree.files[path][:4096]
+        assert len(tree.requests) == before + 1
+        assert f.ready(2 * CHUNK, 4096) == (path != "data/big.bin"), path
+        assert f.read(2 * CHUNK + 5, CHUNK) == tree.files[path][2 * CHUNK + 5:node.size]
+
+
+def test_a_small_file_brings_the_small_files_after_it_in_its_directory(tmp_path, tree):
+    layer = tree.layer()
+    reader = LayerReader(fetcher_for(tmp_path), AccessRecorder())
+    files = {n: open_file(reader, layer, f"py/{n}") for n in ("m0.py", "m1.py", "m4.py", "zz.bin")}
+    assert files["m1.py"].read(0, 10) == tree.files["py/m1.py"][:10]
+    assert len(tree.requests) == 1
+    assert files["m4.py"].ready(0, 4096) and not files["zz.bin"].ready(0, 4096)
+    assert files["m4.py"].read(0, 4096) == tree.files["py/m4.py"]
+    assert len(tree.requests) == 1
+
+
+def test_reads_are_recorded_by_path_while_recording_is_on(tmp_path, tree):
+    layer = tree.layer()
+    recorder = AccessRecorder()
+    reader = LayerReader(fetcher_for(tmp_path), recorder)
+    open_file(reader, layer, "data/big.bin").read(0, 10)
+    recorder.control(enable=True)
+    open_file(reader, layer, "py/m3.py").read(0, 10)
+    open_file(reader, layer, "bin/tool").read(1 << 30, 10)  # past the end: nothing to fetch, still opened
+    assert recorder.profile(REF)["order"] == ["py/m3.py", "bin/tool"]
+
+
+def test_a_chunk_that_fails_verification_is_an_error_naming_the_file(tmp_path, caplog):
+    blob = Blob(dirs("d") + [images.Entry("d/lies", data=os.urandom(2 * CHUNK))], tamper="d/lies")
+    layer = blob.layer()
+    f = open_file(LayerReader(fetcher_for(tmp_path), AccessRecorder()), layer, "d/lies")
+    with caplog.at_level(logging.ERROR, logger="als.read"), pytest.raises(ALSError):
+        f.read(0, 4096)
+    assert f"layer {blob.digest} file /d/lies: read failed" in caplog.text
+    assert not f.ready(0, 4096)  # nothing of it was cached
+
+
+def test_the_first_read_of_a_program_fetches_its_libraries(tmp_path):
+    prog = os.path.realpath(shutil.which("true") or "/bin/true")
+    interp, needed = elf_needs_of(open(prog, "rb").read())
+    libdir = "usr/lib/x86_64-linux-gnu"
+    if not interp or not needed or not all(os.path.exists(f"/{libdir}/{n}") for n in needed):
+        pytest.skip("needs a dynamically linked true(1) with its libraries in /usr/lib/x86_64-linux-gnu")
+    entries = dirs("usr", "usr/bin", "usr/lib", libdir) + [
+        images.Entry("usr/bin/true", mode=0o755, data=open(prog, "rb").read()),
+        *(images.Entry(f"{libdir}/{n}", data=open(f"/{libdir}/{n}", "rb").read()) for n in needed)]
+    blob = Blob(entries)
+    layer = blob.layer()
+    fetcher = fetcher_for(tmp_path)
+    predictor = Predictor(fetcher, 16 << 20)
+    try:
+        reader = LayerReader(fetcher, AccessRecorder(), predictor)
+        libs = [open_file(reader, layer, f"{libdir}/{n}") for n in needed]
+        assert not any(lib.ready(0, 4096) for lib in libs)
+        open_file(reader, layer, "usr/bin/true").read(0, 4096)
+        deadline = time.monotonic() + 30
+        while not all(lib.ready(0, 4096) for lib in libs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(lib.ready(0, 4096) for lib in libs)
+    finally:
+        predictor.close()
