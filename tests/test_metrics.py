@@ -17,7 +17,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from als.ops import metrics
+from als import metrics
+from als.ops import exporter
 from als.errors import ConfigError
 from als.tools.image import estargz_layer, gzip_layer, push_image
 from als.reference import parse_reference
@@ -73,17 +74,17 @@ def tree(registry, client):
 
 
 def test_parse_address_accepts_loopback_and_unix_only():
-    assert metrics.parse_address("") is None
-    assert metrics.parse_address("127.0.0.1:9808") == metrics.Address(host="127.0.0.1", port=9808)
-    assert metrics.parse_address("127.1.2.3:1") == metrics.Address(host="127.1.2.3", port=1)
-    assert metrics.parse_address("localhost:9808") == metrics.Address(host="127.0.0.1", port=9808)
-    assert metrics.parse_address("[::1]:9808") == metrics.Address(host="::1", port=9808)
-    assert metrics.parse_address("unix:/run/als/m.sock") == metrics.Address(path="/run/als/m.sock")
-    assert metrics.parse_address("/run/als/m.sock") == metrics.Address(path="/run/als/m.sock")
+    assert exporter.parse_address("") is None
+    assert exporter.parse_address("127.0.0.1:9808") == exporter.Address(host="127.0.0.1", port=9808)
+    assert exporter.parse_address("127.1.2.3:1") == exporter.Address(host="127.1.2.3", port=1)
+    assert exporter.parse_address("localhost:9808") == exporter.Address(host="127.0.0.1", port=9808)
+    assert exporter.parse_address("[::1]:9808") == exporter.Address(host="::1", port=9808)
+    assert exporter.parse_address("unix:/run/als/m.sock") == exporter.Address(path="/run/als/m.sock")
+    assert exporter.parse_address("/run/als/m.sock") == exporter.Address(path="/run/als/m.sock")
     for bad in ("0.0.0.0:9808", "10.0.0.1:9808", "example.com:9808", "127.0.0.1", "127.0.0.1:0",
                 "127.0.0.1:70000", "unix:relative.sock", ":9808"):
         with pytest.raises(ConfigError, match="metrics.address"):
-            metrics.parse_address(bad)
+            exporter.parse_address(bad)
 
 
 def test_background_progress_feeds_the_gauges():

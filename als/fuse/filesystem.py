@@ -36,7 +36,7 @@ from als.fuse.session import Request, WouldBlock
 from als.layer.reader import LayerReader, Readable
 from als.layer.resolved import Layer
 from als.layer.view import Node
-from als.ops import metrics
+from als import metrics
 from als.store.blob import BlobReader
 from als.store.namespace import LayerUnavailable, Store, decode_ref
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from als.layer import access
 from als.ops import authhelper
-from als.ops import metrics, notify, status
+from als.ops import exporter, notify, status
 from als.fetch.cache import ChunkCache
 from als.config import load_config
 from als.ops.control import ControlServer, socket_path
@@ -133,15 +133,15 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
     disable_core_dumps()
     limit_malloc_arenas()
     config = load_config(config_path)
-    metrics.parse_address(config.metrics.address)  # a bad address is refused before anything is mounted
+    exporter.parse_address(config.metrics.address)  # a bad address is refused before anything is mounted
     clear_stale_mount(mountpoint)
     mountpoint.mkdir(parents=True, exist_ok=True)
     store = build_store(root, config)
     started = time.time()
     control = ControlServer(socket_path(root), control_handlers(store, mountpoint, root, started)).start()
-    metrics.watch_store(store)
+    exporter.watch_store(store)
     try:
-        exporter = metrics.serve(config.metrics.address)
+        metrics_server = exporter.serve(config.metrics.address)
     except ALSError:
         control.close()
         store.close()
@@ -198,8 +198,8 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
         if sessions:
             notify.notify(stopping=1, status=f"unmounted {mountpoint}")
         control.close()
-        if exporter is not None:
-            exporter.close()
+        if metrics_server is not None:
+            metrics_server.close()
         store.close()
     log.info("unmounted %s", mountpoint)
     return code

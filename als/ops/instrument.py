@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from als.ops import metrics
+from als import metrics
 
 
 @dataclass(frozen=True)

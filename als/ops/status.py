@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from als import __version__
-from als.ops import metrics
+from als import metrics
 
 ERRORS_WINDOW = 600.0  # seconds of registry errors shown
 

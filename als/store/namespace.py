@@ -26,7 +26,7 @@ from als.config import Config
 from als.fetch.fetcher import ChunkFetcher
 from als.layer.access import AccessRecorder
 from als.layer.resolved import Layer
-from als.ops import metrics
+from als import metrics
 from als.reference import parse_reference
 from als.registry.client import RegistryClient
 from als.store.consumer import Consumers

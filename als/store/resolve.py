@@ -32,7 +32,7 @@ from als.fetch.fetcher import ChunkFetcher
 from als.layer import startup
 from als.layer.resolved import Layer, LayerDescriptor
 from als.oci import INDEX_TYPES, json_object
-from als.ops import metrics
+from als import metrics
 from als.reference import parse_reference
 from als.registry.client import RegistryClient
 from als.store.build import Evicted, LayerBuilder

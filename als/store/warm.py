@@ -21,7 +21,7 @@ from als.formats import estargz
 from als.formats import toc as T
 from als.layer import startup
 from als.layer.resolved import Layer
-from als.ops import metrics
+from als import metrics
 
 log = logging.getLogger("als.store")
 
