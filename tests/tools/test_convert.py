@@ -28,7 +28,7 @@ from als.tools.image import BuiltLayer, estargz_layer, gzip_layer, push_image
 from als.reference import parse_reference
 from tests.support import images
 from tests.support.store_process import REPO
-from tests.test_fusefs import actual_tree, expected_tree
+from tests.fuse.test_filesystem import actual_tree, expected_tree
 
 LABELS = {"org.example.team": "als", "org.opencontainers.image.title": "python"}
 
@@ -306,7 +306,7 @@ def test_zstd_chunked_output_is_served_lazily_with_exact_info(store, registry, c
 def test_zstd_chunked_layers_are_kept_with_the_names_podman_5_reads(registry, client, registries_conf):
     """A zstd:chunked layer with only the old names (Podman 4.3.1's, or an older `als convert`'s) keeps its
     blob and gains the current names in the new manifest; Podman 5's own layer is kept exactly."""
-    from tests.test_zstdchunked import PODMAN5
+    from tests.formats.test_zstdchunked import PODMAN5
     old_blob = io.BytesIO()
     written = zstdchunked_writer.write_zstdchunked(io.BytesIO(tar_of({"a": b"first\n"})), old_blob)
     old = BuiltLayer(blob=io.BytesIO(old_blob.getvalue()), digest=written.blob_digest,

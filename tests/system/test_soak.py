@@ -27,7 +27,7 @@ from tests.support import faultproxy as fp
 from tests.support import procstat
 from tests.support.rawblob import RawBlob, sha, toc
 from tests.support.store_process import StoreProcess, write_registries_conf
-from tests.test_fuzz import check_tree
+from tests.formats.test_fuzz import check_tree
 
 pytestmark = pytest.mark.soak
 SCALE = float(os.environ.get("ALS_SOAK_SCALE", "1"))
@@ -197,7 +197,7 @@ def test_soak_a_dense_toc_at_the_default_limits(registry, client, registries_con
 
 def test_soak_faults_under_load(registry, client, tmp_path):
     """Readers for minutes while the proxy flips between faults: only right bytes or bounded EIO."""
-    from tests.test_faults import CONFIG, READ_BOUND, fresh
+    from tests.system.test_faults import CONFIG, READ_BOUND, fresh
     duration = 240 * SCALE
     with fp.FaultProxy(registry.host, cut_after=3000, trickle_interval=0.2) as proxy:
         conf = write_registries_conf(tmp_path / "registries.conf", [registry.host, proxy.host])
@@ -283,7 +283,7 @@ def test_soak_faults_under_load(registry, client, tmp_path):
 
 
 def test_soak_sigkill_loop(registry, client, registries_conf, tmp_path):
-    from tests.test_crash import kill_rounds, verify_cost
+    from tests.system.test_crash import kill_rounds, verify_cost
     tally = kill_rounds(registry, client, tmp_path, registries_conf, rounds=int(100 * SCALE), files=4,
                         size=16 << 20, seed=99)
     print(f"\nSIGKILL soak: rounds {tally.rounds}, kills mid-write {tally.kills_mid_write}, entries damaged "
@@ -293,7 +293,7 @@ def test_soak_sigkill_loop(registry, client, registries_conf, tmp_path):
 
 
 def test_soak_many_readers_with_default_chunks(registry, client, registries_conf, tmp_path):
-    from tests.test_concurrency import build, hammer
+    from tests.system.test_concurrency import build, hammer
     chunk = 4 << 20
     images = build(registry, client, layers=4, size=12 * chunk, chunk=chunk, tag="soak")
     with StoreProcess(tmp_path, registries_conf=registries_conf, config="[fetch]\nbackground = false\n") as s:

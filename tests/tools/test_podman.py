@@ -1,7 +1,7 @@
 """The test harness itself, against real Podman 4.3.1 and a real docker-registry:
 als/tools/podman.py (isolated Podman) and tests/support/images.py (layers).
 
-    python3 -m pytest tests/test_support_podman.py -q -m slow
+    python3 -m pytest tests/tools/test_podman.py -q -m slow
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The Podman 5 harness itself (tests/support/podman5.py): the apt mirror it builds from, the
 chroot cache (built once, atomically, under a lock) and the namespace Podman 5 runs in.
 
-    python3 -m pytest tests/test_support_podman5.py -q
+    python3 -m pytest tests/system/test_podman5_harness.py -q
 """
 
 from __future__ import annotations
