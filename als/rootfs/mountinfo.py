@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 _OCTAL = re.compile(rb"\\([0-7]{3})")
 
@@ -126,25 +127,33 @@ def _is_mount(pid: int, path: str, device: tuple[int, int]) -> bool:
     return (os.major(st.st_dev), os.minor(st.st_dev)) == device
 
 
-def users(target: str, device: tuple[int, int], mounts_of=None) -> list[User]:
-    """The mounts resting on ``target``, a root file system mounted with ``device``, but ``target`` itself.
-
-    ``mounts_of(pid)``: that namespace's mounts (for tests); by default its mountinfo.
-    """
+def users_in(mounts: list[Mount], target: str, device: tuple[int, int], pid: int = 0,
+             confirm: Callable[[str], bool] = lambda _path: True) -> list[User]:
+    """The mounts among ``mounts`` (one namespace's, seen by process ``pid``) that rest on ``target``,
+    a root file system mounted with ``device``. ``confirm(path)``: whether a lower directory named
+    ``target`` is really it in that namespace (the same name may be another directory there)."""
     found: list[User] = []
     dev = f"{device[0]}:{device[1]}"
-    me = os.getpid()
+    for m in mounts:
+        if m.device == dev:
+            # At DIR itself it is the mount, or its copy in a namespace made after it (unshare, a
+            # service's private mounts): a copy, not a user. Anywhere else it is a bind of it.
+            if m.mount_point != target:
+                found.append(User(pid, m.mount_point, "bind mount"))
+        elif (m.fstype == "overlay" and target in map(os.path.normpath, lower_dirs(m.super_options))
+              and confirm(target)):
+            found.append(User(pid, m.mount_point, "overlay lower directory"))
+    return found
+
+
+def users(target: str, device: tuple[int, int]) -> list[User]:
+    """The mounts resting on ``target`` (see ``users_in``) in every mount namespace we can read:
+    Podman runs containers in namespaces of its own (a chroot'ed or rootless one, or a wrapper's)."""
+    found: list[User] = []
     for pid in _namespaces().values():
         try:
-            mounts = mounts_of(pid) if mounts_of else parse(Path(f"/proc/{pid}/mountinfo").read_text())
+            mounts = parse(Path(f"/proc/{pid}/mountinfo").read_text())
         except OSError:
             continue
-        for m in mounts:
-            if m.device == dev:
-                if not (pid == me and m.mount_point == target):
-                    found.append(User(pid, m.mount_point, "bind mount"))
-                continue
-            if (m.fstype == "overlay" and target in map(os.path.normpath, lower_dirs(m.super_options))
-                    and (mounts_of is not None or _is_mount(pid, target, device))):
-                found.append(User(pid, m.mount_point, "overlay lower directory"))
+        found += users_in(mounts, target, device, pid, lambda path, pid=pid: _is_mount(pid, path, device))
     return found
