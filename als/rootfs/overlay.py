@@ -6,7 +6,7 @@ presents a pulled image. Linux >= 6.8 takes the lower directories one by one
 through the new mount API (``fsconfig(lowerdir+)``): no escaping and no page
 limit, at most 500 of them (the kernel's stacking limit). Older kernels get
 mount(2) with ``lowerdir=/proc/self/fd/N:...`` (short names for long paths
-that would not fit the one page mount(2) copies), which holds about 240.
+that would not fit the one page mount(2) copies), which holds about 200.
 """
 
 from __future__ import annotations
@@ -72,13 +72,14 @@ def in_user_namespace() -> bool:
         return False
 
 
-def mount_overlay(target: Path, lowers: list[Path], *, userxattr: bool | None = None) -> str:
+def mount_overlay(target: Path, lowers: list[Path], *, userxattr: bool | None = None, legacy: bool = False) -> str:
     """Mount ``lowers`` (topmost first, at least two) read-only on ``target``; returns the method used.
 
     ``userxattr`` (default: when in a user namespace) makes the kernel read
     whiteouts and opaque markers from ``user.overlay.*``: an overlay in a user
     namespace ignores ``trusted.overlay.opaque`` and would show the files an
-    opaque directory hides. The store serves both.
+    opaque directory hides. The store serves both. ``legacy``: mount(2) even where
+    ``lowerdir+`` exists (what older kernels get).
     """
     if len(lowers) < 2:
         raise OverlayError("an overlay with no upper directory needs at least two lower directories")
@@ -87,8 +88,9 @@ def mount_overlay(target: Path, lowers: list[Path], *, userxattr: bool | None = 
     if userxattr is None:
         userxattr = in_user_namespace()
     try:
-        _mount_new_api(target, lowers, userxattr)
-        return "lowerdir+"
+        if not legacy:
+            _mount_new_api(target, lowers, userxattr)
+            return "lowerdir+"
     except _NoLowerdirPlus:
         pass
     _mount_with_fds(target, lowers, userxattr)
@@ -142,7 +144,7 @@ def _mount_with_fds(target: Path, lowers: list[Path], userxattr: bool) -> None:
         data = fd_lowerdir_option(fds, userxattr)
         if len(data) >= PAGE:
             raise OverlayError(f"{len(lowers)} layers do not fit in the {PAGE} bytes mount(2) takes on this "
-                               f"kernel (before Linux 6.8); about 240 do")
+                               f"kernel (before Linux 6.8); about 200 do")
         if _libc.mount(b"overlay", os.fsencode(target), b"overlay", MS_RDONLY, data.encode()) != 0:
             err = ctypes.get_errno()
             raise OverlayError(f"the kernel refused the overlay of {len(lowers)} layers on {target}: "
