@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,34 @@ def served(registry, mark: int, digests) -> int:
     """Blob bytes the registry sent since ``mark`` for these layers."""
     return sum(a.written for a in registry.accesses_since(mark) if a.method == "GET"
                and any(a.uri.endswith(d) for d in digests))
+
+
+def listing(podman, *run_args) -> dict:
+    return images.parse_tree_listing(podman.run("run", "--rm", *run_args, *images.tree_listing_command()).stdout)
+
+
+def start_containers(podman, rootfs, scripts: list[str]) -> list[subprocess.Popen]:
+    """``podman run --rootfs ROOTFS:O sh -c SCRIPT`` for each script, once each has printed "started"."""
+    procs = [podman.popen("run", "--rm", "--rootfs", f"{rootfs}:O", "/bin/sh", "-c", f"{script}",
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) for script in scripts]
+    for p in procs:
+        line = b""
+        deadline = time.monotonic() + 120
+        while not line.endswith(b"\n") and time.monotonic() < deadline and p.poll() is None:
+            if select.select([p.stdout], [], [], 1.0)[0]:
+                line += os.read(p.stdout.fileno(), 1)
+        assert line == b"started\n", (line, p.poll())
+    return procs
+
+
+def finish(procs: list[subprocess.Popen]) -> list[str]:
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=120)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+        outs.append(out.decode())
+    return outs

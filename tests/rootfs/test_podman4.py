@@ -6,16 +6,14 @@ import hashlib
 import io
 import json
 import os
-import select
 import subprocess
-import time
 
 import pytest
 
 from als.reference import parse_reference
 from als.tools.image import estargz_layer, gzip_layer, push_image
 from als.tools.podman import Podman
-from tests.rootfs.conftest import CMD, Rootfs, als, is_mount_point, served
+from tests.rootfs.conftest import CMD, Rootfs, als, finish, is_mount_point, listing, served, start_containers
 from tests.support import images
 
 pytestmark = pytest.mark.slow
@@ -25,10 +23,6 @@ pytestmark = pytest.mark.slow
 def podman(tmp_path, registry):
     with Podman(tmp_path / "podman", insecure_registries=[registry.host]) as p:
         yield p
-
-
-def listing(podman, *run_args) -> dict:
-    return images.parse_tree_listing(podman.run("run", "--rm", *run_args, *images.tree_listing_command()).stdout)
 
 
 def test_rootfs_shows_what_a_pulled_container_sees(mounted, podman, tree):
@@ -94,33 +88,6 @@ def test_printed_args_make_podman_run_behave_like_podman_run_image(mounted, podm
     own = als(mounted.store, "mount", "--print-args", "--no-cmd", ref, str(mounted.dir)).stdout.splitlines()
     assert own[-2:] == ["--rootfs", f"{mounted.dir}:O"]
     assert podman.run("run", "--rm", *own, "echo mine; pwd").stdout == "mine\n/tree\n"
-
-
-def start_containers(podman, rootfs, scripts: list[str]) -> list[subprocess.Popen]:
-    """``podman run --rootfs ROOTFS:O sh -c SCRIPT`` for each script, once each has printed "started"."""
-    procs = [podman.popen("run", "--rm", "--rootfs", f"{rootfs}:O", "/bin/sh", "-c", f"{script}",
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) for script in scripts]
-    for p in procs:
-        line = b""
-        deadline = time.monotonic() + 120
-        while not line.endswith(b"\n") and time.monotonic() < deadline and p.poll() is None:
-            if select.select([p.stdout], [], [], 1.0)[0]:
-                line += os.read(p.stdout.fileno(), 1)
-        assert line == b"started\n", (line, p.poll())
-    return procs
-
-
-def finish(procs: list[subprocess.Popen]) -> list[str]:
-    outs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=120)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-        outs.append(out.decode())
-    return outs
 
 
 def test_two_containers_share_one_mount_and_umount_waits_for_them(mounted, podman, rootfs_store):
