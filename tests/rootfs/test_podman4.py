@@ -48,7 +48,8 @@ def test_rootfs_fetches_only_what_containers_read(rootfs_store, podman, registry
         looked = served(registry, mark, [data.digest])
         print(f"fetched to mount, list and read a small file: {looked} of {data.size} bytes")
         assert looked < data.size / 4, f"{looked} of {data.size} bytes fetched to mount, list and read a small file"
-        assert podman.run(*run, "head", "-c", "1", "/data/a.bin").stdout.encode() == files["data/a.bin"][:1]
+        first = podman.run(*run, "/bin/sh", "-c", "head -c 1 /data/a.bin | od -An -tx1").stdout.split()
+        assert first == [files["data/a.bin"][:1].hex()]
         one = served(registry, mark, [data.digest]) - looked
         assert 0 < one < 1 << 20, f"{one} bytes fetched for the first byte of a file of 512 KiB chunks"
         assert podman.run(*run, "sha256sum", "/data/a.bin").stdout.split()[0] == hashlib.sha256(
