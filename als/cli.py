@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     _cache_parser(sub)
     from als.ops import authhelper
     authhelper.add_parser(sub)
+    from als.ops import rootfscmd
+    rootfscmd.add_parsers(sub)
     from als.tools import commands
     commands.add_parsers(sub)
     return parser

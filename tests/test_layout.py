@@ -17,7 +17,7 @@ import pytest
 
 ALS = Path(__file__).resolve().parents[1] / "als"
 # The data flow, left to right; ops and tools sit on top (tools talk to a running store through ops).
-ORDER = ("registry", "formats", "fetch", "layer", "store", "fuse", "ops", "tools")
+ORDER = ("registry", "formats", "fetch", "layer", "store", "fuse", "rootfs", "ops", "tools")
 BASICS = frozenset({"als", "als.errors", "als.digest", "als.reference", "als.oci", "als.config", "als.metrics",
                     "als.wait"})
 ENTRY_POINTS = frozenset({"als.cli", "als.__main__"})

@@ -26,6 +26,7 @@ from als.fuse.filesystem import PLAIN_DIR, StoreFS, observer
 from als.fuse.session import Session
 from als.ops.instrument import InstrumentedClient
 from als.registry.configured import registry_client
+from als.rootfs.mounts import RootfsMounts
 from als.store.state import StateDir
 from als.store.namespace import Store
 
@@ -100,13 +101,19 @@ def build_store(root: Path, config) -> Store:
 
 
 def control_handlers(store: Store, mountpoint: Path | None = None, root: Path | None = None,
-                     started: float | None = None) -> dict:
+                     started: float | None = None, rootfs: RootfsMounts | None = None) -> dict:
     """What the control socket answers, by operation name."""
-    return {"ping": lambda req: "pong",
-            "status": lambda req: status.collect(store, mountpoint=mountpoint or "", root=root or "",
-                                                 started=started, errors=getattr(store.client, "errors", None)),
-            authhelper.OP: lambda req: authhelper.handle(store.client.keychain, req),
-            **access.control_handlers(store.accesses)}
+    handlers = {"ping": lambda req: "pong",
+                "status": lambda req: status.collect(store, mountpoint=mountpoint or "", root=root or "",
+                                                     started=started, errors=getattr(store.client, "errors", None),
+                                                     rootfs=rootfs.list() if rootfs else []),
+                authhelper.OP: lambda req: authhelper.handle(store.client.keychain, req),
+                **access.control_handlers(store.accesses)}
+    if rootfs is not None:
+        handlers["rootfs-mount"] = lambda req: rootfs.mount(str(req.get("image", "")), str(req.get("dir", "")),
+                                                            str(req.get("platform") or ""))
+        handlers["rootfs-umount"] = lambda req: rootfs.umount(str(req.get("dir", "")), bool(req.get("force")))
+    return handlers
 
 
 def limit_malloc_arenas(arenas: int = 2, mmap_threshold: int = 256 << 10) -> None:
@@ -138,7 +145,8 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
     mountpoint.mkdir(parents=True, exist_ok=True)
     store = build_store(root, config)
     started = time.time()
-    control = ControlServer(socket_path(root), control_handlers(store, mountpoint, root, started)).start()
+    rootfs = RootfsMounts(store, mountpoint, root)
+    control = ControlServer(socket_path(root), control_handlers(store, mountpoint, root, started, rootfs)).start()
     exporter.watch_store(store)
     try:
         metrics_server = exporter.serve(config.metrics.address)
@@ -192,12 +200,13 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
                       "exiting with an error", lost)
             code = 1
     finally:
+        control.close()  # no new root file system mounts; those there go before the store they rest on
+        rootfs.close()
         for path, session in reversed(sessions):
             if not session.finished.is_set():
                 unmount(path)
         if sessions:
             notify.notify(stopping=1, status=f"unmounted {mountpoint}")
-        control.close()
         if metrics_server is not None:
             metrics_server.close()
         store.close()

@@ -63,7 +63,7 @@ def _future_state(fut: Future) -> tuple[str, object]:
 
 
 def collect(store, *, mountpoint: Path | str = "", root: Path | str = "", started: float | None = None,
-            errors=None, errors_window: float = ERRORS_WINDOW) -> dict:
+            errors=None, errors_window: float = ERRORS_WINDOW, rootfs: list | None = None) -> dict:
     """The status document `als status --json` prints."""
     served: dict[str, dict[str, object]] = {}
     for layer in store.layers():
@@ -120,6 +120,8 @@ def collect(store, *, mountpoint: Path | str = "", root: Path | str = "", starte
         "registry_errors": errors.since(errors_window) if errors is not None else [],
         # Engines that asked for layers; "affected" ones lose lazily pulled layers (als/store/consumer.py).
         "engines": [c.as_dict() for c in consumers.all()] if consumers is not None else [],
+        # Images mounted as root file systems with `als mount` (als/rootfs/mounts.py).
+        "rootfs": list(rootfs or []),
     }
 
 
@@ -152,6 +154,17 @@ def _short(digest: str) -> str:
 def _clip(text: str, width: int) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _rootfs_lines(mounts: list[dict]) -> list[str]:
+    """The root file systems `als mount` made: where, which image, its layers (bottom first)."""
+    if not mounts:
+        return []
+    lines = ["", "ROOT FILE SYSTEM (als mount)  IMAGE  LAYERS"]
+    for m in mounts:
+        lines.append(f"{m['dir']}  {m['image']}  {len(m['layers'])}: "
+                     + " ".join(_short(d) for d in m["layers"]))
+    return lines
 
 
 def render(st: dict) -> str:
@@ -193,6 +206,7 @@ def render(st: dict) -> str:
         for r in rows:
             lines.append("  ".join(v.ljust(w) if i != 3 else v.rjust(w) for i, (v, w) in
                                    enumerate(zip(r[:4], widths))) + "  " + r[4])
+    lines += _rootfs_lines(st.get("rootfs") or [])
     errs = st["registry_errors"]
     minutes = int(st["registry_errors_window_seconds"] // 60)
     lines.append("")

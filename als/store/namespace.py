@@ -105,6 +105,10 @@ class Store:
         self._keep(layer)
         return layer
 
+    def image(self, ref: str, cancel: threading.Event | None = None):
+        """The image ``ref`` resolves to, as a lookup under it would find it (als/store/resolve.py)."""
+        return self.resolver.image(ref, cancel)
+
     def use(self, ref: str, digest: str) -> None:
         with self._lock:
             n = self._uses[(ref, digest)] = self._uses.get((ref, digest), 0) + 1

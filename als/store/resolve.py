@@ -16,6 +16,7 @@ there. Every wait is bounded; a layer that cannot be served lazily is
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import platform
@@ -63,6 +64,7 @@ class Image:
     manifest_digest: str
     layers: list[LayerDescriptor]
     entrypoint: list[str] = field(default_factory=list)  # where its default program may be (startup.py)
+    config_digest: str = ""  # its config blob, kept in the state directory
 
     def find(self, digest: str) -> LayerDescriptor | None:
         """The layer named by a compressed digest (Podman < 5.1) or a TOC digest (Podman >= 5.1)."""
@@ -128,11 +130,7 @@ class Resolver:
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="als-resolve")
         self._resolutions: dict[str, Resolution] = {}
         self._fallbacks: dict[str, Resolution] = {}  # ref -> image rebuilt from saved metadata
-        if config.resolve.platform:
-            parts = config.resolve.platform.split("/")
-            self._platform = (parts[0], parts[1] if len(parts) > 1 else "", parts[2] if len(parts) > 2 else "")
-        else:
-            self._platform = host_platform()
+        self._platform = parse_platform(config.resolve.platform) if config.resolve.platform else host_platform()
 
     def close(self) -> None:
         """Start no more resolutions; those running finish (a lookup's wait is bounded anyway)."""
@@ -146,6 +144,20 @@ class Resolver:
         """The current resolution of each image reference looked up."""
         with self._lock:
             return dict(self._resolutions)
+
+    def image(self, ref: str, cancel: threading.Event | None = None) -> Image:
+        """The image ``ref`` resolves to (as for a lookup), waiting at most the resolve timeout."""
+        return self._wait(self._resolution(ref).image, time.monotonic() + self.config.resolve.timeout,
+                          f"image {ref}", cancel)
+
+    def pinned(self, ref: str, platform: str) -> str:
+        """``ref`` pinned to the manifest of ``platform`` (os/arch[/variant]) in its index, if it has one."""
+        r = parse_reference(ref)
+        m = self.client.get_manifest(r)
+        doc = json_object(m.data, f"manifest of {ref}")
+        if m.media_type not in INDEX_TYPES and "manifests" not in doc:
+            return ref
+        return str(dataclasses.replace(r, digest=pick_platform(doc, ref, parse_platform(platform))))
 
     def layer(self, ref: str, digest: str, cancel: threading.Event | None = None) -> Layer:
         """Layer ``digest`` of image ``ref`` once resolved, waiting at most the resolve timeout.
@@ -341,7 +353,7 @@ class Resolver:
             doc = json_object(data, f"manifest of {ref}")
             if media_type not in INDEX_TYPES and "manifests" not in doc:
                 break
-            chosen = self._pick_platform(doc, ref)
+            chosen = pick_platform(doc, ref, self._platform)
             m = self.client.get_manifest(r, chosen)
             data, media_type, digest = m.data, m.media_type, m.digest
         self.state.put_blob(digest, data)
@@ -374,19 +386,8 @@ class Resolver:
                                              annotations=dict(l.get("annotations") or {}), diff_id=diff_id))
             except (KeyError, TypeError, ValueError):
                 raise FormatError(f"image {ref}: layer {i} descriptor is malformed") from None
-        return Image(ref=ref, manifest_digest=mdigest, layers=descs, entrypoint=startup.entrypoint(config))
-
-    def _pick_platform(self, index: dict, ref: str) -> str:
-        want_os, want_arch, want_variant = self._platform
-        candidates = []
-        for m in index.get("manifests") or []:
-            p = m.get("platform") or {}
-            if p.get("os") == want_os and p.get("architecture") == want_arch:
-                exact = not want_variant or p.get("variant", want_variant) == want_variant
-                candidates.append((not exact, m["digest"]))
-        if not candidates:
-            raise NotFoundError(f"image {ref} has no manifest for {'/'.join(filter(None, self._platform))}")
-        return sorted(candidates)[0][1]
+        return Image(ref=ref, manifest_digest=mdigest, layers=descs, entrypoint=startup.entrypoint(config),
+                     config_digest=cdigest)
 
     def _wait(self, fut: Future, deadline: float, what: str, cancel: threading.Event | None = None):
         try:
@@ -396,6 +397,28 @@ class Resolver:
                                               f"{self.config.resolve.timeout:g}s") from None
         except Interrupted:
             raise Interrupted(f"{what}: the caller went away while it resolved") from None
+
+
+def parse_platform(text: str) -> tuple[str, str, str]:
+    """``os/arch[/variant]`` as (os, architecture, variant)."""
+    parts = text.split("/")
+    if not 2 <= len(parts) <= 3 or not all(parts):
+        raise ALSError(f"platform {text!r} is not os/arch[/variant] (like linux/amd64 or linux/arm64/v8)")
+    return parts[0], parts[1], parts[2] if len(parts) > 2 else ""
+
+
+def pick_platform(index: dict, ref: str, platform: tuple[str, str, str]) -> str:
+    """The digest of the manifest for ``platform`` in image ``ref``'s ``index`` (an exact variant first)."""
+    want_os, want_arch, want_variant = platform
+    candidates = []
+    for m in index.get("manifests") or []:
+        p = m.get("platform") or {}
+        if p.get("os") == want_os and p.get("architecture") == want_arch:
+            exact = not want_variant or p.get("variant", want_variant) == want_variant
+            candidates.append((not exact, m["digest"]))
+    if not candidates:
+        raise NotFoundError(f"image {ref} has no manifest for {'/'.join(filter(None, platform))}")
+    return sorted(candidates)[0][1]
 
 
 def _transient(e: Exception) -> bool:

@@ -1,0 +1,198 @@
+"""The daemon's root file system mounts: `als mount`, `als umount`, their record and their release.
+
+A mount resolves the image exactly as a lookup from Podman would (the same
+resolution, registries.conf, credentials and verification), waits for every
+layer, and mounts nothing unless all of them can be served lazily. Its layers
+are then in use (never evicted) until `als umount`. The record is kept in
+memory for `als status` and in ``<root>/state/rootfs.json``. When the daemon
+stops, it detaches its overlays before its own FUSE mounts: a dead overlay
+left at DIR would fail every access with "transport endpoint is not connected".
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from als.errors import ALSError
+from als.fetch.cache import atomic_write, private_dir
+from als.reference import parse_reference
+from als.rootfs import mountinfo, overlay
+from als.store.namespace import LayerUnavailable, Store
+
+log = logging.getLogger("als.rootfs")
+
+RECORDS = "rootfs.json"
+
+
+@dataclass
+class RootfsMount:
+    """One image mounted as a root file system."""
+
+    image: str  # the reference, pinned to a platform's manifest when one was asked for
+    dir: str
+    manifest: str
+    config_digest: str
+    layers: list[str]  # blob digests, bottom first, as the image lists them
+    device: list[int]  # [major, minor] of the overlay
+    method: str  # "lowerdir+" or "mount(2)"
+    mounted_at: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class RootfsMounts:
+    """The root file systems this daemon has mounted over its store at ``mountpoint``."""
+
+    def __init__(self, store: Store, mountpoint: Path, root: Path):
+        self.store = store
+        self.mountpoint = Path(mountpoint)
+        self.dir = private_dir(Path(root) / "rootfs")
+        self.records_path = store.state.root / RECORDS
+        self._lock = threading.Lock()
+        self._mounts: dict[str, RootfsMount] = {}
+        self._pending: set[Path] = set()  # targets being mounted now
+        self._forget_previous()
+
+    def _forget_previous(self) -> None:
+        """Mounts recorded by an earlier run were detached when it stopped (or died with it)."""
+        try:
+            previous = json.loads(self.records_path.read_text())
+        except (OSError, ValueError):
+            return
+        for m in previous if isinstance(previous, list) else []:
+            log.warning("the root file system of image %s at %s did not survive the restart of the store: "
+                        "run `als mount` again", m.get("image"), m.get("dir"))
+        self._save()
+
+    def _save(self) -> None:
+        data = json.dumps([m.as_dict() for m in self._mounts.values()], indent=1).encode()
+        atomic_write(self.records_path, data, self.records_path.parent)
+
+    def list(self) -> list[dict]:
+        with self._lock:
+            return [m.as_dict() for m in self._mounts.values()]
+
+    def config(self, m: RootfsMount) -> dict:
+        blob = self.store.state.get_blob(m.config_digest)
+        return json.loads(blob) if blob else {}
+
+    # ---- mount ------------------------------------------------------------------------
+    def mount(self, image: str, target: str, platform: str = "") -> dict:
+        """Mount ``image`` on ``target`` read-only (or find it mounted there already); its record and config."""
+        try:
+            ref = str(parse_reference(image))
+        except ValueError as e:
+            raise ALSError(str(e)) from None
+        if platform:
+            ref = self.store.resolver.pinned(ref, platform)
+        path = self._check_target(target)
+        with self._lock:
+            existing = self._mounts.get(str(path))
+            if existing is not None:
+                if existing.image != ref:
+                    raise ALSError(f"{path} already holds the root file system of image {existing.image}")
+                return {"mount": existing.as_dict(), "config": self.config(existing), "new": False}
+            if path in self._pending:
+                raise ALSError(f"{path} is being mounted by another `als mount`")
+            self._pending.add(path)
+        try:
+            res = self._mount(ref, path)  # outside the lock: resolving may take a while, status goes on
+            with self._lock:
+                self._mounts[str(path)] = res
+                self._save()
+        finally:
+            with self._lock:
+                self._pending.discard(path)
+        return {"mount": res.as_dict(), "config": self.config(res), "new": True}
+
+    def _check_target(self, target: str) -> Path:
+        if not os.path.isabs(target):
+            raise ALSError(f"{target}: give an absolute path")
+        path = Path(os.path.realpath(target))
+        if not path.is_dir():
+            raise ALSError(f"{target} is not a directory")
+        if path == self.mountpoint or self.mountpoint in path.parents or path in self.mountpoint.parents:
+            raise ALSError(f"{target} is inside or above the store's mount {self.mountpoint}")
+        if os.path.ismount(path) and str(path) not in self._mounts:
+            raise ALSError(f"{target} is a mount point already: mount the image on an empty directory")
+        return path
+
+    def _mount(self, ref: str, path: Path) -> RootfsMount:
+        image = self.store.image(ref)
+        self._wait_for_layers(ref, image)
+        digests = [d.digest for d in image.layers]
+        unique = list(dict.fromkeys(reversed(digests)))  # topmost first; a repeated layer at its top place
+        ref_dir = self.mountpoint / base64.b64encode(ref.encode()).decode()
+        lowers = [ref_dir / d / "diff" for d in unique]
+        if len(lowers) == 1:
+            # The kernel wants two lower directories when there is no upper one.
+            lowers.append(private_dir(self.dir / "empty"))
+        for d in unique:
+            self.store.use(ref, d)
+        try:
+            method = overlay.mount_overlay(path, lowers)
+        except ALSError:
+            for d in unique:
+                self.store.release(ref, d)
+            raise
+        st = os.stat(path)
+        m = RootfsMount(image=ref, dir=str(path), manifest=image.manifest_digest, config_digest=image.config_digest,
+                        layers=digests, device=[os.major(st.st_dev), os.minor(st.st_dev)], method=method,
+                        mounted_at=time.time())
+        log.info("image %s: root file system mounted read-only at %s (%d layers, %s)", ref, path, len(unique), method)
+        return m
+
+    def _wait_for_layers(self, ref: str, image) -> None:
+        """Every layer must be servable lazily; the message names each one that is not."""
+        declined = []
+        for i, desc in enumerate(image.layers):
+            try:
+                self.store.layer(ref, desc.digest)
+            except LayerUnavailable as e:
+                declined.append(f"layer {i + 1} of {len(image.layers)} {desc.digest}: "
+                                f"{str(e).removeprefix(f'image {ref} layer {desc.digest}: ')}")
+        if declined:
+            raise ALSError(f"image {ref} cannot be mounted lazily, nothing was mounted: " + "; ".join(declined))
+
+    # ---- unmount ----------------------------------------------------------------------
+    def umount(self, target: str, force: bool = False) -> dict:
+        """Unmount ``target`` and release its layers; refuse while a container rests on it, unless ``force``."""
+        path = os.path.realpath(target) if os.path.isabs(target) else target
+        with self._lock:
+            m = self._mounts.get(path)
+            if m is None:
+                known = ", ".join(self._mounts) or "none"
+                raise ALSError(f"{target} is not a root file system mounted by this store (mounted: {known})")
+            users = mountinfo.users(m.dir, (m.device[0], m.device[1]))
+            if users and not force:
+                raise ALSError(f"{m.dir} is in use by {len(users)} mount(s): "
+                               + "; ".join(u.describe() for u in users)
+                               + ". Stop the containers on it first, or give --force to detach it anyway "
+                                 "(they keep running on its files)")
+            overlay.unmount(Path(m.dir), detach=force)
+            del self._mounts[path]
+            self._save()
+        for d in dict.fromkeys(m.layers):
+            self.store.release(m.image, d)
+        log.info("image %s: root file system at %s unmounted%s", m.image, m.dir,
+                 f" (detached from {len(users)} users)" if users else "")
+        return {"mount": m.as_dict(), "detached_users": [u.describe() for u in users]}
+
+    def close(self) -> None:
+        """Detach every overlay before the store's FUSE mounts go (the daemon is stopping)."""
+        with self._lock:
+            for m in self._mounts.values():
+                try:
+                    overlay.unmount(Path(m.dir), detach=True)
+                    log.info("image %s: root file system at %s detached as the store stops; containers on it "
+                             "lose their files", m.image, m.dir)
+                except ALSError as e:
+                    log.error("image %s: %s", m.image, e)
