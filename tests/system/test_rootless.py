@@ -24,22 +24,10 @@ import pytest
 from als.tools.image import estargz_layer, push_image
 from als.reference import parse_reference
 from tests.support import images
-from tests.support.rootless import RootlessUser
+from tests.support.rootless import CONTAINERS_CONF, RootlessUser
 from tests.support.store_process import REPO
 
 pytestmark = pytest.mark.slow
-
-CONTAINERS_CONF = """[containers]
-default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
-netns = "none"
-log_driver = "k8s-file"
-
-[engine]
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-"""
-
 
 @pytest.fixture
 def user():
