@@ -9,10 +9,13 @@ per region, not one per reader.
 
 Three producers feed the same table, so a read never fetches what another is
 already fetching: the foreground (FUSE reads, with an adaptive read-ahead in
-blob order that grows while misses stay sequential, like the kernel's), the
-prefetch of a layer's prioritised region at resolve time, and the background
-fetch of the rest of the blob, which waits whenever a foreground read is in
-flight.
+blob order that grows while misses stay sequential, like the kernel's, and the
+startup prediction's reads), the prefetch of a layer's prioritised region at
+resolve time, and the background fetch of the rest of the blob. The
+background fetch yields (``Pace``): it starts once a container's start-up
+burst has gone quiet and waits whenever a foreground fetch is in flight, so
+it never competes with a container for the link; each wait is bounded, so it
+cannot be starved for good.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ import threading
 import time
 import weakref
 from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from als.fetch.cache import ChunkCache, release_free_memory
 from als.digest import sha256_digest
@@ -39,6 +44,26 @@ log = logging.getLogger("als.fetch")
 StreamRange = Callable[[int, int, Callable[[bytes], None]], int]  # start, end, sink -> bytes handed over
 # Longest a background batch waits for the cache's disk writer to catch up (seconds).
 WRITER_WAIT = 10.0
+POLL = 0.05  # seconds between looks at what the foreground does, while the background fetch waits
+
+
+@dataclass(frozen=True)
+class Pace:
+    """When the background fetch may use the link (and the CPU): when no container needs them.
+
+    A container's first reads miss one after another, each a round trip; a
+    background request on the same link (4 MiB is 170 ms at 200 Mbit/s)
+    makes every one of them wait behind it. So the background fetch of a
+    newly resolved layer waits for a container to start reading (the pull
+    ends before the container starts) and then for ``quiet`` seconds without
+    a container read or a foreground fetch; afterwards it pauses while any
+    foreground fetch is in flight. ``delay`` bounds each of those waits: an
+    image pulled and not run is still fetched, and a container that never
+    stops reading cannot starve the background fetch.
+    """
+
+    quiet: float = 0.0
+    delay: float = 10.0
 
 
 class BlobSource:
@@ -109,7 +134,12 @@ class ChunkFetcher:
         self._inflight: dict[str, Future] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self._foreground = 0  # reads waiting on the network right now
+        self._foreground = 0  # foreground fetches in flight: container reads, prediction, prefetch
+        # Container reads so far, cached or not, and when the foreground was last busy (a container
+        # read, or the end of a foreground fetch): what the background fetch's Pace watches. Read
+        # without the lock: a stale value only moves a background request by one look.
+        self._reads = 0
+        self._busy_at = time.monotonic()
         self.bytes_fetched = 0
         self.requests = 0
 
@@ -123,9 +153,14 @@ class ChunkFetcher:
         with self._lock:
             return len(self._inflight)
 
+    def container_reads(self) -> int:
+        """Container reads so far (a background fetch started now waits for the next one)."""
+        return self._reads
+
     # ---- the three producers ---------------------------------------------------------
     def read(self, source: BlobSource, chunks: list[T.Chunk], file_chunks: Sequence[T.Chunk] = (),
-             neighbours: Sequence[T.Chunk] = (), cancel: threading.Event | None = None) -> list[bytes]:
+             neighbours: Sequence[T.Chunk] = (), cancel: threading.Event | None = None,
+             warming: bool = False) -> list[bytes]:
         """The verified bytes of each chunk, in order. Raises ALSError subclasses.
 
         ``cancel``: the reader went away (a FUSE interrupt): stop waiting for
@@ -141,6 +176,9 @@ class ChunkFetcher:
         being read: interpreters load many of one directory, one after
         another, so on a miss those that follow in the blob, up to
         ``dir_readahead`` compressed bytes, come in the same request.
+        ``warming``: the read is the store's own (the startup prediction
+        reading an ELF header), not a container's: it does not tell the
+        background fetch that a container started.
         """
         out: dict[T.Chunk, bytes] = {}
         missing = []
@@ -154,10 +192,11 @@ class ChunkFetcher:
             else:
                 missing.append(c)
         if not missing:
+            if not warming:
+                self._reads += 1
+                self._busy_at = time.monotonic()
             return _sized(source, chunks, out)
-        with self._lock:
-            self._foreground += 1
-        try:
+        with self._foreground_fetch(container=not warming):
             mine, theirs = self._claim(missing)
             if mine:
                 # What this call fetches is handed to _fetch, which answers every claim whatever
@@ -170,11 +209,24 @@ class ChunkFetcher:
                     out[c] = wait_for(fut, deadline, cancel)
                 except FutureTimeout:
                     raise RegistryError(f"timed out waiting for chunk {c.digest} of {source.label}") from None
+        return _sized(source, chunks, out)
+
+    @contextmanager
+    def _foreground_fetch(self, container: bool = False) -> Iterator[None]:
+        """A fetch the background fetch yields to, for as long as it runs; ``container``: for a
+        container's read (counted with the fetch, so the background fetch never sees the read
+        without it)."""
+        with self._lock:
+            self._foreground += 1
+            if container:
+                self._reads += 1
+        try:
+            yield
         finally:
             with self._lock:
                 self._foreground -= 1
+                self._busy_at = time.monotonic()
                 self._idle.notify_all()
-        return _sized(source, chunks, out)
 
     def _read_ahead(self, source: BlobSource, mine: list, file_chunks: Sequence[T.Chunk],
                     neighbours: Sequence[T.Chunk]) -> list:
@@ -210,20 +262,28 @@ class ChunkFetcher:
         """
         before = self.bytes_fetched
         wanted = [c for c in chunks if not c.zeros and not self.cache.contains(c.digest)]
-        self._fetch(source, self._claim(wanted)[0], max_request=max_request)
+        if wanted:
+            with self._foreground_fetch():
+                self._fetch(source, self._claim(wanted)[0], max_request=max_request)
         return self.bytes_fetched - before
 
     def background(self, source: BlobSource, stop: threading.Event, step: int = 4 << 20,
-                   progress: Callable[[int], None] | None = None) -> int:
-        """Fetch every chunk of ``source`` not cached yet, yielding to foreground reads.
+                   progress: Callable[[int], None] | None = None, pace: Pace = Pace(),
+                   since: int | None = None) -> int:
+        """Fetch every chunk of ``source`` not cached yet, yielding to the foreground (``pace``).
 
-        Returns the bytes fetched. Errors end the pass (the next read or the
-        next resolve retries); a failed background fetch never fails a read.
-        ``progress`` hears the bytes of each request (it feeds the metrics).
+        ``since``: the count of container reads (``container_reads``) when the
+        layer resolved; given, the first request waits for a container read
+        after it, then for the foreground to go quiet (both bounded by
+        ``pace.delay``). Returns the bytes fetched. Errors end the pass (the
+        next read or the next resolve retries); a failed background fetch
+        never fails a read. ``progress`` hears the bytes of each request (it
+        feeds the metrics).
         """
         fetched = 0
         chunks = source.chunks
         i = 0
+        started = since is None
         while i < len(chunks) and not stop.is_set():
             batch: list[T.Chunk] = []
             while i < len(chunks) and (not batch or chunks[i].blob_end - batch[0].blob_start <= step):
@@ -232,7 +292,10 @@ class ChunkFetcher:
                 i += 1
             if not batch:
                 continue
-            self._wait_idle(stop)
+            if not started:
+                self._wait_start(stop, pace, since)
+                started = True
+            self._wait_idle(stop, pace)
             self._wait_writer(stop)
             before = self.bytes_fetched
             # The claims are handed over, not kept: a batch's chunks are released one by one
@@ -247,10 +310,29 @@ class ChunkFetcher:
                 return fetched
         return fetched
 
-    def _wait_idle(self, stop: threading.Event) -> None:
+    def _wait_start(self, stop: threading.Event, pace: Pace, since: int) -> None:
+        """Wait for a container to start reading (after ``since`` reads), then for ``pace.quiet``
+        seconds without foreground activity; each wait at most ``pace.delay``."""
+        deadline = time.monotonic() + pace.delay
+        with self._lock:
+            while self._reads == since and not stop.is_set() and time.monotonic() < deadline:
+                self._idle.wait(POLL)
+            deadline = time.monotonic() + pace.delay
+            while not stop.is_set():
+                now = time.monotonic()
+                if now >= deadline or (not self._foreground and now - self._busy_at >= pace.quiet):
+                    return
+                self._idle.wait(min(POLL, deadline - now))
+
+    def _wait_idle(self, stop: threading.Event, pace: Pace) -> None:
+        """Wait while a foreground fetch is in flight, at most ``pace.delay``."""
+        deadline = time.monotonic() + pace.delay
         with self._lock:
             while self._foreground and not stop.is_set():
-                self._idle.wait(0.1)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._idle.wait(min(0.1, left))
 
     def _wait_writer(self, stop: threading.Event) -> None:
         """Back-pressure on the background fetch only: wait while the cache's disk writer is behind.

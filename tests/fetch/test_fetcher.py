@@ -13,7 +13,7 @@ import pytest
 
 from als.fetch.cache import ChunkCache
 from als.errors import Interrupted, RegistryError
-from als.fetch.fetcher import BlobSource, ChunkFetcher
+from als.fetch.fetcher import BlobSource, ChunkFetcher, Pace
 from als.formats import estargz
 from als.layer.view import LayerView
 from als.reference import parse_reference
@@ -113,6 +113,82 @@ def test_background_waits_while_a_foreground_read_is_in_flight(tmp_path, layer_s
         fetcher._idle.notify_all()
     t.join(30)
     assert not t.is_alive() and fetcher.bytes_fetched > 0
+
+
+class Recording:
+    """A source whose requests are logged as (thread name, start); the foreground's first waits for ``go``."""
+
+    def __init__(self, source: BlobSource):
+        self.source = source
+        self.calls: list[tuple[str, int]] = []
+        self.held = threading.Event()  # a foreground request is waiting for go
+        self.go = threading.Event()
+        inner = source._stream_range
+
+        def stream(start, end, sink):
+            name = threading.current_thread().name
+            self.calls.append((name, start))
+            if name == "foreground" and not self.go.is_set():
+                self.held.set()
+                self.go.wait(30)
+                self.calls.append(("foreground done", start))
+            return inner(start, end, sink)
+        source._stream_range = stream
+
+    def names(self) -> list[str]:
+        return [n for n, _ in self.calls]
+
+
+def in_thread(name: str, target, *args, **kwargs) -> threading.Thread:
+    t = threading.Thread(target=target, args=args, kwargs=kwargs, name=name, daemon=True)
+    t.start()
+    return t
+
+
+def test_background_waits_for_a_container_read_and_for_its_fetch_to_end(tmp_path, layer_source):
+    make, view, files, layer = layer_source
+    fetcher = ChunkFetcher(ChunkCache(tmp_path), readahead_max=0)
+    rec = Recording(make())
+    since = fetcher.container_reads()  # the layer resolved: no container has read it yet
+    bg = in_thread("background", fetcher.background, rec.source, threading.Event(), 256 << 10,
+                   pace=Pace(quiet=0.0, delay=60.0), since=since)
+    fg = in_thread("foreground", read_file, fetcher, rec.source, view, "f07")
+    assert rec.held.wait(30)
+    rec.go.set()
+    fg.join(30)
+    bg.join(30)
+    assert not bg.is_alive()
+    # the container's request was answered before the background fetch sent its first
+    assert rec.names()[:2] == ["foreground", "foreground done"]
+    assert "background" in rec.names()[2:]
+
+
+def test_background_of_a_layer_nobody_reads_starts_after_its_delay(tmp_path, layer_source):
+    make, view, files, layer = layer_source
+    fetcher = ChunkFetcher(ChunkCache(tmp_path))
+    source = make()
+    bg = in_thread("background", fetcher.background, source, threading.Event(), 256 << 10,
+                   pace=Pace(quiet=0.0, delay=0.05), since=fetcher.container_reads())
+    bg.join(30)
+    assert not bg.is_alive() and fetcher.cached(source.chunks)
+
+
+def test_background_yields_to_predictions_and_prefetches_too(tmp_path, layer_source):
+    make, view, files, layer = layer_source
+    fetcher = ChunkFetcher(ChunkCache(tmp_path), readahead_max=0)
+    rec = Recording(make())
+    node = view.lookup(["f11"])
+    # the startup prediction's own read: a foreground fetch, but not a container starting
+    fg = in_thread("foreground", fetcher.read, rec.source, node.chunks[:1], warming=True)
+    assert rec.held.wait(30)
+    assert fetcher.container_reads() == 0
+    bg = in_thread("background", fetcher.background, rec.source, threading.Event(), 256 << 10,
+                   pace=Pace(quiet=0.0, delay=60.0))
+    rec.go.set()
+    fg.join(30)
+    bg.join(30)
+    assert not bg.is_alive()
+    assert rec.names()[:2] == ["foreground", "foreground done"]
 
 
 def test_read_ahead_grows_on_sequential_misses_only(tmp_path, registry, layer_source):
