@@ -85,6 +85,9 @@ class BlobSource:
         self._lock = threading.Lock()
         self._expect = -1  # blob index a sequential miss would start at
         self._window = 0  # read-ahead bytes (compressed)
+        # The read-ahead reached its largest window: a container reads this layer front to back
+        # (a tar, a copy, a scan), which the background fetch helps rather than hinders.
+        self.streaming = False
 
     def stream_range(self, start: int, end: int, sink: Callable[[bytes], None]) -> int:
         """Hand blob bytes [start, end) to ``sink`` in order as they arrive; returns their count.
@@ -111,6 +114,7 @@ class BlobSource:
         with self._lock:
             sequential = self._expect >= 0 and self._expect - 1 <= start <= self._expect + 2
             self._window = min(max(self._window * 2, min_window), max_window) if sequential else 0
+            self.streaming = max_window > 0 and self._window >= max_window
             limit = last.blob_end + self._window
             stop = end + 1
             while stop < len(self.chunks) and self.chunks[stop].blob_end <= limit:
@@ -293,7 +297,7 @@ class ChunkFetcher:
             if not batch:
                 continue
             if not started:
-                self._wait_start(stop, pace, since)
+                self._wait_start(source, stop, pace, since)
                 started = True
             self._wait_idle(stop, pace)
             self._wait_writer(stop)
@@ -310,15 +314,16 @@ class ChunkFetcher:
                 return fetched
         return fetched
 
-    def _wait_start(self, stop: threading.Event, pace: Pace, since: int) -> None:
+    def _wait_start(self, source: BlobSource, stop: threading.Event, pace: Pace, since: int) -> None:
         """Wait for a container to start reading (after ``since`` reads), then for ``pace.quiet``
-        seconds without foreground activity; each wait at most ``pace.delay``."""
+        seconds without foreground activity; each wait at most ``pace.delay``. A container
+        streaming the layer (``source.streaming``) ends the wait: it wants all of it."""
         deadline = time.monotonic() + pace.delay
         with self._lock:
             while self._reads == since and not stop.is_set() and time.monotonic() < deadline:
                 self._idle.wait(POLL)
             deadline = time.monotonic() + pace.delay
-            while not stop.is_set():
+            while not stop.is_set() and not source.streaming:
                 now = time.monotonic()
                 if now >= deadline or (not self._foreground and now - self._busy_at >= pace.quiet):
                     return

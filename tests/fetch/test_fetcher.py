@@ -173,6 +173,20 @@ def test_background_of_a_layer_nobody_reads_starts_after_its_delay(tmp_path, lay
     assert not bg.is_alive() and fetcher.cached(source.chunks)
 
 
+def test_a_container_streaming_the_layer_starts_the_background_without_waiting_for_quiet(tmp_path, layer_source):
+    make, view, files, layer = layer_source
+    fetcher = ChunkFetcher(ChunkCache(tmp_path), readahead_min=CHUNK, readahead_max=2 * CHUNK)
+    source = make()
+    bg = in_thread("background", fetcher.background, source, threading.Event(), 256 << 10,
+                   pace=Pace(quiet=60.0, delay=60.0), since=fetcher.container_reads())
+    names = sorted(files)
+    for name in names[:4]:  # a tar reading the tree: misses in blob order, the read-ahead at its largest
+        assert read_file(fetcher, source, view, name) == files[name]
+    assert source.streaming
+    bg.join(30)  # it never saw 60 s of quiet
+    assert not bg.is_alive() and fetcher.cached(source.chunks)
+
+
 def test_background_yields_to_predictions_and_prefetches_too(tmp_path, layer_source):
     make, view, files, layer = layer_source
     fetcher = ChunkFetcher(ChunkCache(tmp_path), readahead_max=0)
