@@ -175,6 +175,8 @@ class _Gunzip:
             except INFLATE_ERRORS as e:
                 raise FormatError(f"corrupt gzip data: {e}") from None
             self._pending = self._d.unconsumed_tail
+            if not out and len(piece) == n:
+                return piece  # all of it in one piece (a whole chunk, mostly): no copy of it
             out += piece
             if not piece and not self._pending and not self._d.eof:
                 self._done = True  # input ran out inside a member
