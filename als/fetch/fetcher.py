@@ -12,7 +12,7 @@ already fetching: the foreground (FUSE reads, with an adaptive read-ahead in
 blob order that grows while misses stay sequential, like the kernel's, and the
 startup prediction's reads), the prefetch of a layer's prioritised region at
 resolve time, and the background fetch of the rest of the blob. The
-background fetch yields (``Pace``): it starts once a container's start-up
+background fetch yields (als/fetch/pace.py): it starts once a container's start-up
 burst has gone quiet and waits whenever a foreground fetch is in flight, so
 it never competes with a container for the link; each wait is bounded, so it
 cannot be starved for good.
@@ -26,17 +26,16 @@ import threading
 import time
 import weakref
 from collections import deque
-from contextlib import contextmanager
-from dataclasses import dataclass
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 from als.fetch.cache import ChunkCache, release_free_memory
 from als.digest import sha256_digest
 from als.errors import FormatError, RegistryError, VerificationError
 from als.formats import lazy
 from als.formats import toc as T
+from als.fetch.pace import Foreground, Pace
 from als.wait import wait_for
 
 log = logging.getLogger("als.fetch")
@@ -44,26 +43,6 @@ log = logging.getLogger("als.fetch")
 StreamRange = Callable[[int, int, Callable[[bytes], None]], int]  # start, end, sink -> bytes handed over
 # Longest a background batch waits for the cache's disk writer to catch up (seconds).
 WRITER_WAIT = 10.0
-POLL = 0.05  # seconds between looks at what the foreground does, while the background fetch waits
-
-
-@dataclass(frozen=True)
-class Pace:
-    """When the background fetch may use the link (and the CPU): when no container needs them.
-
-    A container's first reads miss one after another, each a round trip; a
-    background request on the same link (4 MiB is 170 ms at 200 Mbit/s)
-    makes every one of them wait behind it. So the background fetch of a
-    newly resolved layer waits for a container to start reading (the pull
-    ends before the container starts) and then for ``quiet`` seconds without
-    a container read or a foreground fetch; afterwards it pauses while any
-    foreground fetch is in flight. ``delay`` bounds each of those waits: an
-    image pulled and not run is still fetched, and a container that never
-    stops reading cannot starve the background fetch.
-    """
-
-    quiet: float = 0.0
-    delay: float = 10.0
 
 
 class BlobSource:
@@ -137,13 +116,7 @@ class ChunkFetcher:
         self.dir_readahead = dir_readahead
         self._inflight: dict[str, Future] = {}
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self._foreground = 0  # foreground fetches in flight: container reads, prediction, prefetch
-        # Container reads so far, cached or not, and when the foreground was last busy (a container
-        # read, or the end of a foreground fetch): what the background fetch's Pace watches. Read
-        # without the lock: a stale value only moves a background request by one look.
-        self._reads = 0
-        self._busy_at = time.monotonic()
+        self.foreground = Foreground()  # what the background fetch yields to (als/fetch/pace.py)
         self.bytes_fetched = 0
         self.requests = 0
 
@@ -159,7 +132,7 @@ class ChunkFetcher:
 
     def container_reads(self) -> int:
         """Container reads so far (a background fetch started now waits for the next one)."""
-        return self._reads
+        return self.foreground.reads
 
     # ---- the three producers ---------------------------------------------------------
     def read(self, source: BlobSource, chunks: list[T.Chunk], file_chunks: Sequence[T.Chunk] = (),
@@ -197,10 +170,9 @@ class ChunkFetcher:
                 missing.append(c)
         if not missing:
             if not warming:
-                self._reads += 1
-                self._busy_at = time.monotonic()
+                self.foreground.read_cached()
             return _sized(source, chunks, out)
-        with self._foreground_fetch(container=not warming):
+        with self.foreground.fetch(container=not warming):
             mine, theirs = self._claim(missing)
             if mine:
                 # What this call fetches is handed to _fetch, which answers every claim whatever
@@ -214,23 +186,6 @@ class ChunkFetcher:
                 except FutureTimeout:
                     raise RegistryError(f"timed out waiting for chunk {c.digest} of {source.label}") from None
         return _sized(source, chunks, out)
-
-    @contextmanager
-    def _foreground_fetch(self, container: bool = False) -> Iterator[None]:
-        """A fetch the background fetch yields to, for as long as it runs; ``container``: for a
-        container's read (counted with the fetch, so the background fetch never sees the read
-        without it)."""
-        with self._lock:
-            self._foreground += 1
-            if container:
-                self._reads += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._foreground -= 1
-                self._busy_at = time.monotonic()
-                self._idle.notify_all()
 
     def _read_ahead(self, source: BlobSource, mine: list, file_chunks: Sequence[T.Chunk],
                     neighbours: Sequence[T.Chunk]) -> list:
@@ -267,7 +222,7 @@ class ChunkFetcher:
         before = self.bytes_fetched
         wanted = [c for c in chunks if not c.zeros and not self.cache.contains(c.digest)]
         if wanted:
-            with self._foreground_fetch():
+            with self.foreground.fetch():
                 self._fetch(source, self._claim(wanted)[0], max_request=max_request)
         return self.bytes_fetched - before
 
@@ -297,9 +252,9 @@ class ChunkFetcher:
             if not batch:
                 continue
             if not started:
-                self._wait_start(source, stop, pace, since)
+                self.foreground.wait_start(stop, pace, since, lambda: source.streaming)
                 started = True
-            self._wait_idle(stop, pace)
+            self.foreground.wait_idle(stop, pace)
             self._wait_writer(stop)
             before = self.bytes_fetched
             # The claims are handed over, not kept: a batch's chunks are released one by one
@@ -313,31 +268,6 @@ class ChunkFetcher:
                 log.info("%s: background fetch stopped: %s", source.label, failed)
                 return fetched
         return fetched
-
-    def _wait_start(self, source: BlobSource, stop: threading.Event, pace: Pace, since: int) -> None:
-        """Wait for a container to start reading (after ``since`` reads), then for ``pace.quiet``
-        seconds without foreground activity; each wait at most ``pace.delay``. A container
-        streaming the layer (``source.streaming``) ends the wait: it wants all of it."""
-        deadline = time.monotonic() + pace.delay
-        with self._lock:
-            while self._reads == since and not stop.is_set() and time.monotonic() < deadline:
-                self._idle.wait(POLL)
-            deadline = time.monotonic() + pace.delay
-            while not stop.is_set() and not source.streaming:
-                now = time.monotonic()
-                if now >= deadline or (not self._foreground and now - self._busy_at >= pace.quiet):
-                    return
-                self._idle.wait(min(POLL, deadline - now))
-
-    def _wait_idle(self, stop: threading.Event, pace: Pace) -> None:
-        """Wait while a foreground fetch is in flight, at most ``pace.delay``."""
-        deadline = time.monotonic() + pace.delay
-        with self._lock:
-            while self._foreground and not stop.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                self._idle.wait(min(0.1, left))
 
     def _wait_writer(self, stop: threading.Event) -> None:
         """Back-pressure on the background fetch only: wait while the cache's disk writer is behind.

@@ -13,7 +13,8 @@ import pytest
 
 from als.fetch.cache import ChunkCache
 from als.errors import Interrupted, RegistryError
-from als.fetch.fetcher import BlobSource, ChunkFetcher, Pace
+from als.fetch.fetcher import BlobSource, ChunkFetcher
+from als.fetch.pace import Pace
 from als.formats import estargz
 from als.layer.view import LayerView
 from als.reference import parse_reference
@@ -102,15 +103,13 @@ def test_background_waits_while_a_foreground_read_is_in_flight(tmp_path, layer_s
     make, view, files, layer = layer_source
     fetcher = ChunkFetcher(ChunkCache(tmp_path))
     stop = threading.Event()
-    with fetcher._lock:
-        fetcher._foreground = 1  # as read() does while it waits on the network
+    in_flight = fetcher.foreground.fetch()  # as read() holds it while it waits on the network
+    in_flight.__enter__()
     t = threading.Thread(target=fetcher.background, args=(make(), stop))
     t.start()
     t.join(0.5)
     assert t.is_alive() and fetcher.bytes_fetched == 0
-    with fetcher._lock:
-        fetcher._foreground = 0
-        fetcher._idle.notify_all()
+    in_flight.__exit__(None, None, None)
     t.join(30)
     assert not t.is_alive() and fetcher.bytes_fetched > 0
 
