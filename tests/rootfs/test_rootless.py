@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 
 import pytest
@@ -100,6 +101,15 @@ def test_rootless_rootfs_with_the_store_in_podman_unshare(user, registry, client
         gone = user.run(["podman", "unshare", "grep", f" {target} ", "/proc/self/mountinfo"], check=False)
         assert gone.returncode == 1, gone.stdout
         assert json.loads(store.als("status", "--json").stdout)["rootfs"] == []
+
+        # Podman's pause process holds its namespaces; once it stops (as `podman system migrate` stops it),
+        # `podman unshare` makes new ones, where nothing of the store is seen: `als mount` refuses.
+        (pause,) = [p for p in user.pids() if open(f"/proc/{p}/cmdline", "rb").read().startswith(b"catatonit\0")]
+        assert os.readlink(f"/proc/{pause}/ns/mnt") == os.readlink(f"/proc/{store.pid()}/ns/mnt")
+        os.kill(pause, signal.SIGKILL)
+        refused = store.als("mount", ref, str(target), check=False)
+        assert refused.returncode == 1 and "stop the store and start it again in `podman unshare`" in refused.stderr
+        assert json.loads(store.als("status", "--json", unshare=False).stdout)["rootfs"] == []
     finally:
         store.stop()
         user.run(["podman", "system", "reset", "--force"], check=False, timeout=120)

@@ -225,16 +225,31 @@ class UnshareStore:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def pids(self) -> list[int]:
+        """The store itself, not the `podman unshare` that runs it."""
+        found = []
+        for pid in self.user.pids():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read()
+                if b"\0-m\0als\0serve\0" in argv and not argv.startswith(b"podman\0"):
+                    found.append(pid)
+            except OSError:
+                pass
+        return found
+
+    def pid(self) -> int:
+        (pid,) = self.pids()
+        return pid
+
     def stop(self) -> None:
         """SIGTERM to the store itself (not to `podman unshare`): it unmounts, then exits."""
         if self.proc is None:
             return
-        for pid in self.user.pids():
+        for pid in self.pids():
             try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"als\0serve" in f.read():
-                        os.kill(pid, signal.SIGTERM)
-            except OSError:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
                 pass
         try:
             self.proc.wait(60)
