@@ -155,7 +155,8 @@ def test_platform_picks_one_image_of_an_index(rootfs_store, registries_conf, reg
 
     target = tmp_path / "none"
     target.mkdir()
-    for platform, said in (("linux/s390x", f"image {ref} has no manifest for linux/s390x"),
+    for platform, said in (("linux/s390x", f"image {ref} has no manifest for linux/s390x "
+                                           "(it has: linux/amd64, linux/arm64/v8)"),
                            ("amd64", "platform 'amd64' is not os/arch[/variant]")):
         res = als(rootfs_store, "mount", "--platform", platform, ref, str(target), check=False)
         assert res.returncode == 1 and said in res.stderr, res.stderr
