@@ -23,7 +23,6 @@ from tests.support import images
 from tests.support.rootless import CONTAINERS_CONF, RootlessUser, UnshareStore, skip_unless_possible
 
 pytestmark = pytest.mark.slow
-__all__ = ["CONTAINERS_CONF"]  # tests/system/test_podman5.py takes it from here
 
 
 @pytest.fixture
