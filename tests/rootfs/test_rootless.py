@@ -21,15 +21,14 @@ import pytest
 
 from tests.rootfs.conftest import CMD, finish, is_mount_point, push_tree, start_containers
 from tests.support import images
-from tests.support.rootless import CONTAINERS_CONF, RootlessUser, UnshareStore, skip_unless_possible
+from tests.support.rootless import CONTAINERS_CONF, RootlessUser, UnshareStore, make_user
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def user():
-    skip_unless_possible()
-    with RootlessUser(f"als-rf-{os.getpid() % 100000}") as u:
+    with make_user("als-rf") as u:
         yield u
 
 

@@ -50,10 +50,11 @@ events_logger = "file"
 """
 
 
-def skip_unless_possible() -> None:
-    """Skip the test when this machine cannot make a rootless user."""
+def make_user(prefix: str) -> "RootlessUser":
+    """A new user named ``<prefix>-<pid>``, or the test is skipped where this machine cannot make one."""
     if os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("newuidmap"):
         pytest.skip("needs root, useradd and newuidmap (Debian: uidmap) to make a rootless user")
+    return RootlessUser(f"{prefix}-{os.getpid() % 100000}")
 
 
 def _hidden_ancestor(path: Path) -> Path | None:

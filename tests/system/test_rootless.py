@@ -13,22 +13,20 @@ the store reports through the user namespace (0 -> the user, 1.. -> subuids).
 from __future__ import annotations
 
 import io
-import os
 
 import pytest
 
 from als.tools.image import estargz_layer, push_image
 from als.reference import parse_reference
 from tests.support import images
-from tests.support.rootless import CONTAINERS_CONF, RootlessUser, UnshareStore, skip_unless_possible
+from tests.support.rootless import CONTAINERS_CONF, UnshareStore, make_user
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def user():
-    skip_unless_possible()
-    with RootlessUser(f"als-rl-{os.getpid() % 100000}") as u:
+    with make_user("als-rl") as u:
         yield u
 
 
