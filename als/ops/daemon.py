@@ -111,7 +111,8 @@ def control_handlers(store: Store, mountpoint: Path | None = None, root: Path | 
                 **access.control_handlers(store.accesses)}
     if rootfs is not None:
         handlers["rootfs-mount"] = lambda req: rootfs.mount(str(req.get("image", "")), str(req.get("dir", "")),
-                                                            str(req.get("platform") or ""))
+                                                            str(req.get("platform") or ""),
+                                                            str(req.get("namespace") or ""))
         handlers["rootfs-umount"] = lambda req: rootfs.umount(str(req.get("dir", "")), bool(req.get("force")))
     return handlers
 

@@ -85,8 +85,13 @@ class RootfsMounts:
         return json.loads(blob) if blob else {}
 
     # ---- mount ------------------------------------------------------------------------
-    def mount(self, image: str, target: str, platform: str = "") -> dict:
-        """Mount ``image`` on ``target`` read-only (or find it mounted there already); its record and config."""
+    def mount(self, image: str, target: str, platform: str = "", namespace: str = "") -> dict:
+        """Mount ``image`` on ``target`` read-only (or find it mounted there already); its record and config.
+
+        ``namespace``: the mount namespace the user's Podman runs in, when `als mount` was run inside
+        `podman unshare`; the overlay is mounted in the store's own, so they must be the same.
+        """
+        self._check_namespace(namespace, target)
         try:
             ref = str(parse_reference(image))
         except ValueError as e:
@@ -112,6 +117,18 @@ class RootfsMounts:
             with self._lock:
                 self._pending.discard(path)
         return {"mount": res.as_dict(), "config": self.config(res), "new": True}
+
+    @staticmethod
+    def _check_namespace(namespace: str, target: str) -> None:
+        """`podman unshare` joins the namespaces Podman's pause process keeps; when that process stops
+        (`podman system migrate`, a reboot of the user's session), Podman makes new ones and a store
+        started in the old ones mounts where no container of that Podman would see it."""
+        own = mountinfo.own_namespace()
+        if namespace and namespace != own:
+            raise ALSError(f"Podman's containers would not see {target}: this `podman unshare` is in mount "
+                           f"namespace {namespace}, the store in {own}. Podman made its rootless namespaces anew "
+                           f"after the store started in them (its pause process stopped, e.g. by `podman system "
+                           f"migrate`): stop the store and start it again in `podman unshare`")
 
     def _check_target(self, target: str) -> Path:
         if not os.path.isabs(target):
