@@ -169,7 +169,7 @@ class Bench:
 def variants(bench: Bench) -> list[Variant]:
     shipped = shipped_config()
     out = [Variant("normal", "normal pull (Podman pulls the gzip image)", "normal"),
-           Variant("als", "als, config/config.toml as shipped", "als", shipped, headline=True),
+           Variant("als", "als, config/config.toml as shipped (headline)", "als", shipped, headline=True),
            Variant("als-nobg", "als, as shipped but [fetch] background = false (extra)", "als",
                    background_off(shipped))]
     if bench.args.no_reference:
@@ -206,7 +206,7 @@ def record_profile(bench: Bench) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3, help="rounds (default: 3)")
+    ap.add_argument("--runs", type=int, default=4, help="rounds (default: 4, about 15 minutes on 2 cores)")
     ap.add_argument("--rtt", type=float, default=0.020, help="seconds (default: 0.020)")
     ap.add_argument("--bandwidth", type=float, default=200e6, help="bits per second (default: 200e6)")
     ap.add_argument("--chunk-size", type=int, default=1 << 20)
