@@ -155,7 +155,7 @@ def unpacked_bytes(graphroot: Path) -> int:
 
 
 def run_sample(podman: Podman, ref: str, cmd: list[str], registry: RegistryProcess, link: LinkProxy,
-               store: LazyStore | None, read_all: bool) -> Sample:
+               store: LazyStore | None, read_all: bool, wait_settled: bool = True) -> Sample:
     mark, link0 = registry.mark(), link.stats.bytes_down
     pull = timed(lambda: podman.run("pull", "-q", ref, timeout=900))
     if store is not None and unpacked_bytes(podman.graphroot) > 8 << 20:
@@ -171,6 +171,8 @@ def run_sample(podman: Podman, ref: str, cmd: list[str], registry: RegistryProce
             raise RuntimeError(f"{ref}: {cmd} printed something else in a new container")
     if read_all:
         s.warm_after_s = timed(again)
+    if not wait_settled:
+        return s
     s.settle_seconds = settle(link, store) if store is not None else 0.0
     s.registry_bytes_settled = blob_bytes(registry, mark, 0.3)
     if read_all:
