@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import tomllib
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -71,3 +72,8 @@ def test_a_failed_build_names_the_missing_packages(tmp_path):
     binary, why = bench_stargz.obtain(tmp_path, None)
     assert binary is None
     assert "missing from Debian" in why and "example.invalid/not/in/debian" in why
+
+
+def test_a_reference_store_that_exits_at_once_is_an_error_not_a_hang(tmp_path):
+    with pytest.raises(RuntimeError, match="stargz-store exited 1"):
+        bench_stargz.StargzStore(Path(shutil.which("false")), tmp_path / "store").start(timeout=10)
