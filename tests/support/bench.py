@@ -249,10 +249,11 @@ def main(argv: list[str] | None = None) -> int:
                         cols.remove(v)
                         continue
                     series.setdefault((w.name, v.name), Series(w.name, v.name)).samples[rnd] = sample
+                    settled = (f"{sample.registry_bytes_settled / 1e6:8.1f} MB settled" if w.settle
+                               else "  (not waited for)")
                     print(f"  {w.name:<9}{v.name:<13}{sample.seconds:7.2f}s (pull {sample.pull_seconds:.2f}s)"
                           f"{sample.registry_bytes_at_exit / 1e6:8.1f} MB by the exit"
-                          f"{sample.registry_bytes_settled / 1e6:8.1f} MB settled  [{time.monotonic() - t0:.0f}s]",
-                          flush=True)
+                          f"{settled}  [{time.monotonic() - t0:.0f}s]", flush=True)
         rows = compute(series, cols, args.runs, bench.sizes["esgz"], bench.sizes["esgz-opt"])
         meta = {
             "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
