@@ -16,11 +16,12 @@ import json
 
 import pytest
 
-from als.errors import NotFoundError, ReferrersError
+from als.errors import AuthError, NotFoundError, ReferrersError
 from als.oci import OCI_EMPTY, OCI_INDEX, OCI_MANIFEST
 from als.reference import Reference, parse_reference
 from als.registry.referrers import (EMPTY, MAX_INDEX_SIZE, MAX_PAGES, VIA_API, VIA_TAG,
                                     Descriptor, artifact_manifest, referrers_tag)
+from tests.support.httpfront import Front
 from tests.support.memregistry import MemoryRegistry
 from tests.support.referrersapi import ReferrersFront
 from tests.support.regtest import fast_client, hermetic_env, insecure, push_image, sha, write_conf  # noqa: F401
@@ -117,6 +118,31 @@ def test_a_fallback_tag_that_is_not_an_index(registry, tmp_path):
         assert client.get_manifest(ref, tag).digest == squatter.digest
 
 
+def test_duplicates_in_the_fallback_tag_are_dropped(registry, tmp_path):
+    """A tag some other client wrote with an entry twice: rewritten with each digest once, in order."""
+    with client_for(tmp_path, registry.host) as client:
+        ref = parse_reference(f"{registry.host}/ns/twice:v1")
+        subject = subject_of(client, ref, seed=8)
+        first = client.publish_referrer(ref, subject, SIG_TYPE, [blob(client, ref, b"sig 1")]).descriptor
+        tag = referrers_tag(subject.digest)
+        client.put_manifest(ref, _index([first.to_json(), first.to_json()]), OCI_INDEX, tag)
+        second = client.publish_referrer(ref, subject, SIG_TYPE, [blob(client, ref, b"sig 2")]).descriptor
+        assert json.loads(client.get_manifest(ref, tag).data)["manifests"] == [first.to_json(), second.to_json()]
+
+
+def test_publish_stops_when_the_fallback_tag_cannot_be_read(registry, tmp_path):
+    """Only a 404 means "no referrers yet": a refused read must not become an overwrite."""
+    def refuse_tag(seen):
+        return (403, {}, b"") if seen.method == "GET" and "/manifests/sha256-" in seen.path else None
+
+    with Front(registry.host, hook=refuse_tag) as front, client_for(tmp_path, front.host, registry.host) as client:
+        ref = parse_reference(f"{front.host}/ns/refused:v1")
+        subject = subject_of(client, ref, seed=9)
+        with pytest.raises(AuthError):
+            client.publish_referrer(ref, subject, SIG_TYPE, [blob(client, ref, b"sig")])
+        assert not front.seen(lambda s: s.method == "PUT" and "/manifests/sha256-" in s.path)
+
+
 # ---------------------------------------------------------------- the referrers API (front on docker-registry)
 def test_referrers_api(registry, tmp_path):
     with ReferrersFront(registry.host) as api, client_for(tmp_path, api.host) as client:
@@ -187,6 +213,7 @@ def test_hostile_referrers_api_answers(case, registry, tmp_path):
         api.answer = tuple(answer)
         with pytest.raises(ReferrersError, match=message):
             client.list_referrers(parse_reference(f"{api.host}/ns/app:v1"), sha(b"subject"))
+        assert len(api.referrer_requests()) == (MAX_PAGES if case == "endless pages" else 1)
 
 
 # ---------------------------------------------------------------- the in-memory registry (fast tier)
