@@ -188,26 +188,23 @@ class Referrers:
         the spec leaves that race to clients, and registries with the API do not have it."""
         op = Operation(ref, f"referrers tag {tag}", actions="pull,push")
 
-        def read(resp: requests.Response, ep_: Endpoint) -> dict | None:
+        def read(resp: requests.Response, ep_: Endpoint) -> tuple[dict, list[Descriptor]] | None:
             if resp.status_code == 404:
                 return None
             expect(resp, (200,), op, ep_)
-            return _index(resp, op, ep_)[0]
+            return _index(resp, op, ep_)
 
-        doc = self.retry.run(lambda: self.http.attempt(
+        found = self.retry.run(lambda: self.http.attempt(
             ep, repo, op, "GET", f"/v2/{repo}/manifests/{tag}",
             {"Accept": ", ".join(MANIFEST_TYPES)}, read))
-        if doc is None:
-            doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
-        entries = [Descriptor.from_json(m, f"entry {i} of {op.what}")
-                   for i, m in enumerate(doc["manifests"])]
+        doc, entries = found or ({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}, [])
         if any(e.digest == listed.digest for e in entries):
             log.info("referrers tag %s of image %s already lists %s", tag, ref.name, listed.digest)
             return
-        kept: dict[str, Descriptor] = {}
-        for e in entries:  # one entry per digest, the first
-            kept.setdefault(e.digest, e)
-        doc["manifests"] = [e.to_json() for e in kept.values()] + [listed.to_json()]
+        kept: dict[str, dict] = {}  # one entry per digest, the first, as written (fields we do not know kept)
+        for entry, e in zip(doc["manifests"], entries):
+            kept.setdefault(e.digest, entry)
+        doc["manifests"] = list(kept.values()) + [listed.to_json()]
         self.pusher.put_manifest(ref, json.dumps(doc, separators=(",", ":")).encode(), OCI_INDEX,
                                  tag)
         log.info("added %s to referrers tag %s of image %s (%d referrers)", listed.digest, tag,
