@@ -47,6 +47,11 @@ class NotFoundError(RegistryError):
     """The registry says the manifest or blob does not exist."""
 
 
+class ReferrersError(RegistryError):
+    """A registry's list of referrers (its referrers API answer or the fallback tag) is not a
+    valid OCI index of descriptors, is too large, or cannot be updated safely."""
+
+
 class ConfigError(ALSError):
     """A configuration file has a bad key or value."""
 

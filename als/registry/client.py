@@ -9,12 +9,13 @@ rewrites, insecure, blocked) exactly as Podman would for the same image.
 ``RegistryClient`` is the one entry point; it only puts together the parts
 that do the work: endpoints.py and retry.py (where a request goes, how often
 it is tried), exchange.py (one HTTP exchange: auth, TLS, scheme probe),
-pull.py and stream.py (reading), push.py (writing).
+pull.py and stream.py (reading), push.py (writing), referrers.py (OCI 1.1
+referrers, with the tag fallback for registries without the API).
 """
 
 from __future__ import annotations
 
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Mapping, Sequence
 
 from .. import __version__
 from ..reference import Reference
@@ -24,6 +25,7 @@ from .endpoints import Endpoints
 from .exchange import Exchange
 from .pull import Manifest, Puller
 from .push import Pusher
+from .referrers import Descriptor, Published, Referrers
 from .responses import check_digest
 from .retry import RetryPolicy
 from .stream import BlobStream
@@ -59,6 +61,7 @@ class RegistryClient:
         self.endpoints = Endpoints(self.conf)
         self._puller = Puller(self.http, self.endpoints, self.retry)
         self._pusher = Pusher(self.http, self.endpoints, self.retry)
+        self._referrers = Referrers(self.http, self.endpoints, self.retry, self._pusher)
 
     def close(self) -> None:
         self.http.close()
@@ -127,3 +130,33 @@ class RegistryClient:
         Returns the manifest's digest.
         """
         return self._pusher.put_manifest(ref, data, media_type, reference)
+
+    # ------------------------------------------------------------- referrers
+    def publish_referrer(self, ref: Reference, subject: Descriptor, artifact_type: str,
+                         layers: Sequence[Descriptor],
+                         annotations: Mapping[str, str] | None = None,
+                         config: Descriptor | None = None) -> Published:
+        """Push an OCI 1.1 artifact manifest referring to ``subject`` (a manifest of ``ref``'s
+        repository), by digest, and make sure the subject's referrers list shows it.
+
+        ``layers`` (and ``config``, else the empty descriptor) are blobs already
+        pushed to the repository. A registry that names the subject in
+        OCI-Subject, or answers the referrers API, lists it itself; otherwise
+        it is added to the subject's fallback tag (``sha256-<hex>``), once.
+        Raises ReferrersError when that tag holds something other than an OCI
+        index of referrers (it is left alone).
+        """
+        return self._referrers.publish(ref, subject, artifact_type, layers, annotations, config)
+
+    def list_referrers(self, ref: Reference, subject_digest: str,
+                       artifact_type: str | None = None) -> list[Descriptor]:
+        """The descriptors of the manifests that refer to ``subject_digest`` in ``ref``'s repository,
+        of ``artifact_type`` only if given.
+
+        From the referrers API (every page, within bounds), else from the
+        fallback tag; none of either is an empty list. An API answer that is
+        not a bounded OCI index of well-formed descriptors raises
+        ReferrersError; a fallback tag that is not one counts as no referrers,
+        as the distribution spec says.
+        """
+        return self._referrers.list(ref, subject_digest, artifact_type)

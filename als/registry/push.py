@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
@@ -79,6 +80,11 @@ class Pusher:
 
     def put_manifest(self, ref: Reference, data: bytes, media_type: str,
                      reference: str | None = None) -> str:
+        return self.send_manifest(ref, data, media_type, reference).digest
+
+    def send_manifest(self, ref: Reference, data: bytes, media_type: str,
+                      reference: str | None = None) -> PutManifest:
+        """put_manifest, keeping what the registry said of a ``subject`` (OCI-Subject)."""
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         reference = reference or ref.tag or ref.digest or digest
         op = Operation(ref, f"manifest {reference}", actions="pull,push")
@@ -87,16 +93,25 @@ class Pusher:
             verify(data, reference, op, None)
         ep, repo = self.endpoints.for_push(ref)
 
-        def put() -> None:
+        def put() -> PutManifest:
             resp = self.http.request(ep, repo, op, "PUT", f"/v2/{repo}/manifests/{reference}",
                                      {"Content-Type": media_type}, Body(data))
             try:
                 expect(resp, (201, 200, 204), op, ep)
+                return PutManifest(digest, resp.headers.get("OCI-Subject", "").strip() or None)
             finally:
                 release(resp)
 
-        self.retry.run(put)
-        return digest
+        return self.retry.run(put)
+
+
+@dataclass(frozen=True)
+class PutManifest:
+    """A manifest the registry took: its digest, and the OCI-Subject header of the answer
+    (a registry with the referrers API names the subject it recorded there)."""
+
+    digest: str
+    oci_subject: str | None
 
 
 def _add_query(url: str, **params: str) -> str:

@@ -1,8 +1,9 @@
 """A small HTTP/1.1 reverse proxy on 127.0.0.1 in front of a real registry, for tests.
 
 It forwards every request to the registry unless a ``hook`` answers it
-itself (a 503, a redirect, a stall), can drop ``Range`` to play a registry
-that ignores it, and records what happened: TCP connections accepted,
+itself (a 503, a redirect, a stall), can add headers to the registry's
+answers (``extra_headers``, which sees the request body and the status), can
+drop ``Range`` to play a registry that ignores it, and records what happened: TCP connections accepted,
 requests, and body bytes actually written to the client (so a client that
 stops reading early shows up as fewer bytes).
 """
@@ -28,19 +29,23 @@ class Seen:
     headers: dict[str, str]
     status: int = 0
     written: int = 0  # body bytes sent to the client
+    body: bytes = b""  # the request body
     at: float = field(default_factory=time.monotonic)
 
 
 Answer = tuple[int, dict[str, str], bytes]
 Hook = Callable[[Seen], Optional[Answer]]
+ExtraHeaders = Callable[[Seen], dict[str, str]]
 
 
 class Front:
-    """``Front(registry.host, hook=..., strip_range=...)``; ``with`` starts and stops it."""
+    """``Front(registry.host, hook=..., extra_headers=..., strip_range=...)``; ``with`` starts and stops it."""
 
-    def __init__(self, upstream: str, *, hook: Hook | None = None, strip_range: bool = False):
+    def __init__(self, upstream: str, *, hook: Hook | None = None, extra_headers: ExtraHeaders | None = None,
+                 strip_range: bool = False):
         self.upstream = upstream
         self.hook = hook
+        self.extra_headers = extra_headers
         self.strip_range = strip_range
         self.connections = 0
         self.requests: list[Seen] = []
@@ -120,6 +125,7 @@ class Front:
             self.requests.append(seen)
         length = int(h.headers.get("Content-Length") or 0)
         body = h.rfile.read(length) if length else b""
+        seen.body = body
         answer = self.hook(seen) if self.hook else None
         if answer is not None:
             status, headers, data = answer
@@ -142,6 +148,8 @@ class Front:
             resp = conn.getresponse()
             seen.status = resp.status
             out = [(k, v) for k, v in resp.getheaders() if k.lower() not in _HOP]
+            if self.extra_headers:
+                out += list(self.extra_headers(seen).items())
             has_length = any(k.lower() == "content-length" for k, _ in out)
             data = b"" if has_length or h.command == "HEAD" else resp.read()
             h.send_response(resp.status)

@@ -4,7 +4,9 @@ It answers the calls the store makes of its registry client (``get_manifest``,
 ``get_blob``, ``read_range``, ``stream_range``) from dicts of manifests and
 blobs, and takes the calls ``als.tools.image.push_image`` makes
 (``push_blob``, ``put_manifest``), so images are built with the project's
-own writers and "pushed" here without a socket. Its errors are the client's:
+own writers and "pushed" here without a socket. It has the referrers API
+(``publish_referrer``, ``list_referrers``): a manifest with a ``subject`` is
+listed as its referrer, as a distribution-spec 1.1 registry lists it. Its errors are the client's:
 ``NotFoundError`` for what it lacks, ``RegistryError`` for a failure.
 
 It counts what it serves (``requests``, ``bytes_served``) and can misbehave on
@@ -18,12 +20,15 @@ test learns a request arrived from ``Hold.arrived``, never from a sleep).
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Mapping, Sequence
 
 from als.errors import NotFoundError, RegistryError
+from als.oci import OCI_EMPTY_DATA, OCI_MANIFEST
 from als.reference import Reference
+from als.registry.referrers import EMPTY, VIA_API, Descriptor, Published, artifact_manifest
 
 MANIFEST, BLOB, RANGE = "manifest", "blob", "range"  # the kinds of request counted and misbehaved on
 HOLD_LIMIT = 10.0  # seconds a held request waits for its release at most: a test that forgets ends anyway
@@ -108,6 +113,32 @@ class MemoryRegistry:
             for name in {reference or ref.tag or ref.digest or digest, digest}:
                 self.manifests[(ref.name, name)] = (data, media_type)
         return digest
+
+    def publish_referrer(self, ref: Reference, subject: Descriptor, artifact_type: str,
+                         layers: Sequence[Descriptor], annotations: Mapping[str, str] | None = None,
+                         config: Descriptor | None = None) -> Published:
+        data = artifact_manifest(subject, artifact_type, layers, annotations, config)
+        if config is None:
+            self.push_blob(ref, OCI_EMPTY_DATA, EMPTY.digest, EMPTY.size)
+        digest = self.put_manifest(ref, data, OCI_MANIFEST, sha256(data))
+        return Published(Descriptor(OCI_MANIFEST, digest, len(data), artifact_type, dict(annotations or {})),
+                         VIA_API)
+
+    def list_referrers(self, ref: Reference, subject_digest: str,
+                       artifact_type: str | None = None) -> list[Descriptor]:
+        """Every manifest of the repository whose ``subject`` is ``subject_digest``, in push order."""
+        with self._lock:
+            stored = [(name, data, mt) for (repo, name), (data, mt) in self.manifests.items()
+                      if repo == ref.name and name == sha256(data)]
+        found = []
+        for digest, data, media_type in stored:
+            doc = json.loads(data)
+            if not isinstance(doc, dict) or (doc.get("subject") or {}).get("digest") != subject_digest:
+                continue
+            kind = doc.get("artifactType") or doc.get("config", {}).get("mediaType")
+            if artifact_type is None or kind == artifact_type:
+                found.append(Descriptor(media_type, digest, len(data), kind, doc.get("annotations", {})))
+        return found
 
     # ---- what the store calls ------------------------------------------------------------
     def get_manifest(self, ref: Reference, reference: str | None = None) -> ManifestReply:
