@@ -466,7 +466,9 @@ class _RunDecoder:
         while self.left and self.left[0][0].blob_end <= buf_end:
             c, fut = self.left.popleft()
             raw = bytes(memoryview(self._buf)[c.blob_start - self._buf_start:c.blob_end - self._buf_start])
-            self.failed = self.failed or self.fetcher._deliver_one(self.source, c, fut, raw)
+            # every chunk is delivered: one that fails its digest fails its own readers, not its neighbours'
+            failed = self.fetcher._deliver_one(self.source, c, fut, raw)
+            self.failed = self.failed or failed
         # keep only what the next chunk needs (runs are sorted by blob start); a gap is dropped
         # as it arrives, never ahead of it
         keep = min(self.left[0][0].blob_start, buf_end) if self.left else buf_end

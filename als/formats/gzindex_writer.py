@@ -25,6 +25,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import struct
 import tarfile
 import zlib
@@ -182,6 +183,8 @@ def write_index(path: str, *, layer_digest: str, layer_size: int,
     bytes of each span as it is done. A layer that is not one gzip member
     holding a tar stream raises FormatError.
     """
+    if os.path.getsize(path) != layer_size:
+        raise FormatError(f"the layer file is {os.path.getsize(path)} bytes, not {layer_size}")
     points, usize = seek_points(path, span_size)
     if not points and usize:
         raise FormatError("indexed_gzip found no checkpoint in the layer")

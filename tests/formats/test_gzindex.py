@@ -306,3 +306,13 @@ def test_a_lying_index_fails_reads_and_never_serves_a_wrong_byte(layer, mutate):
     doc = doc_of(layer[4])
     mutate(doc)
     assert _served_or_failed(layer, doc) > 0
+
+
+def test_a_span_is_checked_against_its_digest_before_any_file_of_it_is_served(layer):
+    doc = doc_of(layer[4])
+    doc["checkpoints"][1]["digest"] = sha(b"not this span")
+    idx = parse(layer, blob_of(doc))
+    G._memo.__init__()
+    chunk = next(c for e in idx.toc.entries for c in e.chunks if c.span.digest == sha(b"not this span"))
+    with pytest.raises(VerificationError, match="span at blob offset"):
+        G.decompress_chunk(layer[1][chunk.blob_start:chunk.blob_end], chunk)
