@@ -25,7 +25,7 @@ from als.formats import gzindex_writer
 from als.oci import GZIP_INDEX_ANNOTATION, OCI_CONFIG, OCI_MANIFEST
 from als.reference import parse_reference
 from als.tools.image import gzip_layer, image_config
-from tests.support import images
+from tests.support import images, memstore
 from tests.support.memregistry import BLOB, RANGE
 
 REF = "registry.test/als/indexed:1"
@@ -121,3 +121,22 @@ def test_a_lying_index_fails_reads_with_eio_never_with_wrong_bytes(mem, tmp_path
         mem.read_all(node)
     assert e.value.errno == errno.EIO
     assert mem.read_all(mem.layer(REF, layer.digest, "diff", "etc", "f1"))  # the others still serve
+
+
+def test_a_span_fetched_for_one_file_brings_every_file_of_it(tmp_path):
+    """Without any read-ahead, each span is fetched once, whichever of its files is read first."""
+    config = memstore.QUIET + "readahead_min = 0\nreadahead_max = 0\nfile_readahead = 0\ndir_readahead = 0\n"
+    with memstore.harness(tmp_path, config) as mem:
+        _read_shuffled(mem, tmp_path)
+
+
+def _read_shuffled(mem, tmp_path) -> None:
+    tar, layer, index_digest = push_indexed(mem.registry, tmp_path)
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        files = [m for m in tf if m.isreg()]
+        contents = {m.name: tf.extractfile(m).read() for m in files}
+    random.Random(1).shuffle(files)  # no order a read-ahead could follow
+    for m in files:
+        assert mem.read_all(mem.layer(REF, layer.digest, "diff", *m.name.split("/"))) == contents[m.name]
+    spans = len(gzip.decompress(mem.registry.blobs[index_digest]).decode().split('"window"')) - 1
+    assert len(mem.registry.served(RANGE)) <= spans, (len(mem.registry.served(RANGE)), spans)
