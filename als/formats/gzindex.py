@@ -36,6 +36,7 @@ MEDIA_TYPE = "application/vnd.als.gzip-index.v1+json+gzip"
 WINDOW = 32768  # deflate's history: what a checkpoint must carry to resume
 MAX_SPAN = MAX_CHUNK  # uncompressed bytes of one span: it is inflated and held whole
 MAX_INDEX_JSON = 256 << 20  # the index JSON, inflated
+MAX_CHECKPOINTS = 1 << 16  # 256 GiB of tar at 4 MiB spans; each window is inflated once to be checked
 DEFAULT_SPAN = 4 << 20
 
 
@@ -47,7 +48,7 @@ class Checkpoint:
     bit: int  # 0-7: bits of that byte that belong to the previous span (deflate is LSB-first)
     uncompressed_offset: int
     digest: str  # sha256 of the span's uncompressed bytes
-    window: bytes  # the WINDOW bytes before uncompressed_offset (fewer at the stream's start)
+    window: bytes  # the WINDOW bytes before uncompressed_offset (fewer at the start), raw-deflate compressed
 
 
 @dataclass
@@ -191,7 +192,7 @@ def decompress_chunk(data: bytes | memoryview, chunk: toc.Chunk) -> bytes:
                           f"span {span.size}")
     whole = _memo.get(span.digest)
     if whole is None:
-        whole = inflate_span(data, span.bit, span.window, span.size)
+        whole = inflate_span(data, span.bit, unpack_window(span.window), span.size)
         if sha256_digest(whole) != span.digest:
             raise VerificationError(f"the span at blob offset {chunk.blob_start} does not match its digest "
                                     f"{span.digest}")
@@ -230,29 +231,42 @@ def _inflate_json(blob: bytes) -> bytes:
     return out
 
 
+def unpack_window(packed: bytes, want: int = WINDOW) -> bytes:
+    """A window from the raw-deflate form an index keeps it in (in memory too: about a third the size)."""
+    if not packed:
+        return b""
+    d = zlib.decompressobj(-15)
+    try:
+        window = d.decompress(packed, want + 1)
+    except zlib.error as e:
+        raise FormatError(f"window does not inflate: {e}") from None
+    if len(window) > want or not d.eof:
+        raise FormatError(f"window is over {want} bytes")
+    return window
+
+
 def _window(text: object, want: int, what: str) -> bytes:
-    """A checkpoint's window: base64 of a raw-deflate compressed string of exactly ``want`` bytes."""
+    """A checkpoint's window as kept: base64-decoded, and checked to inflate to exactly ``want`` bytes."""
     if not isinstance(text, str):
         raise FormatError(f"{what}: window is not a base64 string")
     try:
         packed = base64.b64decode(text, validate=True)
     except ValueError:
         raise FormatError(f"{what}: window is not valid base64") from None
-    d = zlib.decompressobj(-15)
     try:
-        window = d.decompress(packed, WINDOW + 1)
-    except zlib.error as e:
-        raise FormatError(f"{what}: window does not inflate: {e}") from None
-    if len(window) != want or not d.eof:
-        raise FormatError(f"{what}: window is {len(window)} bytes, want {want}")
-    return window
+        size = len(unpack_window(packed))
+    except FormatError as e:
+        raise FormatError(f"{what}: {e}") from None
+    if size != want:
+        raise FormatError(f"{what}: window is {size} bytes, want {want}")
+    return packed
 
 
 def _checkpoints(doc: dict, blob_size: int, uncompressed: int) -> list[Checkpoint]:
     items = doc.get("checkpoints")
     if not isinstance(items, list) or (uncompressed and not items):
         raise FormatError("gzip index 'checkpoints' is not a non-empty list")
-    if len(items) > uncompressed // 4096 + 1:  # spans are never that small; bounds the windows held
+    if len(items) > min(MAX_CHECKPOINTS, uncompressed // 4096 + 1):  # spans are never that small
         raise FormatError(f"gzip index has {len(items)} checkpoints for {uncompressed} bytes")
     out: list[Checkpoint] = []
     for i, item in enumerate(items):

@@ -34,7 +34,7 @@ class Span:
 
     Its compressed bytes start at bit ``bit`` (LSB first) of the chunk's
     ``blob_start`` byte; inflating them needs the 32 KiB of uncompressed data
-    before it (``window``). The whole span, ``size`` bytes, must hash to
+    before it (``window``, kept raw-deflate compressed). The whole span, ``size`` bytes, must hash to
     ``digest`` before any chunk of it is served. Compared by identity: every
     chunk of the span holds the same object.
     """

@@ -252,6 +252,7 @@ def _file(doc: dict, name: str) -> dict:
     (lambda d: _file(d, "usr/lib/f000.txt").update(digest="md5:00"), "digest"),
     (lambda d: d["entries"].append({"name": "usr/lib/zeros", "type": "chunk"}), "chunk entries"),
     (lambda d: d["checkpoints"].__setitem__(slice(None), []), "non-empty list"),
+    (lambda d: d.update(checkpoints=d["checkpoints"] * 50), "checkpoints for"),
 ])
 def test_a_malformed_index_is_refused(layer, mutate, match):
     _refused(layer, mutate, match)
