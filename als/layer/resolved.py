@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from als.fetch.fetcher import BlobSource
+from als.fetch.source import BlobSource
 from als.formats import lazy
 from als.formats import toc as T
 from als.layer.view import LayerView

@@ -18,7 +18,8 @@ from functools import partial
 
 from als.config import Config
 from als.errors import FormatError
-from als.fetch.fetcher import BlobSource, ChunkFetcher
+from als.fetch.fetcher import ChunkFetcher
+from als.fetch.source import BlobSource
 from als.formats import lazy
 from als.layer.resolved import Layer, LayerDescriptor
 from als.layer.view import LayerView

@@ -26,12 +26,18 @@ def _size(text: str) -> int:
     return n
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _locations(p: argparse.ArgumentParser) -> None:
+    """SRC, DST and how registries are reached: what every image tool takes."""
     p.add_argument("src", metavar="SRC", help="source image: a registry reference, or oci:DIR[:TAG]")
     p.add_argument("dst", metavar="DST", help="destination: a registry reference with a tag, or oci:DIR[:TAG]")
     p.add_argument("--config", default=None,
                    help="TOML config file for the [registry] settings (default: /etc/als/config.toml "
                         "if it exists); registries.conf and auth files are Podman's, as for `als serve`")
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="default: %(default)s")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    _locations(p)
     p.add_argument("--chunk-size", type=_size, default=4 << 20,
                    help="largest chunk of a file, fetched and verified as one (default: 4M)")
     p.add_argument("--compression-level", type=int, default=None,
@@ -45,7 +51,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reconvert", action="store_true",
                    help="convert layers that already are eStargz (or zstd:chunked) too; by default they "
                         "are copied as they are")
-    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="default: %(default)s")
 
 
 def add_parsers(sub) -> None:
@@ -90,17 +95,12 @@ def add_index_parser(sub) -> None:
                     "in DST's repository, and store DST: SRC's config and layers (mounted from SRC's "
                     "repository, not uploaded again), each gzip layer annotated with its index's digest. "
                     "Progress is shown on a terminal; the last line printed is DST@DIGEST.")
-    p.add_argument("src", metavar="SRC", help="source image: a registry reference, or oci:DIR[:TAG]")
-    p.add_argument("dst", metavar="DST", help="destination: a registry reference with a tag, or oci:DIR[:TAG]")
+    _locations(p)
     p.add_argument("--span-size", type=_size, default=4 << 20,
                    help="uncompressed bytes between checkpoints: what one read fetches and inflates at most "
                         "(default: 4M)")
     p.add_argument("--platform", default="", metavar="OS/ARCH[/VARIANT]",
                    help="index only this platform of a multi-platform index (the result is one image)")
-    p.add_argument("--config", default=None,
-                   help="TOML config file for the [registry] settings (default: /etc/als/config.toml "
-                        "if it exists); registries.conf and auth files are Podman's, as for `als serve`")
-    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="default: %(default)s")
     p.set_defaults(func=cmd_index)
 
 

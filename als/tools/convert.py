@@ -24,7 +24,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import BinaryIO, Callable, Sequence, TypeVar
 
 import zstandard
 
@@ -42,6 +42,7 @@ TAR_TYPES = {"application/vnd.oci.image.layer.v1.tar", "application/vnd.docker.i
 ATTESTATION_ANNOTATION = "vnd.docker.reference.type"
 MAX_CONFIG = 8 << 20
 _PIECE = 1 << 20
+T = TypeVar("T")
 
 
 class ConvertError(ALSError):
@@ -109,23 +110,30 @@ def convert(src: ImageTransport, dst: ImageTransport, options: ConvertOptions,
     progress = progress or Progress(enabled=False)
     if options.chunk_size <= 0:
         raise ConvertError(f"chunk size must be positive, not {options.chunk_size}")
-    top = src.get_manifest()
-    doc = json_object(top.data, f"manifest of {src}", ConvertError)
     with tempfile.TemporaryDirectory(prefix="als-convert-", dir=workdir) as tmp:
         work = Path(tmp)
-        if top.media_type in INDEX_TYPES or "manifests" in doc:
-            entries = platform_entries(doc, options.platform, src)
-            images = []
-            for entry in entries:
-                m = src.get_manifest(entry["digest"])
-                label = f"platform {platform_name(entry.get('platform'))}"
-                images.append(_convert_image(src, dst, m.data, m.media_type, options, progress, work, label,
-                                             entry.get("platform")))
-            return _push(dst, images, None if options.platform else doc, progress, tagged)
-        if options.platform:
-            check_platform(src, top.data, options.platform)
-        image = _convert_image(src, dst, top.data, top.media_type, options, progress, work, "", None)
-        return _push(dst, [image], None, progress, tagged)
+        images, index = each_image(src, options.platform, lambda manifest, media_type, label, platform:
+                                   _convert_image(src, dst, manifest, media_type, options, progress, work, label,
+                                                  platform))
+        return _push(dst, images, index, progress, tagged)
+
+
+def each_image(src, platform: str, make: Callable[[bytes, str, str, dict | None], T]) -> tuple[list[T], dict | None]:
+    """``make(manifest, media_type, label, platform)`` for ``src``'s image, or for each platform image of its
+    index (only ``platform``'s, if given); and the index whose annotations a new index keeps, or None
+    (the result is one image)."""
+    top = src.get_manifest()
+    doc = json_object(top.data, f"manifest of {src}", ConvertError)
+    if top.media_type in INDEX_TYPES or "manifests" in doc:
+        images = []
+        for entry in platform_entries(doc, platform, src):
+            m = src.get_manifest(entry["digest"])
+            label = f"platform {platform_name(entry.get('platform'))}"
+            images.append(make(m.data, m.media_type, label, entry.get("platform")))
+        return images, None if platform else doc
+    if platform:
+        check_platform(src, top.data, platform)
+    return [make(top.data, top.media_type, "", None)], None
 
 
 # ---- selection ---------------------------------------------------------------------------

@@ -30,9 +30,8 @@ from pathlib import Path
 from als.digest import sha256_digest
 from als.errors import ALSError, FormatError
 from als.formats import estargz, gzindex, gzindex_writer
-from als.oci import (GZIP_INDEX_ANNOTATION, GZIP_LAYER_TYPES, IMAGE_TYPES, INDEX_TYPES, OCI_CONFIG, OCI_LAYER_GZIP,
-                     OCI_MANIFEST, json_object)
-from als.tools.convert import ConvertError, check_platform, platform_entries, platform_name, put_manifests
+from als.oci import GZIP_INDEX_ANNOTATION, GZIP_LAYER_TYPES, IMAGE_TYPES, OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, json_object
+from als.tools.convert import ConvertError, each_image, put_manifests
 from als.tools.progress import Progress
 from als.tools.transport import ImageTransport, RegistryImage, TransportError
 
@@ -81,22 +80,12 @@ def index_image(src: ImageTransport, dst: ImageTransport, options: IndexOptions 
     progress = progress or Progress(enabled=False)
     if not 0 < options.span_size <= gzindex.MAX_SPAN:
         raise ConvertError(f"span size must be in 1..{gzindex.MAX_SPAN}, not {options.span_size}")
-    top = src.get_manifest()
-    doc = json_object(top.data, f"manifest of {src}", ConvertError)
     with tempfile.TemporaryDirectory(prefix="als-index-", dir=workdir) as tmp:
         work = Path(tmp)
-        if top.media_type in INDEX_TYPES or "manifests" in doc:
-            images = []
-            for entry in platform_entries(doc, options.platform, src):
-                m = src.get_manifest(entry["digest"])
-                label = f"platform {platform_name(entry.get('platform'))}"
-                images.append(_index_image(src, m.data, m.media_type, options, progress, work, label,
-                                           entry.get("platform")))
-            return _store(src, dst, images, None if options.platform else doc, progress)
-        if options.platform:
-            check_platform(src, top.data, options.platform)
-        return _store(src, dst, [_index_image(src, top.data, top.media_type, options, progress, work, "", None)],
-                      None, progress)
+        images, index = each_image(src, options.platform, lambda manifest, media_type, label, platform:
+                                   _index_image(src, manifest, media_type, options, progress, work, label,
+                                                platform))
+        return _store(src, dst, images, index, progress)
 
 
 def _index_image(src, manifest: bytes, media_type: str, options: IndexOptions, progress: Progress, work: Path,

@@ -22,7 +22,8 @@ import pytest
 
 from als.errors import FormatError, VerificationError
 from als.fetch.cache import ChunkCache
-from als.fetch.fetcher import BlobSource, ChunkFetcher
+from als.fetch.fetcher import ChunkFetcher
+from als.fetch.source import BlobSource
 from als.formats import gzindex as G
 from als.formats import gzindex_writer as GW
 from als.formats import lazy

@@ -15,10 +15,8 @@ import pytest
 
 from als.formats import gzindex
 from als.oci import GZIP_INDEX_ANNOTATION, OCI_MANIFEST
-from als.reference import parse_reference
-from als.tools.image import gzip_layer, push_image
 from tests.support import images
-from tests.support.alsrun import config_for, get_blob, get_json, run_als, sha
+from tests.support.alsrun import get_blob, get_json, push_gzip, run_als, sha
 from tests.support.difftree import actual_tree, expected_tree
 
 
@@ -29,10 +27,9 @@ def python_rootfs() -> bytes:
 
 @pytest.fixture(scope="module")
 def gzip_python(registry, client, python_rootfs):
-    layer = gzip_layer(python_rootfs, level=6)
+    """The python root file system as plain gzip, as docker and most tools write it (level 6)."""
     ref = f"{registry.host}/idx/python:gzip"
-    push_image(client, parse_reference(ref), [layer], config_for([layer]))
-    return ref, layer
+    return ref, push_gzip(client, ref, python_rootfs, level=6)
 
 
 @pytest.fixture(scope="module")
