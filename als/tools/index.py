@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -37,7 +38,6 @@ from als.tools.transport import ImageTransport, RegistryImage, TransportError
 
 log = logging.getLogger("als.index")
 
-MAX_CONFIG = 8 << 20
 _PIECE = 1 << 20
 
 
@@ -85,7 +85,7 @@ def index_image(src: ImageTransport, dst: ImageTransport, options: IndexOptions 
         images, index = each_image(src, options.platform, lambda manifest, media_type, label, platform:
                                    _index_image(src, manifest, media_type, options, progress, work, label,
                                                 platform))
-        return _store(src, dst, images, index, progress)
+        return _store(src, dst, images, index, progress, work)
 
 
 def _index_image(src, manifest: bytes, media_type: str, options: IndexOptions, progress: Progress, work: Path,
@@ -159,7 +159,7 @@ def _index_layer(src, digest: str, size: int, options: IndexOptions, progress: P
 
 # ---- storing ------------------------------------------------------------------------------
 
-def _place_blob(src, dst, digest: str, size: int, path: Path | None, progress: Progress) -> str:
+def _place_blob(src, dst, digest: str, size: int, path: Path | None, progress: Progress, work: Path) -> str:
     """Make ``dst``'s repository hold a layer or config blob of ``src``: how it got there."""
     if dst.has_blob(digest):
         return "there already"
@@ -174,25 +174,24 @@ def _place_blob(src, dst, digest: str, size: int, path: Path | None, progress: P
         if path is not None:
             with open(path, "rb") as f:
                 dst.push_blob(f, digest, size)
-        else:
-            copy = src.get_blob(digest, MAX_CONFIG) if size <= MAX_CONFIG else None
-            if copy is None:
-                raise ConvertError(f"blob {digest} ({size} bytes) would have to be copied from {src}; "
-                                   "it is too large to copy in memory")
-            dst.push_blob(io.BytesIO(copy), digest, size)
+        else:  # through a temporary file: push_blob may read it twice (a retry, a 401)
+            with src.open_blob(digest) as stream, tempfile.TemporaryFile(dir=work) as f:
+                shutil.copyfileobj(stream, f, _PIECE)
+                f.seek(0)
+                dst.push_blob(f, digest, size)
     except TransportError as e:
         raise ConvertError(f"{dst}: {e}") from None
     return "copied"
 
 
-def _store(src, dst, images: list[_Image], index: dict | None, progress: Progress) -> IndexResult:
+def _store(src, dst, images: list[_Image], index: dict | None, progress: Progress, work: Path) -> IndexResult:
     """Index blobs and layer and config blobs, then the manifests; the tagged one last."""
     for image in images:
         for blob in image.indexes:
             dst.push_blob(io.BytesIO(blob), sha256_digest(blob), len(blob))
         for (digest, size, path), layer in zip(image.layers, image.report):
-            how = _place_blob(src, dst, digest, size, path, progress)
+            how = _place_blob(src, dst, digest, size, path, progress, work)
             layer.note = f"{layer.note}, {how}" if layer.note else how
-        _place_blob(src, dst, image.config[0], image.config[1], None, progress)
+        _place_blob(src, dst, image.config[0], image.config[1], None, progress, work)
     digest, media_type = put_manifests(dst, [(image.manifest, image.platform) for image in images], index, True)
     return IndexResult(digest, media_type, [image.report for image in images])

@@ -15,6 +15,7 @@ import pytest
 
 from als.formats import gzindex
 from als.oci import GZIP_INDEX_ANNOTATION, OCI_MANIFEST
+from als.tools.image import gzip_layer
 from tests.support import images
 from tests.support.alsrun import get_blob, get_json, push_gzip, run_als, sha
 from tests.support.difftree import actual_tree, expected_tree
@@ -86,3 +87,60 @@ def test_the_indexed_image_is_served_lazily_file_for_file(store, registry, gzip_
     assert 0 < fetched < layer.size / 2, (fetched, len(reads), layer.size)
     got, _ = actual_tree(str(diff))
     assert got == expected_tree(python_rootfs)
+
+
+def test_a_layout_is_indexed_into_another_and_only_gzip_layers_get_an_index(tmp_path):
+    """Without a registry: every blob is copied; eStargz and zstd layers are kept as they are."""
+    import io
+
+    import zstandard
+
+    from als.formats import toc as T
+    from als.oci import DOCKER_LAYER_GZIP, OCI_LAYER_GZIP
+    from als.tools.image import estargz_layer
+    from als.tools.index import IndexOptions, index_image
+    from als.tools.transport import OCILayout
+    from tests.support.alsrun import config_for, tar_of
+
+    big = random_text(300_000)
+    plain = gzip_layer(tar_of({"big": big, "small": b"hello\n"}), level=6)
+    esgz = estargz_layer(io.BytesIO(tar_of({"e": b"estargz\n"})))
+    esgz_blob = esgz.blob.read()
+    zstd_tar = tar_of({"z": b"zstd\n"})
+    zstd_blob = zstandard.ZstdCompressor().compress(zstd_tar)
+    src = OCILayout(tmp_path / "src", "v1")
+    config = config_for([plain, esgz, esgz])
+    descs = [dict(plain.descriptor(), mediaType=DOCKER_LAYER_GZIP), esgz.descriptor(),
+             {"mediaType": "application/vnd.oci.image.layer.v1.tar+zstd", "digest": sha(zstd_blob),
+              "size": len(zstd_blob)}]
+    for data in (plain.blob.getvalue(), esgz_blob, zstd_blob, config):
+        src.push_blob(io.BytesIO(data), sha(data), len(data))
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                      "digest": sha(config), "size": len(config)}, "layers": descs}).encode()
+    src.put_manifest(manifest, OCI_MANIFEST, tagged=True)
+
+    dst = OCILayout(tmp_path / "dst", "indexed")
+    result = index_image(src, dst, IndexOptions(span_size=64 << 10))
+    out = json.loads(dst.get_blob(result.digest, 1 << 20))
+    assert out["config"]["digest"] == sha(config)
+    assert [d["digest"] for d in out["layers"]] == [d["digest"] for d in descs]
+    indexed, kept_esgz, kept_zstd = out["layers"]
+    assert indexed["mediaType"] == OCI_LAYER_GZIP  # Docker's name for the same bytes
+    assert kept_esgz == esgz.descriptor() and kept_zstd == descs[2]
+    assert [r.note for r in result.images[0]] == ["copied", "eStargz already, copied", "not gzip, copied"]
+    for d in out["layers"]:
+        assert dst.has_blob(d["digest"])
+    index_digest = indexed["annotations"][GZIP_INDEX_ANNOTATION]
+    parsed = gzindex.parse_index(dst.get_blob(index_digest, 1 << 20), index_digest, layer_digest=plain.digest,
+                                 layer_size=plain.size, max_size=1 << 20, max_entries=100)
+    blob = plain.blob.getvalue()
+    [entry] = [e for e in parsed.toc.entries if e.name == "data/big"]
+    assert len(entry.chunks) > 1
+    assert b"".join(gzindex.decompress_chunk(blob[c.blob_start:c.blob_end], c) for c in entry.chunks) == big
+    assert all(c.span is not None for c in entry.chunks) and parsed.toc.compression == T.GZIP_SPANS
+
+
+def random_text(n: int) -> bytes:
+    import random
+    return bytes(random.Random(n).choices(b"abcdefgh \n", k=n))
