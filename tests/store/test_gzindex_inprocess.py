@@ -140,3 +140,23 @@ def _read_shuffled(mem, tmp_path) -> None:
         assert mem.read_all(mem.layer(REF, layer.digest, "diff", *m.name.split("/"))) == contents[m.name]
     spans = len(gzip.decompress(mem.registry.blobs[index_digest]).decode().split('"window"')) - 1
     assert len(mem.registry.served(RANGE)) <= spans, (len(mem.registry.served(RANGE)), spans)
+
+
+def test_a_restarted_store_serves_an_indexed_layer_from_its_saved_index_and_cache(tmp_path, caplog):
+    """The index is kept in the state directory like a TOC: no registry needed for what was read before."""
+    from tests.support.memregistry import MANIFEST, MemoryRegistry
+
+    registry = MemoryRegistry()
+    tar, layer, index_digest = push_indexed(registry, tmp_path)
+    with memstore.harness(tmp_path, registry=registry) as h:
+        assert h.read_all(h.layer(REF, layer.digest, "diff", "etc", "passwd")).startswith(b"root:")
+        h.cache.flush()
+    caplog.set_level(logging.WARNING, logger="als.store")
+    for kind in (MANIFEST, BLOB, RANGE):
+        registry.fail(kind, times=100)
+    with memstore.harness(tmp_path, registry=registry) as h:  # the same state and cache directories
+        info = json.loads(h.read_all(h.layer(REF, layer.digest, "info")))
+        assert info["diff-size"] == len(tar)
+        assert h.read_all(h.layer(REF, layer.digest, "diff", "etc", "passwd")).startswith(b"root:")
+        assert f"image {REF} layer {layer.digest}: serving it from saved metadata" in caplog.text
+        assert "saved gzip index is unusable" not in caplog.text
