@@ -96,9 +96,9 @@ def add_index_parser(sub) -> None:
                     "repository, not uploaded again), each gzip layer annotated with its index's digest. "
                     "Progress is shown on a terminal; the last line printed is DST@DIGEST.")
     _locations(p)
-    p.add_argument("--span-size", type=_size, default=4 << 20,
+    p.add_argument("--span-size", type=_size, default=2 << 20,
                    help="uncompressed bytes between checkpoints: what one read fetches and inflates at most "
-                        "(default: 4M)")
+                        "(default: 2M)")
     p.add_argument("--platform", default="", metavar="OS/ARCH[/VARIANT]",
                    help="index only this platform of a multi-platform index (the result is one image)")
     p.set_defaults(func=cmd_index)

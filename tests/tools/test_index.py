@@ -57,11 +57,11 @@ def test_index_keeps_the_config_and_layers_and_adds_an_index_blob(registry, gzip
     assert (desc["digest"], desc["size"]) == (layer.digest, layer.size)
     index_digest = desc["annotations"][GZIP_INDEX_ANNOTATION]
     index = get_blob(registry, "idx/python-indexed", index_digest)
-    assert len(index) < layer.size * 0.03, (len(index), layer.size)
+    assert len(index) < layer.size * 0.03, (len(index), layer.size)  # 2.1%, measured
     parsed = gzindex.parse_index(index, index_digest, layer_digest=layer.digest, layer_size=layer.size,
                                  max_size=64 << 20, max_entries=1 << 20)
     assert parsed.uncompressed_size == len(python_rootfs)
-    assert len(parsed.checkpoints) == -(-len(python_rootfs) // (4 << 20))  # one every 4 MiB (the default)
+    assert abs(len(parsed.checkpoints) - len(python_rootfs) / (2 << 20)) <= 1  # one every 2 MiB (the default)
     assert max(len(e.chunks) for e in parsed.toc.entries) > 1  # big files cross spans
     # The layer and the config are in the new repository without having been uploaded: mounted.
     assert get_blob(registry, "idx/python-indexed", layer.digest)
@@ -144,3 +144,26 @@ def test_a_layout_is_indexed_into_another_and_only_gzip_layers_get_an_index(tmp_
 def random_text(n: int) -> bytes:
     import random
     return bytes(random.Random(n).choices(b"abcdefgh \n", k=n))
+
+
+@pytest.mark.slow
+def test_podman_4_runs_the_indexed_image_lazily(tmp_path, registry, registries_conf, gzip_python, indexed_python):
+    """Podman 4.3.1 asks the store about every layer by its blob digest: the indexed image runs with a
+    fraction of its (unchanged) gzip layer fetched, and Podman counts its exact uncompressed size."""
+    from als.tools.podman import Podman
+    from tests.conftest import NO_BACKGROUND
+    from tests.support.store_process import StoreProcess
+    _, layer = gzip_python
+    dst, _, _ = indexed_python
+    (tmp_path / "als").mkdir()
+    mark = registry.mark()
+    with StoreProcess(tmp_path / "als", registries_conf=registries_conf, config=NO_BACKGROUND) as store, \
+            Podman(tmp_path / "lazy", additional_layer_store=store.mountpoint,
+                   insecure_registries=[registry.host]) as podman:
+        assert podman.run("run", "--rm", dst, "python3", "-c", "print(1)").stdout.strip() == "1"
+        size = podman.run("image", "inspect", "--format", "{{.Size}}", dst).stdout.strip()
+    reads = [a for a in registry.accesses_since(mark) if layer.digest in a.uri]
+    fetched = sum(a.written for a in reads)
+    print(f"podman 4.3.1 run of the indexed image: {fetched} of {layer.size} bytes in {len(reads)} requests")
+    assert 0 < fetched < layer.size * 2 / 3, f"{fetched} of {layer.size} bytes"  # 9.2 MB of 18.6 MB, measured
+    assert int(size) >= len(images.python_rootfs_tar().read_bytes())  # the exact diff size counted
