@@ -315,7 +315,7 @@ def _spans(points: list[Checkpoint], blob_size: int, uncompressed: int) -> list[
 def _attach(entry: toc.Entry, obj: dict, index: int, spans: list, starts: list[int], uncompressed: int) -> int:
     """Cut regular file ``entry`` at span boundaries into chunks; returns where its content ends."""
     what = f"gzip index entry {index} ({entry.name!r:.300})"
-    start = _int(obj, "offset", what, 0, uncompressed)
+    start = obj["offset"]  # checked by the caller
     if entry.size > uncompressed - start:
         raise FormatError(f"{what}: {entry.size} bytes at offset {start} run past the stream's "
                           f"{uncompressed} bytes")
@@ -377,7 +377,7 @@ def parse_index(blob: bytes, expected_digest: str, *, layer_digest: str, layer_s
             raise FormatError(f"gzip index entry {i} ({name!r:.300}) climbs above the layer root with '..'")
         entry = toc_entry(obj, i)
         if entry.type == toc.REG and entry.size:
-            start = get("offset", -1)
+            start = _int(obj, "offset", f"gzip index entry {i} ({entry.name!r:.300})", 0, uncompressed)
             if start < content_end:
                 raise FormatError(f"gzip index entry {i} ({entry.name!r:.300}) overlaps the file before it "
                                   f"(offset {start}, previous content ends at {content_end})")

@@ -245,6 +245,7 @@ def _file(doc: dict, name: str) -> dict:
     (lambda d: d["checkpoints"][1].update(digest="sha256:" + "0" * 63), "digest"),
     (lambda d: d.update(uncompressedSize=d["uncompressedSize"] + (64 << 20)), "last span"),
     (lambda d: _file(d, "usr/lib/zeros").update(size=10 ** 12), "run past"),
+    (lambda d: _file(d, "usr/lib/zeros").pop("offset"), "'offset'"),
     (lambda d: _file(d, "usr/lib/f001.txt").update(offset=_file(d, "usr/lib/f000.txt")["offset"]), "overlaps"),
     (lambda d: _file(d, "usr/lib/f001.txt").update(name="../../etc/passwd"), "climbs"),
     (lambda d: _file(d, "usr/lib/hard").update(linkName="../../../etc/shadow"), "climbs"),
