@@ -39,7 +39,7 @@ MAX_INDEX_JSON = 256 << 20  # the index JSON, inflated
 MAX_CHECKPOINTS = 1 << 16  # 128 GiB of tar at 2 MiB spans; each window is inflated once to be checked
 # What one cold read fetches and inflates at most, against index size: on the python test image a
 # Podman 4.3.1 `python3 -c 'print(1)'` fetched 14.9 MB at 4 MiB spans (index 1.2% of the layer),
-# 9.2 MB at 2 MiB (2.1%), 6.9 MB at 1 MiB (3.5%); eStargz about 6 MB (docs/gzindex.md).
+# 9.2 MB at 2 MiB (2.1%), 6.9 MB at 1 MiB (3.5%); eStargz about 5.5 MB (docs/gzindex.md).
 DEFAULT_SPAN = 2 << 20
 
 

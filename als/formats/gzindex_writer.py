@@ -59,18 +59,23 @@ def seek_points(path: str, span_size: int) -> tuple[list[SeekPoint], int]:
 
     if not 0 < span_size <= gzindex.MAX_SPAN:
         raise FormatError(f"span size {span_size} is not in [1, {gzindex.MAX_SPAN}]")
+    exported = path + ".gzidx"  # on disk, beside the layer: its windows are 32 KiB a point
     try:
         with indexed_gzip.IndexedGzipFile(filename=path, spacing=span_size, window_size=gzindex.WINDOW,
                                           readbuf_size=1 << 20) as f:
             f.build_full_index()
-            exported = io.BytesIO()
-            f.export_index(fileobj=exported)
-    except (indexed_gzip.ZranError, OSError, ValueError) as e:
+            f.export_index(filename=exported)
+        with open(exported, "rb") as f:
+            head = f.read(_GZIDX.size)
+            magic, version, _flags, _csize, usize, _spacing, _window, count = _GZIDX.unpack_from(head)
+            if magic != b"GZIDX" or version not in (0, 1):
+                raise FormatError(f"indexed_gzip exported an index of unknown version {version}")
+            raw = head + f.read(count * (_POINT.size + 1))  # the points come before the windows
+    except (indexed_gzip.ZranError, OSError, ValueError, struct.error) as e:
         raise FormatError(f"the layer cannot be indexed as gzip: {e}") from None
-    raw = exported.getvalue()
-    magic, version, _flags, _csize, usize, _spacing, _window, count = _GZIDX.unpack_from(raw)
-    if magic != b"GZIDX" or version not in (0, 1):
-        raise FormatError(f"indexed_gzip exported an index of unknown version {version}")
+    finally:
+        if os.path.exists(exported):
+            os.unlink(exported)
     pos = _GZIDX.size
     points: list[SeekPoint] = []
     for _ in range(count):
