@@ -319,3 +319,26 @@ def test_a_span_is_checked_against_its_digest_before_any_file_of_it_is_served(la
     chunk = next(c for e in idx.toc.entries for c in e.chunks if c.span.digest == sha(b"not this span"))
     with pytest.raises(VerificationError, match="span at blob offset"):
         G.decompress_chunk(layer[1][chunk.blob_start:chunk.blob_end], chunk)
+
+
+@pytest.mark.parametrize("step", [1, 4 << 20])
+def test_the_background_fetch_takes_each_span_once_then_reads_stay_local(layer, tmp_path, step):
+    """Every chunk of a span rides along with the first one, even when a step is smaller than a span."""
+    import threading
+
+    tar, blob, _, _, _ = layer
+    idx = parse(layer)
+    requests = []
+    source = BlobSource("test layer", lambda s, e: requests.append((s, e)) or blob[s:e], idx.toc.compression,
+                        [c for e in idx.toc.entries for c in e.chunks])
+    fetcher = ChunkFetcher(ChunkCache(tmp_path / "cache"))
+    fetched = fetcher.background(source, threading.Event(), step=step)
+    assert fetched <= len(blob)
+    assert len(requests) <= len(idx.checkpoints)
+    assert sorted(set(requests)) == sorted(requests)  # no range twice
+    del requests[:]
+    expected = tar_contents(tar)
+    for e in idx.toc.entries:
+        if e.type == T.REG and e.chunks:
+            assert b"".join(fetcher.read(source, e.chunks)) == expected[e.name]
+    assert requests == []
