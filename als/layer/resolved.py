@@ -28,7 +28,8 @@ class LayerDescriptor:
 
     @property
     def toc_digest(self) -> str:
-        """The eStargz TOC digest, or the zstd:chunked manifest checksum (either annotation spelling)."""
+        """The eStargz TOC digest, the zstd:chunked manifest checksum (either annotation spelling), or the
+        digest of a gzip layer's index."""
         return lazy.toc_digest(self.annotations)
 
 
