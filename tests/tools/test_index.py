@@ -167,3 +167,16 @@ def test_podman_4_runs_the_indexed_image_lazily(tmp_path, registry, registries_c
     print(f"podman 4.3.1 run of the indexed image: {fetched} of {layer.size} bytes in {len(reads)} requests")
     assert 0 < fetched < layer.size * 2 / 3, f"{fetched} of {layer.size} bytes"  # 9.2 MB of 18.6 MB, measured
     assert int(size) >= len(images.python_rootfs_tar().read_bytes())  # the exact diff size counted
+
+
+def test_index_into_the_same_repository_uploads_only_the_index(registry, registries_conf, gzip_python):
+    src, layer = gzip_python
+    mark = registry.mark()
+    res = run_als("index", src, f"{registry.host}/idx/python:indexed", conf=registries_conf)
+    assert res.returncode == 0, res.stderr
+    accesses = registry.accesses_since(mark)
+    assert not any("mount=" in a.uri for a in accesses)  # the layer is there already
+    uploads = [a for a in accesses if a.method == "PUT" and "/blobs/uploads/" in a.uri]
+    assert len(uploads) == 1, [a.uri for a in uploads]
+    [desc] = get_json(registry, "idx/python", "indexed")["layers"]
+    assert desc["digest"] == layer.digest and GZIP_INDEX_ANNOTATION in desc["annotations"]
