@@ -17,7 +17,7 @@ deps:
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
-	@$(PYTHON) -c 'import importlib.metadata as m; m.version("als"); import requests, zstandard, isal, cachetools, prometheus_client, pytest, hypothesis, cryptography, yaml' 2>/dev/null || \
+	@$(PYTHON) -c 'import importlib.metadata as m; m.version("als"); import requests, zstandard, isal, indexed_gzip, cachetools, prometheus_client, pytest, hypothesis, cryptography, yaml' 2>/dev/null || \
 		$(PYTHON) -m pip install -q --root-user-action=ignore -e '.[test]'
 
 # Start a registry, push a small eStargz image, serve it with `als serve`, run it with Podman.

@@ -26,6 +26,11 @@ INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 IMAGE_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 MANIFEST_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST)  # Accept order
 GZIP_LAYER_TYPES = frozenset({OCI_LAYER_GZIP, DOCKER_LAYER_GZIP})
+
+# The layer annotation naming (by digest) the seekable index of an ordinary gzip layer, a blob in the
+# same repository (`als index` writes it, `als serve` reads it: als/formats/gzindex.py). One place, so
+# that the key Podman and other clients degrade best with can be chosen here alone.
+GZIP_INDEX_ANNOTATION = "io.github.als.gzip-index.digest"
 ZSTD_LAYER_TYPES = frozenset({OCI_LAYER_ZSTD})
 
 

@@ -20,7 +20,6 @@ cannot be starved for good.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import threading
 import time
@@ -36,70 +35,13 @@ from als.errors import FormatError, RegistryError, VerificationError
 from als.formats import lazy
 from als.formats import toc as T
 from als.fetch.pace import Foreground, Pace
+from als.fetch.source import BlobSource
 from als.wait import wait_for
 
 log = logging.getLogger("als.fetch")
 
-StreamRange = Callable[[int, int, Callable[[bytes], None]], int]  # start, end, sink -> bytes handed over
 # Longest a background batch waits for the cache's disk writer to catch up (seconds).
 WRITER_WAIT = 10.0
-
-
-class BlobSource:
-    """A layer's compressed blob: where its bytes come from and its chunks in blob order.
-
-    It also carries the layer's read-ahead state: the window grows while
-    foreground misses follow each other in blob order (a container reading a
-    directory tree reads the blob front to back) and collapses on a jump.
-    """
-
-    def __init__(self, label: str, read_range: Callable[[int, int], bytes], compression: str = T.GZIP,
-                 chunks: Sequence[T.Chunk] = (), stream_range: StreamRange | None = None):
-        self.label = label  # "image <ref> layer <digest>", for log lines
-        self.read_range = read_range  # [start, end) of the compressed blob
-        self._stream_range = stream_range
-        self.compression = compression
-        self.chunks = sorted({c for c in chunks if not c.zeros}, key=lambda c: (c.blob_start, c.inner_offset))
-        self._starts = [c.blob_start for c in self.chunks]
-        self._lock = threading.Lock()
-        self._expect = -1  # blob index a sequential miss would start at
-        self._window = 0  # read-ahead bytes (compressed)
-        # The read-ahead reached its largest window: a container reads this layer front to back
-        # (a tar, a copy, a scan), which the background fetch helps rather than hinders.
-        self.streaming = False
-
-    def stream_range(self, start: int, end: int, sink: Callable[[bytes], None]) -> int:
-        """Hand blob bytes [start, end) to ``sink`` in order as they arrive; returns their count.
-
-        Sources made from a plain ``read_range`` hand the range over in one piece.
-        """
-        if self._stream_range is not None:
-            return self._stream_range(start, end, sink)
-        data = self.read_range(start, end)
-        sink(data)
-        return len(data)
-
-    def index_of(self, chunk: T.Chunk) -> int:
-        i = bisect.bisect_left(self._starts, chunk.blob_start)
-        while i < len(self.chunks) and self.chunks[i] != chunk and self._starts[i] == chunk.blob_start:
-            i += 1
-        return i if i < len(self.chunks) and self.chunks[i] == chunk else -1
-
-    def after(self, first: T.Chunk, last: T.Chunk, min_window: int, max_window: int) -> list[T.Chunk]:
-        """The chunks to read ahead after a foreground miss of ``first``..``last`` (blob order)."""
-        start, end = self.index_of(first), self.index_of(last)
-        if start < 0 or end < 0:
-            return []
-        with self._lock:
-            sequential = self._expect >= 0 and self._expect - 1 <= start <= self._expect + 2
-            self._window = min(max(self._window * 2, min_window), max_window) if sequential else 0
-            self.streaming = max_window > 0 and self._window >= max_window
-            limit = last.blob_end + self._window
-            stop = end + 1
-            while stop < len(self.chunks) and self.chunks[stop].blob_end <= limit:
-                stop += 1
-            self._expect = stop
-        return self.chunks[end + 1:stop]
 
 
 class ChunkFetcher:
@@ -316,7 +258,7 @@ class ChunkFetcher:
         claimed.clear()
         failed = None
         while runs:
-            run = _RunDecoder(self, source, runs.pop(0))
+            run = _RunDecoder(self, source, self._with_riders(source, runs.pop(0)))
             try:
                 source.stream_range(run.start, run.end, run.feed)
                 if run.left:
@@ -354,6 +296,22 @@ class ChunkFetcher:
                     self._finish(c, fut, exc=failed or RegistryError(
                         f"{source.label}: the fetch of chunk {c.digest} ended without it"))
         return failed
+
+    def _with_riders(self, source: BlobSource, run: list) -> list:
+        """``run`` with the uncached chunks that lie inside its byte range anyway, claimed and in blob order.
+
+        They cost no extra byte. For a gzip index they are most of the point:
+        every file of a span arrives with the span, and a span fetched for one
+        small file is not fetched again for its neighbours.
+        """
+        start, end = run[0][0].blob_start, max(c.blob_end for c, _ in run)
+        riders = [c for c in source.within(start, end) if not self.cache.contains(c.digest)]
+        if not riders:
+            return run
+        mine, _ = self._claim(riders)  # those already in flight (ours among them) stay where they are
+        if not mine:
+            return run
+        return sorted(run + mine, key=lambda cf: (cf[0].blob_start, cf[0].inner_offset))
 
     def _runs_of(self, claimed: list, max_request: int):
         """``claimed`` in blob order, cut into runs of one range request each."""
@@ -466,7 +424,9 @@ class _RunDecoder:
         while self.left and self.left[0][0].blob_end <= buf_end:
             c, fut = self.left.popleft()
             raw = bytes(memoryview(self._buf)[c.blob_start - self._buf_start:c.blob_end - self._buf_start])
-            self.failed = self.failed or self.fetcher._deliver_one(self.source, c, fut, raw)
+            # every chunk is delivered: one that fails its digest fails its own readers, not its neighbours'
+            failed = self.fetcher._deliver_one(self.source, c, fut, raw)
+            self.failed = self.failed or failed
         # keep only what the next chunk needs (runs are sorted by blob start); a gap is dropped
         # as it arrives, never ahead of it
         keep = min(self.left[0][0].blob_start, buf_end) if self.left else buf_end

@@ -2,7 +2,9 @@
 
 A layer can be served lazily when its format lets a reader fetch its table
 of contents first and then any chunk on its own: eStargz (the gzip media
-types) and zstd:chunked (the zstd media type with its manifest annotations).
+types), zstd:chunked (the zstd media type with its manifest annotations), and
+an ordinary gzip layer whose annotation names a seekable index of it (a
+separate blob in the same repository, formats/gzindex.py).
 The store asks ``format_for`` which one a layer is and opens its TOC through
 it; the chunk reader decompresses chunks through ``for_compression``; `info`
 takes containers/storage's compression number from it. Nothing outside
@@ -17,11 +19,13 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol
 
+from als.digest import is_sha256
 from als.errors import FormatError, VerificationError
-from als.formats import estargz, toc, zstdchunked, zstdchunked_size
-from als.oci import GZIP_LAYER_TYPES, ZSTD_LAYER_TYPES
+from als.formats import estargz, gzindex, toc, zstdchunked, zstdchunked_size
+from als.oci import GZIP_INDEX_ANNOTATION, GZIP_LAYER_TYPES, ZSTD_LAYER_TYPES
 
 ReadRange = Callable[[int, int], bytes]  # [start, end) of the compressed blob
+ReadBlob = Callable[[str, int], bytes]  # (digest, max size): a whole blob of the layer's repository, verified
 
 
 class SavedTOCs(Protocol):
@@ -43,6 +47,8 @@ class TOCContext:
     tail_size: int  # eStargz: blob bytes read from its end in one request, to find the footer and TOC
     allow_unverified: bool = False  # eStargz: open a TOC no annotation vouches for
     parse_slot: AbstractContextManager = nullcontext()  # held while parsing (bounds the store's peak memory)
+    read_blob: ReadBlob | None = None  # gzip index: fetches the index blob from the layer's repository
+    layer_digest: str = ""  # gzip index: the layer's blob digest, which its index must name
 
 
 @dataclass
@@ -198,14 +204,61 @@ class ZstdChunked:
         return diff_size
 
 
+class GzipIndexed:
+    """An ordinary gzip layer with a seekable index: spans inflated from checkpoints the index lists.
+
+    The index is a blob of its own in the layer's repository, named by the
+    layer annotation; its digest is checked before it is read, and it must
+    name this layer. A layer with an eStargz TOC is served as eStargz instead.
+    """
+
+    name = "gzip index"
+    compression = toc.GZIP_SPANS
+    storage_compression = 2  # archive.Gzip: the blob is the original gzip layer
+    toc_digest_annotations = (GZIP_INDEX_ANNOTATION,)
+    decompress_chunk = staticmethod(gzindex.decompress_chunk)
+
+    def claims(self, media_type: str, annotations: Mapping[str, str]) -> bool:
+        return (media_type in GZIP_LAYER_TYPES and GZIP_INDEX_ANNOTATION in annotations
+                and estargz.TOC_DIGEST_ANNOTATION not in annotations)
+
+    def open_toc(self, label: str, size: int, annotations: Mapping[str, str], read_range: ReadRange,
+                 ctx: TOCContext, known_diff_size: int | None = None) -> OpenedTOC:
+        index_digest = annotations[GZIP_INDEX_ANNOTATION]
+        layer_digest = ctx.layer_digest
+        saved = ctx.saved.get_toc(index_digest) if is_sha256(index_digest) else None
+        if saved is not None:
+            try:
+                with ctx.parse_slot:
+                    parsed = self._parse(saved[1], index_digest, layer_digest, size, ctx)
+                return OpenedTOC(parsed.toc, parsed.uncompressed_size)
+            except FormatError:
+                ctx.log.warning("%s: saved gzip index is unusable; reading it from the registry again", label)
+        if ctx.read_blob is None:
+            raise FormatError("its gzip index cannot be fetched here")
+        if not is_sha256(index_digest):
+            raise FormatError(f"{GZIP_INDEX_ANNOTATION} {index_digest!r:.100} is not a sha256 digest")
+        blob = ctx.read_blob(index_digest, ctx.max_toc_size)
+        with ctx.parse_slot:
+            parsed = self._parse(blob, index_digest, layer_digest, size, ctx)
+        ctx.saved.put_toc(index_digest, 0, blob)
+        return OpenedTOC(parsed.toc, parsed.uncompressed_size)
+
+    @staticmethod
+    def _parse(blob: bytes, index_digest: str, layer_digest: str, size: int, ctx: TOCContext) -> gzindex.GzipIndex:
+        return gzindex.parse_index(blob, index_digest, layer_digest=layer_digest, layer_size=size,
+                                   max_size=ctx.max_toc_size, max_entries=ctx.max_entries)
+
+
 ESTARGZ = EStargz()
 ZSTD_CHUNKED = ZstdChunked()
-FORMATS: tuple[LayerFormat, ...] = (ESTARGZ, ZSTD_CHUNKED)
+GZIP_INDEX = GzipIndexed()
+FORMATS: tuple[LayerFormat, ...] = (ESTARGZ, ZSTD_CHUNKED, GZIP_INDEX)
 
 
 def format_for(media_type: str, annotations: Mapping[str, str]) -> LayerFormat | None:
     """The format a layer is served lazily in, or None (the store declines it: see ``unserved_reason``)."""
-    for fmt in FORMATS:
+    for fmt in (GZIP_INDEX, ESTARGZ, ZSTD_CHUNKED):  # an indexed gzip layer before eStargz's catch-all
         if fmt.claims(media_type, annotations):
             return fmt
     return None

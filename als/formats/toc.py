@@ -25,6 +25,24 @@ ENTRY_TYPES = frozenset({DIR, REG, SYMLINK, HARDLINK, CHAR, BLOCK, FIFO})
 # Compression of the byte ranges a Chunk points at.
 GZIP = "gzip"
 ZSTD = "zstd"
+GZIP_SPANS = "gzip-spans"  # an ordinary gzip stream cut at checkpoints by an index (formats/gzindex.py)
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class Span:
+    """A stretch of one deflate stream that inflates on its own, from a checkpoint a gzip index recorded.
+
+    Its compressed bytes start at bit ``bit`` (LSB first) of the chunk's
+    ``blob_start`` byte; inflating them needs the 32 KiB of uncompressed data
+    before it (``window``, kept raw-deflate compressed). The whole span, ``size`` bytes, must hash to
+    ``digest`` before any chunk of it is served. Compared by identity: every
+    chunk of the span holds the same object.
+    """
+
+    bit: int
+    window: bytes
+    size: int
+    digest: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +63,7 @@ class Chunk:
     digest: str  # "sha256:<hex>" of the uncompressed chunk
     inner_offset: int = 0
     zeros: bool = False
+    span: Span | None = None  # gzip index: inflated from this checkpoint, then ``inner_offset`` skipped
 
 
 @dataclass(slots=True)
@@ -80,7 +99,7 @@ class TOC:
 
     entries: list[Entry]
     digest: str  # the TOC digest the manifest annotation vouches for
-    compression: str  # GZIP or ZSTD: how Chunk byte ranges are compressed
+    compression: str  # GZIP, ZSTD or GZIP_SPANS: how Chunk byte ranges are compressed
     data_end: int  # offset where file data ends (start of the TOC): blob bytes beyond it hold no chunk
     # Entries the parser accepted only after confining them (a name climbing out with ".."),
     # in operator words: the store logs them with the layer's name.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from als.fetch.fetcher import BlobSource
+from als.fetch.source import BlobSource
 from als.formats import lazy
 from als.formats import toc as T
 from als.layer.view import LayerView
@@ -28,7 +28,8 @@ class LayerDescriptor:
 
     @property
     def toc_digest(self) -> str:
-        """The eStargz TOC digest, or the zstd:chunked manifest checksum (either annotation spelling)."""
+        """The eStargz TOC digest, the zstd:chunked manifest checksum (either annotation spelling), or the
+        digest of a gzip layer's index."""
         return lazy.toc_digest(self.annotations)
 
 

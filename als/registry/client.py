@@ -123,6 +123,11 @@ class RegistryClient:
         """Upload a blob unless the registry has it (HEAD first); monolithic POST + PUT."""
         self._pusher.push_blob(ref, data, digest, size)
 
+    def mount_blob(self, ref: Reference, digest: str, source: Reference) -> bool:
+        """Link blob ``digest`` of image ``source``'s repository into ``ref``'s (a cross-repository
+        mount, no upload); False when the registry declines or they are on different registries."""
+        return self._pusher.mount_blob(ref, digest, source)
+
     def put_manifest(self, ref: Reference, data: bytes, media_type: str,
                      reference: str | None = None) -> str:
         """Upload a manifest under a tag or digest (default: the ref's tag, else digest).

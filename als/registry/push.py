@@ -78,6 +78,35 @@ class Pusher:
 
         self.retry.run(upload)
 
+    def mount_blob(self, ref: Reference, digest: str, source: Reference) -> bool:
+        """Ask the registry to link a blob of ``source``'s repository into ``ref``'s, without an upload.
+
+        Returns whether it did (201). A registry that declines answers 202 with
+        an upload session instead, which is cancelled here: the caller uploads.
+        Both repositories must be on the registry ``ref`` pushes to.
+        """
+        check_digest(digest)
+        ep, repo = self.endpoints.for_push(ref)
+        src_ep, src_repo = self.endpoints.for_push(source)
+        if src_ep.host != ep.host:
+            return False
+        op = Operation(ref, f"blob {digest} (mounted from {source.repository})", actions="pull,push")
+
+        def mount() -> bool:
+            path = _add_query(f"/v2/{repo}/blobs/uploads/", mount=digest, **{"from": src_repo})
+            resp = self.http.request(ep, repo, op, "POST", path, {})
+            try:
+                expect(resp, (201, 202), op, ep)
+                mounted, location = resp.status_code == 201, resp.headers.get("Location")
+            finally:
+                release(resp)
+            if not mounted and location:
+                url = urljoin(f"{self.http.scheme(ep)}://{ep.host}/", location)
+                release(self.http.request(ep, repo, op, "DELETE", url, {}))
+            return mounted
+
+        return self.retry.run(mount)
+
     def put_manifest(self, ref: Reference, data: bytes, media_type: str,
                      reference: str | None = None) -> str:
         return self.send_manifest(ref, data, media_type, reference).digest

@@ -18,7 +18,8 @@ from functools import partial
 
 from als.config import Config
 from als.errors import FormatError
-from als.fetch.fetcher import BlobSource, ChunkFetcher
+from als.fetch.fetcher import ChunkFetcher
+from als.fetch.source import BlobSource
 from als.formats import lazy
 from als.layer.resolved import Layer, LayerDescriptor
 from als.layer.view import LayerView
@@ -91,7 +92,8 @@ class LayerBuilder:
         r = parse_reference(ref)
         label = f"image {ref} layer {desc.digest}"
         read_range = partial(self.client.read_range, r, desc.digest)
-        opened = self._open_toc(label, desc, read_range, evicted.diff_size if evicted is not None else None)
+        opened = self._open_toc(label, desc, read_range, evicted.diff_size if evicted is not None else None,
+                                read_blob=partial(self.client.get_blob, r))
         toc, diff_size = opened.toc, opened.diff_size
         if evicted is not None:
             layer_id = evicted.layer_id
@@ -119,11 +121,13 @@ class LayerBuilder:
                      layer_id=layer_id)
 
     # ---- finding and verifying the TOC, by format ------------------------------------
-    def _open_toc(self, label: str, desc: LayerDescriptor, read_range,
-                  known_diff_size: int | None = None) -> lazy.OpenedTOC:
+    def _open_toc(self, label: str, desc: LayerDescriptor, read_range, known_diff_size: int | None = None,
+                  read_blob: lazy.ReadBlob | None = None) -> lazy.OpenedTOC:
         """The layer's verified TOC and exact diff size, through its format; declined if it has none.
 
-        ``known_diff_size`` is one computed before (the layer is rebuilt after eviction).
+        ``known_diff_size`` is one computed before (the layer is rebuilt after
+        eviction); ``read_blob`` fetches another blob of the image's
+        repository (a gzip layer's index).
         """
         fmt = lazy.format_for(desc.media_type, desc.annotations)
         if fmt is None:
@@ -131,5 +135,6 @@ class LayerBuilder:
         resolve = self.config.resolve
         ctx = lazy.TOCContext(saved=self.state, log=log, max_toc_size=resolve.max_toc_size,
                               max_entries=resolve.max_toc_entries, tail_size=resolve.tail_size,
-                              allow_unverified=resolve.allow_unverified, parse_slot=_PARSE_SLOTS)
+                              allow_unverified=resolve.allow_unverified, parse_slot=_PARSE_SLOTS,
+                              read_blob=read_blob, layer_digest=desc.digest)
         return fmt.open_toc(label, desc.size, desc.annotations, read_range, ctx, known_diff_size)

@@ -16,7 +16,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from als.config import Config
-from als.fetch.fetcher import BlobSource, ChunkFetcher
+from als.fetch.fetcher import ChunkFetcher
+from als.fetch.source import BlobSource
 from als.fetch.pace import Pace
 from als.formats import estargz
 from als.formats import toc as T

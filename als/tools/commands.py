@@ -1,4 +1,4 @@
-"""The `als convert` and `als optimize` subcommands: their arguments and wiring."""
+"""The `als convert`, `als optimize` and `als index` subcommands: their arguments and wiring."""
 
 from __future__ import annotations
 
@@ -26,12 +26,18 @@ def _size(text: str) -> int:
     return n
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _locations(p: argparse.ArgumentParser) -> None:
+    """SRC, DST and how registries are reached: what every image tool takes."""
     p.add_argument("src", metavar="SRC", help="source image: a registry reference, or oci:DIR[:TAG]")
     p.add_argument("dst", metavar="DST", help="destination: a registry reference with a tag, or oci:DIR[:TAG]")
     p.add_argument("--config", default=None,
                    help="TOML config file for the [registry] settings (default: /etc/als/config.toml "
                         "if it exists); registries.conf and auth files are Podman's, as for `als serve`")
+    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="default: %(default)s")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    _locations(p)
     p.add_argument("--chunk-size", type=_size, default=4 << 20,
                    help="largest chunk of a file, fetched and verified as one (default: 4M)")
     p.add_argument("--compression-level", type=int, default=None,
@@ -45,7 +51,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reconvert", action="store_true",
                    help="convert layers that already are eStargz (or zstd:chunked) too; by default they "
                         "are copied as they are")
-    p.add_argument("--log-level", default="warning", choices=LOG_LEVELS, help="default: %(default)s")
 
 
 def add_parsers(sub) -> None:
@@ -79,6 +84,24 @@ def add_parsers(sub) -> None:
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
                    help="the workload, run in the image")
     p.set_defaults(func=cmd_optimize)
+    add_index_parser(sub)
+
+
+def add_index_parser(sub) -> None:
+    p = sub.add_parser(
+        "index", help="make an image's gzip layers lazily pullable without converting them",
+        description="Read every gzip layer of the image SRC once, write a seekable index of it (its files, "
+                    "and a checkpoint every --span-size bytes of its tar stream), store each index as a blob "
+                    "in DST's repository, and store DST: SRC's config and layers (mounted from SRC's "
+                    "repository, not uploaded again), each gzip layer annotated with its index's digest. "
+                    "Progress is shown on a terminal; the last line printed is DST@DIGEST.")
+    _locations(p)
+    p.add_argument("--span-size", type=_size, default=2 << 20,
+                   help="uncompressed bytes between checkpoints: what one read fetches and inflates at most "
+                        "(default: 2M)")
+    p.add_argument("--platform", default="", metavar="OS/ARCH[/VARIANT]",
+                   help="index only this platform of a multi-platform index (the result is one image)")
+    p.set_defaults(func=cmd_index)
 
 
 def _options(args):
@@ -131,4 +154,18 @@ def cmd_optimize(args) -> int:
     print(f"{result.destination}@{result.digest}")
     if result.recorded is not None:
         print(f"recorded {len(result.recorded)} files read by the workload", file=sys.stderr)
+    return 0
+
+
+def cmd_index(args) -> int:
+    from als.config import load_config
+    from als.tools.index import IndexOptions, index_image
+    from als.tools.progress import Progress
+    from als.tools.transport import open_transport
+    config = load_config(args.config)
+    factory = _client_factory(config)
+    src = open_transport(args.src, factory)
+    dst = open_transport(args.dst, factory)
+    result = index_image(src, dst, IndexOptions(span_size=args.span_size, platform=args.platform), Progress())
+    print(f"{dst}@{result.digest}")
     return 0

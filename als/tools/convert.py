@@ -24,7 +24,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import BinaryIO, Callable, Sequence, TypeVar
 
 import zstandard
 
@@ -42,6 +42,7 @@ TAR_TYPES = {"application/vnd.oci.image.layer.v1.tar", "application/vnd.docker.i
 ATTESTATION_ANNOTATION = "vnd.docker.reference.type"
 MAX_CONFIG = 8 << 20
 _PIECE = 1 << 20
+T = TypeVar("T")
 
 
 class ConvertError(ALSError):
@@ -109,28 +110,35 @@ def convert(src: ImageTransport, dst: ImageTransport, options: ConvertOptions,
     progress = progress or Progress(enabled=False)
     if options.chunk_size <= 0:
         raise ConvertError(f"chunk size must be positive, not {options.chunk_size}")
-    top = src.get_manifest()
-    doc = json_object(top.data, f"manifest of {src}", ConvertError)
     with tempfile.TemporaryDirectory(prefix="als-convert-", dir=workdir) as tmp:
         work = Path(tmp)
-        if top.media_type in INDEX_TYPES or "manifests" in doc:
-            entries = _platform_entries(doc, options.platform, src)
-            images = []
-            for entry in entries:
-                m = src.get_manifest(entry["digest"])
-                label = f"platform {_platform_name(entry.get('platform'))}"
-                images.append(_convert_image(src, dst, m.data, m.media_type, options, progress, work, label,
-                                             entry.get("platform")))
-            return _push(dst, images, None if options.platform else doc, progress, tagged)
-        if options.platform:
-            _check_platform(src, top.data, options.platform)
-        image = _convert_image(src, dst, top.data, top.media_type, options, progress, work, "", None)
-        return _push(dst, [image], None, progress, tagged)
+        images, index = each_image(src, options.platform, lambda manifest, media_type, label, platform:
+                                   _convert_image(src, dst, manifest, media_type, options, progress, work, label,
+                                                  platform))
+        return _push(dst, images, index, progress, tagged)
+
+
+def each_image(src, platform: str, make: Callable[[bytes, str, str, dict | None], T]) -> tuple[list[T], dict | None]:
+    """``make(manifest, media_type, label, platform)`` for ``src``'s image, or for each platform image of its
+    index (only ``platform``'s, if given); and the index whose annotations a new index keeps, or None
+    (the result is one image)."""
+    top = src.get_manifest()
+    doc = json_object(top.data, f"manifest of {src}", ConvertError)
+    if top.media_type in INDEX_TYPES or "manifests" in doc:
+        images = []
+        for entry in platform_entries(doc, platform, src):
+            m = src.get_manifest(entry["digest"])
+            label = f"platform {platform_name(entry.get('platform'))}"
+            images.append(make(m.data, m.media_type, label, entry.get("platform")))
+        return images, None if platform else doc
+    if platform:
+        check_platform(src, top.data, platform)
+    return [make(top.data, top.media_type, "", None)], None
 
 
 # ---- selection ---------------------------------------------------------------------------
 
-def _platform_name(p: dict | None) -> str:
+def platform_name(p: dict | None) -> str:
     if not p:
         return "unknown"
     return "/".join(x for x in (p.get("os", ""), p.get("architecture", ""), p.get("variant", "")) if x)
@@ -145,14 +153,14 @@ def _matches(p: dict | None, want: str) -> bool:
     return len(parts) < 3 or p.get("variant", "") == parts[2]
 
 
-def _platform_entries(index: dict, platform: str, src) -> list[dict]:
+def platform_entries(index: dict, platform: str, src) -> list[dict]:
     entries = [m for m in index.get("manifests") or [] if isinstance(m, dict)]
     # Attestations (buildx provenance) describe an image; they are not one.
     entries = [m for m in entries if (m.get("annotations") or {}).get(ATTESTATION_ANNOTATION) != "attestation-manifest"]
     if platform:
         chosen = [m for m in entries if _matches(m.get("platform"), platform)]
         if not chosen:
-            have = ", ".join(_platform_name(m.get("platform")) for m in entries) or "none"
+            have = ", ".join(platform_name(m.get("platform")) for m in entries) or "none"
             raise ConvertError(f"{src} has no image for platform {platform} (it has: {have})")
         return chosen[:1]
     if not entries:
@@ -160,7 +168,7 @@ def _platform_entries(index: dict, platform: str, src) -> list[dict]:
     return entries
 
 
-def _check_platform(src, manifest: bytes, platform: str) -> None:
+def check_platform(src, manifest: bytes, platform: str) -> None:
     """A single-image source is accepted for --platform only if its config says that platform."""
     # The config is read again by the conversion; reading it twice is cheap next to the layers.
     doc = json_object(manifest, f"manifest of {src}", ConvertError)
@@ -171,7 +179,7 @@ def _check_platform(src, manifest: bytes, platform: str) -> None:
         raise ConvertError(f"manifest of {src} names no config") from None
     p = {"os": config.get("os"), "architecture": config.get("architecture"), "variant": config.get("variant", "")}
     if not _matches(p, platform):
-        raise ConvertError(f"{src} is for {_platform_name(p)}, not {platform}")
+        raise ConvertError(f"{src} is for {platform_name(p)}, not {platform}")
 
 
 # ---- one platform image ------------------------------------------------------------------
@@ -339,23 +347,27 @@ def _push(dst, images: list[_Image], index: dict | None, progress: Progress, tag
         if cdigest not in pushed:
             dst.push_blob(_bytes_file(image.config), cdigest, len(image.config))
             pushed.add(cdigest)
-    reports = [image.report for image in images]
+    digest, media_type = put_manifests(dst, [(image.manifest, image.platform) for image in images], index, tagged)
+    return ConvertResult(digest=digest, media_type=media_type, images=[image.report for image in images])
+
+
+def put_manifests(dst, manifests: list[tuple[bytes, dict | None]], index: dict | None,
+                  tagged: bool) -> tuple[str, str]:
+    """Store image manifests (with their platforms) at ``dst``: the one alone, or all under a new index
+    that keeps ``index``'s annotations; the tagged document goes last. Returns its digest and media type."""
     if index is None:
-        digest = dst.put_manifest(images[0].manifest, OCI_MANIFEST, tagged=tagged)
-        return ConvertResult(digest=digest, media_type=OCI_MANIFEST, images=reports)
-    manifests = []
-    for image in images:
-        d = dst.put_manifest(image.manifest, OCI_MANIFEST, tagged=False)
-        entry = {"mediaType": OCI_MANIFEST, "digest": d, "size": len(image.manifest)}
-        if image.platform:
-            entry["platform"] = image.platform
-        manifests.append(entry)
-    out = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
+        return dst.put_manifest(manifests[0][0], OCI_MANIFEST, tagged=tagged), OCI_MANIFEST
+    entries = []
+    for manifest, platform in manifests:
+        d = dst.put_manifest(manifest, OCI_MANIFEST, tagged=False)
+        entry = {"mediaType": OCI_MANIFEST, "digest": d, "size": len(manifest)}
+        if platform:
+            entry["platform"] = platform
+        entries.append(entry)
+    out = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
     if isinstance(index.get("annotations"), dict) and index["annotations"]:
         out["annotations"] = index["annotations"]
-    data = json.dumps(out, separators=(",", ":")).encode()
-    digest = dst.put_manifest(data, OCI_INDEX, tagged=tagged)
-    return ConvertResult(digest=digest, media_type=OCI_INDEX, images=reports)
+    return dst.put_manifest(json.dumps(out, separators=(",", ":")).encode(), OCI_INDEX, tagged=tagged), OCI_INDEX
 
 
 def _bytes_file(data: bytes) -> BinaryIO:

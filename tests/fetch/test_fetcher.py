@@ -13,7 +13,8 @@ import pytest
 
 from als.fetch.cache import ChunkCache
 from als.errors import Interrupted, RegistryError
-from als.fetch.fetcher import BlobSource, ChunkFetcher
+from als.fetch.fetcher import ChunkFetcher
+from als.fetch.source import BlobSource
 from als.fetch.pace import Pace
 from als.formats import estargz
 from als.layer.view import LayerView

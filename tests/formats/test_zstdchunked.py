@@ -25,7 +25,8 @@ import zstandard
 
 from als.fetch.cache import ChunkCache
 from als.errors import FormatError, VerificationError
-from als.fetch.fetcher import BlobSource, ChunkFetcher
+from als.fetch.fetcher import ChunkFetcher
+from als.fetch.source import BlobSource
 from als.formats.estargz import TOC_DIGEST_ANNOTATION as ESTARGZ_TOC_DIGEST
 from als.formats import lazy
 from als.formats import toc as T

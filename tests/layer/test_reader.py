@@ -21,7 +21,8 @@ import pytest
 
 from als.errors import ALSError
 from als.fetch.cache import ChunkCache
-from als.fetch.fetcher import BlobSource, ChunkFetcher
+from als.fetch.fetcher import ChunkFetcher
+from als.fetch.source import BlobSource
 from als.formats import estargz
 from als.layer.access import AccessRecorder
 from als.layer.reader import LayerReader

@@ -44,6 +44,15 @@ def config_for(layers: list[BuiltLayer], *, arch: str = "amd64") -> bytes:
     }).encode()
 
 
+def push_gzip(client, ref: str, tar: bytes, level: int = 9) -> BuiltLayer:
+    """Push ``tar`` as a one-layer plain gzip image (config_for's) under ``ref``; returns the layer."""
+    from als.reference import parse_reference
+    from als.tools.image import gzip_layer, push_image
+    layer = gzip_layer(tar, level=level)
+    push_image(client, parse_reference(ref), [layer], config_for([layer]))
+    return layer
+
+
 def get_json(registry, repo: str, reference: str, accept: str = OCI_MANIFEST) -> dict:
     import urllib.request
     req = urllib.request.Request(f"{registry.url}/v2/{repo}/manifests/{reference}", headers={"Accept": accept})

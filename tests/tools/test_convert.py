@@ -27,7 +27,7 @@ from als.formats import estargz, zstdchunked, zstdchunked_writer
 from als.tools.image import BuiltLayer, estargz_layer, gzip_layer, push_image
 from als.reference import parse_reference
 from tests.support import images
-from tests.support.alsrun import LABELS, config_for, get_blob, get_json, read_toc, run_als, sha, tar_of
+from tests.support.alsrun import LABELS, config_for, get_blob, get_json, push_gzip, read_toc, run_als, sha, tar_of
 from tests.support.store_process import REPO
 from tests.support.difftree import actual_tree, expected_tree
 
@@ -63,10 +63,8 @@ def python_rootfs() -> bytes:
 @pytest.fixture(scope="module")
 def gzip_python(registry, client, python_rootfs):
     """The Debian+python3 root file system as a plain gzip image (not lazily servable)."""
-    layer = gzip_layer(python_rootfs)
     ref = f"{registry.host}/conv/python:gzip"
-    push_image(client, parse_reference(ref), [layer], config_for([layer]))
-    return ref, layer
+    return ref, push_gzip(client, ref, python_rootfs)
 
 
 @pytest.fixture(scope="module")

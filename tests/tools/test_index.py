@@ -1,0 +1,182 @@
+"""`als index` against a real registry, its output served lazily by a real `als serve` mount.
+
+The source image is the python root file system pushed as plain gzip, as any
+tool pushes it. `als index` runs as a user would run it; the result must name
+the very same config and layer blobs (mounted into the new repository, not
+uploaded), carry each index as a blob of its own, and read back through the
+mount file for file as the tar has them, fetching a file's span, not its layer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from als.formats import gzindex
+from als.oci import GZIP_INDEX_ANNOTATION, OCI_MANIFEST
+from als.tools.image import gzip_layer
+from tests.support import images
+from tests.support.alsrun import get_blob, get_json, push_gzip, run_als, sha
+from tests.support.difftree import actual_tree, expected_tree
+
+
+@pytest.fixture(scope="module")
+def python_rootfs() -> bytes:
+    return images.python_rootfs_tar().read_bytes()
+
+
+@pytest.fixture(scope="module")
+def gzip_python(registry, client, python_rootfs):
+    """The python root file system as plain gzip, as docker and most tools write it (level 6)."""
+    ref = f"{registry.host}/idx/python:gzip"
+    return ref, push_gzip(client, ref, python_rootfs, level=6)
+
+
+@pytest.fixture(scope="module")
+def indexed_python(registry, registries_conf, gzip_python):
+    ref, _ = gzip_python
+    dst = f"{registry.host}/idx/python-indexed:1"
+    mark = registry.mark()
+    res = run_als("index", ref, dst, conf=registries_conf)
+    assert res.returncode == 0, res.stderr
+    return dst, res, registry.accesses_since(mark)
+
+
+def test_index_keeps_the_config_and_layers_and_adds_an_index_blob(registry, gzip_python, indexed_python,
+                                                                  python_rootfs):
+    src, layer = gzip_python
+    dst, res, accesses = indexed_python
+    assert res.stdout.strip().startswith(f"{dst}@sha256:")
+    assert res.stderr == ""  # quiet in a pipe
+    source = get_json(registry, "idx/python", "gzip")
+    manifest = get_json(registry, "idx/python-indexed", "1")
+    assert manifest["mediaType"] == OCI_MANIFEST
+    assert manifest["config"]["digest"] == source["config"]["digest"]
+    [desc] = manifest["layers"]
+    assert (desc["digest"], desc["size"]) == (layer.digest, layer.size)
+    index_digest = desc["annotations"][GZIP_INDEX_ANNOTATION]
+    index = get_blob(registry, "idx/python-indexed", index_digest)
+    assert len(index) < layer.size * 0.03, (len(index), layer.size)  # 2.1%, measured
+    parsed = gzindex.parse_index(index, index_digest, layer_digest=layer.digest, layer_size=layer.size,
+                                 max_size=64 << 20, max_entries=1 << 20)
+    assert parsed.uncompressed_size == len(python_rootfs)
+    assert abs(len(parsed.checkpoints) - len(python_rootfs) / (2 << 20)) <= 1  # one every 2 MiB (the default)
+    assert max(len(e.chunks) for e in parsed.toc.entries) > 1  # big files cross spans
+    # The layer and the config are in the new repository without having been uploaded: mounted.
+    assert get_blob(registry, "idx/python-indexed", layer.digest)
+    uploads = [a for a in accesses if a.method in ("PUT", "PATCH") and "/blobs/uploads/" in a.uri]
+    assert len(uploads) == 1, [a.uri for a in uploads]  # the index alone
+    assert any(a.method == "POST" and "mount=sha256%3A" + layer.digest[7:] in a.uri for a in accesses)
+
+
+def test_the_indexed_image_is_served_lazily_file_for_file(store, registry, gzip_python, indexed_python,
+                                                          python_rootfs):
+    _, layer = gzip_python
+    dst, _, _ = indexed_python
+    info_path = store.layer_dir(dst, layer.digest) / "info"
+    mark = registry.mark()
+    info = json.loads(info_path.read_text())
+    assert info["diff-size"] == len(python_rootfs) and info["diff-digest"] == sha(python_rootfs)
+    diff = store.layer_dir(dst, layer.digest) / "diff"
+    with open(diff / "etc/passwd", "rb") as f:
+        assert f.read().startswith(b"root:x:0:0")
+    reads = [a for a in registry.accesses_since(mark) if layer.digest in a.uri]
+    fetched = sum(a.written for a in reads)
+    # /etc/passwd's span, and those of what every start reads (the store predicts them): not the layer
+    assert 0 < fetched < layer.size / 2, (fetched, len(reads), layer.size)
+    got, _ = actual_tree(str(diff))
+    assert got == expected_tree(python_rootfs)
+
+
+def test_a_layout_is_indexed_into_another_and_only_gzip_layers_get_an_index(tmp_path):
+    """Without a registry: every blob is copied; eStargz and zstd layers are kept as they are."""
+    import io
+
+    import zstandard
+
+    from als.formats import toc as T
+    from als.oci import DOCKER_LAYER_GZIP, OCI_LAYER_GZIP
+    from als.tools.image import estargz_layer
+    from als.tools.index import IndexOptions, index_image
+    from als.tools.transport import OCILayout
+    from tests.support.alsrun import config_for, tar_of
+
+    big = random_text(300_000)
+    plain = gzip_layer(tar_of({"big": big, "small": b"hello\n"}), level=6)
+    esgz = estargz_layer(io.BytesIO(tar_of({"e": b"estargz\n"})))
+    esgz_blob = esgz.blob.read()
+    zstd_tar = tar_of({"z": b"zstd\n"})
+    zstd_blob = zstandard.ZstdCompressor().compress(zstd_tar)
+    src = OCILayout(tmp_path / "src", "v1")
+    config = config_for([plain, esgz, esgz])
+    descs = [dict(plain.descriptor(), mediaType=DOCKER_LAYER_GZIP), esgz.descriptor(),
+             {"mediaType": "application/vnd.oci.image.layer.v1.tar+zstd", "digest": sha(zstd_blob),
+              "size": len(zstd_blob)}]
+    for data in (plain.blob.getvalue(), esgz_blob, zstd_blob, config):
+        src.push_blob(io.BytesIO(data), sha(data), len(data))
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                      "digest": sha(config), "size": len(config)}, "layers": descs}).encode()
+    src.put_manifest(manifest, OCI_MANIFEST, tagged=True)
+
+    dst = OCILayout(tmp_path / "dst", "indexed")
+    result = index_image(src, dst, IndexOptions(span_size=64 << 10))
+    out = json.loads(dst.get_blob(result.digest, 1 << 20))
+    assert out["config"]["digest"] == sha(config)
+    assert [d["digest"] for d in out["layers"]] == [d["digest"] for d in descs]
+    indexed, kept_esgz, kept_zstd = out["layers"]
+    assert indexed["mediaType"] == OCI_LAYER_GZIP  # Docker's name for the same bytes
+    assert kept_esgz == esgz.descriptor() and kept_zstd == descs[2]
+    assert [r.note for r in result.images[0]] == ["copied", "eStargz already, copied", "not gzip, copied"]
+    for d in out["layers"]:
+        assert dst.has_blob(d["digest"])
+    index_digest = indexed["annotations"][GZIP_INDEX_ANNOTATION]
+    parsed = gzindex.parse_index(dst.get_blob(index_digest, 1 << 20), index_digest, layer_digest=plain.digest,
+                                 layer_size=plain.size, max_size=1 << 20, max_entries=100)
+    blob = plain.blob.getvalue()
+    [entry] = [e for e in parsed.toc.entries if e.name == "data/big"]
+    assert len(entry.chunks) > 1
+    assert b"".join(gzindex.decompress_chunk(blob[c.blob_start:c.blob_end], c) for c in entry.chunks) == big
+    assert all(c.span is not None for c in entry.chunks) and parsed.toc.compression == T.GZIP_SPANS
+
+
+def random_text(n: int) -> bytes:
+    import random
+    return bytes(random.Random(n).choices(b"abcdefgh \n", k=n))
+
+
+@pytest.mark.slow
+def test_podman_4_runs_the_indexed_image_lazily(tmp_path, registry, registries_conf, gzip_python, indexed_python):
+    """Podman 4.3.1 asks the store about every layer by its blob digest: the indexed image runs with a
+    fraction of its (unchanged) gzip layer fetched, and Podman counts its exact uncompressed size."""
+    from als.tools.podman import Podman
+    from tests.conftest import NO_BACKGROUND
+    from tests.support.store_process import StoreProcess
+    _, layer = gzip_python
+    dst, _, _ = indexed_python
+    (tmp_path / "als").mkdir()
+    mark = registry.mark()
+    with StoreProcess(tmp_path / "als", registries_conf=registries_conf, config=NO_BACKGROUND) as store, \
+            Podman(tmp_path / "lazy", additional_layer_store=store.mountpoint,
+                   insecure_registries=[registry.host]) as podman:
+        assert podman.run("run", "--rm", dst, "python3", "-c", "print(1)").stdout.strip() == "1"
+        size = podman.run("image", "inspect", "--format", "{{.Size}}", dst).stdout.strip()
+    reads = [a for a in registry.accesses_since(mark) if layer.digest in a.uri]
+    fetched = sum(a.written for a in reads)
+    print(f"podman 4.3.1 run of the indexed image: {fetched} of {layer.size} bytes in {len(reads)} requests")
+    assert 0 < fetched < layer.size * 2 / 3, f"{fetched} of {layer.size} bytes"  # 9.2 MB of 18.6 MB, measured
+    assert int(size) >= len(images.python_rootfs_tar().read_bytes())  # the exact diff size counted
+
+
+def test_index_into_the_same_repository_uploads_only_the_index(registry, registries_conf, gzip_python):
+    src, layer = gzip_python
+    mark = registry.mark()
+    res = run_als("index", src, f"{registry.host}/idx/python:indexed", conf=registries_conf)
+    assert res.returncode == 0, res.stderr
+    accesses = registry.accesses_since(mark)
+    assert not any("mount=" in a.uri for a in accesses)  # the layer is there already
+    uploads = [a for a in accesses if a.method == "PUT" and "/blobs/uploads/" in a.uri]
+    assert len(uploads) == 1, [a.uri for a in uploads]
+    [desc] = get_json(registry, "idx/python", "indexed")["layers"]
+    assert desc["digest"] == layer.digest and GZIP_INDEX_ANNOTATION in desc["annotations"]
