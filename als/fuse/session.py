@@ -77,6 +77,8 @@ class Operations(Protocol):
     def create(self, parent: int, name: bytes) -> None: ...
     def rmdir(self, parent: int, name: bytes) -> None: ...
     def error(self, op: str, nodeid: int, exc: Exception) -> int: ...
+    # Optional: ``adopt(nodeid, req)`` is called before every request on a node, to build a node
+    # the kernel holds from before a restart (it may raise WouldBlock, FuseError).
 
 
 class Session:
@@ -106,6 +108,7 @@ class Session:
         self._waiting: dict[int, Request] = {}  # unique -> request on the waiting pool
         self._pool = ThreadPoolExecutor(max_workers=max(1, waiting), thread_name_prefix="fuse-wait")
         self._readers = 0
+        self._adopt = getattr(ops, "adopt", None)
         self._handlers = {
             abi.LOOKUP: self._lookup, abi.GETATTR: self._getattr, abi.READLINK: self._readlink,
             abi.OPEN: self._open, abi.OPENDIR: self._open, abi.READ: self._read, abi.READDIR: self._readdir,
@@ -203,6 +206,8 @@ class Session:
             err = errno.ENOSYS
         else:
             try:
+                if self._adopt is not None and req.nodeid:
+                    self._adopt(req.nodeid, req)
                 reply = handler(req, body)
             except WouldBlock:
                 self._release(req)

@@ -105,6 +105,16 @@ class Store:
         self._keep(layer)
         return layer
 
+    def known_layer(self, ref: str, digest: str, cancel: threading.Event | None = None) -> Layer:
+        """The layer of a node id the kernel kept across a restart: from saved metadata if need be
+        (als/store/resolve.py ``Resolver.known_layer``)."""
+        layer = self.ready_layer(ref, digest)
+        if layer is not None:
+            return layer
+        layer = self.resolver.known_layer(ref, digest, cancel)
+        self._keep(layer)
+        return layer
+
     def image(self, ref: str, cancel: threading.Event | None = None):
         """The image ``ref`` resolves to, as a lookup under it would find it (als/store/resolve.py)."""
         return self.resolver.image(ref, cancel)
