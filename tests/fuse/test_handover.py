@@ -65,7 +65,7 @@ def test_a_held_descriptor_keeps_the_mount_and_resend_requeues_inflight_reads(tm
         (tmp_path / "store").mkdir()
         store = StoreProcess(tmp_path / "store", registries_conf=conf,
                              config="[fetch]\nbackground = false\n[registry]\nretries = 0\nread_timeout = 120.0\n"
-                                    "[fuse]\nxattr_free_mount = false\n")  # one connection: the one grabbed
+                                    "[fuse]\nxattr_free_mount = false\nkeep_connection = false\n")  # one connection: the one grabbed
         store.start()
         held = cat = None
         stopped = False

@@ -126,8 +126,14 @@ class NotifyListener:
         self.sock.settimeout(20)
 
     def receive(self) -> dict[str, str]:
-        data = self.sock.recv(4096).decode()
-        return dict(line.split("=", 1) for line in data.splitlines())
+        """The next message but descriptors handed over (``FDSTORE=1``), which are dropped."""
+        while True:
+            data, fds, _, _ = socket.recv_fds(self.sock, 4096, 8)
+            for fd in fds:
+                os.close(fd)
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            if "FDSTORE" not in fields:
+                return fields
 
     def close(self):
         self.sock.close()
@@ -173,7 +179,7 @@ def test_json_log_lines(tmp_path):
     try:
         os.listdir(s.mountpoint)
     finally:
-        assert s.stop() == 0
+        assert s.stop(signal.SIGINT) == 0  # stop for good: SIGTERM leaves the mount to a successor
     lines = [l for l in s.log().splitlines() if l.strip()]
     docs = [json.loads(l) for l in lines]  # every line is one JSON object
     assert all({"time", "level", "logger", "message", "pid"} <= d.keys() for d in docs)
