@@ -31,6 +31,8 @@ from tests.support.store_process import StoreProcess, is_mounted, write_registri
 pytestmark = pytest.mark.slow
 
 NO_BACKGROUND = "[fetch]\nbackground = false\n"  # so that "never read" stays true until a container reads it
+# What happens where the connection cannot be kept (tests/fuse/test_takeover.py: where it can).
+NO_BACKGROUND += "[fuse]\nkeep_connection = false\n"
 
 
 def served(registry, mark, digest) -> int:
