@@ -17,7 +17,7 @@ deps:
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
-	@$(PYTHON) -c 'import importlib.metadata as m; m.version("als"); import requests, zstandard, cachetools, prometheus_client, pytest, hypothesis, cryptography, yaml' 2>/dev/null || \
+	@$(PYTHON) -c 'import importlib.metadata as m; m.version("als"); import requests, zstandard, isal, cachetools, prometheus_client, pytest, hypothesis, cryptography, yaml' 2>/dev/null || \
 		$(PYTHON) -m pip install -q --root-user-action=ignore -e '.[test]'
 
 # Start a registry, push a small eStargz image, serve it with `als serve`, run it with Podman.
@@ -70,6 +70,16 @@ install-files:
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
 
-# Normal pulls against lazy pulls through als, side by side, over an emulated 20 ms / 200 Mbit/s link.
+# What users run, side by side, over an emulated 20 ms / 200 Mbit/s link: a normal pull, als as shipped,
+# als with the background fetch off (extra) and the reference store, stargz-store, which is built here
+# with Debian's Go from a stargz-snapshotter source tree when one is there (tests/support/bench_stargz.py;
+# Debian packages no stargz-store) and otherwise left out, saying why. About 15 minutes on 2 cores.
+BENCH_APT_PACKAGES = golang-go golang-github-containerd-stargz-snapshotter-dev golang-k8s-klog-dev \
+	golang-k8s-utils-dev golang-k8s-sigs-json-dev golang-k8s-sigs-structured-merge-diff-dev golang-k8s-sigs-yaml-dev
 bench: deps
+	@missing=""; for p in $(BENCH_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages for the reference store:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 	$(PYTHON) -m tests.support.bench $(BENCH_ARGS)

@@ -57,6 +57,8 @@ class FetchConfig:
     background: bool = True  # stream the rest of each layer into the cache after it resolves
     background_layers: int = 2  # layers fetched in the background at once
     background_step: int = 4 << 20  # bytes per background request
+    background_quiet: float = 0.5  # seconds of no container read or foreground fetch before it starts
+    background_delay: float = 5.0  # longest it waits for a container start, that quiet, or the foreground
     readahead_min: int = 256 << 10  # first read-ahead window once misses turn sequential
     readahead_max: int = 4 << 20  # largest read-ahead window
     file_readahead: int = 8 << 20  # on a miss, fetch the rest of the file up to this many compressed bytes

@@ -9,10 +9,13 @@ per region, not one per reader.
 
 Three producers feed the same table, so a read never fetches what another is
 already fetching: the foreground (FUSE reads, with an adaptive read-ahead in
-blob order that grows while misses stay sequential, like the kernel's), the
-prefetch of a layer's prioritised region at resolve time, and the background
-fetch of the rest of the blob, which waits whenever a foreground read is in
-flight.
+blob order that grows while misses stay sequential, like the kernel's, and the
+startup prediction's reads), the prefetch of a layer's prioritised region at
+resolve time, and the background fetch of the rest of the blob. The
+background fetch yields (als/fetch/pace.py): it starts once a container's start-up
+burst has gone quiet and waits whenever a foreground fetch is in flight, so
+it never competes with a container for the link; each wait is bounded, so it
+cannot be starved for good.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from als.digest import sha256_digest
 from als.errors import FormatError, RegistryError, VerificationError
 from als.formats import lazy
 from als.formats import toc as T
+from als.fetch.pace import Foreground, Pace
 from als.wait import wait_for
 
 log = logging.getLogger("als.fetch")
@@ -60,6 +64,9 @@ class BlobSource:
         self._lock = threading.Lock()
         self._expect = -1  # blob index a sequential miss would start at
         self._window = 0  # read-ahead bytes (compressed)
+        # The read-ahead reached its largest window: a container reads this layer front to back
+        # (a tar, a copy, a scan), which the background fetch helps rather than hinders.
+        self.streaming = False
 
     def stream_range(self, start: int, end: int, sink: Callable[[bytes], None]) -> int:
         """Hand blob bytes [start, end) to ``sink`` in order as they arrive; returns their count.
@@ -86,6 +93,7 @@ class BlobSource:
         with self._lock:
             sequential = self._expect >= 0 and self._expect - 1 <= start <= self._expect + 2
             self._window = min(max(self._window * 2, min_window), max_window) if sequential else 0
+            self.streaming = max_window > 0 and self._window >= max_window
             limit = last.blob_end + self._window
             stop = end + 1
             while stop < len(self.chunks) and self.chunks[stop].blob_end <= limit:
@@ -108,8 +116,7 @@ class ChunkFetcher:
         self.dir_readahead = dir_readahead
         self._inflight: dict[str, Future] = {}
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self._foreground = 0  # reads waiting on the network right now
+        self.foreground = Foreground()  # what the background fetch yields to (als/fetch/pace.py)
         self.bytes_fetched = 0
         self.requests = 0
 
@@ -123,9 +130,14 @@ class ChunkFetcher:
         with self._lock:
             return len(self._inflight)
 
+    def container_reads(self) -> int:
+        """Container reads so far (a background fetch started now waits for the next one)."""
+        return self.foreground.reads
+
     # ---- the three producers ---------------------------------------------------------
     def read(self, source: BlobSource, chunks: list[T.Chunk], file_chunks: Sequence[T.Chunk] = (),
-             neighbours: Sequence[T.Chunk] = (), cancel: threading.Event | None = None) -> list[bytes]:
+             neighbours: Sequence[T.Chunk] = (), cancel: threading.Event | None = None,
+             warming: bool = False) -> list[bytes]:
         """The verified bytes of each chunk, in order. Raises ALSError subclasses.
 
         ``cancel``: the reader went away (a FUSE interrupt): stop waiting for
@@ -141,6 +153,9 @@ class ChunkFetcher:
         being read: interpreters load many of one directory, one after
         another, so on a miss those that follow in the blob, up to
         ``dir_readahead`` compressed bytes, come in the same request.
+        ``warming``: the read is the store's own (the startup prediction
+        reading an ELF header), not a container's: it does not tell the
+        background fetch that a container started.
         """
         out: dict[T.Chunk, bytes] = {}
         missing = []
@@ -154,10 +169,10 @@ class ChunkFetcher:
             else:
                 missing.append(c)
         if not missing:
+            if not warming:
+                self.foreground.read_cached()
             return _sized(source, chunks, out)
-        with self._lock:
-            self._foreground += 1
-        try:
+        with self.foreground.fetch(container=not warming):
             mine, theirs = self._claim(missing)
             if mine:
                 # What this call fetches is handed to _fetch, which answers every claim whatever
@@ -170,10 +185,6 @@ class ChunkFetcher:
                     out[c] = wait_for(fut, deadline, cancel)
                 except FutureTimeout:
                     raise RegistryError(f"timed out waiting for chunk {c.digest} of {source.label}") from None
-        finally:
-            with self._lock:
-                self._foreground -= 1
-                self._idle.notify_all()
         return _sized(source, chunks, out)
 
     def _read_ahead(self, source: BlobSource, mine: list, file_chunks: Sequence[T.Chunk],
@@ -210,20 +221,28 @@ class ChunkFetcher:
         """
         before = self.bytes_fetched
         wanted = [c for c in chunks if not c.zeros and not self.cache.contains(c.digest)]
-        self._fetch(source, self._claim(wanted)[0], max_request=max_request)
+        if wanted:
+            with self.foreground.fetch():
+                self._fetch(source, self._claim(wanted)[0], max_request=max_request)
         return self.bytes_fetched - before
 
     def background(self, source: BlobSource, stop: threading.Event, step: int = 4 << 20,
-                   progress: Callable[[int], None] | None = None) -> int:
-        """Fetch every chunk of ``source`` not cached yet, yielding to foreground reads.
+                   progress: Callable[[int], None] | None = None, pace: Pace = Pace(),
+                   since: int | None = None) -> int:
+        """Fetch every chunk of ``source`` not cached yet, yielding to the foreground (``pace``).
 
-        Returns the bytes fetched. Errors end the pass (the next read or the
-        next resolve retries); a failed background fetch never fails a read.
-        ``progress`` hears the bytes of each request (it feeds the metrics).
+        ``since``: the count of container reads (``container_reads``) when the
+        layer resolved; given, the first request waits for a container read
+        after it, then for the foreground to go quiet (both bounded by
+        ``pace.delay``). Returns the bytes fetched. Errors end the pass (the
+        next read or the next resolve retries); a failed background fetch
+        never fails a read. ``progress`` hears the bytes of each request (it
+        feeds the metrics).
         """
         fetched = 0
         chunks = source.chunks
         i = 0
+        started = since is None
         while i < len(chunks) and not stop.is_set():
             batch: list[T.Chunk] = []
             while i < len(chunks) and (not batch or chunks[i].blob_end - batch[0].blob_start <= step):
@@ -232,7 +251,10 @@ class ChunkFetcher:
                 i += 1
             if not batch:
                 continue
-            self._wait_idle(stop)
+            if not started:
+                self.foreground.wait_start(stop, pace, since, lambda: source.streaming)
+                started = True
+            self.foreground.wait_idle(stop, pace)
             self._wait_writer(stop)
             before = self.bytes_fetched
             # The claims are handed over, not kept: a batch's chunks are released one by one
@@ -246,11 +268,6 @@ class ChunkFetcher:
                 log.info("%s: background fetch stopped: %s", source.label, failed)
                 return fetched
         return fetched
-
-    def _wait_idle(self, stop: threading.Event) -> None:
-        with self._lock:
-            while self._foreground and not stop.is_set():
-                self._idle.wait(0.1)
 
     def _wait_writer(self, stop: threading.Event) -> None:
         """Back-pressure on the background fetch only: wait while the cache's disk writer is behind.

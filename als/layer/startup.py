@@ -213,7 +213,7 @@ class Predictor:
             chunks = node.chunks_for(offset, size) if offset >= 0 else []
             if not chunks:
                 return b""
-            data = b"".join(self.fetcher.read(layer.source, chunks))
+            data = b"".join(self.fetcher.read(layer.source, chunks, warming=True))
             return data[offset - chunks[0].offset:offset - chunks[0].offset + size]
         try:
             interp, needed = elf_needs(read)

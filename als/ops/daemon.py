@@ -112,7 +112,8 @@ def control_handlers(store: Store, mountpoint: Path | None = None, root: Path | 
                 **access.control_handlers(store.accesses)}
     if rootfs is not None:
         handlers["rootfs-mount"] = lambda req: rootfs.mount(str(req.get("image", "")), str(req.get("dir", "")),
-                                                            str(req.get("platform") or ""))
+                                                            str(req.get("platform") or ""),
+                                                            str(req.get("namespace") or ""))
         handlers["rootfs-umount"] = lambda req: rootfs.umount(str(req.get("dir", "")), bool(req.get("force")))
     return handlers
 
@@ -192,7 +193,7 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
     record = handover.read_record(root)
     store = build_store(root, config)
     started = time.time()
-    rootfs = RootfsMounts(store, mountpoint, root)
+    rootfs = RootfsMounts(store, mountpoint, root, resumed=not why)
     control = ControlServer(socket_path(root), control_handlers(store, mountpoint, root, started, rootfs)).start()
     exporter.watch_store(store)
     try:
@@ -255,10 +256,10 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
                       "exiting with an error", lost)
             code = 1
     finally:
-        control.close()  # no new root file system mounts; those there go before the store they rest on
-        rootfs.close()
-        handed = keeper.source and stop.is_set() and not final.is_set() and sessions and not any(
-            s.finished.is_set() for _, s in sessions)
+        handed = bool(keeper.source and stop.is_set() and not final.is_set() and sessions and not any(
+            s.finished.is_set() for _, s in sessions))
+        control.close()  # no new root file system mounts; those there go before the store they rest on,
+        rootfs.close(handed_over=handed)  # or stay on it when it is handed over
         if not handed:
             for path, session in reversed(sessions):
                 if not session.finished.is_set():

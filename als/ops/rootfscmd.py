@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from als.ops import control
+from als.rootfs import mountinfo, overlay
 from als.rootfs.podmanargs import podman_args
 
 DEFAULT_ROOT = "/var/lib/als"
@@ -54,8 +55,10 @@ def add_parsers(sub) -> None:
 
 def cmd_mount(args) -> int:
     target = os.path.abspath(args.dir)
+    # Inside `podman unshare` (a user namespace), this process is where the user's Podman runs containers.
+    namespace = mountinfo.own_namespace() if overlay.in_user_namespace() else ""
     answer = control.request(Path(args.root), "rootfs-mount", timeout=MOUNT_TIMEOUT, image=args.image,
-                             dir=target, platform=args.platform)
+                             dir=target, platform=args.platform, namespace=namespace)
     m = answer["mount"]
     if args.print_args:
         built = podman_args(answer["config"], m["dir"], with_cmd=not args.no_cmd,

@@ -104,9 +104,14 @@ class User:
         return f"{self.mount_point} ({self.how}, mount namespace of pid {self.pid})"
 
 
+def own_namespace() -> str:
+    """This process's mount namespace, as the kernel names it ("mnt:[4026532247]")."""
+    return os.readlink("/proc/self/ns/mnt")
+
+
 def _namespaces() -> dict[str, int]:
     """One process of each mount namespace we can see, this process's own first."""
-    seen = {os.readlink("/proc/self/ns/mnt"): os.getpid()}
+    seen = {own_namespace(): os.getpid()}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue

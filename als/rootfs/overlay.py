@@ -4,7 +4,9 @@ With no upper directory the kernel merges the lower ones read-only and
 applies their whiteouts and opaque directories, which is how Podman itself
 presents a pulled image. Linux >= 6.8 takes the lower directories one by one
 through the new mount API (``fsconfig(lowerdir+)``): no escaping and no page
-limit, at most 500 of them (the kernel's stacking limit). Older kernels get
+limit, at most 500 of them (the kernel's stacking limit); a path of 256 bytes or
+more (a long image reference, pinned to a digest, makes one) goes by a
+``/proc/self/fd/N`` name. Older kernels get
 mount(2) with ``lowerdir=/proc/self/fd/N:...`` (short names for long paths
 that would not fit the one page mount(2) copies), which holds about 200.
 """
@@ -23,6 +25,7 @@ log = logging.getLogger("als.rootfs")
 
 MAX_LOWER = 500  # OVL_MAX_STACK
 PAGE = 4096  # what mount(2) copies of its data argument
+FSCONFIG_MAX_STRING = 256  # fsconfig(2) copies a value of at most 255 bytes and a NUL
 
 # The new mount API: the same numbers on every architecture (asm-generic).
 SYS_MOVE_MOUNT, SYS_FSOPEN, SYS_FSCONFIG, SYS_FSMOUNT = 429, 430, 431, 432
@@ -103,9 +106,19 @@ def _mount_new_api(target: Path, lowers: list[Path], userxattr: bool) -> None:
         if ctypes.get_errno() == errno.ENOSYS:
             raise _NoLowerdirPlus()
         _check(fsfd, "fsopen(overlay)")
+    fds: list[int] = []
     try:
         for i, lower in enumerate(lowers):
-            rc = _libc.syscall(SYS_FSCONFIG, fsfd, FSCONFIG_SET_STRING, b"lowerdir+", os.fsencode(lower), 0)
+            name = os.fsencode(lower)
+            if len(name) >= FSCONFIG_MAX_STRING:
+                # The kernel takes at most 255 bytes per value (EINVAL beyond): name it by a short
+                # /proc/self/fd link instead, resolved right here (the mount table then shows that name).
+                try:
+                    fds.append(os.open(lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+                except OSError as e:
+                    raise OverlayError(f"cannot open the layer directory {lower}: {e.strerror}") from None
+                name = f"/proc/self/fd/{fds[-1]}".encode()
+            rc = _libc.syscall(SYS_FSCONFIG, fsfd, FSCONFIG_SET_STRING, b"lowerdir+", name, 0)
             if rc < 0 and i == 0 and ctypes.get_errno() == errno.EINVAL and "lowerdir+" in _kernel_log(fsfd):
                 raise _NoLowerdirPlus()  # "overlay: Unknown parameter 'lowerdir+'"
             try:
@@ -128,6 +141,8 @@ def _mount_new_api(target: Path, lowers: list[Path], userxattr: bool) -> None:
             os.close(mfd)
     finally:
         os.close(fsfd)
+        for fd in fds:
+            os.close(fd)
 
 
 def fd_lowerdir_option(fds: list[int], userxattr: bool) -> str:

@@ -9,9 +9,11 @@ here with a FormatError: the store declines it and Podman pulls it normally.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 
 from als.config import Config
@@ -30,6 +32,34 @@ log = logging.getLogger("als.store")
 # TOC parsing is pure Python under the GIL: running more at once gains no speed but multiplies
 # peak memory, which a hostile TOC can push to ~25x its size. Two slots let a small layer pass a big one.
 _PARSE_SLOTS = threading.BoundedSemaphore(2)
+_gc_lock = threading.Lock()
+_gc_pausers = 0  # builds running with the cyclic garbage collector paused
+_gc_resume = False  # whether the first of them found it enabled
+
+
+@contextmanager
+def gc_paused():
+    """Pause the cyclic garbage collector while a layer is built.
+
+    A TOC parse and its tree allocate tens of thousands of objects that all
+    stay alive, and each allocation threshold crossed makes the collector
+    walk them (and every tree already built) again for nothing: on the
+    benchmark's 8,233-entry layer that was 10-80 ms of a 100-180 ms build.
+    Reference counting still frees what the build drops.
+    """
+    global _gc_pausers, _gc_resume
+    with _gc_lock:
+        if _gc_pausers == 0:
+            _gc_resume = gc.isenabled()
+            gc.disable()
+        _gc_pausers += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and _gc_resume:
+                gc.enable()
 
 
 @dataclass(frozen=True)
@@ -53,6 +83,10 @@ class LayerBuilder:
 
     def build(self, ref: str, desc: LayerDescriptor, evicted: Evicted | None = None) -> Layer:
         """Layer ``desc`` of image ``ref`` (or the rebuild of an ``evicted`` one, with its layer id)."""
+        with gc_paused():
+            return self._build(ref, desc, evicted)
+
+    def _build(self, ref: str, desc: LayerDescriptor, evicted: Evicted | None) -> Layer:
         r = parse_reference(ref)
         label = f"image {ref} layer {desc.digest}"
         read_range = partial(self.client.read_range, r, desc.digest)

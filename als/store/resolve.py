@@ -153,12 +153,13 @@ class Resolver:
 
     def pinned(self, ref: str, platform: str) -> str:
         """``ref`` pinned to the manifest of ``platform`` (os/arch[/variant]) in its index, if it has one."""
+        wanted = parse_platform(platform)  # a malformed one is refused even for an image with no index
         r = parse_reference(ref)
         m = self.client.get_manifest(r)
         doc = json_object(m.data, f"manifest of {ref}")
         if m.media_type not in INDEX_TYPES and "manifests" not in doc:
             return ref
-        return str(dataclasses.replace(r, digest=pick_platform(doc, ref, parse_platform(platform))))
+        return str(dataclasses.replace(r, digest=pick_platform(doc, ref, wanted)))
 
     def layer(self, ref: str, digest: str, cancel: threading.Event | None = None) -> Layer:
         """Layer ``digest`` of image ``ref`` once resolved, waiting at most the resolve timeout.
@@ -445,7 +446,11 @@ def pick_platform(index: dict, ref: str, platform: tuple[str, str, str]) -> str:
             exact = not want_variant or p.get("variant", want_variant) == want_variant
             candidates.append((not exact, m["digest"]))
     if not candidates:
-        raise NotFoundError(f"image {ref} has no manifest for {'/'.join(filter(None, platform))}")
+        offered = ["/".join(filter(None, (str(p.get("os", "")), str(p.get("architecture", "")),
+                                          str(p.get("variant", "")))))
+                   for p in (m.get("platform") or {} for m in index.get("manifests") or [])]
+        raise NotFoundError(f"image {ref} has no manifest for {'/'.join(filter(None, platform))} "
+                            f"(it has: {', '.join(filter(None, offered)) or 'none with a platform'})")
     return sorted(candidates)[0][1]
 
 

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from als.config import Config
 from als.fetch.fetcher import BlobSource, ChunkFetcher
+from als.fetch.pace import Pace
 from als.formats import estargz
 from als.formats import toc as T
 from als.layer import startup
@@ -63,7 +64,8 @@ class Warmer:
         if self.predictor is not None and not layer.prefetch:  # an optimized layer prefetches its own
             self.predictor.start(layer, entrypoint)
         if layer.prefetch or self.config.fetch.background:
-            self._pool.submit(self._warm, layer)
+            # Reads counted from now: the background fetch waits for the container that follows the pull.
+            self._pool.submit(self._warm, layer, self.fetcher.container_reads())
 
     def close(self) -> None:
         """Stop background fetches at their next step; queued ones never start."""
@@ -72,8 +74,9 @@ class Warmer:
         if self.predictor is not None:
             self.predictor.close()
 
-    def _warm(self, layer: Layer) -> None:
-        """Prefetch the layer's prioritised front, then stream the rest of it in the background."""
+    def _warm(self, layer: Layer, since: int) -> None:
+        """Prefetch the layer's prioritised front, then stream the rest of it in the background,
+        once a container's start is over (``since``: container reads when the layer resolved)."""
         label = layer.source.label
         try:
             if layer.prefetch:
@@ -86,8 +89,10 @@ class Warmer:
                 left = sum(c.blob_end - c.blob_start for c in layer.source.chunks
                            if not self.fetcher.cache.contains(c.digest))
                 with metrics.background_fetch(label, left) as progress:
-                    n = self.fetcher.background(layer.source, self._stop, self.config.fetch.background_step,
-                                                progress=progress.advance)
+                    f = self.config.fetch
+                    n = self.fetcher.background(layer.source, self._stop, f.background_step,
+                                                progress=progress.advance,
+                                                pace=Pace(f.background_quiet, f.background_delay), since=since)
                 if not self._stop.is_set():
                     log.info("%s: background fetch done: %d bytes in %.2fs", label, n, time.monotonic() - t0)
         except Exception as e:  # warming is an optimisation: reads fetch what it missed

@@ -14,6 +14,7 @@ import pytest
 from als.fetch.cache import ChunkCache
 from als.errors import Interrupted, RegistryError
 from als.fetch.fetcher import BlobSource, ChunkFetcher
+from als.fetch.pace import Pace
 from als.formats import estargz
 from als.layer.view import LayerView
 from als.reference import parse_reference
@@ -102,17 +103,105 @@ def test_background_waits_while_a_foreground_read_is_in_flight(tmp_path, layer_s
     make, view, files, layer = layer_source
     fetcher = ChunkFetcher(ChunkCache(tmp_path))
     stop = threading.Event()
-    with fetcher._lock:
-        fetcher._foreground = 1  # as read() does while it waits on the network
+    in_flight = fetcher.foreground.fetch()  # as read() holds it while it waits on the network
+    in_flight.__enter__()
     t = threading.Thread(target=fetcher.background, args=(make(), stop))
     t.start()
     t.join(0.5)
     assert t.is_alive() and fetcher.bytes_fetched == 0
-    with fetcher._lock:
-        fetcher._foreground = 0
-        fetcher._idle.notify_all()
+    in_flight.__exit__(None, None, None)
     t.join(30)
     assert not t.is_alive() and fetcher.bytes_fetched > 0
+
+
+class Recording:
+    """A source whose requests are logged as (thread name, start); the foreground's first waits for ``go``."""
+
+    def __init__(self, source: BlobSource):
+        self.source = source
+        self.calls: list[tuple[str, int]] = []
+        self.held = threading.Event()  # a foreground request is waiting for go
+        self.go = threading.Event()
+        inner = source._stream_range
+
+        def stream(start, end, sink):
+            name = threading.current_thread().name
+            self.calls.append((name, start))
+            if name == "foreground" and not self.go.is_set():
+                self.held.set()
+                self.go.wait(30)
+                self.calls.append(("foreground done", start))
+            return inner(start, end, sink)
+        source._stream_range = stream
+
+    def names(self) -> list[str]:
+        return [n for n, _ in self.calls]
+
+
+def in_thread(name: str, target, *args, **kwargs) -> threading.Thread:
+    t = threading.Thread(target=target, args=args, kwargs=kwargs, name=name, daemon=True)
+    t.start()
+    return t
+
+
+def test_background_waits_for_a_container_read_and_for_its_fetch_to_end(tmp_path, layer_source):
+    make, view, files, layer = layer_source
+    fetcher = ChunkFetcher(ChunkCache(tmp_path), readahead_max=0)
+    rec = Recording(make())
+    since = fetcher.container_reads()  # the layer resolved: no container has read it yet
+    bg = in_thread("background", fetcher.background, rec.source, threading.Event(), 256 << 10,
+                   pace=Pace(quiet=0.0, delay=60.0), since=since)
+    fg = in_thread("foreground", read_file, fetcher, rec.source, view, "f07")
+    assert rec.held.wait(30)
+    rec.go.set()
+    fg.join(30)
+    bg.join(30)
+    assert not bg.is_alive()
+    # the container's request was answered before the background fetch sent its first
+    assert rec.names()[:2] == ["foreground", "foreground done"]
+    assert "background" in rec.names()[2:]
+
+
+def test_background_of_a_layer_nobody_reads_starts_after_its_delay(tmp_path, layer_source):
+    make, view, files, layer = layer_source
+    fetcher = ChunkFetcher(ChunkCache(tmp_path))
+    source = make()
+    bg = in_thread("background", fetcher.background, source, threading.Event(), 256 << 10,
+                   pace=Pace(quiet=0.0, delay=0.05), since=fetcher.container_reads())
+    bg.join(30)
+    assert not bg.is_alive() and fetcher.cached(source.chunks)
+
+
+def test_a_container_streaming_the_layer_starts_the_background_without_waiting_for_quiet(tmp_path, layer_source):
+    make, view, files, layer = layer_source
+    fetcher = ChunkFetcher(ChunkCache(tmp_path), readahead_min=CHUNK, readahead_max=2 * CHUNK)
+    source = make()
+    bg = in_thread("background", fetcher.background, source, threading.Event(), 256 << 10,
+                   pace=Pace(quiet=60.0, delay=60.0), since=fetcher.container_reads())
+    names = sorted(files)
+    for name in names[:4]:  # a tar reading the tree: misses in blob order, the read-ahead at its largest
+        assert read_file(fetcher, source, view, name) == files[name]
+    assert source.streaming
+    bg.join(30)  # it never saw 60 s of quiet
+    assert not bg.is_alive() and fetcher.cached(source.chunks)
+
+
+def test_background_yields_to_predictions_and_prefetches_too(tmp_path, layer_source):
+    make, view, files, layer = layer_source
+    fetcher = ChunkFetcher(ChunkCache(tmp_path), readahead_max=0)
+    rec = Recording(make())
+    node = view.lookup(["f11"])
+    # the startup prediction's own read: a foreground fetch, but not a container starting
+    fg = in_thread("foreground", fetcher.read, rec.source, node.chunks[:1], warming=True)
+    assert rec.held.wait(30)
+    assert fetcher.container_reads() == 0
+    bg = in_thread("background", fetcher.background, rec.source, threading.Event(), 256 << 10,
+                   pace=Pace(quiet=0.0, delay=60.0))
+    rec.go.set()
+    fg.join(30)
+    bg.join(30)
+    assert not bg.is_alive()
+    assert rec.names()[:2] == ["foreground", "foreground done"]
 
 
 def test_read_ahead_grows_on_sequential_misses_only(tmp_path, registry, layer_source):

@@ -38,7 +38,7 @@ from tests.support import images, inprocess
 from als.tools.podman import Podman
 from als.reference import parse_reference
 from tests.support.store_process import StoreProcess
-from tests.fuse.test_filesystem import actual_tree, expected_tree
+from tests.support.difftree import actual_tree, expected_tree
 
 PODMAN5 = Path(__file__).parents[1] / "data" / "podman5-zstd-chunked"
 
@@ -433,7 +433,7 @@ def test_podman_partial_pull_accepts_our_zstd_chunked(tmp_path, registry, client
     """Podman 4.3.1's own zstd:chunked reader takes what `als convert --zstd-chunked` writes."""
     from als.tools.image import BuiltLayer, push_image
     from als.reference import parse_reference
-    from tests.tools.test_convert import config_for, run_als
+    from tests.support.alsrun import config_for, run_als
     tar = images.python_rootfs_tar().read_bytes()
     layer = BuiltLayer(blob=io.BytesIO(tar), digest=sha(tar), size=len(tar), diff_id=sha(tar))
     src = f"{registry.host}/zstd/python:tar"

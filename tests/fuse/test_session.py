@@ -31,7 +31,7 @@ from tests.support import faultproxy as fp
 from tests.support import images
 from tests.support.registry import free_port
 from tests.support.store_process import StoreProcess, is_mounted, write_registries_conf
-from tests.ops.test_metrics import scrape_tcp, value
+from tests.support.scrape import scrape_tcp, value
 
 FILES = {f"app/dir{d}/f{i}.txt": f"file {d}/{i}\n".encode() * (i + 1) for d in range(3) for i in range(20)}
 FILES["app/bin/tool"] = os.urandom(300 << 10)

@@ -6,16 +6,12 @@ other number against something the test did through the FUSE mount.
 
 from __future__ import annotations
 
-import http.client
 import io
 import os
-import socket
 import stat
 import time
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from als import metrics
 from als.ops import exporter
@@ -24,42 +20,10 @@ from als.tools.image import estargz_layer, gzip_layer, push_image
 from als.reference import parse_reference
 from tests.support import images
 from tests.support.registry import free_port
+from tests.support.scrape import scrape_tcp, scrape_unix, value
 from tests.support.store_process import StoreProcess, is_mounted
 
 CHUNK = 256 << 10
-
-
-def samples(text: str) -> dict[tuple[str, tuple], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(text: str, name: str, **labels) -> float:
-    return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def scrape_tcp(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        assert r.headers["Content-Type"].startswith("text/plain")
-        return r.read().decode()
-
-
-def scrape_unix(path) -> str:
-    class Conn(http.client.HTTPConnection):
-        def connect(self):
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(10)
-            self.sock.connect(str(path))
-
-    c = Conn("localhost")
-    try:
-        c.request("GET", "/metrics")
-        return c.getresponse().read().decode()
-    finally:
-        c.close()
 
 
 @pytest.fixture(scope="module")

@@ -27,23 +27,14 @@ from als.registry.credentials.keychain import Keychain
 from als.registry.sysregistries import RegistriesConf
 from tests.support import images
 from tests.support.registry import RegistryProcess, free_port
-from tests.support.regtest import (mirrored, PASSWORD, auth_file, b64auth, fast_client, hermetic_env,  # noqa: F401
-                                   insecure, requests_seen, settled_lines, wait_accesses)
+from tests.support.regtest import (USERS, auth_file, b64auth, fast_client, hermetic_env,  # noqa: F401
+                                   htpasswd_registry, insecure, mirrored, requests_seen, settled_lines,
+                                   store_config, wait_accesses)
 from tests.support.store_process import REPO, StoreProcess
 from tests.support.tlsfiles import CA
 
 # No background fetch: these tests decide which bytes are read, and when.
-QUIET = "[fetch]\nbackground = false\n"
 HELLO = b"hello from a private registry\n"
-USERS = {"alice": PASSWORD + "-alice", "bob": PASSWORD + "-bob"}
-
-
-def store_config(**registry: str) -> str:
-    lines = [QUIET, "[registry]", 'kubelet_config = ""']
-    lines += [f"{k} = {json.dumps(v)}" for k, v in registry.items() if k != "kubelet_config"]
-    if "kubelet_config" in registry:
-        lines[2] = f"kubelet_config = {json.dumps(registry['kubelet_config'])}"
-    return "\n".join(lines) + "\n"
 
 
 def store_process(workdir, **kw) -> StoreProcess:
@@ -61,14 +52,6 @@ def push_esgz(client, ref: str, entries: list[images.Entry]) -> alsimage.BuiltLa
     layer = alsimage.estargz_layer(io.BytesIO(images.layer_tar(entries)), chunk_size=64 << 10)
     alsimage.push_image(client, parse_reference(ref), [layer])
     return layer
-
-
-def htpasswd_registry(tmp_path, **extra) -> RegistryProcess:
-    lines = [subprocess.run(["htpasswd", "-Bbn", user, pw], check=True, capture_output=True,
-                            text=True).stdout.strip() for user, pw in USERS.items()]
-    (tmp_path / "htpasswd").write_text("\n".join(lines) + "\n")
-    return RegistryProcess(extra={"auth": {"htpasswd": {"realm": "r", "path": str(tmp_path / "htpasswd")}},
-                                  **extra})
 
 
 def login(user: str, host: str, tmp_path) -> Keychain:

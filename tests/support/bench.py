@@ -1,20 +1,34 @@
-"""`make bench`: normal pulls against lazy pulls through `als serve`, side by side.
+"""`make bench`: what users run, side by side: a normal pull, als as shipped, and the reference store.
 
 Everything runs on this machine: a docker-registry on 127.0.0.1 behind a link
 emulator (tests/support/linkproxy.py: 20 ms RTT, 200 Mbit/s by default), a
 Debian bookworm minbase + python3 image built with debootstrap (cached under
 /var/tmp/als-bench-cache), pushed as plain gzip, as eStargz and as optimized
 eStargz (the files `python3 -c 'print(1)'` reads, recorded by `als optimize`'s
-recorder, first, then a prefetch landmark). Each measurement starts from nothing: a fresh Podman storage and,
-for lazy runs, a fresh store with an empty cache. Reported: median, min and max
-over --runs, and the lazy/normal ratio of the medians of the same run set.
+recorder, first, then a prefetch landmark). Each sample starts from nothing: a
+fresh Podman storage and, for lazy runs, a fresh store with an empty cache.
+
+Columns (variants), in one run, the order reversed every other round:
+  normal        Podman pulls the gzip image itself
+  als           `als serve` with config/config.toml as shipped: every headline figure
+  als-nobg      the same with `[fetch] background = false`: an extra, labelled column
+  stargz-store  containerd/stargz-snapshotter's store with its own defaults: the reference
+                (tests/support/bench_stargz.py: how it is found or built; without it the
+                column is left out and the reason printed)
 
 Workloads:
   cold      podman pull + podman run IMAGE python3 -c 'print(1)'
+  cold-opt  the same, optimized eStargz (lazy variants; divided by the normal pull's cold; bytes
+            by the exit only: waiting for stargz-store's background fetch would add 45 s a round)
   readall   podman pull + podman run IMAGE sh -c 'tar cf - /usr | wc -c'
-            (through `wc`: GNU tar skips reading data when writing to /dev/null)
-  warm      the readall command again in a new container, everything cached (for the store: once its
-            background fetch has finished); each sample is the median of 3 such runs
+            (through `wc`: GNU tar skips reading data when writing to /dev/null); then the
+            same again in a new container at once (whatever the store is still fetching or
+            writing), and, once the link has been quiet 3 s and the store says its background
+            fetch is done, the median of 3 more
+
+Reported: median and min-max over --runs, the ratio of each back-to-back pair
+(lazy / normal pull of the same round), bytes the registry sent by the time the
+container exited and once the link went quiet, the store's VmHWM.
 """
 
 from __future__ import annotations
@@ -25,22 +39,24 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from als.tools.image import estargz_layer, gzip_layer, push_image
 from als.reference import parse_reference
 from als.registry.client import RegistryClient
 from als.registry.sysregistries import RegistriesConf
-from tests.support.linkproxy import LinkProxy
+from als.tools.image import estargz_layer, gzip_layer, push_image
 from als.tools.podman import Podman
+from tests.support import bench_stargz
+from tests.support.bench_report import Series, compute, print_tables, result_json
+from tests.support.bench_runs import AlsStore, LazyStore, Sample, Variant, background_off, run_sample, shipped_config
+from tests.support.linkproxy import LinkProxy
 from tests.support.registry import RegistryProcess
-from tests.support.store_process import StoreProcess, write_registries_conf
+from tests.support.store_process import write_registries_conf
 
 CACHE = Path("/var/tmp/als-bench-cache")
 MIRROR = "http://deb.debian.org/debian"
@@ -50,25 +66,18 @@ LEVEL = 6  # gzip level for every variant, as docker and podman push use
 
 
 @dataclass
-class Sample:
-    seconds: float
-    bytes_fetched: int
-    store_peak_rss: int = 0  # bytes, lazy runs only
-
-
-@dataclass
-class Series:
+class Workload:
     name: str
-    samples: list[Sample] = field(default_factory=list)
+    tag: str  # the lazy variants' image; the normal pull always pulls "gzip"
+    cmd: list[str]
+    read_all: bool
+    normal: bool  # the normal pull runs it too
+    settle: bool  # wait for the link to go quiet after the exit (stargz-store's background fetch: ~45 s)
 
-    def median(self, key: str = "seconds") -> float:
-        return statistics.median(getattr(s, key) for s in self.samples)
 
-    def summary(self) -> dict:
-        secs = [s.seconds for s in self.samples]
-        return {"median_s": round(self.median(), 3), "min_s": round(min(secs), 3), "max_s": round(max(secs), 3),
-                "median_bytes_fetched": int(self.median("bytes_fetched")),
-                "max_store_peak_rss": max(s.store_peak_rss for s in self.samples)}
+WORKLOADS = [Workload("cold", "esgz", PRINT1, False, True, True),
+             Workload("cold-opt", "esgz-opt", PRINT1, False, False, False),
+             Workload("readall", "esgz", READALL, True, True, True)]
 
 
 def debian_python_tar() -> Path:
@@ -93,22 +102,16 @@ def debian_python_tar() -> Path:
     return out
 
 
-def peak_rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 class Bench:
     def __init__(self, args):
         self.args = args
-        self.work = Path(tempfile.mkdtemp(prefix="als-bench-"))
+        self.work = Path(tempfile.mkdtemp(prefix="als-bench-", dir="/var/tmp"))
         self.registry = RegistryProcess(CACHE / "registry", port=args.registry_port).start()
         self.link = LinkProxy(("127.0.0.1", self.registry.port), rtt=args.rtt, bandwidth=args.bandwidth).start()
         self.conf = write_registries_conf(self.work / "registries.conf", [self.link.host, self.registry.host])
         self.sizes: dict[str, int] = {}
+        self.stargz: Path | None = None
+        self.stargz_note = ""  # how the reference store was found, or why it is left out
 
     def close(self) -> None:
         self.link.close()
@@ -143,71 +146,45 @@ class Bench:
             pushed[tag] = {"key": key, "size": layer.size}
             stamp.write_text(json.dumps(pushed))
 
-    # ---- runs ------------------------------------------------------------------------
-    def _store(self, name: str, background: bool) -> StoreProcess:
+    # ---- samples ---------------------------------------------------------------------
+    def sample(self, variant: Variant, workload: Workload, name: str) -> Sample:
         d = self.work / name
-        d.mkdir()
-        cfg = "" if background else "[fetch]\nbackground = false\n"
-        return StoreProcess(d, registries_conf=self.conf, config=cfg, log_level="info").start()
-
-    def normal(self, name: str, tag: str, cmd: list[str], again: bool = False) -> tuple[Sample, Sample | None]:
-        with Podman(self.work / name, insecure_registries=[self.link.host]) as podman:
-            before = self.link.stats.bytes_down
-            t0 = time.monotonic()
-            podman.run("pull", "-q", self.ref(tag), timeout=900)
-            podman.run("run", "--rm", self.ref(tag), *cmd, timeout=900)
-            cold = Sample(time.monotonic() - t0, self.link.stats.bytes_down - before)
-            warm = None
-            if again:
-                warm = Sample(warm_seconds(lambda: podman.run("run", "--rm", self.ref(tag), *cmd, timeout=900)), 0)
-        return cold, warm
-
-    def lazy(self, name: str, tag: str, cmd: list[str], background: bool,
-             again: bool = False) -> tuple[Sample, Sample | None]:
-        store = self._store(name + "-store", background)
+        d.mkdir(parents=True)
+        store: LazyStore | None = None
         try:
-            with Podman(self.work / name, additional_layer_store=store.mountpoint,
+            if variant.kind == "als":
+                store = AlsStore(d / "store", self.conf, variant.config).start()
+            elif variant.kind == "stargz-store":
+                assert self.stargz is not None
+                store = bench_stargz.StargzStore(self.stargz, d / "store").start()
+            tag = "gzip" if store is None else workload.tag
+            with Podman(d / "podman", additional_layer_store=store.mountpoint if store else None,
                         insecure_registries=[self.link.host]) as podman:
-                before = self.link.stats.bytes_down
-                t0 = time.monotonic()
-                podman.run("pull", "-q", self.ref(tag), timeout=900)
-                out = podman.run("run", "--rm", self.ref(tag), *cmd, timeout=900).stdout
-                cold = Sample(time.monotonic() - t0, self.link.stats.bytes_down - before, peak_rss(store.proc.pid))
-                if "declined" in store.log():
-                    raise RuntimeError(f"the store declined a layer of {tag}: {store.log()[-2000:]}")
-                warm = None
-                if again:
-                    wait_until_fetched(store)
-
-                    def run_again():
-                        assert podman.run("run", "--rm", self.ref(tag), *cmd, timeout=900).stdout == out
-                    warm = Sample(warm_seconds(run_again), 0, peak_rss(store.proc.pid))
-                return cold, warm
+                return run_sample(podman, self.ref(tag), workload.cmd, self.registry, self.link, store,
+                                  workload.read_all, workload.settle)
         finally:
-            store.stop()
+            if store is not None:
+                store.stop()
+            shutil.rmtree(d, ignore_errors=True)
 
 
-WARM_REPEATS = 3
-
-
-def warm_seconds(run) -> float:
-    """The median of WARM_REPEATS timed runs: one warm run is a few tenths of a second, and a busy
-    moment on a shared machine moves a single one by as much as the difference being measured."""
-    times = []
-    for _ in range(WARM_REPEATS):
-        t0 = time.monotonic()
-        run()
-        times.append(time.monotonic() - t0)
-    return statistics.median(times)
-
-
-def wait_until_fetched(store: StoreProcess, timeout: float = 300.0) -> None:
-    """Warm means everything cached: wait for the background fetch to finish (it logs when it has)."""
-    deadline = time.monotonic() + timeout
-    while "background fetch done" not in store.log():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the background fetch did not finish in {timeout:.0f}s: {store.log()[-2000:]}")
-        time.sleep(0.2)
+def variants(bench: Bench) -> list[Variant]:
+    shipped = shipped_config()
+    out = [Variant("normal", "normal pull (Podman pulls the gzip image)", "normal"),
+           Variant("als", "als, config/config.toml as shipped (headline)", "als", shipped, headline=True),
+           Variant("als-nobg", "als, as shipped but [fetch] background = false (extra)", "als",
+                   background_off(shipped))]
+    if bench.args.no_reference:
+        print("reference column left out (--no-reference)", flush=True)
+        return out
+    binary, how = bench_stargz.obtain(CACHE, bench.args.stargz_store or os.environ.get("STARGZ_STORE"))
+    print(f"stargz-store: {how}", flush=True)
+    bench.stargz_note = how
+    if binary is None:
+        print("running without the reference column", flush=True)
+        return out
+    bench.stargz = binary
+    return out + [Variant("stargz-store", "stargz-store, its own defaults (reference)", "stargz-store")]
 
 
 def record_profile(bench: Bench) -> list[str]:
@@ -231,14 +208,17 @@ def record_profile(bench: Bench) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=4, help="rounds (default: 4, about 15 minutes on 2 cores)")
     ap.add_argument("--rtt", type=float, default=0.020, help="seconds (default: 0.020)")
     ap.add_argument("--bandwidth", type=float, default=200e6, help="bits per second (default: 200e6)")
     ap.add_argument("--chunk-size", type=int, default=1 << 20)
     ap.add_argument("--registry-port", type=int, default=0)
+    ap.add_argument("--stargz-store", default=None, help="the reference store's binary (default: found or built)")
+    ap.add_argument("--no-reference", action="store_true", help="leave the stargz-store column out")
     ap.add_argument("--out", default="bench-results.json")
     args = ap.parse_args(argv)
 
+    started = time.monotonic()
     bench = Bench(args)
     try:
         profile_path = CACHE / "print1.profile"
@@ -246,63 +226,60 @@ def main(argv: list[str] | None = None) -> int:
         if not profile_path.exists():
             profile_path.write_text("\n".join(record_profile(bench)) + "\n")
             bench.prepare_images(profile_path.read_text().split())
-        s = {k: Series(k) for k in ("cold-normal", "cold-lazy", "cold-lazy-opt", "readall-normal",
-                                    "readall-lazy", "warm-normal", "warm-lazy")}
-        for i in range(args.runs):
-            print(f"run {i + 1}/{args.runs} ...", flush=True)
-            s["cold-normal"].samples.append(bench.normal(f"cn{i}", "gzip", PRINT1)[0])
-            s["cold-lazy"].samples.append(bench.lazy(f"cl{i}", "esgz", PRINT1, background=False)[0])
-            s["cold-lazy-opt"].samples.append(bench.lazy(f"co{i}", "esgz-opt", PRINT1, background=False)[0])
-            cold, warm = bench.normal(f"rn{i}", "gzip", READALL, again=True)
-            s["readall-normal"].samples.append(cold)
-            s["warm-normal"].samples.append(warm)
-            cold, warm = bench.lazy(f"rl{i}", "esgz", READALL, background=True, again=True)
-            s["readall-lazy"].samples.append(cold)
-            s["warm-lazy"].samples.append(warm)
-        report(bench, s, args)
+        cols = variants(bench)
+        series: dict[tuple[str, str], Series] = {}
+        orders = []
+        measuring = time.monotonic()
+        for rnd in range(args.runs):
+            order = list(cols) if rnd % 2 == 0 else cols[::-1]
+            orders.append([v.name for v in order])
+            print(f"round {rnd + 1}/{args.runs}: {', '.join(orders[-1])} ...", flush=True)
+            for w in WORKLOADS:
+                for v in order:
+                    if v.kind == "normal" and not w.normal or v not in cols:
+                        continue
+                    t0 = time.monotonic()
+                    try:
+                        sample = bench.sample(v, w, f"r{rnd}-{w.name}-{v.name}")
+                    except Exception as e:  # the reference store failing is no reason to lose the run
+                        if v.kind != "stargz-store":
+                            raise
+                        bench.stargz_note = f"{bench.stargz_note}; failed in round {rnd + 1} ({w.name}): {e}"
+                        print(f"stargz-store failed, the rest of the run goes on without it: {e}", flush=True)
+                        cols.remove(v)
+                        continue
+                    series.setdefault((w.name, v.name), Series(w.name, v.name)).samples[rnd] = sample
+                    settled = (f"{sample.registry_bytes_settled / 1e6:8.1f} MB settled" if w.settle
+                               else "  (not waited for)")
+                    print(f"  {w.name:<9}{v.name:<13}{sample.seconds:7.2f}s (pull {sample.pull_seconds:.2f}s)"
+                          f"{sample.registry_bytes_at_exit / 1e6:8.1f} MB by the exit"
+                          f"{settled}  [{time.monotonic() - t0:.0f}s]", flush=True)
+        rows = compute(series, cols, args.runs, bench.sizes["esgz"], bench.sizes["esgz-opt"])
+        meta = {
+            "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+                        "podman": podman_version()},
+            "link": {"rtt_s": args.rtt, "bandwidth_bit_s": args.bandwidth},
+            "runs": args.runs, "orders": orders, "image_compressed_bytes": bench.sizes,
+            "reference": ({"note": bench.stargz_note, **bench_stargz.describe(bench.stargz)} if bench.stargz
+                          else {"note": bench.stargz_note or "left out"}),
+            "seconds": {"total": round(time.monotonic() - started), "measuring": round(time.monotonic() - measuring)},
+        }
+        Path(args.out).write_text(json.dumps(result_json(series, cols, rows, meta), indent=2) + "\n")
+        print(f"\nlink: {args.rtt * 1000:.0f} ms RTT, {args.bandwidth / 1e6:.0f} Mbit/s; image "
+              f"{bench.sizes['gzip'] / 1e6:.1f} MB gzip, {bench.sizes['esgz'] / 1e6:.1f} MB eStargz; "
+              f"{args.runs} rounds")
+        for v in cols:
+            print(f"  {v.name:<14}{v.label}")
+        print_tables(series, cols, rows)
+        print(f"\nJSON: {args.out}; {meta['seconds']['total']}s in all")
     finally:
         bench.close()
     return 0
 
 
-def report(bench: Bench, s: dict[str, Series], args) -> None:
-    ratios = {
-        "cold start, eStargz / normal": s["cold-lazy"].median() / s["cold-normal"].median(),
-        "cold start, optimized eStargz / normal": s["cold-lazy-opt"].median() / s["cold-normal"].median(),
-        "read everything, lazy / normal": s["readall-lazy"].median() / s["readall-normal"].median(),
-        "warm read time, lazy / normal": s["warm-lazy"].median() / s["warm-normal"].median(),
-    }
-    fetched = {
-        "cold start eStargz, share of the image": s["cold-lazy"].median("bytes_fetched") / bench.sizes["esgz"],
-        "cold start optimized, share of the image":
-            s["cold-lazy-opt"].median("bytes_fetched") / bench.sizes["esgz-opt"],
-    }
-    result = {
-        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
-        "link": {"rtt_s": args.rtt, "bandwidth_bit_s": args.bandwidth},
-        "runs": args.runs, "image_compressed_bytes": bench.sizes,
-        "series": {k: v.summary() for k, v in s.items()},
-        "raw": {k: [asdict(x) for x in v.samples] for k, v in s.items()},
-        "ratios": {k: round(v, 3) for k, v in ratios.items()},
-        "bytes_fetched_share": {k: round(v, 4) for k, v in fetched.items()},
-        "store_peak_rss_bytes": max(x.store_peak_rss for k, v in s.items() for x in v.samples),
-    }
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nlink: {args.rtt * 1000:.0f} ms RTT, {args.bandwidth / 1e6:.0f} Mbit/s; image "
-          f"{bench.sizes['gzip'] / 1e6:.1f} MB gzip, {bench.sizes['esgz'] / 1e6:.1f} MB eStargz; "
-          f"{args.runs} runs; median [min-max] seconds")
-    print(f"{'series':<16}{'median':>9}{'min':>9}{'max':>9}{'MB fetched':>12}")
-    for k, v in s.items():
-        sm = v.summary()
-        print(f"{k:<16}{sm['median_s']:>9.2f}{sm['min_s']:>9.2f}{sm['max_s']:>9.2f}"
-              f"{sm['median_bytes_fetched'] / 1e6:>12.1f}")
-    print()
-    for k, v in ratios.items():
-        print(f"{k:<42}{v:>7.3f}")
-    for k, v in fetched.items():
-        print(f"{k:<42}{v:>7.3f}")
-    print(f"{'store peak memory (MB)':<42}{result['store_peak_rss_bytes'] / 1e6:>7.1f}")
-    print(f"\nJSON: {args.out}")
+def podman_version() -> str:
+    done = subprocess.run(["podman", "--version"], capture_output=True, text=True, timeout=30)
+    return done.stdout.strip()
 
 
 if __name__ == "__main__":

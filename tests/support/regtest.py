@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import random
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -225,3 +226,25 @@ def running_token_registry(users: dict[str, str]):
         if reg is not None:
             reg.cleanup()
         ts.cleanup()
+
+
+QUIET = "[fetch]\nbackground = false\n"
+
+
+USERS = {"alice": PASSWORD + "-alice", "bob": PASSWORD + "-bob"}
+
+
+def store_config(**registry: str) -> str:
+    lines = [QUIET, "[registry]", 'kubelet_config = ""']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in registry.items() if k != "kubelet_config"]
+    if "kubelet_config" in registry:
+        lines[2] = f"kubelet_config = {json.dumps(registry['kubelet_config'])}"
+    return "\n".join(lines) + "\n"
+
+
+def htpasswd_registry(tmp_path, **extra) -> RegistryProcess:
+    lines = [subprocess.run(["htpasswd", "-Bbn", user, pw], check=True, capture_output=True,
+                            text=True).stdout.strip() for user, pw in USERS.items()]
+    (tmp_path / "htpasswd").write_text("\n".join(lines) + "\n")
+    return RegistryProcess(extra={"auth": {"htpasswd": {"realm": "r", "path": str(tmp_path / "htpasswd")}},
+                                  **extra})

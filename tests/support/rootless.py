@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import pwd
 import shlex
+import shutil
 import signal
 import stat
 import subprocess
@@ -30,6 +31,30 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import pytest
+
+from tests.support.store_process import REPO
+
+# containers.conf for a rootless user here: no network namespace (no slirp4netns needed), runc,
+# cgroupfs and files for events (no systemd user session).
+CONTAINERS_CONF = """[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
+netns = "none"
+log_driver = "k8s-file"
+
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+"""
+
+
+def make_user(prefix: str) -> "RootlessUser":
+    """A new user named ``<prefix>-<pid>``, or the test is skipped where this machine cannot make one."""
+    if os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("newuidmap"):
+        pytest.skip("needs root, useradd and newuidmap (Debian: uidmap) to make a rootless user")
+    return RootlessUser(f"{prefix}-{os.getpid() % 100000}")
 
 
 def _hidden_ancestor(path: Path) -> Path | None:
@@ -160,3 +185,76 @@ def _zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+class UnshareStore:
+    """`als serve` run by ``user`` inside `podman unshare`: in Podman's rootless user and mount namespaces.
+
+    There the store's mount, and every overlay it mounts, is in the namespace
+    where the user's Podman runs its containers, and the ids it reports are
+    mapped as for Podman's own layers (0 -> the user, 1.. -> its subuids).
+    """
+
+    def __init__(self, user: RootlessUser, root: Path, mountpoint: Path, config: Path):
+        self.user, self.root, self.mountpoint, self.config = user, root, mountpoint, config
+        self.log_path = user.tmp / "als.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> "UnshareStore":
+        with open(self.log_path, "wb") as log:
+            os.chmod(self.log_path, 0o644)
+            self.proc = self.user.popen(["podman", "unshare", *self.als_argv(
+                "serve", "--config", str(self.config), "--log-level", "debug", str(self.mountpoint))],
+                env={"PYTHONPATH": str(REPO)}, stdout=log, stderr=log, stdin=None)
+        deadline = time.monotonic() + timeout
+        while "store mounted at" not in self.log():
+            assert self.proc.poll() is None, self.log()
+            assert time.monotonic() < deadline, self.log()
+            time.sleep(0.1)
+        return self
+
+    def als_argv(self, command: str, *args: str) -> list[str]:
+        """argv of `als COMMAND --root <the store's root> ARGS`, to run as the user."""
+        return [os.path.realpath(sys.executable), "-m", "als", command, "--root", str(self.root), *args]
+
+    def als(self, command: str, *args: str, unshare: bool = True, check: bool = True):
+        """`als COMMAND` as the user, inside `podman unshare` unless ``unshare`` is false."""
+        argv = self.als_argv(command, *args)
+        return self.user.run(["podman", "unshare", *argv] if unshare else argv, env={"PYTHONPATH": str(REPO)},
+                             check=check)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def pids(self) -> list[int]:
+        """The store itself, not the `podman unshare` that runs it."""
+        found = []
+        for pid in self.user.pids():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read()
+                if b"\0-m\0als\0serve\0" in argv and not argv.startswith(b"podman\0"):
+                    found.append(pid)
+            except OSError:
+                pass
+        return found
+
+    def pid(self) -> int:
+        (pid,) = self.pids()
+        return pid
+
+    def stop(self) -> None:
+        """SIGTERM to the store itself (not to `podman unshare`): it unmounts, then exits."""
+        if self.proc is None:
+            return
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None

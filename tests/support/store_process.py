@@ -105,6 +105,15 @@ class StoreProcess:
         force_unmount(self.mountpoint)  # lazily: the .noxattr mount on it goes with it
         return rc
 
+    def hand_over(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, leaving the mounts (their connections kept) to the next start: a planned restart."""
+        rc = None
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            rc = self.proc.wait(timeout)
+            self.proc = None
+        return rc
+
     def kill(self) -> None:
         """SIGKILL, leaving the dead mount behind as a crash would."""
         if self.proc is not None:

@@ -49,9 +49,9 @@ from tests.support import images, podman5
 from tests.support.registry import RegistryProcess
 from tests.support.store_process import REPO, StoreProcess
 from tests.support.regtest import auth_file, b64auth
-from tests.tools.test_convert import get_blob, get_json, run_als
-from tests.registry.test_through_the_store import USERS, htpasswd_registry, store_config
-from tests.system.test_rootless import CONTAINERS_CONF as ROOTLESS_CONTAINERS_CONF
+from tests.support.alsrun import get_blob, get_json, run_als
+from tests.support.regtest import USERS, htpasswd_registry, store_config
+from tests.support.rootless import CONTAINERS_CONF as ROOTLESS_CONTAINERS_CONF
 
 pytestmark = pytest.mark.slow
 

@@ -13,39 +13,20 @@ the store reports through the user namespace (0 -> the user, 1.. -> subuids).
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import signal
-import subprocess
-import time
 
 import pytest
 
 from als.tools.image import estargz_layer, push_image
 from als.reference import parse_reference
 from tests.support import images
-from tests.support.rootless import RootlessUser
-from tests.support.store_process import REPO
+from tests.support.rootless import CONTAINERS_CONF, UnshareStore, make_user
 
 pytestmark = pytest.mark.slow
-
-CONTAINERS_CONF = """[containers]
-default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
-netns = "none"
-log_driver = "k8s-file"
-
-[engine]
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-"""
 
 
 @pytest.fixture
 def user():
-    if os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("newuidmap"):
-        pytest.skip("needs root, useradd and newuidmap (Debian: uidmap) to make a rootless user")
-    with RootlessUser(f"als-rl-{os.getpid() % 100000}") as u:
+    with make_user("als-rl") as u:
         yield u
 
 
@@ -70,18 +51,8 @@ def test_rootless_podman_pulls_lazily_with_the_store_in_podman_unshare(user, reg
 
     # No background fetch, so that the registry's log shows what the pull itself needed.
     config = user.write(".config/als/config.toml", "[fetch]\nbackground = false\n")
-    log_path = user.tmp / "als.log"
-    with open(log_path, "wb") as log:
-        os.chmod(log_path, 0o644)
-        serve = user.popen(["podman", "unshare", sys_python(), "-m", "als", "serve", "--root", str(store_dir),
-                            "--config", str(config), "--log-level", "debug", str(mountpoint)],
-                           env={"PYTHONPATH": str(REPO)}, stdout=log, stderr=log, stdin=None)
+    store = UnshareStore(user, store_dir, mountpoint, config).start()
     try:
-        deadline = time.monotonic() + 60
-        while "store mounted at" not in log_path.read_text(errors="replace"):
-            assert serve.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
         # The mount exists in Podman's mount namespace, owned by the user's user namespace.
         info = user.run(["podman", "unshare", "grep", f" {mountpoint} ", "/proc/self/mountinfo"]).stdout
         assert "fuse.als" in info and "allow_other" in info
@@ -89,8 +60,8 @@ def test_rootless_podman_pulls_lazily_with_the_store_in_podman_unshare(user, reg
         mark = registry.mark()
         user.run(["podman", "pull", ref])
         got = sum(a.written for a in registry.accesses_since(mark) for l in layers if a.uri.endswith(l.digest))
-        assert got < sum(l.size for l in layers) / 2, log_path.read_text()[-5000:]
-        log = log_path.read_text(errors="replace")
+        assert got < sum(l.size for l in layers) / 2, store.log()[-5000:]
+        log = store.log()
         for l in layers:
             assert f"layer {l.digest}: in use" in log
 
@@ -102,23 +73,6 @@ def test_rootless_podman_pulls_lazily_with_the_store_in_podman_unshare(user, reg
 
         user.run(["podman", "rmi", ref])
     finally:
-        for pid in user.pids():  # the store itself: SIGTERM unmounts
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"als\0serve" in f.read():
-                        os.kill(pid, signal.SIGTERM)
-            except OSError:
-                pass
-        try:
-            serve.wait(60)
-        except subprocess.TimeoutExpired:
-            serve.kill()
-            serve.wait(10)
+        store.stop()
         user.run(["podman", "system", "reset", "--force"], check=False, timeout=120)
-    log = log_path.read_text(errors="replace")
-    assert "unmounted" in log, log[-3000:]
-
-
-def sys_python() -> str:
-    import sys
-    return os.path.realpath(sys.executable)
+    assert "unmounted" in store.log(), store.log()[-3000:]

@@ -27,22 +27,9 @@ from als.formats import estargz, zstdchunked, zstdchunked_writer
 from als.tools.image import BuiltLayer, estargz_layer, gzip_layer, push_image
 from als.reference import parse_reference
 from tests.support import images
+from tests.support.alsrun import LABELS, config_for, get_blob, get_json, read_toc, run_als, sha, tar_of
 from tests.support.store_process import REPO
-from tests.fuse.test_filesystem import actual_tree, expected_tree
-
-LABELS = {"org.example.team": "als", "org.opencontainers.image.title": "python"}
-
-
-def sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def run_als(*args: str, conf: Path, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), CONTAINERS_REGISTRIES_CONF=str(conf))
-    env.pop("REGISTRY_AUTH_FILE", None)
-    return subprocess.run([sys.executable, "-m", "als", *args], env=env, cwd=REPO, timeout=timeout,
-                          capture_output=True, text=True, **kw)
-
+from tests.support.difftree import actual_tree, expected_tree
 
 _MEASURE = ("import os, subprocess, sys\n"
             "p = subprocess.Popen(sys.argv[1:])\n"
@@ -58,30 +45,6 @@ def run_als_measured(args: list[str], conf: Path, timeout: float = 300) -> subpr
                           cwd=REPO, timeout=timeout, capture_output=True, text=True)
 
 
-def config_for(layers: list[BuiltLayer], *, arch: str = "amd64") -> bytes:
-    return json.dumps({
-        "architecture": arch, "os": "linux",
-        "config": {"Env": ["PATH=/usr/bin:/bin"], "Cmd": ["/bin/sh"], "Labels": LABELS},
-        "rootfs": {"type": "layers", "diff_ids": [l.diff_id for l in layers]},
-        "history": [{"created_by": f"step {i}", "comment": "kept"} for i in range(len(layers))],
-    }).encode()
-
-
-def get_json(registry, repo: str, reference: str, accept: str = OCI_MANIFEST) -> dict:
-    import urllib.request
-    req = urllib.request.Request(f"{registry.url}/v2/{repo}/manifests/{reference}", headers={"Accept": accept})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
-
-
-def get_blob(registry, repo: str, digest: str) -> bytes:
-    import urllib.request
-    with urllib.request.urlopen(f"{registry.url}/v2/{repo}/blobs/{digest}", timeout=60) as r:
-        data = r.read()
-    assert sha(data) == digest
-    return data
-
-
 def manifest_exists(registry, repo: str, tag: str) -> bool:
     import urllib.error
     try:
@@ -90,18 +53,6 @@ def manifest_exists(registry, repo: str, tag: str) -> bool:
         assert e.code == 404
         return False
     return True
-
-
-def tar_of(files: dict[str, bytes]) -> bytes:
-    entries = [images.Entry("data", images.DIR, 0o755)]
-    entries += [images.Entry(f"data/{n}", images.FILE, 0o644, data=d) for n, d in files.items()]
-    return images.layer_tar(entries)
-
-
-def read_toc(blob: bytes, desc: dict) -> list:
-    toc_digest = desc["annotations"][estargz.TOC_DIGEST_ANNOTATION]
-    offset, footer = estargz.parse_footer(blob[-estargz.FOOTER_SIZE:], len(blob))
-    return estargz.parse_toc(blob[offset:len(blob) - footer], toc_digest, toc_offset=offset).entries
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +257,7 @@ def test_zstd_chunked_output_is_served_lazily_with_exact_info(store, registry, c
 def test_zstd_chunked_layers_are_kept_with_the_names_podman_5_reads(registry, client, registries_conf):
     """A zstd:chunked layer with only the old names (Podman 4.3.1's, or an older `als convert`'s) keeps its
     blob and gains the current names in the new manifest; Podman 5's own layer is kept exactly."""
-    from tests.formats.test_zstdchunked import PODMAN5
+    PODMAN5 = Path(__file__).parents[1] / "data" / "podman5-zstd-chunked"  # a layer Podman 5 pushed
     old_blob = io.BytesIO()
     written = zstdchunked_writer.write_zstdchunked(io.BytesIO(tar_of({"a": b"first\n"})), old_blob)
     old = BuiltLayer(blob=io.BytesIO(old_blob.getvalue()), digest=written.blob_digest,

@@ -19,7 +19,7 @@ from als.formats import estargz
 from tests.conftest import NO_BACKGROUND
 from als.tools.podman import Podman
 from tests.support.store_process import StoreProcess
-from tests.tools.test_convert import config_for, get_blob, get_json, read_toc, run_als, tar_of
+from tests.support.alsrun import config_for, get_blob, get_json, read_toc, run_als, tar_of
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,79 @@
+"""`make bench`'s harness: the headline column is the shipped config, ratios pair samples of one round,
+and a missing reference store is reported, not fatal."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tomllib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tests.support import bench_stargz
+from tests.support.bench import variants
+from tests.support.bench_report import Series, compute
+from tests.support.bench_runs import SHIPPED_CONFIG, Sample, background_off
+
+
+def _variants():
+    return variants(SimpleNamespace(args=argparse.Namespace(no_reference=True, stargz_store=None)))
+
+
+def test_headline_is_the_shipped_config_and_the_extra_differs_only_in_background():
+    cols = {v.name: v for v in _variants()}
+    assert [v.name for v in cols.values() if v.headline] == ["als"]
+    assert cols["als"].config == SHIPPED_CONFIG.read_text()
+    shipped, extra = tomllib.loads(cols["als"].config), tomllib.loads(cols["als-nobg"].config)
+    assert shipped["fetch"]["background"] is True and extra["fetch"]["background"] is False
+    extra["fetch"]["background"] = True
+    assert extra == shipped
+
+
+def test_background_off_refuses_a_config_it_cannot_change():
+    with pytest.raises(RuntimeError, match="background = true"):
+        background_off("[fetch]\nprefetch = true\n")
+
+
+def _sample(seconds: float, peak: int = 0) -> Sample:
+    return Sample(seconds, seconds / 2, seconds / 2, 1000, 1000, store_peak_rss=peak)
+
+
+def test_ratios_pair_the_samples_of_one_round_and_targets_mark_the_headline_only():
+    cols = _variants()
+    series = {("cold", "normal"): Series("cold", "normal", {0: _sample(10.0), 1: _sample(4.0)}),
+              ("cold", "als"): Series("cold", "als", {0: _sample(1.0), 1: _sample(1.0)}),
+              ("cold", "als-nobg"): Series("cold", "als-nobg", {0: _sample(1.0)})}
+    rows = {r["key"]: r for r in compute(series, cols, 2, 10_000, 10_000)}
+    als = rows["cold"]["variants"]["als"]
+    assert als["per_round"] == [0.1, 0.25]  # 1/10 and 1/4, not a ratio of medians (1/7)
+    assert als["pairs"] == {"median": 0.175, "min": 0.1, "max": 0.25, "n": 2}
+    assert als["target_met"] is False  # <= 0.15
+    assert "target_met" not in rows["cold"]["variants"]["als-nobg"]
+    assert rows["cold_bytes_exit"]["variants"]["als"]["pairs"]["median"] == 0.1
+
+
+def test_no_reference_store_is_a_reason_not_a_failure(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no stargz-store on it
+    monkeypatch.setattr(bench_stargz, "DEBIAN_GOCODE", tmp_path / "gocode")
+    binary, why = bench_stargz.obtain(tmp_path, None)
+    assert binary is None and "cmd/stargz-store" in why
+    binary, why = bench_stargz.obtain(tmp_path, str(tmp_path / "nothing"))
+    assert binary is None and "not an executable file" in why
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="no Go toolchain")
+def test_a_failed_build_names_the_missing_packages(tmp_path):
+    src = tmp_path / "stargz-store" / "gopath" / "src" / bench_stargz.IMPORT_PATH
+    (src / "cmd" / "stargz-store").mkdir(parents=True)
+    (src / "cmd" / "stargz-store" / "main.go").write_text(
+        'package main\n\nimport _ "example.invalid/not/in/debian"\n\nfunc main() {}\n')
+    binary, why = bench_stargz.obtain(tmp_path, None)
+    assert binary is None
+    assert "missing from Debian" in why and "example.invalid/not/in/debian" in why
+
+
+def test_a_reference_store_that_exits_at_once_is_an_error_not_a_hang(tmp_path):
+    with pytest.raises(RuntimeError, match="stargz-store exited 1"):
+        bench_stargz.StargzStore(Path(shutil.which("false")), tmp_path / "store").start(timeout=10)
