@@ -102,12 +102,13 @@ def build_store(root: Path, config) -> Store:
 
 
 def control_handlers(store: Store, mountpoint: Path | None = None, root: Path | None = None,
-                     started: float | None = None, rootfs: RootfsMounts | None = None) -> dict:
+                     started: float | None = None, rootfs: RootfsMounts | None = None,
+                     keeper: handover.Keeper | None = None) -> dict:
     """What the control socket answers, by operation name."""
     handlers = {"ping": lambda req: "pong",
                 "status": lambda req: status.collect(store, mountpoint=mountpoint or "", root=root or "",
                                                      started=started, errors=getattr(store.client, "errors", None),
-                                                     rootfs=rootfs.list() if rootfs else []),
+                                                     rootfs=rootfs.list() if rootfs else [], keeper=keeper),
                 authhelper.OP: lambda req: authhelper.handle(store.client.keychain, req),
                 **access.control_handlers(store.accesses)}
     if rootfs is not None:
@@ -194,7 +195,7 @@ def serve(mountpoint: Path, root: Path, config_path: str | None) -> int:
     store = build_store(root, config)
     started = time.time()
     rootfs = RootfsMounts(store, mountpoint, root, resumed=not why)
-    control = ControlServer(socket_path(root), control_handlers(store, mountpoint, root, started, rootfs)).start()
+    control = ControlServer(socket_path(root), control_handlers(store, mountpoint, root, started, rootfs, keeper)).start()
     exporter.watch_store(store)
     try:
         metrics_server = exporter.serve(config.metrics.address)
