@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import signal
 import socket
@@ -29,6 +30,7 @@ from als.registry.client import RegistryClient
 from als.registry.sysregistries import RegistriesConf
 from als.tools.image import estargz_layer, push_image
 from tests.support import images
+from tests.support.alsrun import run_als
 from tests.support.registry import RegistryProcess
 from tests.support.store_process import StoreProcess, force_unmount, is_mounted, write_registries_conf
 
@@ -132,6 +134,8 @@ def test_the_holder_keeps_the_connection_across_a_crash_and_a_planned_restart(tm
         assert "clearing the stale mount" not in store.log()
         assert os.stat(store.mountpoint).st_dev == dev  # the same mount
         check_after(top / "diff/tree", unread, listed)
+        st = json.loads(run_als("status", "--root", str(store.root), "--json", conf=conf).stdout)
+        assert st["connections"] == {"kept_by": "holder", "holder_pid": holder_pid}  # the successor knows it
 
         # ---- a planned restart: SIGTERM, then the next store; a read in the gap waits for it ----
         store.proc.send_signal(signal.SIGTERM)
