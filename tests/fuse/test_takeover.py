@@ -13,7 +13,6 @@ store, spoken by the test itself (``FDSTORE=1`` in, ``$LISTEN_FDS`` out).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import signal
@@ -25,23 +24,16 @@ import time
 import pytest
 
 from als.ops.holder import SOCKET_NAME
-from als.reference import parse_reference
-from als.registry.client import RegistryClient
-from als.registry.sysregistries import RegistriesConf
-from als.tools.image import estargz_layer, push_image
 from tests.support import images
 from tests.support.alsrun import run_als
 from tests.support.registry import RegistryProcess
-from tests.support.store_process import StoreProcess, force_unmount, is_mounted, write_registries_conf
+from tests.support.restart import kernel_can_resend, push_tree
+from tests.support.store_process import (StoreProcess, force_unmount, is_mounted, wait_log,
+                                         write_registries_conf)
 
 CONFIG = "[fetch]\nbackground = false\npredict = false\n[registry]\nretries = 0\nread_timeout = 120.0\n"
 BIG = images.tree_layer_entries()[0][8]  # /tree/big.bin, 3 MiB + 17 bytes in 1 MiB chunks
 assert BIG.path.endswith("big.bin")
-
-
-def kernel_can_resend() -> bool:
-    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
-    return (major, minor) >= (6, 9)
 
 
 pytestmark = pytest.mark.skipif(not kernel_can_resend(), reason="FUSE_NOTIFY_RESEND needs Linux 6.9")
@@ -63,23 +55,11 @@ class Reader(threading.Thread):
             self.error = e
 
 
-def wait_log(store, text, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in store.log():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{text!r} not in the log: {store.log()[-2000:]}")
-
-
 @pytest.fixture
 def image(tmp_path):
     with RegistryProcess(tmp_path / "registry") as registry:
         conf = write_registries_conf(tmp_path / "registries.conf", [registry.host])
-        client = RegistryClient(RegistriesConf.load(str(conf)), retries=0)
-        layers = [estargz_layer(io.BytesIO(t), chunk_size=1 << 20) for t in images.tree_layers()]
-        ref = f"{registry.host}/takeover:1"
-        push_image(client, parse_reference(ref), layers)
+        ref, layers = push_tree(registry, conf, "takeover:1", 1 << 20)
         yield registry, conf, ref, layers
 
 

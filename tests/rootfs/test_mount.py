@@ -55,14 +55,19 @@ def test_refusals_name_the_problem(rootfs_store, registry, tmp_path):
     assert notours.returncode == 1 and "is not a root file system mounted by this store" in notours.stderr
 
 
-def test_stopping_the_store_for_good_detaches_its_root_file_systems(registries_conf, registry, client, tmp_path):
-    ref = f"{registry.host}/rootfs/stop:esgz"
-    push_image(client, parse_reference(ref), [estargz_layer(io.BytesIO(images.files_tar({"f": b"f\n"})),
+def own_store(registries_conf, registry, client, tmp_path, repo: str, files: dict[str, bytes]):
+    """A store of this test's own, an image of ``files`` pushed as ``repo``, and an empty target directory."""
+    ref = f"{registry.host}/{repo}:esgz"
+    push_image(client, parse_reference(ref), [estargz_layer(io.BytesIO(images.files_tar(files)),
                                                             chunk_size=1 << 20)])
     target = tmp_path / "rootfs"
     target.mkdir()
     (tmp_path / "als").mkdir()
-    store = StoreProcess(tmp_path / "als", registries_conf=registries_conf).start()
+    return ref, target, StoreProcess(tmp_path / "als", registries_conf=registries_conf).start()
+
+
+def test_stopping_the_store_for_good_detaches_its_root_file_systems(registries_conf, registry, client, tmp_path):
+    ref, target, store = own_store(registries_conf, registry, client, tmp_path, "rootfs/stop", {"f": b"f\n"})
     try:
         als(store, "mount", ref, str(target))
         assert (target / "f").read_bytes() == b"f\n"
@@ -80,14 +85,8 @@ def test_stopping_the_store_for_good_detaches_its_root_file_systems(registries_c
 
 def test_a_restart_with_the_connection_kept_leaves_root_file_systems_to_the_next_store(
         registries_conf, registry, client, tmp_path):
-    ref = f"{registry.host}/rootfs/restart:esgz"
-    files = {"a": b"a\n", "b": b"b\n"}
-    push_image(client, parse_reference(ref), [estargz_layer(io.BytesIO(images.files_tar(files)),
-                                                            chunk_size=1 << 20)])
-    target = tmp_path / "rootfs"
-    target.mkdir()
-    (tmp_path / "als").mkdir()
-    store = StoreProcess(tmp_path / "als", registries_conf=registries_conf).start()
+    ref, target, store = own_store(registries_conf, registry, client, tmp_path, "rootfs/restart",
+                                   {"a": b"a\n", "b": b"b\n"})
     try:
         if "FUSE connections kept by" not in store.log():
             pytest.skip("this kernel cannot hand a FUSE connection over (FUSE_NOTIFY_RESEND, Linux 6.9)")

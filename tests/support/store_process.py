@@ -132,3 +132,13 @@ class StoreProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def wait_log(store: StoreProcess, text: str, timeout: float = 10.0) -> None:
+    """Until ``text`` is in the store's log (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in store.log():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not in the store log after {timeout}s: {store.log()[-2000:]}")

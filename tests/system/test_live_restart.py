@@ -11,7 +11,6 @@ before the crash is still served, and the mount is never cleared.
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
@@ -19,24 +18,16 @@ import time
 
 import pytest
 
-from als.reference import parse_reference
-from als.registry.client import RegistryClient
-from als.registry.sysregistries import RegistriesConf
-from als.tools.image import estargz_layer, push_image
 from als.tools.podman import Podman
 from tests.support import images
 from tests.support.registry import RegistryProcess
+from tests.support.restart import kernel_can_resend, podman_on, push_tree
 from tests.support.store_process import StoreProcess, is_mounted, write_registries_conf
 
 pytestmark = pytest.mark.slow
 
 # No background fetch and no prediction: "never read" stays true until the container reads it.
 CONFIG = "[fetch]\nbackground = false\npredict = false\n[fuse]\nkeep_connection = true\n"
-
-
-def kernel_can_resend() -> bool:
-    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
-    return (major, minor) >= (6, 9)
 
 
 def sha256_in(podman: Podman, name: str, path: str) -> str:
@@ -52,58 +43,48 @@ def test_a_running_container_keeps_its_files_across_a_crash_and_a_planned_restar
     expected = images.expected_tree()
     with RegistryProcess(tmp_path / "registry") as registry:
         conf = write_registries_conf(tmp_path / "registries.conf", [registry.host])
-        client = RegistryClient(RegistriesConf.load(str(conf)), retries=1)
-        layers = [estargz_layer(io.BytesIO(t), chunk_size=256 << 10) for t in images.tree_image_layers()]
-        ref = f"{registry.host}/live/tree:esgz"
-        push_image(client, parse_reference(ref), layers)
+        ref, _ = push_tree(registry, conf, "live/tree:esgz", 256 << 10, images.tree_image_layers, retries=1)
 
         (tmp_path / "store").mkdir()
         store = StoreProcess(tmp_path / "store", registries_conf=conf, config=CONFIG)
         store.start()
-        podman = None
         try:
-            podman = Podman(tmp_path / "podman", additional_layer_store=store.mountpoint,
-                            insecure_registries=[registry.host], pid_namespace=False)
-            podman.pull(ref)
-            podman.run("run", "-d", "--name", "live", ref, "sleep", "3600")
-            assert podman.run("exec", "live", "cat", "/tree/small.txt").stdout == "hello, tree\n"
-            dev = os.stat(store.mountpoint).st_dev
+            with podman_on(store, tmp_path / "podman", registry) as podman:
+                podman.pull(ref)
+                podman.run("run", "-d", "--name", "live", ref, "sleep", "3600")
+                assert podman.run("exec", "live", "cat", "/tree/small.txt").stdout == "hello, tree\n"
+                dev = os.stat(store.mountpoint).st_dev
 
-            # ---- crash: SIGKILL; the holder keeps the connection, the next store takes it over ----
-            store.kill()
-            assert is_mounted(store.mountpoint)
-            store.start()
-            assert "taking over the live FUSE connections" in store.log()
-            assert "clearing the stale mount" not in store.log()
-            assert os.stat(store.mountpoint).st_dev == dev  # the same mount: the container's overlay rests on it
-            assert running(podman, "live")
-            assert sha256_in(podman, "live", "/tree/new_in_3") == expected["new_in_3"].sha256  # never read before
-            assert podman.run("exec", "live", "cat", "/tree/small.txt").stdout == "hello, tree\n"  # read before
+                # ---- crash: SIGKILL; the holder keeps the connection, the next store takes it over ----
+                store.kill()
+                assert is_mounted(store.mountpoint)
+                store.start()
+                assert "taking over the live FUSE connections" in store.log()
+                assert "clearing the stale mount" not in store.log()
+                assert os.stat(store.mountpoint).st_dev == dev  # the same mount: the container's overlay rests on it
+                assert running(podman, "live")
+                assert sha256_in(podman, "live", "/tree/new_in_3") == expected["new_in_3"].sha256  # never read before
+                assert podman.run("exec", "live", "cat", "/tree/small.txt").stdout == "hello, tree\n"  # read before
 
-            # ---- a planned restart: SIGTERM, a read in the gap waits for the successor ----------------
-            assert store.hand_over() == 0
-            assert "left the mounts on" in store.log()
-            gap = podman.popen("exec", "live", "sha256sum", "/tree/big.bin",
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            time.sleep(1.0)  # the exec starts and its read reaches the kernel while no store runs
-            store.start()
-            try:
-                out, err = gap.communicate(timeout=120)
-            except subprocess.TimeoutExpired:
-                podman._kill_group(gap)
-                gap.communicate()
-                raise
-            assert gap.returncode == 0, err
-            assert out.split()[0] == expected["big.bin"].sha256
-            assert store.log().count("taking over the live FUSE connections") == 2
-            assert "clearing the stale mount" not in store.log()
-            assert sha256_in(podman, "live", "/tree/dir/inner.txt") == expected["dir/inner.txt"].sha256
-            assert podman.run("exec", "live", "cat", "/tree/small.txt").stdout == "hello, tree\n"
-            assert running(podman, "live")
+                # ---- a planned restart: SIGTERM, a read in the gap waits for the successor ----------------
+                assert store.hand_over() == 0
+                assert "left the mounts on" in store.log()
+                gap = podman.popen("exec", "live", "sha256sum", "/tree/big.bin",
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                time.sleep(1.0)  # the exec starts and its read reaches the kernel while no store runs
+                store.start()
+                try:
+                    out, err = gap.communicate(timeout=120)
+                except subprocess.TimeoutExpired:
+                    podman._kill_group(gap)
+                    gap.communicate()
+                    raise
+                assert gap.returncode == 0, err
+                assert out.split()[0] == expected["big.bin"].sha256
+                assert store.log().count("taking over the live FUSE connections") == 2
+                assert "clearing the stale mount" not in store.log()
+                assert sha256_in(podman, "live", "/tree/dir/inner.txt") == expected["dir/inner.txt"].sha256
+                assert podman.run("exec", "live", "cat", "/tree/small.txt").stdout == "hello, tree\n"
+                assert running(podman, "live")
         finally:
-            if podman is not None:
-                if not store.proc:
-                    store.stop()  # clears a dead mount so that Podman can clean up
-                    store.start()
-                podman.close()
             store.stop(signal.SIGINT)  # for good: unmounts, and the holder ends with its connections
