@@ -4,11 +4,11 @@ Real Podman and a real registry. A container is started lazily and left
 running (`sleep`); the store is killed with SIGKILL while a read of the
 container waits for the registry (stopped with SIGSTOP) and started again,
 then restarted as planned (SIGTERM, then a successor, with a read made in the
-gap). The FUSE connection is kept by the holder process and
-taken over each time, so the container never sees the store go: the read in
-flight completes with the right bytes, files it never read before are served
-after each restart with the right bytes, a file read
-before the crash is still served, and the mount is never cleared.
+gap). The FUSE connection is kept by the holder process and taken over each
+time, so the container never sees the store go: the read in flight completes
+with the right bytes, files it never read before are served after each
+restart with the right bytes, a file read before the crash is still served,
+and the mount is never cleared.
 """
 
 from __future__ import annotations
