@@ -243,9 +243,12 @@ def _record(raw: object) -> RootfsMount | None:
 
 
 def _still_mounted(m: RootfsMount) -> bool:
-    """Whether the overlay of record ``m`` is still mounted at its directory (same device)."""
+    """Whether the overlay of record ``m`` is still mounted at its directory (same device). Read from
+    mountinfo, never by a stat: the overlay's root asks the store's mount, which this store, still
+    starting, does not answer yet."""
     try:
-        st = os.stat(m.dir)
+        mounts = mountinfo.parse(Path("/proc/self/mountinfo").read_text())
     except OSError:
         return False
-    return os.path.ismount(m.dir) and [os.major(st.st_dev), os.minor(st.st_dev)] == list(m.device)
+    dev = f"{m.device[0]}:{m.device[1]}" if len(m.device) == 2 else ""
+    return any(x.mount_point == m.dir and x.device == dev and x.fstype == "overlay" for x in mounts)
