@@ -86,10 +86,12 @@ def disable_core_dumps() -> None:
         log.warning("cannot disable core dumps: a core file of this process may hold credentials")
 
 
-def build_store(root: Path, config) -> Store:
+def build_store(root: Path, config, client=None) -> Store:
+    """The store `als serve` runs, under ``root``; ``client``: a registry source other than the
+    configured registries (the in-process tests pass one held in memory)."""
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     check_root(root)
-    client = registry_client(config)
+    client = registry_client(config) if client is None else client
     cache = ChunkCache(root / "cache", memory_bytes=config.cache.memory_bytes, max_bytes=config.cache.max_bytes,
                        pending_bytes=config.cache.memory_bytes)
     f = config.fetch

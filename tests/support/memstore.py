@@ -25,16 +25,13 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from als.config import load_config
-from als.fetch.cache import ChunkCache
-from als.fetch.fetcher import ChunkFetcher
 from als.formats import zstdchunked, zstdchunked_writer
 from als.fuse import abi
 from als.fuse.filesystem import ROOT, StoreFS
 from als.fuse.abi import Attr, Entry, FuseError
 from als.fuse.session import Request, WouldBlock
 from als.reference import parse_reference
-from als.store.namespace import Store
-from als.store.state import StateDir
+from als.ops.daemon import build_store
 from als.tools.image import BuiltLayer, estargz_layer, gzip_layer, push_image
 from tests.support import images
 from tests.support.memregistry import MemoryRegistry
@@ -85,14 +82,9 @@ class Harness:
         path.write_text(config)
         self.config = load_config(path)
         self.registry = registry or MemoryRegistry()
-        c, f = self.config.cache, self.config.fetch
-        self.cache = ChunkCache(work / "cache", memory_bytes=c.memory_bytes, max_bytes=c.max_bytes,
-                                pending_bytes=c.memory_bytes)
-        self.fetcher = ChunkFetcher(self.cache, coalesce_gap=f.coalesce_gap, max_request=f.max_request,
-                                    wait_timeout=f.read_timeout, readahead_min=f.readahead_min,
-                                    readahead_max=f.readahead_max, file_readahead=f.file_readahead,
-                                    dir_readahead=f.dir_readahead)
-        self.store = Store(self.config, self.registry, self.fetcher, StateDir(work / "state"))
+        self.store = build_store(work / "root", self.config, client=self.registry)  # as `als serve` builds it
+        self.fetcher = self.store.fetcher
+        self.cache = self.fetcher.cache
         self.fs = StoreFS(self.store)
         self._unique = itertools.count(2, 2)
 
