@@ -155,14 +155,24 @@ class Holder:
                 return
 
     def _give_up(self) -> None:
-        """No store came back: end the connections so that nothing waits on them for ever."""
-        if self.fds:
-            print(f"{time.strftime('%F %T')} als connection holder: no store took over within {self.grace:g}s; unmounting "
-                  f"{', '.join(self.mountpoints)}", file=sys.stderr, flush=True)
-            from als.fuse.mount import unmount
-            for mountpoint in reversed(self.mountpoints):
-                unmount(mountpoint)
+        """No store came back: end the connections so that nothing waits on them for ever.
+
+        The descriptors are closed first: with the last one the kernel aborts
+        the connection, so waiting readers fail at once (ENOTCONN) and the
+        unmount's path walk gets an answer instead of asking a server that is
+        gone. Only the outermost mounts are detached: a lazy unmount takes the
+        mounts below with it, and walking into them would need the dead server.
+        """
+        mountpoints = self.mountpoints
         self._drop()
+        if not mountpoints:
+            return
+        print(f"{time.strftime('%F %T')} als connection holder: no store took over within {self.grace:g}s; unmounting "
+              f"{', '.join(mountpoints)}", file=sys.stderr, flush=True)
+        from als.fuse.mount import unmount
+        for mountpoint in mountpoints:
+            if not any(mountpoint.startswith(other.rstrip("/") + "/") for other in mountpoints):
+                unmount(mountpoint)
 
     def close(self) -> None:
         try:

@@ -215,3 +215,34 @@ def test_without_a_kept_connection_a_dead_mount_is_cleared_as_before(tmp_path, i
         store.stop()
     assert not is_mounted(store.mountpoint)
     assert subprocess.run(["pgrep", "-f", str(store.root / SOCKET_NAME)], capture_output=True).returncode == 1
+
+
+def test_the_holder_ends_the_connection_when_no_store_comes_back(tmp_path, image):
+    """After its grace the holder ends the connections itself: waiting readers fail, nothing hangs."""
+    registry, conf, ref, layers = image
+    (tmp_path / "s").mkdir()
+    store = StoreProcess(tmp_path / "s", registries_conf=conf, config=CONFIG + "[fuse]\nrestart_grace = 2.0\n")
+    store.start()
+    holder_pid = None
+    try:
+        wait_log(store, "FUSE connections kept by the connection holder")
+        holder_pid = int(store.log().split("connection holder (pid ")[1].split(")")[0])
+        top = store.layer_dir(ref, layers[0].digest)
+        assert (top / "diff/tree/small.txt").read_bytes() == b"hello, tree\n"
+        store.kill()
+        reader = Reader(top / "diff/tree/xattr_file")  # never read: it waits for a store that never comes
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{holder_pid}") \
+                and "Z" not in open(f"/proc/{holder_pid}/stat").read().split()[2]:
+            time.sleep(0.1)
+        holder_state = open(f"/proc/{holder_pid}/stat").read().split()[2] if os.path.exists(f"/proc/{holder_pid}") else "gone"
+        assert holder_state in ("Z", "gone"), f"the holder is still running ({holder_state})"
+        reader.join(10)
+        assert not reader.is_alive() and reader.data is None and reader.error is not None
+        assert not is_mounted(store.mountpoint)
+    finally:
+        if holder_pid is not None and os.path.exists(f"/proc/{holder_pid}"):
+            os.kill(holder_pid, signal.SIGKILL)
+        store.stop(signal.SIGINT)
+        force_unmount(store.mountpoint)
+    assert not is_mounted(store.mountpoint)
