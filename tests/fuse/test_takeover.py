@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -27,7 +26,7 @@ from als.ops.holder import SOCKET_NAME
 from tests.support import images
 from tests.support.alsrun import run_als
 from tests.support.registry import RegistryProcess
-from tests.support.restart import kernel_can_resend, push_tree
+from tests.support.restart import FakeSystemd, kernel_can_resend, push_tree
 from tests.support.store_process import (StoreProcess, force_unmount, is_mounted, wait_log,
                                          write_registries_conf)
 
@@ -142,35 +141,6 @@ def test_the_holder_keeps_the_connection_across_a_crash_and_a_planned_restart(tm
     assert not (store.root / SOCKET_NAME).exists()
 
 
-class FakeSystemd:
-    """$NOTIFY_SOCKET of a service manager with a file descriptor store, as the test drives it."""
-
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(20)
-        self.path = path
-        self.store: dict[str, int] = {}
-
-    def collect(self, names):
-        """Read messages until descriptors for every name in ``names`` were stored."""
-        while not all(n in self.store for n in names):
-            data, fds, _, _ = socket.recv_fds(self.sock, 4096, 8)
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
-            if fields.get("FDSTORE") == "1" and fds:
-                self.store[fields["FDNAME"]] = fds[0]
-                for fd in fds[1:]:
-                    os.close(fd)
-            else:
-                for fd in fds:
-                    os.close(fd)
-
-    def close(self):
-        for fd in self.store.values():
-            os.close(fd)
-        self.sock.close()
-
-
 def test_systemd_keeps_the_connection_and_passes_it_back_in_listen_fds(tmp_path, image):
     registry, conf, ref, layers = image
     (tmp_path / "s").mkdir()
@@ -178,13 +148,8 @@ def test_systemd_keeps_the_connection_and_passes_it_back_in_listen_fds(tmp_path,
     store = StoreProcess(tmp_path / "s", registries_conf=conf, config=CONFIG, env={"NOTIFY_SOCKET": str(systemd.path)})
     store.start()
     try:
-        systemd.collect(["als-main", "als-noxattr"])
+        systemd.restart_with_stored_fds(store)
         assert not (store.root / SOCKET_NAME).exists()  # no holder under systemd
-        main, plain = systemd.store["als-main"], systemd.store["als-noxattr"]
-        # what systemd does on the next start: the stored descriptors from fd 3, with their names
-        store.wrapper = ("bash", "-c", f'LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES=als-main:als-noxattr exec "$@" '
-                                     f'3<&{main} 4<&{plain}', "bash")
-        store.pass_fds = (main, plain)
         top = store.layer_dir(ref, layers[0].digest)
         unread, listed = crash_with_a_read_in_flight(store, registry, top, store.start)
         assert "kept by systemd's file descriptor store: no new mount" in store.log()

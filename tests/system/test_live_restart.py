@@ -8,7 +8,9 @@ gap). The FUSE connection is kept by the holder process and taken over each
 time, so the container never sees the store go: the read in flight completes
 with the right bytes, files it never read before are served after each
 restart with the right bytes, a file read before the crash is still served,
-and the mount is never cleared.
+and the mount is never cleared. Both keepers: the holder process, and
+systemd's file descriptor store (its protocol spoken by the test, since
+systemd cannot run here).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pytest
 from als.tools.podman import Podman
 from tests.support import images
 from tests.support.registry import RegistryProcess
-from tests.support.restart import kernel_can_resend, podman_on, push_tree
+from tests.support.restart import FakeSystemd, kernel_can_resend, podman_on, push_tree
 from tests.support.store_process import StoreProcess, is_mounted, wait_log, write_registries_conf
 
 pytestmark = pytest.mark.slow
@@ -58,16 +60,24 @@ def running(podman: Podman, name: str) -> bool:
 
 
 @pytest.mark.skipif(not kernel_can_resend(), reason="taking a FUSE connection over needs Linux 6.9")
-def test_a_running_container_keeps_its_files_across_a_crash_and_a_planned_restart(tmp_path):
+@pytest.mark.parametrize("keeper", ["holder", "systemd"])
+def test_a_running_container_keeps_its_files_across_a_crash_and_a_planned_restart(tmp_path, keeper):
     expected = images.expected_tree()
     with RegistryProcess(tmp_path / "registry") as registry:
         conf = write_registries_conf(tmp_path / "registries.conf", [registry.host])
         ref, _ = push_tree(registry, conf, "live/tree:esgz", 256 << 10, images.tree_image_layers, retries=1)
 
         (tmp_path / "store").mkdir()
-        store = StoreProcess(tmp_path / "store", registries_conf=conf, config=CONFIG)
+        # systemd cannot run here: the test speaks its side of the protocol (FDSTORE=1 in, $LISTEN_FDS out)
+        systemd = FakeSystemd(tmp_path / "notify.sock") if keeper == "systemd" else None
+        store = StoreProcess(tmp_path / "store", registries_conf=conf, config=CONFIG,
+                             env={"NOTIFY_SOCKET": str(systemd.path)} if systemd else None)
         store.start()
         try:
+            if systemd:
+                systemd.restart_with_stored_fds(store)
+            kept_by = "systemd's file descriptor store" if systemd else "the connection holder"
+            assert f"FUSE connections kept by {kept_by}" in store.log()
             with podman_on(store, tmp_path / "podman", registry) as podman:
                 podman.pull(ref)
                 podman.run("run", "-d", "--name", "live", ref, "sleep", "3600")
@@ -110,3 +120,5 @@ def test_a_running_container_keeps_its_files_across_a_crash_and_a_planned_restar
                 assert running(podman, "live")
         finally:
             store.stop(signal.SIGINT)  # for good: unmounts, and the holder ends with its connections
+            if systemd:
+                systemd.close()
