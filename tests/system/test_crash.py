@@ -195,9 +195,13 @@ def kill_rounds(registry, client, workdir: Path, registries_conf: Path, rounds: 
                     assert not t.is_alive(), "a reader still waits after the next store took over"
                 store.kill()
             tally.rounds += 1
-        store.start()  # clears the dead mount, drops the leftovers, and must serve exactly the source
+        store.start()  # clears the dead mount (or takes it over), drops the leftovers, serves exactly the source
         verify_all(store, ref, layers, contents, tally)
         log = store.log()
+        if keep_connection:  # the kernel kept its page cache across the take-overs: read it all through the store
+            store.stop(signal.SIGINT)
+            store.start()
+            verify_all(store, ref, layers, contents, tally)
         if keep_connection:
             assert log.count("taking over the live FUSE connections") == rounds * 2
             assert "clearing the stale mount" not in log and tally.read_errors == 0
