@@ -76,6 +76,8 @@ class FuseConfig:
     threads: int = 16  # threads per mount answering what needs no waiting (cached reads, lookups, listings)
     waiting_threads: int = 64  # threads per mount for requests that wait (registry reads, resolves)
     xattr_free_mount: bool = True  # layers without xattrs through <mount>/.noxattr: no getxattr round trips
+    keep_connection: bool = True  # keep /dev/fuse outside the process: running containers survive a restart
+    restart_grace: float = 30.0  # seconds the holder waits for a successor before it unmounts
 
 
 @dataclass

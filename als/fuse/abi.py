@@ -34,6 +34,13 @@ NO_OPEN_SUPPORT, PARALLEL_DIROPS, MAX_PAGES, CACHE_SYMLINKS, NO_OPENDIR_SUPPORT 
 WANTED = ASYNC_READ | DO_READDIRPLUS | READDIRPLUS_AUTO | PARALLEL_DIROPS | MAX_PAGES | CACHE_SYMLINKS
 FOPEN_KEEP_CACHE, FOPEN_CACHE_DIR = 1 << 1, 1 << 3
 NOTIFY_INVAL_INODE, NOTIFY_INVAL_ENTRY = 2, 3
+# Keeping a connection across a restart of the daemon (protocol 7.40, Linux 6.9): the kernel offers
+# HAS_RESEND in the high half of its flags (flags2, sent when INIT_EXT is set); the NOTIFY_RESEND
+# notification puts every request read but not answered back in the queue, its unique id marked
+# with UNIQUE_RESEND.
+INIT_EXT, HAS_RESEND = 1 << 30, 1 << 39
+NOTIFY_RESEND = 7
+UNIQUE_RESEND = 1 << 63
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")
 OUT_HEADER = struct.Struct("<IiQ")
@@ -42,6 +49,7 @@ ENTRY_HEAD = struct.Struct("<QQQQII")  # nodeid, generation, entry_valid, attr_v
 ENTRY_SIZE = ENTRY_HEAD.size + ATTR.size  # fuse_entry_out
 ATTR_HEAD = struct.Struct("<QII")
 INIT_IN = struct.Struct("<IIII")
+INIT_IN_FLAGS2 = struct.Struct("<I")  # after INIT_IN, when flags has INIT_EXT
 INIT_OUT = struct.Struct("<IIIIHHIIHHII24x")
 READ_IN = struct.Struct("<QQI")
 OPEN_OUT = struct.Struct("<QII")
@@ -118,6 +126,14 @@ def init_reply(max_readahead: int, kernel_flags: int) -> bytes:
     """fuse_init_out: the features wanted that the kernel offers, and 1 MiB reads."""
     return INIT_OUT.pack(7, MINOR, max_readahead, kernel_flags & WANTED, MAX_BACKGROUND, CONGESTION_THRESHOLD,
                          MAX_WRITE, 1, MAX_PAGES_COUNT, 0, 0, 0)
+
+
+def init_flags(body: bytes) -> int:
+    """All 64 bits of the kernel's INIT flags: flags2 is the high half, present with INIT_EXT."""
+    flags = INIT_IN.unpack_from(body)[3]
+    if flags & INIT_EXT and len(body) >= INIT_IN.size + INIT_IN_FLAGS2.size:
+        flags |= INIT_IN_FLAGS2.unpack_from(body, INIT_IN.size)[0] << 32
+    return flags
 
 
 def attr_reply(attr: Attr, timeout: float) -> bytes:

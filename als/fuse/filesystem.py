@@ -9,7 +9,17 @@
         use                         never exists; creating it counts a use
 
 The kernel holds a reference on every node id it was given and says when it
-lets go (forget); a node id lives exactly that long here. Store errors become
+lets go (forget); a node id lives exactly that long here. Node ids are not
+counted in memory: each one is derived from what it names, with the numbers of
+the state directory's id table (als/store/ids.py), so that a store taking over
+a live connection after a restart knows every id the kernel still holds and
+builds its node on the first request that names it (``adopt``):
+
+    1                               the root; 2 is .noxattr
+    image id << 32                  an image reference
+    name id << 32                   a layer by one of its names (blob or TOC digest)
+    name id << 32 | n               its file with inode number layer id << 32 | n
+    name id << 32 | SUB_*           its diff link, info and blob Store errors become
 errno values in ``error`` and only there. Layer content is immutable, so names,
 attributes, pages, listings and symlinks are cached by the kernel for long.
 
@@ -35,16 +45,21 @@ from als.fuse.abi import Attr, Entry, FuseError
 from als.fuse.session import Request, WouldBlock
 from als.layer.reader import LayerReader, Readable
 from als.layer.resolved import Layer
-from als.layer.view import Node
+from als.layer.view import MAX_LAYER_NODES, Node
 from als import metrics
 from als.store.blob import BlobReader
+from als.store.ids import IMAGE, LAYER
 from als.store.namespace import LayerUnavailable, Store, decode_ref
 
 log = logging.getLogger("als.fuse")
 
 NAMESPACE_DIR = stat.S_IFDIR | 0o700  # only root (the engine) walks the store itself
 META_FILE = stat.S_IFREG | 0o400
-ROOT = 1
+ROOT, PLAIN = 1, 2
+SUB_LINK, SUB_INFO, SUB_BLOB = (1 << 32) - 3, (1 << 32) - 2, (1 << 32) - 1
+assert SUB_LINK > MAX_LAYER_NODES
+LOW = (1 << 32) - 1
+PINNED = 1 << 62  # references of the root, and of nodes taken over from a store before a restart
 
 # what a node id stands for
 K_ROOT, K_IMAGE, K_LAYER, K_INFO, K_BLOB, K_DIFF, K_LINK, K_PLAIN = range(8)
@@ -58,12 +73,12 @@ def _name(raw: bytes) -> str:
 class _Inode:
     """One node id the kernel holds: what it names and how many references the kernel took."""
 
-    __slots__ = ("nodeid", "key", "kind", "ref", "digest", "layer", "node", "path", "refs", "attr",
+    __slots__ = ("nodeid", "kind", "ref", "digest", "layer", "node", "path", "refs", "attr",
                  "data", "reader", "listing")
 
-    def __init__(self, nodeid: int, key: tuple, kind: int, ref: str | None = None, digest: str | None = None,
+    def __init__(self, nodeid: int, kind: int, ref: str | None = None, digest: str | None = None,
                  layer: Layer | None = None, node: Node | None = None, path: str = ""):
-        self.nodeid, self.key, self.kind = nodeid, key, kind
+        self.nodeid, self.kind = nodeid, kind
         self.ref, self.digest, self.layer, self.node, self.path = ref, digest, layer, node, path
         self.refs = 0
         self.attr: Attr | None = None
@@ -131,12 +146,11 @@ class StoreFS:
         self.entry_timeout, self.attr_timeout, self.negative_timeout = entry_timeout, attr_timeout, negative_timeout
         self._t = int(time.time())
         self._lock = threading.Lock()
+        self.ids = store.state.ids
         self._inodes: dict[int, _Inode] = {}
-        self._by_key: dict[tuple, _Inode] = {}
-        self._next = ROOT + 1
-        root = _Inode(ROOT, ("root",), K_ROOT)
+        root = _Inode(ROOT, K_ROOT)
         root.attr = self._dir_attr(ROOT)
-        root.refs = 1 << 62  # the kernel never forgets the root
+        root.refs = PINNED  # the kernel never forgets the root
         self._inodes[ROOT] = root
 
     # ---- node ids ------------------------------------------------------------------------
@@ -146,19 +160,17 @@ class StoreFS:
             raise FuseError(errno.ESTALE)
         return ino
 
-    def _entry(self, key: tuple, make, grows: int = 0) -> Entry:
-        """The node id for ``key`` with one more kernel reference; ``make()`` builds a new one.
+    def _entry(self, nodeid: int, make, grows: int = 0) -> Entry:
+        """``nodeid`` with one more kernel reference; ``make(nodeid)`` builds its node if it has none.
 
         ``grows``: the parent whose listing a new node adds to (the root, an image): the
         kernel caches listings until told otherwise.
         """
         with self._lock:
-            ino = self._by_key.get(key)
+            ino = self._inodes.get(nodeid)
             new = ino is None
             if new:
-                ino = make(self._next)
-                self._next += 1
-                self._inodes[ino.nodeid] = self._by_key[key] = ino
+                ino = self._inodes[nodeid] = make(nodeid)
             ino.refs += 1
         if new and grows:
             self.invalidate(grows)
@@ -172,7 +184,6 @@ class StoreFS:
             ino.refs -= count
             if ino.refs <= 0:
                 del self._inodes[nodeid]
-                self._by_key.pop(ino.key, None)
 
     def _dir_attr(self, ino: int) -> Attr:
         return Attr(ino, NAMESPACE_DIR, 4096, 2, mtime=self._t)
@@ -194,21 +205,12 @@ class StoreFS:
             return self._lookup_diff(p, name)
         if kind == K_ROOT:
             if name == PLAIN_DIR:  # the mount point of the xattr-free mount
-                def make(nodeid):
-                    ino = _Inode(nodeid, ("plain",), K_PLAIN)
-                    ino.attr = self._dir_attr(nodeid)
-                    return ino
-                return self._entry(("plain",), make)
+                return self._entry(PLAIN, self._plain_node)
             ref = decode_ref(_name(name))
             if ref is None:
                 raise FuseError(errno.ENOENT)
             self.store.prepare(ref)  # resolution starts on the first lookup under an image
-
-            def make(nodeid):
-                ino = _Inode(nodeid, ("image", ref), K_IMAGE, ref)
-                ino.attr = self._dir_attr(nodeid)
-                return ino
-            return self._entry(("image", ref), make, grows=ROOT)
+            return self._entry(self.ids.image(ref) << 32, lambda nodeid: self._image_node(nodeid, ref), grows=ROOT)
         if kind == K_IMAGE:
             digest = _name(name)
             if not is_sha256(digest):
@@ -216,55 +218,27 @@ class StoreFS:
             if req.pid:
                 self.store.consumers.seen(req.pid)  # which containers/storage asks (some lose layers)
             layer = self._layer(p.ref, digest, req)
-
-            def make(nodeid):
-                ino = _Inode(nodeid, ("layer", p.ref, digest), K_LAYER, p.ref, digest, layer)
-                ino.attr = self._dir_attr(nodeid)
-                return ino
-            return self._entry(("layer", p.ref, digest), make, grows=p.nodeid)
+            return self._entry(self.ids.layer(p.ref, digest) << 32,
+                               lambda nodeid: self._layer_node(nodeid, p.ref, digest, layer), grows=p.nodeid)
         if kind == K_LAYER:
             return self._lookup_layer_file(p, name, req)
         raise FuseError(errno.ENOTDIR)
 
     def _lookup_layer_file(self, p: _Inode, name: bytes, req: Request) -> Entry:
         layer = self._layer(p.ref, p.digest, req)
+        base = p.nodeid
         if name == b"diff" and self.plain_mount and not layer.view.has_xattrs:
-            key = ("link", p.ref, p.digest)
-
-            def make(nodeid):
-                ino = _Inode(nodeid, key, K_LINK, p.ref, p.digest, layer)
-                ref_dir = base64.b64encode(p.ref.encode()).decode()
-                ino.data = b"../../%s/%s/%s/diff" % (PLAIN_DIR, ref_dir.encode(), p.digest.encode())
-                ino.attr = Attr(nodeid, stat.S_IFLNK | 0o777, len(ino.data), mtime=self._t)
-                return ino
-            return self._entry(key, make)
+            return self._entry(base | SUB_LINK, lambda nodeid: self._link_node(nodeid, p.ref, p.digest, layer))
         if name == b"diff" and not self.xattrs and layer.view.has_xattrs:
             raise FuseError(errno.ENOENT)  # served on the main mount, which answers xattrs
         if name == b"diff":
-            root = layer.view.lookup([])
-            key = ("diff", p.ref, p.digest, root.ino)
-
-            def make(nodeid):
-                ino = _Inode(nodeid, key, K_DIFF, p.ref, p.digest, layer, root, "")
-                ino.attr = node_attr(root)
-                return ino
-            return self._entry(key, make)
+            root = layer.view.root
+            return self._entry(base | (root.ino & LOW),
+                               lambda nodeid: self._diff_node(nodeid, p.ref, p.digest, layer, root, "", root))
         if name not in (b"info", b"blob"):
             raise FuseError(errno.ENOENT)  # `use` included: it never exists
-        kind = K_INFO if name == b"info" else K_BLOB
-        key = (name, p.ref, p.digest)
-
-        def make(nodeid):
-            ino = _Inode(nodeid, key, kind, p.ref, p.digest, layer)
-            if kind == K_INFO:
-                ino.data = layer.info(p.digest)
-                size = len(ino.data)
-            else:
-                ino.reader = BlobReader(layer, self.store.fetcher.cache.root)
-                size = layer.desc.size
-            ino.attr = Attr(nodeid, META_FILE, size, mtime=self._t)
-            return ino
-        return self._entry(key, make)
+        sub = SUB_INFO if name == b"info" else SUB_BLOB
+        return self._entry(base | sub, lambda nodeid: self._meta_node(nodeid, p.ref, p.digest, layer))
 
     def _lookup_diff(self, p: _Inode, name: bytes) -> Entry:
         children = p.node.children
@@ -274,24 +248,108 @@ class StoreFS:
         child = children.get(text)
         if child is None:
             return Entry.missing(self.negative_timeout)  # layers never change: misses can be cached too
-        key = ("diff", p.ref, p.digest, child.ino)
         path = f"{p.path}/{text}" if p.path else text
+        return self._entry((p.nodeid & ~LOW) | (child.ino & LOW),
+                           lambda nodeid: self._diff_node(nodeid, p.ref, p.digest, p.layer, child, path, p.node))
 
-        def make(nodeid):
-            ino = _Inode(nodeid, key, K_DIFF, p.ref, p.digest, p.layer, child, path)
-            ino.attr = node_attr(child)
-            if child.is_reg:
-                ino.reader = self.reader.open(p.layer, child, path, p.node)
-            return ino
-        return self._entry(key, make)
+    # ---- nodes, from a lookup or taken over ------------------------------------------------
+    def _plain_node(self, nodeid: int) -> _Inode:
+        ino = _Inode(nodeid, K_PLAIN)
+        ino.attr = self._dir_attr(nodeid)
+        return ino
+
+    def _image_node(self, nodeid: int, ref: str) -> _Inode:
+        ino = _Inode(nodeid, K_IMAGE, ref)
+        ino.attr = self._dir_attr(nodeid)
+        return ino
+
+    def _layer_node(self, nodeid: int, ref: str, digest: str, layer: Layer) -> _Inode:
+        ino = _Inode(nodeid, K_LAYER, ref, digest, layer)
+        ino.attr = self._dir_attr(nodeid)
+        return ino
+
+    def _link_node(self, nodeid: int, ref: str, digest: str, layer: Layer) -> _Inode:
+        ino = _Inode(nodeid, K_LINK, ref, digest, layer)
+        ref_dir = base64.b64encode(ref.encode()).decode()
+        ino.data = b"../../%s/%s/%s/diff" % (PLAIN_DIR, ref_dir.encode(), digest.encode())
+        ino.attr = Attr(nodeid, stat.S_IFLNK | 0o777, len(ino.data), mtime=self._t)
+        return ino
+
+    def _meta_node(self, nodeid: int, ref: str, digest: str, layer: Layer) -> _Inode:
+        """``info`` or ``blob``, by the low half of ``nodeid``."""
+        if nodeid & LOW == SUB_INFO:
+            ino = _Inode(nodeid, K_INFO, ref, digest, layer)
+            ino.data = layer.info(digest)
+            size = len(ino.data)
+        else:
+            ino = _Inode(nodeid, K_BLOB, ref, digest, layer)
+            ino.reader = BlobReader(layer, self.store.fetcher.cache.root)
+            size = layer.desc.size
+        ino.attr = Attr(nodeid, META_FILE, size, mtime=self._t)
+        return ino
+
+    def _diff_node(self, nodeid: int, ref: str, digest: str, layer: Layer, node: Node, path: str,
+                   directory: Node) -> _Inode:
+        ino = _Inode(nodeid, K_DIFF, ref, digest, layer, node, path)
+        ino.attr = node_attr(node)
+        if node.is_reg:
+            ino.reader = self.reader.open(layer, node, path, directory)
+        return ino
+
+    def adopt(self, nodeid: int, req: Request) -> None:
+        """Build the node of an id the kernel holds from before a restart of the store, if need be.
+
+        Called by the session for every request before it is answered (a dict
+        lookup when the node exists). The id says what it names (see the module
+        docstring); a layer comes from memory, or from saved metadata on the
+        waiting pool. The kernel's count of references is unknown, so a node
+        taken over stays until the store stops. An id never handed out is ESTALE.
+        """
+        if nodeid in self._inodes:
+            return
+        ino = self._rebuild(nodeid, req)
+        with self._lock:
+            if nodeid not in self._inodes:
+                ino.refs = PINNED
+                self._inodes[nodeid] = ino
+                log.debug("took over node %d from before the restart", nodeid)
+
+    def _rebuild(self, nodeid: int, req: Request) -> _Inode:
+        if nodeid == PLAIN:
+            return self._plain_node(nodeid)
+        named = self.ids.name(nodeid >> 32)
+        sub = nodeid & LOW
+        if named is None:
+            raise FuseError(errno.ESTALE)
+        kind, ref, digest = named
+        if kind == IMAGE and sub == 0:
+            self.store.prepare(ref)
+            return self._image_node(nodeid, ref)
+        if kind != LAYER:
+            raise FuseError(errno.ESTALE)
+        layer = self.store.ready_layer(ref, digest)
+        if layer is None:
+            if not req.can_wait:
+                raise WouldBlock
+            layer = self.store.known_layer(ref, digest, cancel=req.interrupted)
+        if sub == 0:
+            return self._layer_node(nodeid, ref, digest, layer)
+        if sub == SUB_LINK:
+            return self._link_node(nodeid, ref, digest, layer)
+        if sub in (SUB_INFO, SUB_BLOB):
+            return self._meta_node(nodeid, ref, digest, layer)
+        found = layer.view.find((layer.layer_id << 32) | sub)
+        if found is None:
+            raise FuseError(errno.ESTALE)
+        node, path, directory = found
+        return self._diff_node(nodeid, ref, digest, layer, node, path, directory)
 
     def evicted(self, ref: str, digest: str) -> None:
         """The store let go of a layer nobody uses: have the kernel let go of its nodes too, so that
         its tree is freed (a later lookup rebuilds it)."""
-        with self._lock:
-            image = self._by_key.get(("image", ref))
+        image = self.ids.find(IMAGE, ref)
         if image is not None:
-            self.invalidate_entry(image.nodeid, digest.encode())
+            self.invalidate_entry(image << 32, digest.encode())
 
     # ---- attributes and contents ---------------------------------------------------------
     def getattr(self, nodeid: int) -> tuple[Attr, float]:

@@ -77,6 +77,8 @@ class Operations(Protocol):
     def create(self, parent: int, name: bytes) -> None: ...
     def rmdir(self, parent: int, name: bytes) -> None: ...
     def error(self, op: str, nodeid: int, exc: Exception) -> int: ...
+    # Optional: ``adopt(nodeid, req)`` is called before every request on a node, to build a node
+    # the kernel holds from before a restart (it may raise WouldBlock, FuseError).
 
 
 class Session:
@@ -100,12 +102,15 @@ class Session:
         self.initialized = threading.Event()  # the kernel's INIT has been answered: the mount is live
         self.refused: str | None = None  # why INIT was refused: the mount is unusable
         self.no_open = False  # the kernel takes ENOSYS from OPEN/OPENDIR as "open needs no message"
+        # what INIT settled, as a successor taking the connection over needs it (it gets no INIT)
+        self.negotiated: dict[str, int] = {}
         self.finished = threading.Event()
         self._stale: queue.SimpleQueue[tuple[int, bytes]] = queue.SimpleQueue()  # (notification, message)
         self._lock = threading.Lock()
         self._waiting: dict[int, Request] = {}  # unique -> request on the waiting pool
         self._pool = ThreadPoolExecutor(max_workers=max(1, waiting), thread_name_prefix="fuse-wait")
         self._readers = 0
+        self._adopt = getattr(ops, "adopt", None)
         self._handlers = {
             abi.LOOKUP: self._lookup, abi.GETATTR: self._getattr, abi.READLINK: self._readlink,
             abi.OPEN: self._open, abi.OPENDIR: self._open, abi.READ: self._read, abi.READDIR: self._readdir,
@@ -125,6 +130,29 @@ class Session:
             threading.Thread(target=self._serve, name=f"fuse-{i}", daemon=True).start()
         threading.Thread(target=self._notify, name="fuse-notify", daemon=True).start()
         return self
+
+    @property
+    def can_resend(self) -> bool:
+        """Whether the kernel can hand this connection's unanswered requests to a successor."""
+        return bool(self.negotiated.get("kernel_flags", 0) & abi.HAS_RESEND)
+
+    def resume(self, negotiated: dict[str, int]) -> int:
+        """Take over a live connection from a store that stopped or died: no INIT comes.
+
+        ``negotiated`` is what its INIT settled. Once the readers run, the
+        kernel is asked to queue again every request the previous daemon had
+        read but not answered (FUSE_NOTIFY_RESEND); each gets its one answer
+        here. Returns 0, or the errno of a kernel that cannot re-send.
+        """
+        self.negotiated = dict(negotiated)
+        self.no_open = bool(negotiated.get("no_open"))
+        self.initialized.set()
+        self.start()
+        try:
+            os.write(self.fd, abi.notify_header(0, abi.NOTIFY_RESEND))
+        except OSError as e:
+            return e.errno or errno.EIO
+        return 0
 
     def invalidate(self, nodeid: int) -> None:
         """Make the kernel drop what it caches of ``nodeid`` (attributes, pages, listing).
@@ -203,6 +231,8 @@ class Session:
             err = errno.ENOSYS
         else:
             try:
+                if self._adopt is not None and req.nodeid:
+                    self._adopt(req.nodeid, req)
                 reply = handler(req, body)
             except WouldBlock:
                 self._release(req)
@@ -309,6 +339,8 @@ class Session:
             raise FuseError(errno.EPROTO)
         self.no_open = bool(flags & abi.NO_OPEN_SUPPORT) and bool(flags & abi.NO_OPENDIR_SUPPORT)
         reply = abi.init_reply(max_readahead, flags)
+        self.negotiated = {"minor": min(minor, abi.MINOR), "kernel_flags": abi.init_flags(body),
+                           "flags": flags & abi.WANTED, "max_write": abi.MAX_WRITE, "no_open": int(self.no_open)}
         log.debug("FUSE connection: kernel protocol 7.%d, flags %#x, zero-message opens %s", minor, flags,
                   "on" if self.no_open else "off")
         self.initialized.set()

@@ -31,6 +31,9 @@ OPAQUE_MARKER = ".wh..wh..opq"
 HIDDEN_AT_ROOT = frozenset({".prefetch.landmark", ".no.prefetch.landmark", "stargz.index.json"})
 OPAQUE_XATTRS = {"trusted.overlay.opaque": b"y", "user.overlay.opaque": b"y"}
 DIR_SIZE = 4096  # what ext4/xfs report, so `ls -l` matches a normally pulled layer
+# A layer's inode numbers are its base plus 1..this: they stay below the next layer's base, and
+# leave the top 16 of each 2**32 range free for names the FUSE layer adds (info, blob).
+MAX_LAYER_NODES = (1 << 32) - 17
 
 _TYPE_BITS = {
     T.DIR: stat.S_IFDIR,
@@ -97,6 +100,7 @@ class LayerView:
         self._build(entries)
         # overlay opaque marks included: a layer without any is served where the kernel never asks
         self.has_xattrs = any(n.xattrs for n in self._nodes())
+        self._by_ino: dict[int, tuple[Node, str, Node]] | None = None  # built when first asked
 
     def _nodes(self):
         stack = [self.root]
@@ -281,6 +285,25 @@ class LayerView:
             if node is None:
                 return None
         return node
+
+    def find(self, ino: int) -> tuple[Node, str, Node] | None:
+        """The node with inode number ``ino``, its path (one of them, for a hard link) and directory.
+
+        For node ids the kernel kept across a restart of the store: it asks by
+        number, never by name. The index is built on the first call only.
+        """
+        if self._by_ino is None:
+            index = {self.root.ino: (self.root, "", self.root)}
+            stack = [(self.root, "")]
+            while stack:
+                node, path = stack.pop()
+                for name, child in node.children.items():
+                    child_path = f"{path}/{name}" if path else name
+                    index.setdefault(child.ino, (child, child_path, node))
+                    if child.children is not None:
+                        stack.append((child, child_path))
+            self._by_ino = index
+        return self._by_ino.get(ino)
 
     def chunks(self) -> list[T.Chunk]:
         """Every chunk of every regular file, once (hard links share theirs)."""

@@ -11,6 +11,7 @@ the variable is unset and every call is a no-op.
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import socket
@@ -24,14 +25,69 @@ def _address(name: str) -> str | bytes:
     return name
 
 
+def _socket_name() -> str:
+    name = os.environ.get("NOTIFY_SOCKET", "")
+    return name if name.startswith("/") or name.startswith("@") else ""
+
+
+def store_fds(name: str, fds: list[int]) -> bool:
+    """Hand ``fds`` to systemd's file descriptor store under ``name`` (``FDSTORE=1``, ``FDNAME=``).
+
+    systemd keeps them while the unit restarts (``FileDescriptorStoreMax=`` must
+    allow them) and passes them to the next start in ``$LISTEN_FDS``. True if a
+    manager took them.
+    """
+    address = _socket_name()
+    if not address:
+        return False
+    message = f"FDSTORE=1\nFDNAME={name}".encode()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))], 0,
+                      _address(address))
+    except OSError as e:
+        log.warning("cannot hand descriptors %s to the service manager: %s", name, e)
+        return False
+    return True
+
+
+def remove_fds(name: str) -> bool:
+    """Have systemd close and forget the descriptors stored under ``name``."""
+    return notify(fdstoreremove=1, fdname=name)
+
+
+def listen_fds() -> dict[str, list[int]]:
+    """The descriptors systemd passed to this process (``$LISTEN_FDS``, from fd 3), by name.
+
+    Only for this process (``$LISTEN_PID``); the variables are removed so that
+    children do not take them for theirs. Every descriptor is made close-on-exec.
+    """
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+        pid = int(os.environ.get("LISTEN_PID", "0"))
+    except ValueError:
+        return {}
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    for var in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    if pid != os.getpid() or count <= 0:
+        return {}
+    out: dict[str, list[int]] = {}
+    for i in range(count):
+        fd = 3 + i
+        os.set_inheritable(fd, False)
+        out.setdefault(names[i] if i < len(names) else "unknown", []).append(fd)
+    return out
+
+
 def notify(**fields: str | int) -> bool:
     """Send ``KEY=value`` lines (e.g. ``READY=1``, ``STATUS=...``); True if a manager heard it.
 
     Keys are given in lower case and sent upper case: ``notify(ready=1, status="mounted")``.
     Failures are logged and never raised: readiness reporting must not stop the store.
     """
-    name = os.environ.get("NOTIFY_SOCKET", "")
-    if not name or not (name.startswith("/") or name.startswith("@")):
+    name = _socket_name()
+    if not name:
         return False
     message = "\n".join(f"{k.upper()}={v}" for k, v in fields.items()).encode()
     try:

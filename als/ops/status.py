@@ -63,7 +63,8 @@ def _future_state(fut: Future) -> tuple[str, object]:
 
 
 def collect(store, *, mountpoint: Path | str = "", root: Path | str = "", started: float | None = None,
-            errors=None, errors_window: float = ERRORS_WINDOW, rootfs: list | None = None) -> dict:
+            errors=None, errors_window: float = ERRORS_WINDOW, rootfs: list | None = None,
+            keeper=None) -> dict:
     """The status document `als status --json` prints."""
     served: dict[str, dict[str, object]] = {}
     for layer in store.layers():
@@ -122,6 +123,9 @@ def collect(store, *, mountpoint: Path | str = "", root: Path | str = "", starte
         "engines": [c.as_dict() for c in consumers.all()] if consumers is not None else [],
         # Images mounted as root file systems with `als mount` (als/rootfs/mounts.py).
         "rootfs": list(rootfs or []),
+        # Who keeps the FUSE connections for the next store (als/ops/handover.py): "systemd", "holder" or null.
+        "connections": {"kept_by": (keeper.source or None) if keeper is not None else None,
+                        "holder_pid": (keeper.holder_pid or None) if keeper is not None else None},
     }
 
 
@@ -156,6 +160,17 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
+def _connections_line(conn: dict) -> str:
+    kept = conn.get("kept_by")
+    if kept == "holder":
+        return (f"FUSE connections kept by the connection holder (pid {conn.get('holder_pid')}): "
+                "running containers keep their files across a restart of the store")
+    if kept == "systemd":
+        return ("FUSE connections kept in systemd's file descriptor store: "
+                "running containers keep their files across a restart of the store")
+    return "FUSE connections not kept: a restart of the store mounts afresh and running containers lose their files"
+
+
 def _rootfs_lines(mounts: list[dict]) -> list[str]:
     """The root file systems `als mount` made: where, which image, its layers (bottom first)."""
     if not mounts:
@@ -179,6 +194,7 @@ def render(st: dict) -> str:
     left = sum(b["total_bytes"] - b["fetched_bytes"] for b in bg)
     lines.append(f"fetching now: {st['inflight_chunks']} chunks; background fetches: {len(bg)}"
                  + (f", {size(left)} left" if bg else ""))
+    lines.append(_connections_line(st.get("connections") or {}))
     for engine in st.get("engines", []):
         if engine["affected"]:
             built = f"{engine['module']} {engine['version']}" if engine["version"] else "containers/storage 1.58 or later"

@@ -5,8 +5,11 @@ resolution, registries.conf, credentials and verification), waits for every
 layer, and mounts nothing unless all of them can be served lazily. Its layers
 are then in use (never evicted) until `als umount`. The record is kept in
 memory for `als status` and in ``<root>/state/rootfs.json``. When the daemon
-stops, it detaches its overlays before its own FUSE mounts: a dead overlay
-left at DIR would fail every access with "transport endpoint is not connected".
+stops for good, it detaches its overlays before its own FUSE mounts: a dead
+overlay left at DIR would fail every access with "transport endpoint is not
+connected". When it hands its FUSE connections over to a successor (or dies
+while a keeper holds them), the overlays rest on a mount that stays alive, so
+they stay, and the successor takes their records (and their layers' use) over.
 """
 
 from __future__ import annotations
@@ -51,7 +54,9 @@ class RootfsMount:
 class RootfsMounts:
     """The root file systems this daemon has mounted over its store at ``mountpoint``."""
 
-    def __init__(self, store: Store, mountpoint: Path, root: Path):
+    def __init__(self, store: Store, mountpoint: Path, root: Path, resumed: bool = False):
+        """``resumed``: the store took over the previous one's live FUSE connections, so the overlays
+        that one mounted over them may still be there and working."""
         self.store = store
         self.mountpoint = Path(mountpoint)
         self.dir = private_dir(Path(root) / "rootfs")
@@ -59,17 +64,26 @@ class RootfsMounts:
         self._lock = threading.Lock()
         self._mounts: dict[str, RootfsMount] = {}
         self._pending: set[Path] = set()  # targets being mounted now
-        self._forget_previous()
+        self._take_previous(resumed)
 
-    def _forget_previous(self) -> None:
-        """Mounts recorded by an earlier run were detached when it stopped (or died with it)."""
+    def _take_previous(self, resumed: bool) -> None:
+        """Mounts recorded by an earlier run: taken over if still there on a connection this store took
+        over; otherwise they were detached when it stopped (or are dead with the mount it served)."""
         try:
             previous = json.loads(self.records_path.read_text())
         except (OSError, ValueError):
             return
-        for m in previous if isinstance(previous, list) else []:
+        for raw in previous if isinstance(previous, list) else []:
+            m = _record(raw) if resumed else None
+            if m is not None and _still_mounted(m):
+                self._mounts[m.dir] = m
+                for d in dict.fromkeys(m.layers):
+                    self.store.use(m.image, d)
+                log.info("image %s: root file system at %s taken over from the previous store", m.image, m.dir)
+                continue
             log.warning("the root file system of image %s at %s did not survive the restart of the store: "
-                        "run `als mount` again", m.get("image"), m.get("dir"))
+                        "run `als mount` again", raw.get("image") if isinstance(raw, dict) else raw,
+                        raw.get("dir") if isinstance(raw, dict) else "")
         self._save()
 
     def _save(self) -> None:
@@ -203,9 +217,14 @@ class RootfsMounts:
                  f" (detached from {len(users)} users)" if users else "")
         return {"mount": m.as_dict(), "detached_users": [u.describe() for u in users]}
 
-    def close(self) -> None:
-        """Detach every overlay before the store's FUSE mounts go (the daemon is stopping)."""
+    def close(self, handed_over: bool = False) -> None:
+        """Detach every overlay before the store's FUSE mounts go (the daemon is stopping), unless
+        those mounts are handed over to a successor: then the overlays stay for it to take over."""
         with self._lock:
+            if handed_over:
+                for m in self._mounts.values():
+                    log.info("image %s: root file system at %s left to the next store", m.image, m.dir)
+                return
             for m in self._mounts.values():
                 try:
                     overlay.unmount(Path(m.dir), detach=True)
@@ -213,3 +232,23 @@ class RootfsMounts:
                              "lose their files", m.image, m.dir)
                 except ALSError as e:
                     log.error("image %s: %s", m.image, e)
+
+
+def _record(raw: object) -> RootfsMount | None:
+    """A saved record, or None if it is not one (a file from another version, a damaged one)."""
+    try:
+        return RootfsMount(**raw) if isinstance(raw, dict) else None
+    except TypeError:
+        return None
+
+
+def _still_mounted(m: RootfsMount) -> bool:
+    """Whether the overlay of record ``m`` is still mounted at its directory (same device). Read from
+    mountinfo, never by a stat: the overlay's root asks the store's mount, which this store, still
+    starting, does not answer yet."""
+    try:
+        mounts = mountinfo.parse(Path("/proc/self/mountinfo").read_text())
+    except OSError:
+        return False
+    dev = f"{m.device[0]}:{m.device[1]}" if len(m.device) == 2 else ""
+    return any(x.mount_point == m.dir and x.device == dev and x.fstype == "overlay" for x in mounts)

@@ -22,7 +22,7 @@ from als.fetch.fetcher import ChunkFetcher
 from als.fetch.source import BlobSource
 from als.formats import lazy
 from als.layer.resolved import Layer, LayerDescriptor
-from als.layer.view import LayerView
+from als.layer.view import MAX_LAYER_NODES, LayerView
 from als.reference import parse_reference
 from als.registry.client import RegistryClient
 from als.store.state import StateDir
@@ -74,14 +74,13 @@ class Evicted:
 
 @dataclass
 class LayerBuilder:
-    """Builds servable layers; owns the layer ids, which place each layer's inode numbers apart."""
+    """Builds servable layers, each with its layer id (the state directory's id of its image and blob
+    digest), which places its inode numbers apart from every other layer's."""
 
     config: Config
     client: RegistryClient
     fetcher: ChunkFetcher
     state: StateDir
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-    _next_layer_id: int = field(default=1, init=False, repr=False)
 
     def build(self, ref: str, desc: LayerDescriptor, evicted: Evicted | None = None) -> Layer:
         """Layer ``desc`` of image ``ref`` (or the rebuild of an ``evicted`` one, with its layer id)."""
@@ -95,19 +94,15 @@ class LayerBuilder:
         opened = self._open_toc(label, desc, read_range, evicted.diff_size if evicted is not None else None,
                                 read_blob=partial(self.client.get_blob, r))
         toc, diff_size = opened.toc, opened.diff_size
-        if evicted is not None:
-            layer_id = evicted.layer_id
-        else:
-            with self._lock:
-                layer_id = self._next_layer_id
-                self._next_layer_id += 1
+        # kept in the state directory: the same inode numbers after eviction and after a restart
+        layer_id = evicted.layer_id if evicted is not None else self.state.ids.layer(ref, desc.digest)
         for warning in toc.warnings[:20]:
             log.warning("%s: %s", label, warning)
         if len(toc.warnings) > 20:
             log.warning("%s: %d more TOC entries confined the same way", label, len(toc.warnings) - 20)
         with _PARSE_SLOTS:
             view = LayerView(toc.entries, ino_base=layer_id << 32, label=label,
-                             max_nodes=self.config.resolve.max_toc_entries + 65536)
+                             max_nodes=min(self.config.resolve.max_toc_entries + 65536, MAX_LAYER_NODES))
         if view.unservable:
             raise FormatError(f"it cannot be presented faithfully over FUSE ({len(view.unservable)} entries, "
                               f"first: {view.unservable[0]})")

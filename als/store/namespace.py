@@ -98,11 +98,19 @@ class Store:
 
         ``cancel``: the caller went away (a FUSE interrupt): stop waiting, raise Interrupted.
         """
+        return self._ready_or(ref, digest, lambda: self.resolver.layer(ref, digest, cancel))
+
+    def known_layer(self, ref: str, digest: str, cancel: threading.Event | None = None) -> Layer:
+        """The layer of a node id the kernel kept across a restart: from saved metadata if need be
+        (als/store/resolve.py ``Resolver.known_layer``)."""
+        return self._ready_or(ref, digest, lambda: self.resolver.known_layer(ref, digest, cancel))
+
+    def _ready_or(self, ref: str, digest: str, resolve: Callable[[], Layer]) -> Layer:
+        """The layer held in memory, else ``resolve()``'s, then kept."""
         layer = self.ready_layer(ref, digest)
-        if layer is not None:
-            return layer
-        layer = self.resolver.layer(ref, digest, cancel)
-        self._keep(layer)
+        if layer is None:
+            layer = resolve()
+            self._keep(layer)
         return layer
 
     def image(self, ref: str, cancel: threading.Event | None = None):

@@ -130,6 +130,7 @@ class Resolver:
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="als-resolve")
         self._resolutions: dict[str, Resolution] = {}
         self._fallbacks: dict[str, Resolution] = {}  # ref -> image rebuilt from saved metadata
+        self._adopting = threading.Lock()  # one rebuild from saved metadata per image at a time
         self._platform = parse_platform(config.resolve.platform) if config.resolve.platform else host_platform()
 
     def close(self) -> None:
@@ -176,6 +177,33 @@ class Resolver:
         else:
             desc, res, deadline = self._from_registry(ref, digest, deadline, cancel)
         return self._wait(self._layer_future(res, desc), deadline, f"image {ref} layer {digest}", cancel)
+
+    def known_layer(self, ref: str, digest: str, cancel: threading.Event | None = None) -> Layer:
+        """Layer ``digest`` of image ``ref`` for a node the kernel kept across a restart of the store.
+
+        The kernel asks by node id, with no lookup first, while the image may be
+        resolving anew: a resolution that has the layer already answers, else the
+        layer is rebuilt from the manifest and TOC saved in the state directory,
+        without waiting for the registry; only a layer never saved waits for it.
+        """
+        deadline = time.monotonic() + self.config.resolve.timeout
+        with self._adopting:
+            found = None
+            with self._lock:
+                candidates = [r for r in (self._resolutions.get(ref), self._fallbacks.get(ref)) if r is not None]
+            for res in candidates:
+                image = res.image
+                if image.done() and image.exception() is None and image.result().find(digest) is not None:
+                    found = image.result().find(digest), res
+                    break
+            if found is None:
+                found = self._from_saved(ref, digest)
+                if found is not None:
+                    with self._lock:
+                        self._fallbacks.setdefault(ref, found[1])
+        if found is None:
+            return self.layer(ref, digest, cancel)
+        return self._wait(self._layer_future(found[1], found[0]), deadline, f"image {ref} layer {digest}", cancel)
 
     # ---- the store's keeping and evicting (its lock held) -----------------------------
     def kept(self, ref: str, digest: str) -> None:

@@ -1,4 +1,4 @@
-"""What the store remembers across restarts: manifests, configs and TOCs.
+"""What the store remembers across restarts: manifests, configs, TOCs, and the ids of images and layers.
 
 Podman bakes ``<mount>/<ref>/<digest>/diff`` into its graph root for good, so
 after a restart the store must answer for layers of tags that may have moved
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from als.fetch.cache import atomic_write, private_dir
 from als.digest import hex_of, sha256_digest
+from als.store.ids import IdTable
 
 log = logging.getLogger("als.state")
 
@@ -26,6 +27,7 @@ class StateDir:
         for sub in ("blobs", "tocs", "refs"):
             private_dir(self.root / sub)
         self._lock = threading.Lock()
+        self.ids = IdTable(self.root / "ids")  # node ids and layer ids that outlive the process
 
     def _write(self, path: Path, data: bytes) -> None:
         atomic_write(path, data, path.parent)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import io
 import os
 import signal
 import struct
@@ -24,12 +23,8 @@ import time
 
 import pytest
 
-from als.tools.image import estargz_layer, push_image
-from als.reference import parse_reference
-from als.registry.client import RegistryClient
-from als.registry.sysregistries import RegistriesConf
-from tests.support import images
 from tests.support.registry import RegistryProcess
+from tests.support.restart import push_tree
 from tests.support.store_process import StoreProcess, force_unmount, write_registries_conf
 
 SYS_PIDFD_OPEN, SYS_PIDFD_GETFD = 434, 438  # x86_64 and aarch64 share these numbers
@@ -58,14 +53,11 @@ def grab_fuse_fd(pid: int) -> int:
 def test_a_held_descriptor_keeps_the_mount_and_resend_requeues_inflight_reads(tmp_path):
     with RegistryProcess(tmp_path / "registry") as registry:
         conf = write_registries_conf(tmp_path / "registries.conf", [registry.host])
-        client = RegistryClient(RegistriesConf.load(str(conf)), retries=0)
-        layers = [estargz_layer(io.BytesIO(t), chunk_size=256 << 10) for t in images.tree_layers()]
-        ref = f"{registry.host}/handover:1"
-        push_image(client, parse_reference(ref), layers)
+        ref, layers = push_tree(registry, conf, "handover:1", 256 << 10)
         (tmp_path / "store").mkdir()
         store = StoreProcess(tmp_path / "store", registries_conf=conf,
                              config="[fetch]\nbackground = false\n[registry]\nretries = 0\nread_timeout = 120.0\n"
-                                    "[fuse]\nxattr_free_mount = false\n")  # one connection: the one grabbed
+                                    "[fuse]\nxattr_free_mount = false\nkeep_connection = false\n")  # one connection: the one grabbed
         store.start()
         held = cat = None
         stopped = False

@@ -52,7 +52,7 @@ def test_sigterm_and_sigint_unmount_and_exit_zero(tmp_path):
 
 
 def test_a_stale_mount_from_a_killed_store_is_cleared_at_start(tmp_path):
-    s = StoreProcess(tmp_path)
+    s = StoreProcess(tmp_path, config="[fuse]\nkeep_connection = false\n")  # kept, it would live on
     s.start()
     try:
         s.kill()

@@ -116,3 +116,17 @@ def test_render_handles_an_empty_store():
           "images": [], "registry_errors_window_seconds": 600, "registry_errors": []}
     text = status.render(st)
     assert "up 1h02m" in text and "no image looked up yet" in text and "1.0 KiB left" in text
+
+
+def test_status_names_who_keeps_the_fuse_connections(daemon):
+    st = status_json(daemon)
+    text = als("status", "--root", str(daemon.root)).stdout
+    if "FUSE connections kept by the connection holder" not in daemon.log():
+        assert st["connections"] == {"kept_by": None, "holder_pid": None}  # a kernel older than 6.9
+        assert "FUSE connections not kept" in text
+        return
+    pid = st["connections"]["holder_pid"]
+    assert st["connections"]["kept_by"] == "holder" and pid != daemon.proc.pid
+    assert f"connection holder (pid {pid})" in daemon.log()  # the holder the store started
+    assert open(f"/proc/{pid}/cmdline").read().split("\0")[1:3] == ["-m", "als.ops.holder"]
+    assert f"FUSE connections kept by the connection holder (pid {pid})" in text

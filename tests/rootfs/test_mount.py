@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import subprocess
 
 import pytest
@@ -54,25 +55,57 @@ def test_refusals_name_the_problem(rootfs_store, registry, tmp_path):
     assert notours.returncode == 1 and "is not a root file system mounted by this store" in notours.stderr
 
 
-def test_stopping_the_store_detaches_its_root_file_systems(registries_conf, registry, client, tmp_path):
-    ref = f"{registry.host}/rootfs/stop:esgz"
-    push_image(client, parse_reference(ref), [estargz_layer(io.BytesIO(images.files_tar({"f": b"f\n"})),
+def own_store(registries_conf, registry, client, tmp_path, repo: str, files: dict[str, bytes]):
+    """A store of this test's own, an image of ``files`` pushed as ``repo``, and an empty target directory."""
+    ref = f"{registry.host}/{repo}:esgz"
+    push_image(client, parse_reference(ref), [estargz_layer(io.BytesIO(images.files_tar(files)),
                                                             chunk_size=1 << 20)])
     target = tmp_path / "rootfs"
     target.mkdir()
     (tmp_path / "als").mkdir()
-    store = StoreProcess(tmp_path / "als", registries_conf=registries_conf).start()
+    return ref, target, StoreProcess(tmp_path / "als", registries_conf=registries_conf).start()
+
+
+def test_stopping_the_store_for_good_detaches_its_root_file_systems(registries_conf, registry, client, tmp_path):
+    ref, target, store = own_store(registries_conf, registry, client, tmp_path, "rootfs/stop", {"f": b"f\n"})
     try:
         als(store, "mount", ref, str(target))
         assert (target / "f").read_bytes() == b"f\n"
-        assert store.stop() == 0
+        assert store.stop(signal.SIGINT) == 0  # for good: the FUSE mounts go, so must what rests on them
         assert not is_mount_point(target)  # no dead overlay left at DIR
         assert f"image {ref}: root file system at {target} detached as the store stops" in store.log()
         store.start()  # the next run says the mount is gone
         assert f"the root file system of image {ref} at {target} did not survive the restart" in store.log()
         assert json.loads(als(store, "status", "--json").stdout)["rootfs"] == []
     finally:
-        store.stop()
+        store.stop(signal.SIGINT)
+        if is_mount_point(target):
+            subprocess.run(["umount", "-l", str(target)], timeout=30)
+
+
+def test_a_restart_with_the_connection_kept_leaves_root_file_systems_to_the_next_store(
+        registries_conf, registry, client, tmp_path):
+    ref, target, store = own_store(registries_conf, registry, client, tmp_path, "rootfs/restart",
+                                   {"a": b"a\n", "b": b"b\n"})
+    try:
+        if "FUSE connections kept by" not in store.log():
+            pytest.skip("this kernel cannot hand a FUSE connection over (FUSE_NOTIFY_RESEND, Linux 6.9)")
+        als(store, "mount", ref, str(target))
+        dev = target.stat().st_dev
+        assert (target / "a").read_bytes() == b"a\n"
+        assert store.hand_over() == 0  # SIGTERM: the mounts stay for the next store
+        assert is_mount_point(target) and target.stat().st_dev == dev
+        assert "detached as the store stops" not in store.log()
+        assert f"image {ref}: root file system at {target} left to the next store" in store.log()
+        store.start()
+        assert f"image {ref}: root file system at {target} taken over from the previous store" in store.log()
+        assert (target / "b").read_bytes() == b"b\n"  # never read before: served by the successor
+        status = json.loads(als(store, "status", "--json").stdout)
+        assert [m["dir"] for m in status["rootfs"]] == [str(target)]
+        als(store, "umount", str(target))
+        assert not is_mount_point(target)
+    finally:
+        store.stop(signal.SIGINT)
         if is_mount_point(target):
             subprocess.run(["umount", "-l", str(target)], timeout=30)
 

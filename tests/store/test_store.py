@@ -15,7 +15,7 @@ from als.formats import estargz
 from als.tools.image import estargz_layer, push_image
 from als.reference import parse_reference
 from tests.support import images, inprocess
-from tests.support.store_process import StoreProcess
+from tests.support.store_process import StoreProcess, wait_log
 
 CHUNK = 128 << 10
 
@@ -32,15 +32,6 @@ def push_files(registry, client, repo, files, prioritized=None):
     return ref, images.push_files(client, ref, files, chunk_size=CHUNK, level=1, prioritized=prioritized)
 
 
-def wait_for(store, text, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in store.log():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{text!r} not in the store log after {timeout}s")
-
-
 def blob_requests(registry, mark, digest):
     return [a for a in registry.accesses_since(mark) if a.method == "GET" and a.uri.endswith(digest)]
 
@@ -52,7 +43,7 @@ def test_landmark_prefetch_fetches_the_prioritised_files_in_one_request(store, r
     ref, layer = push_files(registry, client, "prefetch", files, prioritized=wanted)
     mark = registry.mark()
     os.stat(store.layer_dir(ref, layer.digest) / "diff")  # resolve: footer + TOC, then the prefetch
-    wait_for(store, f"layer {layer.digest}: prefetched")
+    wait_log(store, f"layer {layer.digest}: prefetched", 30.0)
     requests = blob_requests(registry, mark, layer.digest)
     assert len(requests) == 2  # the tail (footer and TOC), then the whole prioritised front at once
     mark = registry.mark()
@@ -67,7 +58,7 @@ def test_background_fetch_completes_a_layer_then_reads_stay_local(warm_store, re
     ref, layer = push_files(registry, client, "background", files)
     mark = registry.mark()
     os.stat(warm_store.layer_dir(ref, layer.digest) / "diff")
-    wait_for(warm_store, f"layer {layer.digest}: background fetch done")
+    wait_log(warm_store, f"layer {layer.digest}: background fetch done", 30.0)
     requests = blob_requests(registry, mark, layer.digest)
     assert len(requests) > 2  # in steps, yielding to reads in between
     # everything once; only the chunk straddling the start of the tail read is fetched twice, in part

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import ctypes
 import os
 import signal
 import subprocess
@@ -14,7 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def is_mounted(path: Path) -> bool:
-    target = str(Path(path).resolve())
+    path = Path(path).absolute()
+    target = str(path.parent.resolve() / path.name)  # never a stat of the mount: it may wait for a successor
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == target for line in f)
 
@@ -32,6 +34,10 @@ def is_serving(path: Path) -> bool:
 
 
 def force_unmount(path: Path) -> None:
+    """Lazily unmount ``path``: umount2(2) first, which never asks the mount itself anything (a
+    connection kept for a successor that nobody serves would make a stat wait)."""
+    if is_mounted(path):
+        ctypes.CDLL(None, use_errno=True).umount2(os.fsencode(str(Path(path).absolute())), 2)  # MNT_DETACH
     for cmd in (["fusermount3", "-u", "-z", str(path)], ["umount", "-l", str(path)]):
         if not is_mounted(path):
             return
@@ -60,6 +66,7 @@ class StoreProcess:
         self.env = env or {}
         self.args = tuple(args)  # more `als serve` options, e.g. ("--log-format", "json")
         self.wrapper = tuple(wrapper)  # a command that execs the rest, e.g. setpriv with its options
+        self.pass_fds: tuple[int, ...] = ()  # descriptors the store inherits (with a wrapper placing them)
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20.0) -> "StoreProcess":
@@ -71,7 +78,7 @@ class StoreProcess:
         self.proc = subprocess.Popen(
             [*self.wrapper, sys.executable, "-m", "als", "serve", "--root", str(self.root),
              "--config", str(self.config_path), "--log-level", self.log_level, *self.args, str(self.mountpoint)],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, cwd=REPO)
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, cwd=REPO, pass_fds=self.pass_fds)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -98,6 +105,15 @@ class StoreProcess:
         force_unmount(self.mountpoint)  # lazily: the .noxattr mount on it goes with it
         return rc
 
+    def hand_over(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, leaving the mounts (their connections kept) to the next start: a planned restart."""
+        rc = None
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            rc = self.proc.wait(timeout)
+            self.proc = None
+        return rc
+
     def kill(self) -> None:
         """SIGKILL, leaving the dead mount behind as a crash would."""
         if self.proc is not None:
@@ -116,3 +132,13 @@ class StoreProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def wait_log(store: StoreProcess, text: str, timeout: float = 10.0) -> None:
+    """Until ``text`` is in the store's log (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in store.log():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not in the store log after {timeout}s: {store.log()[-2000:]}")

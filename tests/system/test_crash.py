@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 from als.fetch.cache import ChunkCache
 from als.tools.image import estargz_layer, push_image
 from als.reference import parse_reference
@@ -151,12 +153,18 @@ def verify_all(store, ref, layers, contents, tally: Tally) -> None:
 
 
 def kill_rounds(registry, client, workdir: Path, registries_conf: Path, rounds: int, files: int, size: int,
-                seed: int = 1) -> Tally:
-    """The body of the SIGKILL test, shared with the soak."""
+                seed: int = 1, keep_connection: bool = True) -> Tally:
+    """The body of the SIGKILL test, shared with the soak.
+
+    With the connection kept (the default), the next store takes it over and
+    the readers' reads wait for it: none may fail. Without, reads fail while
+    the mount is dead and the next store clears it.
+    """
     ref, layers, contents = make_image(registry, client, f"kill{seed}", files, size, KILL_CHUNK)
     tally = Tally()
     rng = random.Random(seed)
-    store = StoreProcess(workdir, registries_conf=registries_conf, config=KILL_CONFIG, log_level="info")
+    config = KILL_CONFIG + f"[fuse]\nkeep_connection = {str(keep_connection).lower()}\n"
+    store = StoreProcess(workdir, registries_conf=registries_conf, config=config, log_level="info")
     cache_dir = store.root / "cache"
     try:
         for r in range(rounds):
@@ -169,21 +177,36 @@ def kill_rounds(registry, client, workdir: Path, registries_conf: Path, rounds: 
             time.sleep(rng.uniform(0.02, 0.3))
             aim_and_kill(store, cache_dir / "chunks" / "tmp")
             stop.set()
-            for t in threads:
-                t.join(30)
-                assert not t.is_alive(), "a reader hung on the dead mount"
-            assert is_mounted(store.mountpoint)  # the dead mount a crash leaves
+            if not keep_connection:
+                for t in threads:
+                    t.join(30)
+                    assert not t.is_alive(), "a reader hung on the dead mount"
+            assert is_mounted(store.mountpoint)  # the dead mount a crash leaves, or the kept one
             tmp = cache_dir / "chunks" / "tmp"
             if tmp.is_dir() and any(tmp.iterdir()):
                 tally.kills_mid_write += 1
             if r % 3 == 2:
                 damage(cache_dir, rng, tally)
             forget_some(cache_dir, rng)  # so that the next round has chunks to fetch and write again
+            if keep_connection:  # the readers wait for the next store, which takes the connection over
+                store.start()
+                for t in threads:
+                    t.join(60)
+                    assert not t.is_alive(), "a reader still waits after the next store took over"
+                store.kill()
             tally.rounds += 1
-        store.start()  # clears the dead mount, drops the leftovers, and must serve exactly the source
+        store.start()  # clears the dead mount (or takes it over), drops the leftovers, serves exactly the source
         verify_all(store, ref, layers, contents, tally)
         log = store.log()
-        assert "clearing the stale mount" in log
+        if keep_connection:  # the kernel kept its page cache across the take-overs: read it all through the store
+            store.stop(signal.SIGINT)
+            store.start()
+            verify_all(store, ref, layers, contents, tally)
+        if keep_connection:
+            assert log.count("taking over the live FUSE connections") == rounds * 2
+            assert "clearing the stale mount" not in log and tally.read_errors == 0
+        else:
+            assert "clearing the stale mount" in log
     finally:
         store.stop()
     assert not is_mounted(store.mountpoint)
@@ -214,9 +237,11 @@ def verify_cost(cache_dir: Path) -> str:
             f"{total // len(paths) >> 10} KiB entry)")
 
 
+@pytest.mark.parametrize("keep_connection", [True, False], ids=["kept", "not-kept"])
 def test_sigkill_during_fetches_and_cache_writes_never_serves_a_wrong_byte(
-        registry, client, registries_conf, tmp_path):
-    tally = kill_rounds(registry, client, tmp_path, registries_conf, rounds=8, files=3, size=8 << 20)
+        registry, client, registries_conf, tmp_path, keep_connection):
+    tally = kill_rounds(registry, client, tmp_path, registries_conf, rounds=8, files=3, size=8 << 20,
+                        keep_connection=keep_connection)
     print(f"\nSIGKILL rounds: {tally.rounds}, kills that left a half-written entry: {tally.kills_mid_write}, "
           f"entries damaged: {tally.damaged}, bytes verified: {tally.bytes_verified}, "
           f"reads failed under a kill: {tally.read_errors}, wrong bytes: {tally.wrong_bytes}")
