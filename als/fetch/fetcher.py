@@ -14,8 +14,9 @@ startup prediction's reads), the prefetch of a layer's prioritised region at
 resolve time, and the background fetch of the rest of the blob. The
 background fetch yields (als/fetch/pace.py): it starts once a container's start-up
 burst has gone quiet and waits whenever a foreground fetch is in flight, so
-it never competes with a container for the link; each wait is bounded, so it
-cannot be starved for good.
+it never competes with a container for the link (unless a container streams
+the layer front to back: then it runs flat out ahead of it); each wait is
+bounded, so it cannot be starved for good.
 """
 
 from __future__ import annotations
@@ -254,7 +255,8 @@ class ChunkFetcher:
             if not started:
                 self.foreground.wait_start(stop, pace, since, lambda: source.streaming)
                 started = True
-            self.foreground.wait_idle(stop, pace)
+            if not source.streaming:  # a container reading it front to back wants all of it
+                self.foreground.wait_idle(stop, pace)
             self._wait_writer(stop)
             before = self.bytes_fetched
             # The claims are handed over, not kept: a batch's chunks are released one by one

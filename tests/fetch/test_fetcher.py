@@ -186,6 +186,20 @@ def test_a_container_streaming_the_layer_starts_the_background_without_waiting_f
     assert not bg.is_alive() and fetcher.cached(source.chunks)
 
 
+def test_a_container_streaming_the_layer_does_not_hold_the_background_back(tmp_path, layer_source):
+    make, view, files, layer = layer_source
+    fetcher = ChunkFetcher(ChunkCache(tmp_path), readahead_min=CHUNK, readahead_max=2 * CHUNK)
+    source = make()
+    for name in sorted(files)[:4]:  # a tar reading the tree: its read-ahead at its largest
+        assert read_file(fetcher, source, view, name) == files[name]
+    assert source.streaming
+    with fetcher.foreground.fetch(container=True):  # its next read waits on the network all along
+        bg = in_thread("background", fetcher.background, source, threading.Event(), 256 << 10,
+                       pace=Pace(quiet=60.0, delay=60.0), since=fetcher.container_reads() - 1)
+        bg.join(30)  # it wants the whole layer: the background fetch helps it, not pauses for it
+        assert not bg.is_alive() and fetcher.cached(source.chunks)
+
+
 def test_background_yields_to_predictions_and_prefetches_too(tmp_path, layer_source):
     make, view, files, layer = layer_source
     fetcher = ChunkFetcher(ChunkCache(tmp_path), readahead_max=0)
