@@ -250,14 +250,17 @@ def test_cache_limit_evicts_least_recently_used(tmp_path):
     assert cache.get(digests[0]) == blobs[0]  # now the most recently used
     cache.put(digests[3], blobs[3])  # over the limit: digests[1] goes
     assert cache.flush()
-    assert not cache.contains(digests[1]) and not cache.path(digests[1]).exists()
+    assert not cache.contains(digests[1]) and cache.location(digests[1]) is None
     assert all(cache.contains(d) for d in (digests[0], digests[2], digests[3]))
     st = cache.stats()
     assert (st.entries, st.bytes, st.evicted) == (3, 3000, 1)
     again = ChunkCache(tmp_path, memory_bytes=0, max_bytes=3000)  # the index is rebuilt from disk
     assert again.stats().bytes == 3000
     assert again.prune(1000) == 2000 and again.stats().entries == 1
-    again.path(next(iter(again._index))).write_bytes(b"x" * 1000)
+    pack, offset, length = again.location(next(d for d in digests if again.contains(d)))
+    with open(pack, "r+b") as f:
+        f.seek(offset)
+        f.write(b"x" * length)
     assert again.verify() == (1, 1) and again.stats().entries == 0
 
 
