@@ -214,15 +214,22 @@ class ChunkCache:
         self._evict()
 
     def _add(self, pack: Pack, records: list[Record]) -> None:
-        """Serve ``records`` from ``pack`` (later copies of a chunk win); the pack becomes the most recent."""
+        """Serve ``records`` from ``pack``, which becomes the most recently used.
+
+        Of two copies of a chunk (a chunk fetched again after its pack was
+        left out, say), the one in the newer pack is served: every process
+        opening the cache picks the same copy, whatever the packs' times say.
+        """
         with self._lock:
             if pack.number not in self._packs:
                 self._packs[pack.number] = pack
                 self._disk_bytes += pack.size
             self._packs.move_to_end(pack.number)
             for r in records:
-                self._index[r.digest] = (pack, r.offset, r.length)
-                pack.digests.append(r.digest)
+                entry = self._index.get(r.digest)
+                if entry is None or entry[0].number < pack.number:
+                    self._index[r.digest] = (pack, r.offset, r.length)
+                    pack.digests.append(r.digest)
 
     def contains(self, digest: str) -> bool:
         """Cached on disk or in memory (not verified: a later ``get`` still checks)."""
@@ -472,6 +479,8 @@ class ChunkCache:
                 continue
             removed += len(entries) - len(good)
             self._drop(pack)  # its file stays readable through the pack's open descriptor
+            if pack.foreign:  # a running store writes it, and drops it when it reads the bad chunk
+                continue
             for i in range(0, len(good), WRITE_BATCH):
                 batch = []
                 for d, offset, length in good[i:i + WRITE_BATCH]:

@@ -158,8 +158,9 @@ def test_a_full_disk_evicts_least_recently_used_and_stores_the_new_chunk(tmp_pat
     root = tmp_path / "small"
     root.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(root)], check=True, timeout=30)
-    cache = ChunkCache(root, memory_bytes=0)  # no byte limit: only the disk says no
+    cache = None
     try:
+        cache = ChunkCache(root, memory_bytes=0)  # no byte limit: only the disk says no
         blobs = [os.urandom(100_000) for _ in range(12)]
         digests = [sha256_digest(b) for b in blobs]
         for d, b in zip(digests[:8], blobs[:8]):
@@ -183,6 +184,7 @@ def test_a_full_disk_evicts_least_recently_used_and_stores_the_new_chunk(tmp_pat
         assert check.verify() == (1, 0)
         check.close()
     finally:
-        cache.close()  # its open packs would keep the file system busy
+        if cache is not None:
+            cache.close()  # its open packs would keep the file system busy
         subprocess.run(["umount", str(root)], timeout=30)
         assert not is_mounted(root)
