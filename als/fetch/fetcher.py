@@ -31,7 +31,8 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, Sequence
 
-from als.fetch.cache import ChunkCache, release_free_memory
+from als.fetch.cache import ChunkCache
+from als.fetch.memory import release_free_memory
 from als.digest import sha256_digest
 from als.errors import FormatError, RegistryError, VerificationError
 from als.formats import lazy
