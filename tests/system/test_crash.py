@@ -223,9 +223,9 @@ def kill_rounds(registry, client, workdir: Path, registries_conf: Path, rounds: 
             assert is_mounted(store.mountpoint)  # the dead mount a crash leaves
             if mid_write(cache_dir):
                 tally.kills_mid_write += 1
-            if r % 3 == 2:
-                damage(cache_dir, rng, tally)
             forget_some(cache_dir, rng)  # so that the next round has chunks to fetch and write again
+            if r % 3 == 2:
+                damage(cache_dir, rng, tally)  # after forgetting: the next start must meet every kind
             tally.rounds += 1
         store.start()  # clears the dead mount, drops the leftovers, and must serve exactly the source
         verify_all(store, ref, layers, contents, tally)
