@@ -174,14 +174,14 @@ def variants(bench: Bench) -> list[Variant]:
            Variant("als", "als, config/config.toml as shipped (headline)", "als", shipped, headline=True),
            Variant("als-nobg", "als, as shipped but [fetch] background = false (extra)", "als",
                    background_off(shipped))]
-    if bench.args.als_base:
+    if getattr(bench.args, "als_base", ""):
         base = Path(bench.args.als_base).resolve()
         out.append(Variant("als-base", f"als from {base}, its config/config.toml as shipped (before/after)", "als",
                            (base / "config" / "config.toml").read_text(), checkout=str(base)))
-    if bench.args.columns:
-        wanted = bench.args.columns.split(",")
-        out = [v for v in out if v.name in wanted]
-    if bench.args.no_reference or bench.args.columns and "stargz-store" not in bench.args.columns.split(","):
+    columns = getattr(bench.args, "columns", "")
+    if columns:
+        out = [v for v in out if v.name in columns.split(",")]
+    if bench.args.no_reference or columns and "stargz-store" not in columns.split(","):
         print("reference column left out", flush=True)
         return out
     binary, how = bench_stargz.obtain(CACHE, bench.args.stargz_store or os.environ.get("STARGZ_STORE"))
