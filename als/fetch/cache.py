@@ -320,7 +320,7 @@ class ChunkCache:
                 if self._pending.pop(d, None) is not None:
                     self._pending_size -= len(data)
             self._room.notify_all()
-        del chunks  # the writer holds no chunk while it waits for the next
+        chunks = data = None  # the writer holds no chunk while it waits for the next
         if self._queue.empty():
             release_free_memory()  # caught up: what it wrote is free now
 
@@ -396,7 +396,8 @@ class ChunkCache:
         raise OSError(errno.EEXIST, "no free pack number")
 
     def _drop(self, pack: Pack) -> int:
-        """Stop serving from ``pack`` and delete it (unless another process writes it); its chunks served."""
+        """Stop serving from ``pack`` and delete it (unless another process writes it); returns how
+        many chunks were served from it."""
         with self._write_lock:
             if pack is self._current:
                 self._current = None
