@@ -15,6 +15,8 @@ Columns (variants), in one run, the order reversed every other round:
   stargz-store  containerd/stargz-snapshotter's store with its own defaults: the reference
                 (tests/support/bench_stargz.py: how it is found or built; without it the
                 column is left out and the reason printed)
+  als-base      --als-base CHECKOUT: `als serve` from another checkout, with its shipped config
+                (a before/after column; --workloads and --columns run a part of the bench)
 
 Workloads:
   cold      podman pull + podman run IMAGE python3 -c 'print(1)'
