@@ -99,7 +99,7 @@ def cmd_cache(args) -> int:
 
     from als.fetch.cache import ChunkCache
     cache_dir = Path(args.root) / "cache"
-    if not (cache_dir / "chunks").is_dir():
+    if not (cache_dir / "packs").is_dir():
         raise ALSError(f"no chunk cache under {args.root}")
     cache = ChunkCache(cache_dir, memory_bytes=0)
     if args.action == "prune":

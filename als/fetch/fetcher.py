@@ -14,8 +14,9 @@ startup prediction's reads), the prefetch of a layer's prioritised region at
 resolve time, and the background fetch of the rest of the blob. The
 background fetch yields (als/fetch/pace.py): it starts once a container's start-up
 burst has gone quiet and waits whenever a foreground fetch is in flight, so
-it never competes with a container for the link; each wait is bounded, so it
-cannot be starved for good.
+it never competes with a container for the link (unless a container streams
+the layer front to back: then it runs flat out ahead of it); each wait is
+bounded, so it cannot be starved for good.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, Sequence
 
-from als.fetch.cache import ChunkCache, release_free_memory
+from als.fetch.cache import ChunkCache
+from als.fetch.memory import release_free_memory
 from als.digest import sha256_digest
 from als.errors import FormatError, RegistryError, VerificationError
 from als.formats import lazy
@@ -196,7 +198,8 @@ class ChunkFetcher:
             if not started:
                 self.foreground.wait_start(stop, pace, since, lambda: source.streaming)
                 started = True
-            self.foreground.wait_idle(stop, pace)
+            if not source.streaming:  # a container reading it front to back wants all of it
+                self.foreground.wait_idle(stop, pace)
             self._wait_writer(stop)
             before = self.bytes_fetched
             # The claims are handed over, not kept: a batch's chunks are released one by one

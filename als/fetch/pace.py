@@ -8,7 +8,10 @@ starting container. So the fetcher counts what the foreground does
 the startup prediction and for prefetches), and the background fetch of a
 newly resolved layer waits for a container to start reading it (a pull ends
 before its container starts), then for the start-up burst to go quiet; later
-it pauses while any foreground fetch is in flight. Every wait is bounded
+it pauses while any foreground fetch is in flight, unless a container is
+streaming the layer (reading it front to back: it wants all of it, and a
+background fetch that pauses for its every miss only makes it wait on the
+network more often). Every wait is bounded
 (``Pace.delay``): an image pulled and not run is still fetched, and a
 container that never stops reading cannot starve the background fetch.
 """

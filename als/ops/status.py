@@ -38,9 +38,7 @@ def _layer_chunks(layer) -> dict[str, tuple[int, bool]]:
 
 def _cached(cache, digest: str) -> bool:
     contains = getattr(cache, "contains", None)
-    if contains is not None:
-        return contains(digest)
-    return cache.path(digest).exists()
+    return contains is not None and contains(digest)
 
 
 def _layer_status(store, layer) -> dict:

@@ -187,6 +187,20 @@ def test_a_container_streaming_the_layer_starts_the_background_without_waiting_f
     assert not bg.is_alive() and fetcher.cached(source.chunks)
 
 
+def test_a_container_streaming_the_layer_does_not_hold_the_background_back(tmp_path, layer_source):
+    make, view, files, layer = layer_source
+    fetcher = ChunkFetcher(ChunkCache(tmp_path), readahead_min=CHUNK, readahead_max=2 * CHUNK)
+    source = make()
+    for name in sorted(files)[:4]:  # a tar reading the tree: its read-ahead at its largest
+        assert read_file(fetcher, source, view, name) == files[name]
+    assert source.streaming
+    with fetcher.foreground.fetch(container=True):  # its next read waits on the network all along
+        bg = in_thread("background", fetcher.background, source, threading.Event(), 256 << 10,
+                       pace=Pace(quiet=60.0, delay=60.0), since=fetcher.container_reads() - 1)
+        bg.join(30)  # it wants the whole layer: the background fetch helps it, not pauses for it
+        assert not bg.is_alive() and fetcher.cached(source.chunks)
+
+
 def test_background_yields_to_predictions_and_prefetches_too(tmp_path, layer_source):
     make, view, files, layer = layer_source
     fetcher = ChunkFetcher(ChunkCache(tmp_path), readahead_max=0)
@@ -237,14 +251,17 @@ def test_cache_limit_evicts_least_recently_used(tmp_path):
     assert cache.get(digests[0]) == blobs[0]  # now the most recently used
     cache.put(digests[3], blobs[3])  # over the limit: digests[1] goes
     assert cache.flush()
-    assert not cache.contains(digests[1]) and not cache.path(digests[1]).exists()
+    assert not cache.contains(digests[1]) and cache.location(digests[1]) is None
     assert all(cache.contains(d) for d in (digests[0], digests[2], digests[3]))
     st = cache.stats()
     assert (st.entries, st.bytes, st.evicted) == (3, 3000, 1)
     again = ChunkCache(tmp_path, memory_bytes=0, max_bytes=3000)  # the index is rebuilt from disk
     assert again.stats().bytes == 3000
     assert again.prune(1000) == 2000 and again.stats().entries == 1
-    again.path(next(iter(again._index))).write_bytes(b"x" * 1000)
+    pack, offset, length = again.location(next(d for d in digests if again.contains(d)))
+    with open(pack, "r+b") as f:
+        f.seek(offset)
+        f.write(b"x" * length)
     assert again.verify() == (1, 1) and again.stats().entries == 0
 
 

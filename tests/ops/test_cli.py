@@ -72,11 +72,14 @@ def test_cache_stats_prune_verify(tmp_path):
     cache = ChunkCache(tmp_path / "cache")
     for i in range(3):
         cache.put(sha256_digest(bytes([i]) * 100), bytes([i]) * 100)
-    assert cache.flush()  # put() leaves the writing to a thread; the command reads the directory
+    assert cache.close()  # put() leaves the writing to a thread; the command reads the packs
+    pack = next((tmp_path / "cache" / "packs").glob("*.pack"))
+    offset = 100  # the second chunk
     r = als("cache", "stats", "--root", str(tmp_path), "--json")
     assert r.returncode == 0 and '"entries": 3' in r.stdout and '"bytes": 300' in r.stdout
-    victim = next((tmp_path / "cache" / "chunks" / "sha256").rglob("*/*"))
-    victim.write_bytes(b"bad")
+    with open(pack, "r+b") as f:  # one chunk damaged: verify keeps the other two
+        f.seek(offset)
+        f.write(b"bad")
     r = als("cache", "verify", "--root", str(tmp_path), "--json")
     assert '"checked": 3' in r.stdout and '"removed": 1' in r.stdout
     r = als("cache", "prune", "--root", str(tmp_path))

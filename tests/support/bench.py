@@ -15,6 +15,8 @@ Columns (variants), in one run, the order reversed every other round:
   stargz-store  containerd/stargz-snapshotter's store with its own defaults: the reference
                 (tests/support/bench_stargz.py: how it is found or built; without it the
                 column is left out and the reason printed)
+  als-base      --als-base CHECKOUT: `als serve` from another checkout, with its shipped config
+                (a before/after column; --workloads and --columns run a part of the bench)
 
 Workloads:
   cold      podman pull + podman run IMAGE python3 -c 'print(1)'
@@ -153,7 +155,7 @@ class Bench:
         store: LazyStore | None = None
         try:
             if variant.kind == "als":
-                store = AlsStore(d / "store", self.conf, variant.config).start()
+                store = AlsStore(d / "store", self.conf, variant.config, variant.checkout).start()
             elif variant.kind == "stargz-store":
                 assert self.stargz is not None
                 store = bench_stargz.StargzStore(self.stargz, d / "store").start()
@@ -174,8 +176,15 @@ def variants(bench: Bench) -> list[Variant]:
            Variant("als", "als, config/config.toml as shipped (headline)", "als", shipped, headline=True),
            Variant("als-nobg", "als, as shipped but [fetch] background = false (extra)", "als",
                    background_off(shipped))]
-    if bench.args.no_reference:
-        print("reference column left out (--no-reference)", flush=True)
+    if getattr(bench.args, "als_base", ""):
+        base = Path(bench.args.als_base).resolve()
+        out.append(Variant("als-base", f"als from {base}, its config/config.toml as shipped (before/after)", "als",
+                           (base / "config" / "config.toml").read_text(), checkout=str(base)))
+    columns = getattr(bench.args, "columns", "")
+    if columns:
+        out = [v for v in out if v.name in columns.split(",")]
+    if bench.args.no_reference or columns and "stargz-store" not in columns.split(","):
+        print("reference column left out", flush=True)
         return out
     binary, how = bench_stargz.obtain(CACHE, bench.args.stargz_store or os.environ.get("STARGZ_STORE"))
     print(f"stargz-store: {how}", flush=True)
@@ -216,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stargz-store", default=None, help="the reference store's binary (default: found or built)")
     ap.add_argument("--no-reference", action="store_true", help="leave the stargz-store column out")
     ap.add_argument("--out", default="bench-results.json")
+    ap.add_argument("--workloads", default="", help="only these, comma-separated (cold,cold-opt,readall)")
+    ap.add_argument("--columns", default="",
+                    help="only these, comma-separated (normal,als,als-nobg,stargz-store,als-base)")
+    ap.add_argument("--als-base", default="", metavar="CHECKOUT",
+                    help="an extra column, als-base: `als serve` from another checkout of als (before/after)")
     args = ap.parse_args(argv)
 
     started = time.monotonic()
@@ -235,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
             orders.append([v.name for v in order])
             print(f"round {rnd + 1}/{args.runs}: {', '.join(orders[-1])} ...", flush=True)
             for w in WORKLOADS:
+                if args.workloads and w.name not in args.workloads.split(","):
+                    continue
                 for v in order:
                     if v.kind == "normal" and not w.normal or v not in cols:
                         continue

@@ -138,7 +138,8 @@ def print_tables(series: dict[tuple[str, str], Series], variants: list[Variant],
     print(f"\n{'seconds, median [min-max]':<34}" + "".join(f"{v.name:>{width}}" for v in variants))
     for workload in ("cold", "cold-opt", "readall"):
         for key, label in (("seconds", workload), ("pull_seconds", "  pull"), ("run_seconds", "  run"),
-                           ("warm_after_s", "  warm at once"), ("warm_settled_s", "  warm settled")):
+                           ("warm_after_s", "  warm at once"), ("warm_settled_s", "  warm settled"),
+                           ("store_cpu_user_s", "  store CPU user"), ("store_cpu_sys_s", "  store CPU system")):
             cells = []
             for v in variants:
                 s = series.get((workload, v.name))

@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 
 from als.tools.podman import Podman
 from tests.support.linkproxy import LinkProxy
-from tests.support.procstat import peak_rss_mib
+from tests.support.procstat import cpu_seconds, peak_rss_mib
 from tests.support.registry import RegistryProcess
 from tests.support.store_process import StoreProcess
 
@@ -50,6 +50,7 @@ class Variant:
     kind: str
     config: str = ""
     headline: bool = False
+    checkout: str = ""  # als from another checkout (--als-base): a before/after column
 
 
 def shipped_config() -> str:
@@ -74,9 +75,10 @@ def background_off(config: str) -> str:
 class AlsStore:
     """`als serve` with the variant's config file, as a LazyStore."""
 
-    def __init__(self, workdir: Path, registries_conf: Path, config: str):
+    def __init__(self, workdir: Path, registries_conf: Path, config: str, checkout: str = ""):
         workdir.mkdir(parents=True, exist_ok=True)
-        self.process = StoreProcess(workdir, registries_conf=registries_conf, config=config, log_level="info")
+        self.process = StoreProcess(workdir, registries_conf=registries_conf, config=config, log_level="info",
+                                    repo=Path(checkout) if checkout else None)
         self.mountpoint = self.process.mountpoint
         self.background = "background = false" not in config
         self.quiet_seconds = 3.0  # it says when its background fetch is done
@@ -112,6 +114,8 @@ class Sample:
     store_peak_rss: int = 0        # VmHWM at the exit, bytes (lazy variants)
     warm_after_s: float = 0.0      # read-all only: the same command at once, in a new container
     warm_settled_s: float = 0.0    # read-all only: median of WARM_REPEATS once settled
+    store_cpu_user_s: float = 0.0  # the store's CPU from its start to the container's exit (lazy variants)
+    store_cpu_sys_s: float = 0.0
 
 
 def blob_bytes(registry: RegistryProcess, mark: int, settle: float) -> int:
@@ -165,6 +169,7 @@ def run_sample(podman: Podman, ref: str, cmd: list[str], registry: RegistryProce
     s = Sample(pull + run, pull, run, blob_bytes(registry, mark, 0), link.stats.bytes_down - link0)
     if store is not None:
         s.store_peak_rss = int(peak_rss_mib(store.pid) * (1 << 20))
+        s.store_cpu_user_s, s.store_cpu_sys_s = cpu_seconds(store.pid)
 
     def again() -> None:
         if podman.run("run", "--rm", ref, *cmd, timeout=900).stdout != out[0]:

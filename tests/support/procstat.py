@@ -7,6 +7,7 @@ from the test's own process.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -75,3 +76,13 @@ class Sampler:
             self.max_rss_mib = max(self.max_rss_mib, _kib(st["VmRSS"]) / 1024)
             self.samples += 1
             time.sleep(self.interval)
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process and its threads so far (/proc/PID/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick

@@ -54,8 +54,9 @@ class StoreProcess:
 
     def __init__(self, workdir: Path, *, registries_conf: Path | None = None, config: str = "",
                  log_level: str = "debug", env: dict | None = None, args: tuple[str, ...] = (),
-                 wrapper: tuple[str, ...] = ()):
+                 wrapper: tuple[str, ...] = (), repo: Path | None = None):
         self.workdir = Path(workdir)
+        self.repo = Path(repo) if repo else REPO  # the checkout whose `als` runs (make bench compares two)
         self.mountpoint = self.workdir / "store"
         self.root = self.workdir / "root"
         self.log_path = self.workdir / "als.log"
@@ -70,7 +71,7 @@ class StoreProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 20.0) -> "StoreProcess":
-        env = dict(os.environ, PYTHONPATH=str(REPO), **self.env)
+        env = dict(os.environ, PYTHONPATH=str(self.repo), **self.env)
         if self.registries_conf:
             env["CONTAINERS_REGISTRIES_CONF"] = str(self.registries_conf)
         log = open(self.log_path, "ab")
@@ -78,7 +79,7 @@ class StoreProcess:
         self.proc = subprocess.Popen(
             [*self.wrapper, sys.executable, "-m", "als", "serve", "--root", str(self.root),
              "--config", str(self.config_path), "--log-level", self.log_level, *self.args, str(self.mountpoint)],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, cwd=REPO, pass_fds=self.pass_fds)
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env, cwd=self.repo, pass_fds=self.pass_fds)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

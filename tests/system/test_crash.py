@@ -3,9 +3,10 @@
 Each round starts a real `als serve`, lets readers and the background fetch
 run, and kills the daemon at a random moment (the next start clears the dead
 mount). Between rounds the cache is damaged the ways a crash or a bad disk
-damages it (a truncated entry, a flipped bit, a file planted under a digest,
-a half-written temporary file). Every byte any reader ever gets is compared
-with the source: no wrong byte may be served, before or after a restart.
+damages it (a pack cut short inside a chunk, a flipped bit, bytes planted
+over a chunk, an index that lost its tail mid-record, a stray file). Every
+byte any reader ever gets is compared with the source: no wrong byte may be
+served, before or after a restart.
 The cost of verifying cache entries on read is measured and printed.
 
 The disk-full test puts ``--root`` on a small tmpfs it mounts itself.
@@ -14,7 +15,6 @@ The disk-full test puts ``--root`` on a small tmpfs it mounts itself.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import random
@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from als.fetch.cache import ChunkCache
+from als.fetch.packs import MAGIC, RECORD_SIZE, Record, decode
 from als.tools.image import estargz_layer, push_image
 from als.reference import parse_reference
 from tests.support.store_process import StoreProcess, is_mounted
@@ -99,40 +100,72 @@ def reader(store, ref, layers, contents, stop: threading.Event, tally: Tally, se
             tally.errors.append(f"{names[i]} at {offset}+{size}")
 
 
+def pack_files(cache_dir: Path) -> list[Path]:
+    return sorted((cache_dir / "packs").glob("*.pack"))
+
+
+def records(pack: Path) -> list[Record]:
+    """The records a store would read from a pack's index (none if it is gone or unreadable)."""
+    try:
+        return decode(pack.with_suffix(".index").read_bytes(), pack.stat().st_size)
+    except (OSError, ValueError):
+        return []
+
+
+def write_at(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
 def damage(cache_dir: Path, rng: random.Random, tally: Tally) -> None:
-    """Damage a few entries the way crashes and disks do."""
-    entries = [p for p in (cache_dir / "chunks" / "sha256").rglob("*") if p.is_file()]
-    rng.shuffle(entries)
-    for kind, p in zip(("truncate", "flip", "plant"), entries):
-        data = p.read_bytes()
+    """Damage packs the ways crashes and disks do: a pack cut short inside a chunk, a flipped bit,
+    other bytes planted over a chunk, an index's tail lost mid-record, a stray file."""
+    targets = [(p, r) for p in pack_files(cache_dir) for r in records(p)]
+    rng.shuffle(targets)
+    for kind, (p, r) in zip(("truncate", "flip", "plant", "index"), targets):
         if kind == "truncate":
-            p.write_bytes(data[:len(data) // 2])
+            os.truncate(p, min(p.stat().st_size, r.offset + r.length // 2))
         elif kind == "flip":
-            b = bytearray(data)
-            b[rng.randrange(len(b))] ^= 0x40
-            p.write_bytes(bytes(b))
+            at = r.offset + rng.randrange(r.length)
+            with open(p, "rb") as f:
+                f.seek(at)
+                byte = f.read(1) or b"\0"
+            write_at(p, at, bytes([byte[0] ^ 0x40]))
+        elif kind == "plant":
+            write_at(p, r.offset, os.urandom(r.length))
         else:
-            p.write_bytes(os.urandom(len(data)))
+            index = p.with_suffix(".index")
+            os.truncate(index, rng.randrange(len(MAGIC), index.stat().st_size))
         tally.damaged += 1
-    tmp = cache_dir / "chunks" / "tmp"
-    if tmp.is_dir():
-        (tmp / ".deadbeef.1.2").write_bytes(b"half a chunk")
+    (cache_dir / "packs" / "stray.1.2").write_bytes(b"half a chunk")
 
 
-def aim_and_kill(store, tmp: Path, tries: int = 400) -> None:
+def mid_write(cache_dir: Path) -> bool:
+    """A pack holds chunk bytes that no record names yet, or a record half written: the store is
+    (frozen) between writing chunks and writing their records."""
+    for p in pack_files(cache_dir):
+        try:
+            size, index_size = p.stat().st_size, p.with_suffix(".index").stat().st_size
+        except OSError:
+            continue
+        named = max((r.offset + r.length for r in records(p)), default=0)
+        if size > named or (index_size - len(MAGIC)) % RECORD_SIZE:
+            return True
+    return False
+
+
+def aim_and_kill(store, cache_dir: Path, tries: int = 400) -> None:
     """SIGKILL the daemon, preferably in the middle of a cache write.
 
-    Freeze it (SIGSTOP) at short random intervals and look for a temporary
-    cache file; kill it while frozen as soon as one exists, or after ``tries``.
+    Freeze it (SIGSTOP) at short random intervals and look for a pack
+    caught between its chunks and their records; kill it while frozen as
+    soon as one is, or after ``tries``.
     """
     pid = store.proc.pid
     for _ in range(tries):
         os.kill(pid, signal.SIGSTOP)
-        try:
-            mid_write = tmp.is_dir() and any(tmp.iterdir())
-        except OSError:
-            mid_write = False
-        if mid_write:
+        if mid_write(cache_dir):
             break
         os.kill(pid, signal.SIGCONT)
         time.sleep(0.002)
@@ -140,9 +173,24 @@ def aim_and_kill(store, tmp: Path, tries: int = 400) -> None:
 
 
 def forget_some(cache_dir: Path, rng: random.Random) -> None:
-    for p in (cache_dir / "chunks" / "sha256").rglob("*"):
-        if p.is_file() and rng.random() < 0.4:
+    """So that the next round has chunks to fetch and write again: whole packs, or an index's tail."""
+    for p in pack_files(cache_dir):
+        if rng.random() < 0.4:
             p.unlink()
+            p.with_suffix(".index").unlink(missing_ok=True)
+        elif rng.random() < 0.5 and records(p):
+            os.truncate(p.with_suffix(".index"), len(MAGIC) + RECORD_SIZE * rng.randrange(len(records(p))))
+
+
+def verify_cache(cache_dir: Path) -> int:
+    """Hash every chunk the cache would serve, as a new store would open it; the count (all intact)."""
+    cache = ChunkCache(cache_dir, memory_bytes=0)
+    try:
+        checked, removed = cache.verify()
+    finally:
+        cache.close()
+    assert not removed, f"{removed} corrupt chunks left in the cache after every chunk was read"
+    return checked
 
 
 def verify_all(store, ref, layers, contents, tally: Tally) -> None:
@@ -175,19 +223,18 @@ def kill_rounds(registry, client, workdir: Path, registries_conf: Path, rounds: 
             for t in threads:
                 t.start()
             time.sleep(rng.uniform(0.02, 0.3))
-            aim_and_kill(store, cache_dir / "chunks" / "tmp")
+            aim_and_kill(store, cache_dir)
             stop.set()
             if not keep_connection:
                 for t in threads:
                     t.join(30)
                     assert not t.is_alive(), "a reader hung on the dead mount"
             assert is_mounted(store.mountpoint)  # the dead mount a crash leaves, or the kept one
-            tmp = cache_dir / "chunks" / "tmp"
-            if tmp.is_dir() and any(tmp.iterdir()):
+            if mid_write(cache_dir):
                 tally.kills_mid_write += 1
-            if r % 3 == 2:
-                damage(cache_dir, rng, tally)
             forget_some(cache_dir, rng)  # so that the next round has chunks to fetch and write again
+            if r % 3 == 2:
+                damage(cache_dir, rng, tally)  # after forgetting: the next start must meet every kind
             if keep_connection:  # the readers wait for the next store, which takes the connection over
                 store.start()
                 for t in threads:
@@ -210,31 +257,35 @@ def kill_rounds(registry, client, workdir: Path, registries_conf: Path, rounds: 
     finally:
         store.stop()
     assert not is_mounted(store.mountpoint)
-    bad = [p for p in (cache_dir / "chunks" / "sha256").rglob("*")
-           if p.is_file() and hashlib.sha256(p.read_bytes()).hexdigest() != p.name]
-    assert not bad, f"corrupt entries left in the cache after every chunk was read: {bad}"
+    assert verify_cache(cache_dir)
     assert not tally.wrong_bytes, tally.errors[:5]
     return tally
 
 
 def verify_cost(cache_dir: Path) -> str:
-    """What hashing every entry on read costs, measured on this cache (page cache warm)."""
+    """What hashing every chunk on read costs, measured on this cache (page cache warm)."""
     cache = ChunkCache(cache_dir, memory_bytes=0)
-    paths = [p for p in (cache_dir / "chunks" / "sha256").rglob("*") if p.is_file()]
-    digests = ["sha256:" + p.name for p in paths]
-    total = sum(p.stat().st_size for p in paths)
-    t0 = time.perf_counter()
-    for p in paths:
-        p.read_bytes()
-    raw = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for d in digests:
-        assert cache.get(d) is not None
-    checked = time.perf_counter() - t0
+    try:
+        digests = sorted({r.digest for p in pack_files(cache_dir) for r in records(p) if cache.contains(r.digest)})
+        where = [cache.location(d) for d in digests]
+        total = sum(length for _, _, length in where)
+        files = {path: open(path, "rb") for path, _, _ in where}
+        t0 = time.perf_counter()
+        for path, offset, length in where:
+            os.pread(files[path].fileno(), length, offset)
+        raw = time.perf_counter() - t0
+        for f in files.values():
+            f.close()
+        t0 = time.perf_counter()
+        for d in digests:
+            assert cache.get(d) is not None
+        checked = time.perf_counter() - t0
+    finally:
+        cache.close()
     mib = total / 2**20
-    return (f"verify on read: {len(paths)} entries, {mib:.1f} MiB: plain read {mib / raw:.0f} MiB/s, "
-            f"read+sha256 {mib / checked:.0f} MiB/s ({(checked - raw) / len(paths) * 1e6:.0f} us per "
-            f"{total // len(paths) >> 10} KiB entry)")
+    return (f"verify on read: {len(digests)} chunks in {len(files)} packs, {mib:.1f} MiB: plain read "
+            f"{mib / raw:.0f} MiB/s, read+sha256 {mib / checked:.0f} MiB/s "
+            f"({(checked - raw) / len(digests) * 1e6:.0f} us per {total // len(digests) >> 10} KiB chunk)")
 
 
 @pytest.mark.parametrize("keep_connection", [True, False], ids=["kept", "not-kept"])
@@ -299,8 +350,5 @@ def test_a_full_cache_disk_serves_from_memory_leaves_nothing_corrupt_and_recover
             assert diff1.read_bytes()[:CHUNK] == second[:CHUNK]
         finally:
             store.stop()
-        entries = [p for p in (root / "cache" / "chunks" / "sha256").rglob("*") if p.is_file()]
-        assert entries, "nothing was cached once the disk had room again"
-        for p in entries:
-            assert hashlib.sha256(p.read_bytes()).hexdigest() == p.name, f"corrupt entry {p}"
-        assert not list((root / "cache" / "chunks" / "tmp").iterdir()), "a half-written entry was left"
+        assert verify_cache(root / "cache"), "nothing was cached once the disk had room again"
+        assert not mid_write(root / "cache"), "chunk bytes no record names were kept"

@@ -150,7 +150,7 @@ def test_nothing_the_store_creates_is_open_to_other_users_whatever_the_umask(sto
 
 def test_other_users_reach_nothing_of_the_store(store, image, open_parent):
     ref, layer, _ = image
-    chunk = next(p for p in (store.root / "cache" / "chunks" / "sha256").rglob("*") if p.is_file())
+    chunk = next((store.root / "cache" / "packs").glob("*.pack"))
     toc = next((store.root / "state" / "tocs").iterdir())
     layer_dir = store.layer_dir(ref, layer.digest)
     targets = {
@@ -163,10 +163,10 @@ def test_other_users_reach_nothing_of_the_store(store, image, open_parent):
         "mount: create": ("mkdir", str(store.mountpoint / "planted")),
         # (listing the 0755 root itself shows only "cache", "state" and "als.sock": the administrator's choice)
         "cache: list": ("list", str(store.root / "cache")),
-        "cache: list chunks": ("list", str(store.root / "cache" / "chunks")),
-        "cache: read a chunk": ("read", str(chunk)),
-        "cache: plant a chunk": ("write", str(chunk.parent / ("0" * 64))),
-        "cache: swap the tmp dir": ("rename", str(store.root / "cache" / "chunks" / "tmp")),
+        "cache: list packs": ("list", str(store.root / "cache" / "packs")),
+        "cache: read a pack": ("read", str(chunk)),
+        "cache: plant a pack": ("write", str(chunk.parent / ("f" * 16 + ".pack"))),
+        "cache: swap the packs dir": ("rename", str(store.root / "cache" / "packs")),
         "state: read a TOC": ("read", str(toc)),
         "state: list": ("list", str(store.root / "state")),
         "control socket": ("connect", str(store.root / "als.sock")),
