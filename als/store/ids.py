@@ -15,10 +15,16 @@ is handed to the kernel: a killed process loses nothing the page cache holds,
 and a machine that crashes loses the FUSE connection with it. A torn last
 record (a crash mid-write) fails its checksum and is cut off on open; every
 record before it stays usable.
+
+A full disk must not stop lookups, so the file keeps space reserved beyond
+its end (``fallocate`` with ``FALLOC_FL_KEEP_SIZE``, in steps of
+``RESERVE`` bytes, a few hundred records each): records land in space
+already allocated, and the reserve is topped up while the disk has room.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -30,6 +36,10 @@ log = logging.getLogger("als.state")
 
 IMAGE, LAYER = "image", "layer"
 MAX_ID = (1 << 31) - 1  # an id is the high half of 64-bit node ids and inode numbers
+RESERVE = 64 << 10  # bytes kept allocated past the end of the table
+FALLOC_FL_KEEP_SIZE = 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class IdTable:
@@ -47,6 +57,21 @@ class IdTable:
         if os.fstat(self._fd).st_size > good:
             log.warning("%s: dropping a torn record at its end (left by a crash)", self.path)
             os.ftruncate(self._fd, good)
+        self._size = good
+        self._reserved = good  # the file is allocated up to here
+        self._reserve()
+
+    def _reserve(self) -> None:
+        """Top the reserve up to RESERVE bytes past the end when less than half is left; quietly
+        not when the disk is full (what is left of it still serves)."""
+        if self._reserved - self._size >= RESERVE // 2:
+            return
+        if _libc.fallocate(self._fd, FALLOC_FL_KEEP_SIZE, ctypes.c_long(self._size),
+                           ctypes.c_long(RESERVE)) == 0:
+            self._reserved = self._size + RESERVE
+        elif self._reserved <= self._size:
+            log.warning("%s: no space could be reserved for new ids (%s): a full disk will refuse new "
+                        "images and layers", self.path, os.strerror(ctypes.get_errno()))
 
     def _load(self) -> int:
         """Read every whole, checked record; the length of the file they fill."""
@@ -95,8 +120,15 @@ class IdTable:
             if ident > MAX_ID:
                 raise OSError(f"{self.path}: no ids left")
             line = _record(ident, key)
-            if os.write(self._fd, line) != len(line):  # a short write is a full disk: nothing is handed out
-                raise OSError(f"{self.path}: short write")
+            try:
+                written = os.write(self._fd, line)
+            except OSError:
+                written = -1
+            if written != len(line):  # a full disk without a reserve: nothing is handed out
+                os.ftruncate(self._fd, self._size)  # no torn record for later ones to follow
+                raise OSError(f"{self.path}: could not save the id of {key[0]} {key[1]} {key[2]}".rstrip())
+            self._size += written
+            self._reserve()
             self._names[ident] = key
             self._ids[key] = ident
             self._last = ident

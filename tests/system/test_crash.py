@@ -329,10 +329,10 @@ def test_a_full_cache_disk_serves_from_memory_leaves_nothing_corrupt_and_recover
             diff0 = store.layer_dir(ref, layers[0].digest) / "diff" / "file0"
             # Fill what is left, as another process on the same disk would.
             filler = root / "filler"
-            with open(filler, "wb") as f, contextlib.suppress(OSError):
+            # Unbuffered: a buffered file would try its unwritten rest again on close, and fail there.
+            with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
                 while True:
                     f.write(bytes(64 << 10))
-                    f.flush()
             assert diff0.read_bytes() == first  # served from memory: nothing could be cached
             assert "No space left on device" in store.log()
             # Less memory than the file: each read fetches again, still exact.
