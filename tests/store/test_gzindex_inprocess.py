@@ -22,6 +22,7 @@ import pytest
 
 from als.errors import ALSError
 from als.formats import gzindex_writer
+from als.formats.estargz import TOC_DIGEST_ANNOTATION
 from als.oci import GZIP_INDEX_ANNOTATION, OCI_CONFIG, OCI_MANIFEST
 from als.reference import parse_reference
 from als.tools.image import gzip_layer, image_config
@@ -44,8 +45,15 @@ def entries() -> list[images.Entry]:
     return out
 
 
-def push_indexed(registry, tmp_path, *, index_for=None, tamper=None) -> tuple[bytes, object, str]:
-    """Push the gzip layer, its index and an annotated manifest; (the tar, the layer, the index digest)."""
+def both_keys(index_digest: str) -> dict[str, str]:
+    """The annotations `als index` writes: the eStargz TOC key and ours, the same digest."""
+    return {TOC_DIGEST_ANNOTATION: index_digest, GZIP_INDEX_ANNOTATION: index_digest}
+
+
+def push_indexed(registry, tmp_path, *, index_for=None, tamper=None, annotations=both_keys,
+                 ) -> tuple[bytes, object, str]:
+    """Push the gzip layer, its index and a manifest with ``annotations(index digest)`` on the layer;
+    (the tar, the layer, the index digest)."""
     tar = images.layer_tar(entries())
     layer = gzip_layer(tar, level=6)
     blob = layer.blob.getvalue()
@@ -59,7 +67,7 @@ def push_indexed(registry, tmp_path, *, index_for=None, tamper=None) -> tuple[by
     config = image_config([layer])
     for data in (blob, index, config):
         registry.push_blob(ref, data, sha(data), len(data))
-    desc = dict(layer.descriptor(), annotations={GZIP_INDEX_ANNOTATION: sha(index)})
+    desc = dict(layer.descriptor(), annotations=annotations(sha(index)))
     manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
                            "config": {"mediaType": OCI_CONFIG, "digest": sha(config), "size": len(config)},
                            "layers": [desc]}).encode()
