@@ -36,7 +36,8 @@ from als.oci import INDEX_TYPES, json_object
 from als import metrics
 from als.reference import parse_reference
 from als.registry.client import RegistryClient
-from als.store.build import Evicted, LayerBuilder
+from als.store.build import Evicted, LayerBuilder, Referred
+from als.store.referred import gzip_indexes
 from als.store.state import StateDir
 from als.store.warm import Warmer
 from als.wait import wait_for
@@ -83,6 +84,9 @@ class Resolution:
     layers: dict[str, Future] = field(default_factory=dict)  # blob digest -> Future[Layer]
     # blob digest -> an evicted layer of this image: it has no future until it is looked up again
     evicted: dict[str, Evicted] = field(default_factory=dict)
+    # -> the gzip indexes its image's referrers name (store/referred.py): listed once, by the first
+    # plain gzip layer that asks, and kept for the others and any rebuild
+    referred: Future | None = None
 
     def has_layer(self, digest: str) -> bool:
         """Whether the image resolved to a manifest naming this blob."""
@@ -207,7 +211,8 @@ class Resolver:
             fut = res.layers[desc.digest] = Future()
             evicted = res.evicted.pop(desc.digest, None)
         image = res.image.result()  # done: desc was found in it
-        self._pool.submit(self._run_layer, image.ref, desc, fut, image.entrypoint, evicted)
+        self._pool.submit(self._run_layer, image.ref, desc, fut, image.entrypoint, evicted,
+                          self._referred_for(res, image))
         return fut
 
     def _from_registry(self, ref: str, digest: str, deadline: float,
@@ -251,15 +256,38 @@ class Resolver:
                 else:
                     res.layers[desc.digest] = fut = Future()
                     start.append((desc, fut))
+        referred = self._referred_for(res, image)
         for desc, fut in start:
-            self._pool.submit(self._run_layer, image.ref, desc, fut, image.entrypoint)
+            self._pool.submit(self._run_layer, image.ref, desc, fut, image.entrypoint, None, referred)
+
+    def _referred_for(self, res: Resolution, image: Image) -> Referred | None:
+        """What a plain gzip layer of ``image`` calls for the gzip indexes its referrers name (listed
+        at most once per resolution, the first caller waiting for the registry), or None when off."""
+        if not self.config.resolve.gzip_index_referrers:
+            return None
+
+        def referred() -> dict[str, list[str]]:
+            with self._lock:
+                fut, mine = res.referred, res.referred is None
+                if mine:
+                    fut = res.referred = Future()
+            if mine:
+                try:
+                    fut.set_result(gzip_indexes(self.client, self.state, parse_reference(image.ref),
+                                                image.manifest_digest, f"image {image.ref}"))
+                except Exception as e:  # never a failed resolve: no referrer, the layer is declined
+                    log.warning("image %s: its referrers cannot be read: %s", image.ref, e)
+                    fut.set_result({})
+            return wait_for(fut, time.monotonic() + self.config.resolve.timeout)
+
+        return referred
 
     def _run_layer(self, ref: str, desc: LayerDescriptor, fut: Future, entrypoint: list[str],
-                   evicted: Evicted | None = None) -> None:
+                   evicted: Evicted | None = None, referred: Referred | None = None) -> None:
         """Resolve one layer (or rebuild an ``evicted`` one) into ``fut``, then keep it."""
         t0 = time.monotonic()
         try:
-            layer = self.builder.build(ref, desc, evicted)
+            layer = self.builder.build(ref, desc, evicted, referred)
         except Exception as e:
             log.warning("image %s layer %s: declined: %s", ref, desc.digest, e)
             metrics.layer_declined()
