@@ -162,8 +162,8 @@ class LayerBuilder:
         """A plain gzip layer's TOC from a gzip index its image's referrers name (the first that checks out)."""
         candidates = referred().get(desc.digest, [])[:MAX_REFERRED_TRIES]
         if not candidates:
-            raise FormatError("it is plain gzip with no TOC annotation, and no referrer of its image "
-                              "names a gzip index of it")
+            raise FormatError("no TOC annotation (plain gzip), and no referrer of its image names a gzip "
+                              "index of it")
         problems = []
         for index_digest in candidates:
             try:

@@ -9,6 +9,7 @@ mount file for file as the tar has them, fetching a file's span, not its layer.
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -231,3 +232,38 @@ def get_raw(registry, repo: str, reference: str) -> bytes:
     req = urllib.request.Request(f"{registry.url}/v2/{repo}/manifests/{reference}", headers={"Accept": OCI_MANIFEST})
     with urllib.request.urlopen(req, timeout=30) as r:
         return r.read()
+
+
+def test_indexing_an_indexed_image_again_replaces_its_index_and_drops_a_stale_key(tmp_path):
+    """DST indexed again (another span size) gets a new index under both keys; an eStargz layer that kept
+    our key from the gzip layer it was converted from (a stale value) is kept as eStargz, without it."""
+    import io
+
+    from als.tools.image import estargz_layer
+    from als.tools.index import IndexOptions, index_image
+    from als.tools.transport import OCILayout
+    from tests.support.alsrun import config_for, tar_of
+
+    plain = gzip_layer(tar_of({"big": random_text(300_000)}), level=6)
+    esgz = estargz_layer(io.BytesIO(tar_of({"e": b"estargz\n"})))
+    stale = sha(b"the index of the gzip layer it was converted from")
+    src = OCILayout(tmp_path / "src", "v1")
+    config = config_for([plain, esgz])
+    for data in (plain.blob.getvalue(), esgz.blob.read(), config):
+        src.push_blob(io.BytesIO(data), sha(data), len(data))
+    descs = [plain.descriptor(), dict(esgz.descriptor(), annotations={**esgz.annotations, GZIP_INDEX_ANNOTATION: stale})]
+    src.put_manifest(json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                                 "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                            "digest": sha(config), "size": len(config)},
+                                 "layers": descs}).encode(), OCI_MANIFEST, tagged=True)
+    first = OCILayout(tmp_path / "first", "1")
+    index_image(src, first, IndexOptions(span_size=64 << 10))
+    second = OCILayout(tmp_path / "second", "1")
+    result = index_image(first, second, IndexOptions(span_size=128 << 10))
+    indexed, kept = json.loads(second.get_blob(result.digest, 1 << 20))["layers"]
+    assert [r.note for r in result.images[0]] == ["copied", "eStargz already, copied"]
+    again = indexed["annotations"][GZIP_INDEX_ANNOTATION]
+    assert indexed["annotations"] == {GZIP_INDEX_ANNOTATION: again, TOC_DIGEST_ANNOTATION: again}
+    assert json.loads(gzip.decompress(second.get_blob(again, 1 << 20)))["spanSize"] == 128 << 10
+    assert kept["annotations"] == esgz.annotations  # the stale key is gone
+    assert result.referrers == ["not published: SRC is not in a registry"]
