@@ -147,3 +147,25 @@ def test_a_restarted_store_finds_the_saved_referrer_with_the_registry_away(tmp_p
         registry.fail(kind, times=100)
     with memstore.harness(tmp_path, registry=registry) as h:  # the same state and cache directories
         assert h.read_all(h.layer(REF, layers[0].digest, "diff", "etc", "passwd")).startswith(b"root:")
+
+
+def test_the_referrers_are_listed_beside_the_config_fetch(mem, tmp_path):
+    """The listing starts as soon as the manifest is in, not after the config: one round trip less
+    before the first layer is ready."""
+    from tests.support.memstore import ref_dir
+
+    layers, digest, _ = push_plain(mem.registry, tmp_path)
+    config = json.loads(mem.registry.manifests[(parse_reference(REF).name, digest)][0])["config"]["digest"]
+    hold = mem.registry.hold(BLOB, config)
+    try:
+        mem.walk(ref_dir(REF))  # starts resolving
+        assert hold.arrived.wait(10)
+        for _ in range(100):  # bounded: the listing runs while the config is held
+            if mem.registry.served(REFERRERS, digest):
+                break
+            hold.released.wait(0.05)
+        assert mem.registry.served(REFERRERS, digest)
+    finally:
+        hold.release()
+    assert mem.read_all(mem.layer(REF, layers[1].digest, "diff", "app", "hello.txt")) == b"hello from layer 2\n"
+    assert len(mem.registry.served(REFERRERS, digest)) == 1
