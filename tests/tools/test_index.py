@@ -267,3 +267,37 @@ def test_indexing_an_indexed_image_again_replaces_its_index_and_drops_a_stale_ke
     assert json.loads(gzip.decompress(second.get_blob(again, 1 << 20)))["spanSize"] == 128 << 10
     assert kept["annotations"] == esgz.annotations  # the stale key is gone
     assert result.referrers == ["not published: SRC is not in a registry"]
+
+
+def test_each_platform_of_an_index_gets_its_referrer_and_the_store_finds_this_hosts(registry, registries_conf,
+                                                                                    client, store):
+    """A multi-platform SRC: one referrer per platform manifest, naming that platform's layer; the store,
+    asked by blob digest, picks this host's manifest from the index and its referrer."""
+    from als.oci import OCI_INDEX
+    from als.tools.image import push_image
+    from als.store.resolve import host_platform
+    from tests.support.alsrun import config_for, tar_of
+
+    host_arch = host_platform()[1]
+    arches = [host_arch, "s390x" if host_arch != "s390x" else "amd64"]
+    layers, entries = {}, []
+    for arch in arches:
+        layer = gzip_layer(tar_of({"arch": f"{arch}\n".encode(), "pad": random_text(200_000)}), level=6)
+        digest = push_image(client, parse_reference(f"{registry.host}/idx/multi:{arch}"), [layer],
+                            config_for([layer], arch=arch))
+        layers[arch] = layer
+        entries.append({"mediaType": OCI_MANIFEST, "digest": digest,
+                        "size": len(get_raw(registry, "idx/multi", arch)),
+                        "platform": {"os": "linux", "architecture": arch}})
+    src = f"{registry.host}/idx/multi:all"
+    client.put_manifest(parse_reference(src), json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                                          "manifests": entries}).encode(), OCI_INDEX)
+    res = run_als("index", "--span-size", "64K", src, f"{registry.host}/idx/multi-indexed:all", conf=registries_conf)
+    assert res.returncode == 0, res.stderr
+    for arch, entry in zip(arches, entries):
+        [listed] = client.list_referrers(parse_reference(src), entry["digest"], GZIP_INDEX_ARTIFACT_TYPE)
+        referrer = get_json(registry, "idx/multi", listed.digest)
+        assert [d["annotations"][GZIP_INDEX_LAYER_ANNOTATION] for d in referrer["layers"]] == [layers[arch].digest]
+    diff = store.layer_dir(src, layers[host_arch].digest) / "diff"
+    assert (diff / "data" / "arch").read_bytes() == f"{host_arch}\n".encode()
+    assert f"{layers[host_arch].digest}: serving it through gzip index" in store.log()
