@@ -36,7 +36,7 @@ test-fast: deps
 # The Podman 5 tier alone: Debian trixie's Podman 5.4 and sid's 5.8 from chroots the suite builds
 # once with debootstrap and keeps in /var/tmp/als-podman5 (part of `make test` too).
 test-podman5: deps
-	$(PYTHON) -m pytest tests/system/test_podman5.py tests/system/test_podman5_harness.py $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests/system/test_podman5.py tests/system/test_podman5_harness.py tests/system/test_podman5_gzindex.py $(PYTEST_ARGS)
 
 # Build those chroots ahead (about a minute each), or say that they are there.
 podman5-chroots: deps

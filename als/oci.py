@@ -28,9 +28,24 @@ MANIFEST_TYPES = (OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST)  # Acce
 GZIP_LAYER_TYPES = frozenset({OCI_LAYER_GZIP, DOCKER_LAYER_GZIP})
 
 # The layer annotation naming (by digest) the seekable index of an ordinary gzip layer, a blob in the
-# same repository (`als index` writes it, `als serve` reads it: als/formats/gzindex.py). One place, so
-# that the key Podman and other clients degrade best with can be chosen here alone.
+# same repository (`als index` writes it, `als serve` reads it: als/formats/gzindex.py). `als index` puts
+# the same digest under the eStargz TOC key too (formats/estargz.TOC_DIGEST_ANNOTATION): Podman >= 5.1
+# asks an additional layer store only about layers with a TOC annotation, and of the two it reads, that
+# key is the one that degrades to an ordinary pull wherever the store declines (docs/gzindex.md). Ours
+# says that this "TOC" is a gzip index, and must agree with it.
 GZIP_INDEX_ANNOTATION = "io.github.als.gzip-index.digest"
+# A referrer of an image manifest that carries gzip indexes of its layers (`als index`): its artifact
+# type, and the annotation of each of its layers (an index blob) naming the layer blob it indexes.
+GZIP_INDEX_ARTIFACT_TYPE = "application/vnd.als.gzip-index.v1"
+GZIP_INDEX_LAYER_ANNOTATION = "io.github.als.gzip-index.layer"
+# Docker layer media types as OCI names the same bytes: an OCI manifest must not mix them (Podman's
+# push and save of it fail, "unsupported MIME type for compression").
+OCI_LAYER_FOR_DOCKER = {
+    DOCKER_LAYER_GZIP: OCI_LAYER_GZIP,
+    "application/vnd.docker.image.rootfs.diff.tar": "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip":
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+}
 ZSTD_LAYER_TYPES = frozenset({OCI_LAYER_ZSTD})
 
 

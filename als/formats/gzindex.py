@@ -341,12 +341,15 @@ def _attach(entry: toc.Entry, obj: dict, index: int, spans: list, starts: list[i
 
 
 def parse_index(blob: bytes, expected_digest: str, *, layer_digest: str, layer_size: int,
-                max_size: int, max_entries: int) -> GzipIndex:
+                max_size: int, max_entries: int, diff_id: str | None = None) -> GzipIndex:
     """Verify and parse the index blob of layer ``layer_digest`` (``layer_size`` bytes compressed).
 
     The blob must hash to ``expected_digest`` (the layer annotation's) before
-    it is inflated, and must name this very layer. Every refusal is a
-    FormatError (VerificationError for a digest) in words for the log.
+    it is inflated, and must name this very layer: its blob digest and size,
+    and its DiffID, which must be ``diff_id`` (the image config's) when given.
+    Podman >= 5.1 keys the layer by the index digest, so the index must
+    commit to what the layer holds. Every refusal is a FormatError
+    (VerificationError for a digest) in words for the log.
     """
     if len(blob) > max_size:
         raise FormatError(f"gzip index is {len(blob)} bytes, over the {max_size} limit")
@@ -361,6 +364,9 @@ def parse_index(blob: bytes, expected_digest: str, *, layer_digest: str, layer_s
     layer = doc.get("layer")
     if not isinstance(layer, dict) or layer.get("digest") != layer_digest or layer.get("size") != layer_size:
         raise FormatError(f"gzip index is for layer {layer!r:.200}, not {layer_digest} ({layer_size} bytes)")
+    indexed_diff_id = _digest(layer.get("diffID"), "gzip index layer diffID")
+    if diff_id is not None and indexed_diff_id != diff_id:
+        raise FormatError(f"gzip index is for a layer with DiffID {indexed_diff_id}, the image config says {diff_id}")
     uncompressed = _int(doc, "uncompressedSize", "gzip index")
     span_size = _int(doc, "spanSize", "gzip index", 1, MAX_SPAN)
     points = _checkpoints(doc, layer_size, uncompressed)

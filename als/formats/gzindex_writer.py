@@ -184,8 +184,8 @@ def write_index(path: str, *, layer_digest: str, layer_size: int,
     """The index blob of the gzip layer in file ``path``.
 
     ``layer_digest`` and ``layer_size`` are the layer's, as its manifest
-    names it (the index is bound to them). ``progress`` hears the compressed
-    bytes of each span as it is done. A layer that is not one gzip member
+    names it (the index is bound to them, and to the DiffID it computes).
+    ``progress`` hears the compressed bytes of each span as it is done. A layer that is not one gzip member
     holding a tar stream raises FormatError.
     """
     if os.path.getsize(path) != layer_size:
@@ -195,6 +195,7 @@ def write_index(path: str, *, layer_digest: str, layer_size: int,
         raise FormatError("indexed_gzip found no checkpoint in the layer")
     starts = [p.uncompressed_offset for p in points]
     checkpoints: list[dict] = []
+    diff = hashlib.sha256()  # the tar stream's digest: the config's DiffID of this layer
 
     def spans() -> Iterator[bytes]:
         done = 0
@@ -202,6 +203,7 @@ def write_index(path: str, *, layer_digest: str, layer_size: int,
             p = points[i]
             checkpoints.append({"offset": p.offset, "bit": p.bit, "uncompressedOffset": p.uncompressed_offset,
                                 "digest": "sha256:" + hashlib.sha256(out).hexdigest(), "window": _pack(window)})
+            diff.update(out)
             if progress is not None:
                 nxt = points[i + 1].offset if i + 1 < len(points) else layer_size
                 progress(nxt - done)
@@ -213,7 +215,8 @@ def write_index(path: str, *, layer_digest: str, layer_size: int,
         entries = _entries(stream, starts)
     if len(checkpoints) != len(points):
         raise FormatError(f"inflated {len(checkpoints)} of the layer's {len(points)} spans")
-    doc = {"version": gzindex.VERSION, "layer": {"digest": layer_digest, "size": layer_size},
+    layer = {"digest": layer_digest, "size": layer_size, "diffID": "sha256:" + diff.hexdigest()}
+    doc = {"version": gzindex.VERSION, "layer": layer,
            "uncompressedSize": usize, "spanSize": span_size, "checkpoints": checkpoints, "entries": entries}
     return gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), compresslevel=9, mtime=0)
 

@@ -49,6 +49,8 @@ class TOCContext:
     parse_slot: AbstractContextManager = nullcontext()  # held while parsing (bounds the store's peak memory)
     read_blob: ReadBlob | None = None  # gzip index: fetches the index blob from the layer's repository
     layer_digest: str = ""  # gzip index: the layer's blob digest, which its index must name
+    layer_diff_id: str = ""  # gzip index: the config's DiffID of the layer, which its index must name
+    index_digest: str = ""  # gzip index: found through a referrer of the image, not in the annotations
 
 
 @dataclass
@@ -101,6 +103,9 @@ class EStargz:
     def open_toc(self, label: str, size: int, annotations: Mapping[str, str], read_range: ReadRange,
                  ctx: TOCContext, known_diff_size: int | None = None) -> OpenedTOC:
         toc_digest = annotations.get(estargz.TOC_DIGEST_ANNOTATION, "")
+        if not toc_digest and GZIP_INDEX_ANNOTATION in annotations:
+            raise FormatError(f"it names a gzip index in {GZIP_INDEX_ANNOTATION} but not in "
+                              f"{estargz.TOC_DIGEST_ANNOTATION} too, as `als index` writes it")
         if not toc_digest and not ctx.allow_unverified:
             raise FormatError(f"no {estargz.TOC_DIGEST_ANNOTATION} annotation, so its TOC cannot be verified")
         try:
@@ -207,24 +212,30 @@ class ZstdChunked:
 class GzipIndexed:
     """An ordinary gzip layer with a seekable index: spans inflated from checkpoints the index lists.
 
-    The index is a blob of its own in the layer's repository, named by the
-    layer annotation; its digest is checked before it is read, and it must
-    name this layer. A layer with an eStargz TOC is served as eStargz instead.
+    The index is a blob of its own in the layer's repository, named by two
+    layer annotations with the same value: the eStargz TOC key, the one
+    Podman >= 5.1 asks the store by, and ours, which says that this "TOC" is
+    a gzip index. A layer whose two disagree (a tool converted it to eStargz
+    and kept ours, stale) is not claimed: it is eStargz, or declined. The
+    index's digest is checked before it is read, and it must name this
+    layer's blob and DiffID. An ordinary gzip layer with no annotation may
+    have its index found through a referrer of its image instead
+    (``TOCContext.index_digest``).
     """
 
     name = "gzip index"
     compression = toc.GZIP_SPANS
     storage_compression = 2  # archive.Gzip: the blob is the original gzip layer
-    toc_digest_annotations = (GZIP_INDEX_ANNOTATION,)
+    toc_digest_annotations = (estargz.TOC_DIGEST_ANNOTATION, GZIP_INDEX_ANNOTATION)
     decompress_chunk = staticmethod(gzindex.decompress_chunk)
 
     def claims(self, media_type: str, annotations: Mapping[str, str]) -> bool:
-        return (media_type in GZIP_LAYER_TYPES and GZIP_INDEX_ANNOTATION in annotations
-                and estargz.TOC_DIGEST_ANNOTATION not in annotations)
+        ours = annotations.get(GZIP_INDEX_ANNOTATION)
+        return media_type in GZIP_LAYER_TYPES and bool(ours) and annotations.get(estargz.TOC_DIGEST_ANNOTATION) == ours
 
     def open_toc(self, label: str, size: int, annotations: Mapping[str, str], read_range: ReadRange,
                  ctx: TOCContext, known_diff_size: int | None = None) -> OpenedTOC:
-        index_digest = annotations[GZIP_INDEX_ANNOTATION]
+        index_digest = ctx.index_digest or annotations[GZIP_INDEX_ANNOTATION]
         layer_digest = ctx.layer_digest
         saved = ctx.saved.get_toc(index_digest) if is_sha256(index_digest) else None
         if saved is not None:
@@ -247,7 +258,8 @@ class GzipIndexed:
     @staticmethod
     def _parse(blob: bytes, index_digest: str, layer_digest: str, size: int, ctx: TOCContext) -> gzindex.GzipIndex:
         return gzindex.parse_index(blob, index_digest, layer_digest=layer_digest, layer_size=size,
-                                   max_size=ctx.max_toc_size, max_entries=ctx.max_entries)
+                                   max_size=ctx.max_toc_size, max_entries=ctx.max_entries,
+                                   diff_id=ctx.layer_diff_id or None)
 
 
 ESTARGZ = EStargz()
@@ -262,6 +274,12 @@ def format_for(media_type: str, annotations: Mapping[str, str]) -> LayerFormat |
         if fmt.claims(media_type, annotations):
             return fmt
     return None
+
+
+def plain_gzip(media_type: str, annotations: Mapping[str, str]) -> bool:
+    """Whether a layer is gzip with no TOC annotation of any format: its index may be found through a
+    referrer of its image (a layer with a TOC needs none, and is never worth the request)."""
+    return media_type in GZIP_LAYER_TYPES and not toc_digest(annotations)
 
 
 def unserved_reason(media_type: str) -> str:

@@ -18,6 +18,8 @@ import hashlib
 import json
 import logging
 import re
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 from urllib.parse import quote, urlsplit
@@ -40,6 +42,7 @@ log = logging.getLogger("als.registry")
 MAX_INDEX_SIZE = MAX_MANIFEST_SIZE  # one page of the referrers API, or the fallback tag's index
 MAX_PAGES = 16  # pages of one referrers API answer followed at most
 MAX_REFERRERS = 10_000  # descriptors of one subject accepted at most, over all pages
+NO_API_TTL = 600.0  # seconds a registry that has no referrers API is read through the fallback tag alone
 EMPTY_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"  # of b"{}"
 VIA_API, VIA_TAG = "api", "tag"  # how a referrer was published
 
@@ -137,6 +140,10 @@ class _Page:
     next: str | None  # the Link rel="next" target
 
 
+class _NoReferrersAPI(NotFoundError):
+    """A 404 that is no registry's error document: the registry has no such route (no referrers API)."""
+
+
 class Referrers:
     """Publishing and listing referrers (see RegistryClient for the contract)."""
 
@@ -146,6 +153,10 @@ class Referrers:
         self.endpoints = endpoints
         self.retry = retry
         self.pusher = pusher
+        # registry -> when it answered that it has no referrers API: a store lists the referrers of
+        # plain gzip images on each resolution, and asking twice (API, then tag) each time is a waste
+        self._no_api: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ publish
     def publish(self, ref: Reference, subject: Descriptor, artifact_type: str,
@@ -214,10 +225,19 @@ class Referrers:
     def list(self, ref: Reference, subject: str,
              artifact_type: str | None = None) -> list[Descriptor]:
         check_digest(subject)
-        try:
-            found = self._from_api(ref, subject, artifact_type)
-        except NotFoundError:
+        with self._lock:
+            since = self._no_api.get(ref.registry)
+        if since is not None and time.monotonic() - since < NO_API_TTL:
             found = self._from_tag(ref, subject)
+        else:
+            try:
+                found = self._from_api(ref, subject, artifact_type)
+            except _NoReferrersAPI:
+                with self._lock:
+                    self._no_api[ref.registry] = time.monotonic()
+                found = self._from_tag(ref, subject)
+            except NotFoundError:
+                found = self._from_tag(ref, subject)
         if artifact_type is not None:  # OCI-Filters-Applied or not: a registry's word is not enough
             found = [d for d in found if d.artifact_type == artifact_type]
         return found
@@ -253,6 +273,8 @@ class Referrers:
 
     def _page(self, resp: requests.Response, ep: Endpoint, op: Operation) -> _Page:
         """One referrers API answer; a 404 (no API) raises NotFoundError."""
+        if resp.status_code == 404 and "json" not in resp.headers.get("Content-Type", ""):
+            raise _NoReferrersAPI(f"registry {ep.host} has no referrers API")
         expect(resp, (200,), op, ep)
         nxt = resp.links.get("next", {}).get("url")
         return _Page(_index(resp, op, ep)[1], nxt or None)

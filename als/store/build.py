@@ -15,9 +15,10 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Callable
 
 from als.config import Config
-from als.errors import FormatError
+from als.errors import FormatError, RegistryError
 from als.fetch.fetcher import ChunkFetcher
 from als.fetch.source import BlobSource
 from als.formats import lazy
@@ -63,6 +64,12 @@ def gc_paused():
                 gc.enable()
 
 
+MAX_REFERRED_TRIES = 3  # gzip indexes that referrers name for one layer tried at most
+
+# Layer blob digest -> gzip index digests (store/referred.py), asked once per image resolution.
+Referred = Callable[[], dict[str, list[str]]]
+
+
 @dataclass(frozen=True)
 class Evicted:
     """What the rebuild of an evicted layer reuses: its diff size (zstd:chunked may have computed
@@ -82,17 +89,26 @@ class LayerBuilder:
     fetcher: ChunkFetcher
     state: StateDir
 
-    def build(self, ref: str, desc: LayerDescriptor, evicted: Evicted | None = None) -> Layer:
-        """Layer ``desc`` of image ``ref`` (or the rebuild of an ``evicted`` one, with its layer id)."""
-        with gc_paused():
-            return self._build(ref, desc, evicted)
+    def build(self, ref: str, desc: LayerDescriptor, evicted: Evicted | None = None,
+              referred: Referred | None = None) -> Layer:
+        """Layer ``desc`` of image ``ref`` (or the rebuild of an ``evicted`` one, with its layer id).
 
-    def _build(self, ref: str, desc: LayerDescriptor, evicted: Evicted | None) -> Layer:
+        ``referred`` gives the gzip indexes its image's referrers name, by
+        layer blob digest: asked only for a gzip layer with no TOC annotation.
+        """
+        with gc_paused():
+            return self._build(ref, desc, evicted, referred)
+
+    def _build(self, ref: str, desc: LayerDescriptor, evicted: Evicted | None, referred: Referred | None) -> Layer:
         r = parse_reference(ref)
         label = f"image {ref} layer {desc.digest}"
         read_range = partial(self.client.read_range, r, desc.digest)
-        opened = self._open_toc(label, desc, read_range, evicted.diff_size if evicted is not None else None,
-                                read_blob=partial(self.client.get_blob, r))
+        known = evicted.diff_size if evicted is not None else None
+        read_blob = partial(self.client.get_blob, r)
+        if referred is not None and lazy.plain_gzip(desc.media_type, desc.annotations):
+            opened = self._open_referred(label, desc, read_range, known, read_blob, referred)
+        else:
+            opened = self._open_toc(label, desc, read_range, known, read_blob=read_blob)
         toc, diff_size = opened.toc, opened.diff_size
         # kept in the state directory: the same inode numbers after eviction and after a restart
         layer_id = evicted.layer_id if evicted is not None else self.state.ids.layer(ref, desc.digest)
@@ -117,19 +133,40 @@ class LayerBuilder:
 
     # ---- finding and verifying the TOC, by format ------------------------------------
     def _open_toc(self, label: str, desc: LayerDescriptor, read_range, known_diff_size: int | None = None,
-                  read_blob: lazy.ReadBlob | None = None) -> lazy.OpenedTOC:
+                  read_blob: lazy.ReadBlob | None = None, index_digest: str = "") -> lazy.OpenedTOC:
         """The layer's verified TOC and exact diff size, through its format; declined if it has none.
 
         ``known_diff_size`` is one computed before (the layer is rebuilt after
         eviction); ``read_blob`` fetches another blob of the image's
-        repository (a gzip layer's index).
+        repository (a gzip layer's index); ``index_digest`` is a gzip index
+        of the layer that a referrer of its image names.
         """
-        fmt = lazy.format_for(desc.media_type, desc.annotations)
+        fmt = lazy.GZIP_INDEX if index_digest else lazy.format_for(desc.media_type, desc.annotations)
         if fmt is None:
             raise FormatError(lazy.unserved_reason(desc.media_type))
         resolve = self.config.resolve
         ctx = lazy.TOCContext(saved=self.state, log=log, max_toc_size=resolve.max_toc_size,
                               max_entries=resolve.max_toc_entries, tail_size=resolve.tail_size,
                               allow_unverified=resolve.allow_unverified, parse_slot=_PARSE_SLOTS,
-                              read_blob=read_blob, layer_digest=desc.digest)
+                              read_blob=read_blob, layer_digest=desc.digest, layer_diff_id=desc.diff_id,
+                              index_digest=index_digest)
         return fmt.open_toc(label, desc.size, desc.annotations, read_range, ctx, known_diff_size)
+
+    def _open_referred(self, label: str, desc: LayerDescriptor, read_range, known_diff_size: int | None,
+                       read_blob: lazy.ReadBlob, referred: Referred) -> lazy.OpenedTOC:
+        """A plain gzip layer's TOC from a gzip index its image's referrers name (the first that checks out)."""
+        candidates = referred().get(desc.digest, [])[:MAX_REFERRED_TRIES]
+        if not candidates:
+            raise FormatError("no TOC annotation (plain gzip), and no referrer of its image names a gzip "
+                              "index of it")
+        problems = []
+        for index_digest in candidates:
+            try:
+                opened = self._open_toc(label, desc, read_range, known_diff_size, read_blob, index_digest)
+            except (FormatError, RegistryError) as e:
+                problems.append(f"{index_digest}: {e}")
+                continue
+            log.info("%s: serving it through gzip index %s, which a referrer of its image names", label,
+                     index_digest)
+            return opened
+        raise FormatError(f"no gzip index its image's referrers name checks out ({'; '.join(problems)})")

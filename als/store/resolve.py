@@ -30,13 +30,15 @@ from typing import Callable
 from als.config import Config
 from als.errors import ALSError, BlockedError, FormatError, Interrupted, NotFoundError, RegistryError
 from als.fetch.fetcher import ChunkFetcher
+from als.formats import lazy
 from als.layer import startup
 from als.layer.resolved import Layer, LayerDescriptor
 from als.oci import INDEX_TYPES, json_object
 from als import metrics
 from als.reference import parse_reference
 from als.registry.client import RegistryClient
-from als.store.build import Evicted, LayerBuilder
+from als.store.build import Evicted, LayerBuilder, Referred
+from als.store.referred import gzip_indexes
 from als.store.state import StateDir
 from als.store.warm import Warmer
 from als.wait import wait_for
@@ -83,6 +85,9 @@ class Resolution:
     layers: dict[str, Future] = field(default_factory=dict)  # blob digest -> Future[Layer]
     # blob digest -> an evicted layer of this image: it has no future until it is looked up again
     evicted: dict[str, Evicted] = field(default_factory=dict)
+    # -> the gzip indexes its image's referrers name (store/referred.py): listed once, by the first
+    # plain gzip layer that asks, and kept for the others and any rebuild
+    referred: Future | None = None
 
     def has_layer(self, digest: str) -> bool:
         """Whether the image resolved to a manifest naming this blob."""
@@ -128,6 +133,8 @@ class Resolver:
         self._held = held
         self._keep = keep
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="als-resolve")
+        # Referrer listings (store/referred.py), apart from the layers that wait for them: never starved by them.
+        self._referrers_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="als-referrers")
         self._resolutions: dict[str, Resolution] = {}
         self._fallbacks: dict[str, Resolution] = {}  # ref -> image rebuilt from saved metadata
         self._adopting = threading.Lock()  # one rebuild from saved metadata per image at a time
@@ -136,6 +143,7 @@ class Resolver:
     def close(self) -> None:
         """Start no more resolutions; those running finish (a lookup's wait is bounded anyway)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._referrers_pool.shutdown(wait=False, cancel_futures=True)
 
     def prepare(self, ref: str) -> None:
         """Start resolving ``ref`` in the background, unless its resolution is still current."""
@@ -235,7 +243,8 @@ class Resolver:
             fut = res.layers[desc.digest] = Future()
             evicted = res.evicted.pop(desc.digest, None)
         image = res.image.result()  # done: desc was found in it
-        self._pool.submit(self._run_layer, image.ref, desc, fut, image.entrypoint, evicted)
+        self._pool.submit(self._run_layer, image.ref, desc, fut, image.entrypoint, evicted,
+                          self._referred_for(res, image))
         return fut
 
     def _from_registry(self, ref: str, digest: str, deadline: float,
@@ -279,15 +288,60 @@ class Resolver:
                 else:
                     res.layers[desc.digest] = fut = Future()
                     start.append((desc, fut))
+        referred = self._referred_for(res, image)
         for desc, fut in start:
-            self._pool.submit(self._run_layer, image.ref, desc, fut, image.entrypoint)
+            self._pool.submit(self._run_layer, image.ref, desc, fut, image.entrypoint, None, referred)
+
+    def _referred_for(self, res: Resolution, image: Image) -> Referred | None:
+        """What a plain gzip layer of ``image`` calls for the gzip indexes its referrers name, or None
+        when off: listed at most once per resolution, from when its manifest came in
+        (``_start_referrers``), else by the first layer that asks."""
+        if not self.config.resolve.gzip_index_referrers:
+            return None
+
+        def referred() -> dict[str, list[str]]:
+            with self._lock:
+                fut, mine = res.referred, res.referred is None
+                if mine:
+                    fut = res.referred = Future()
+            if mine:  # not started with the resolution (an image from saved metadata): list here
+                self._list_referrers(fut, image.ref, image.manifest_digest)
+            return wait_for(fut, time.monotonic() + self.config.resolve.timeout)
+
+        return referred
+
+    def _list_referrers(self, fut: Future, ref: str, manifest_digest: str) -> None:
+        try:
+            fut.set_result(gzip_indexes(self.client, self.state, parse_reference(ref), manifest_digest,
+                                        f"image {ref}"))
+        except Exception as e:  # never a failed resolve: no referrer, the layer is declined
+            log.warning("image %s: its referrers cannot be read: %s", ref, e)
+            fut.set_result({})
+
+    def _start_referrers(self, res: Resolution, ref: str, manifest_digest: str, doc: dict) -> None:
+        """List the manifest's referrers now, beside the config's fetch, if a layer of it may need them."""
+        if not self.config.resolve.gzip_index_referrers:
+            return
+        layers = doc.get("layers")
+        if not isinstance(layers, list) or not any(
+                isinstance(l, dict) and lazy.plain_gzip(str(l.get("mediaType", "")), l.get("annotations") or {})
+                for l in layers):
+            return
+        with self._lock:
+            if res.referred is not None:
+                return
+            fut = res.referred = Future()
+        try:
+            self._referrers_pool.submit(self._list_referrers, fut, ref, manifest_digest)
+        except RuntimeError:  # closing
+            fut.set_result({})
 
     def _run_layer(self, ref: str, desc: LayerDescriptor, fut: Future, entrypoint: list[str],
-                   evicted: Evicted | None = None) -> None:
+                   evicted: Evicted | None = None, referred: Referred | None = None) -> None:
         """Resolve one layer (or rebuild an ``evicted`` one) into ``fut``, then keep it."""
         t0 = time.monotonic()
         try:
-            layer = self.builder.build(ref, desc, evicted)
+            layer = self.builder.build(ref, desc, evicted, referred)
         except Exception as e:
             log.warning("image %s layer %s: declined: %s", ref, desc.digest, e)
             metrics.layer_declined()
@@ -324,7 +378,7 @@ class Resolver:
     def _run_resolution(self, ref: str, res: Resolution, previous: Resolution | None = None) -> None:
         t0 = time.monotonic()
         try:
-            image = self._fetch_image(ref)
+            image = self._fetch_image(ref, res)
         except Exception as e:
             log.warning("image %s: cannot resolve: %s", ref, e)
             res.image.set_exception(_as_unavailable(e, f"image {ref}"))
@@ -374,7 +428,7 @@ class Resolver:
             raise NotFoundError(f"{digest} is not saved")
         return data
 
-    def _fetch_image(self, ref: str) -> Image:
+    def _fetch_image(self, ref: str, res: Resolution | None = None) -> Image:
         r = parse_reference(ref)
         m = self.client.get_manifest(r)
         data, media_type, digest = m.data, m.media_type, m.digest
@@ -386,6 +440,8 @@ class Resolver:
             m = self.client.get_manifest(r, chosen)
             data, media_type, digest = m.data, m.media_type, m.digest
         self.state.put_blob(digest, data)
+        if res is not None:
+            self._start_referrers(res, ref, digest, doc)
 
         def config(_ref, cdigest):
             blob = self.client.get_blob(r, cdigest, MAX_METADATA)

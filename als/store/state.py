@@ -20,6 +20,8 @@ from als.store.ids import IdTable
 
 log = logging.getLogger("als.state")
 
+_REFERRERS = "referrers of "  # a manifest's referrers are recorded as a ref's manifests are, under this
+
 
 class StateDir:
     def __init__(self, root: Path):
@@ -77,3 +79,11 @@ class StateDir:
         except OSError:
             return []
         return [line for line in text.splitlines() if line.startswith("sha256:")]
+
+    def add_referrer(self, subject_digest: str, referrer_digest: str) -> None:
+        """Record a referrer of manifest ``subject_digest`` (kept with ``put_blob``)."""
+        self.add_manifest(_REFERRERS + subject_digest, referrer_digest)
+
+    def referrers(self, subject_digest: str) -> list[str]:
+        """The referrers of manifest ``subject_digest`` recorded, newest first."""
+        return self.manifests(_REFERRERS + subject_digest)

@@ -94,6 +94,9 @@ def add_index_parser(sub) -> None:
                     "and a checkpoint every --span-size bytes of its tar stream), store each index as a blob "
                     "in DST's repository, and store DST: SRC's config and layers (mounted from SRC's "
                     "repository, not uploaded again), each gzip layer annotated with its index's digest. "
+                    "The indexes are also published as an OCI 1.1 referrer of each of SRC's image manifests "
+                    "(the referrers API, or its tag fallback), so that engines asking about layers by blob "
+                    "digest (Podman 4.x) pull SRC itself lazily. "
                     "Progress is shown on a terminal; the last line printed is DST@DIGEST.")
     _locations(p)
     p.add_argument("--span-size", type=_size, default=2 << 20,
@@ -101,6 +104,8 @@ def add_index_parser(sub) -> None:
                         "(default: 2M)")
     p.add_argument("--platform", default="", metavar="OS/ARCH[/VARIANT]",
                    help="index only this platform of a multi-platform index (the result is one image)")
+    p.add_argument("--no-referrers", dest="referrers", action="store_false",
+                   help="do not publish the indexes as referrers of SRC (nothing is written to SRC's repository)")
     p.set_defaults(func=cmd_index)
 
 
@@ -166,6 +171,7 @@ def cmd_index(args) -> int:
     factory = _client_factory(config)
     src = open_transport(args.src, factory)
     dst = open_transport(args.dst, factory)
-    result = index_image(src, dst, IndexOptions(span_size=args.span_size, platform=args.platform), Progress())
+    options = IndexOptions(span_size=args.span_size, platform=args.platform, referrers=args.referrers)
+    result = index_image(src, dst, options, Progress())
     print(f"{dst}@{result.digest}")
     return 0

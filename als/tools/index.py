@@ -4,11 +4,19 @@ Conversion rewrites every layer, so the converted image is a second copy to
 upload, store and keep in step with its original. An index leaves the layers
 alone: for each gzip layer of SRC it writes a small separate blob (its files
 and a checkpoint every few MiB, formats/gzindex.py), stores it in DST's
-repository, and stores DST as a manifest with SRC's config and layers, each
-indexed layer's descriptor naming its index by digest. The layer blobs are
-not uploaded again: they are mounted from SRC's repository (the registry
-links them), or are there already when DST is SRC's repository; only when
-SRC is on another registry (or an OCI layout) are they copied.
+repository, and stores DST as an OCI manifest with SRC's config and layers,
+each indexed layer's descriptor naming its index by digest under two keys
+(ours, and the eStargz TOC key Podman >= 5.1 asks the store by; docs/gzindex.md
+says why). The layer blobs are not uploaded again: they are mounted from
+SRC's repository (the registry links them), or are there already when DST is
+SRC's repository; only when SRC is on another registry (or an OCI layout) are
+they copied.
+
+For engines that ask the store about layers by blob digest (Podman 4.x),
+SRC itself can then be served lazily: beside each image manifest of SRC it
+indexed, `als index` publishes an OCI 1.1 referrer (artifact type
+``GZIP_INDEX_ARTIFACT_TYPE``) whose layers are the index blobs, each
+annotated with the layer it indexes (store/referred.py reads them).
 
 Each layer is read once, from SRC into a temporary file (indexed_gzip needs
 a seekable file; the download is checked against the layer's digest on the
@@ -31,7 +39,9 @@ from pathlib import Path
 from als.digest import sha256_digest
 from als.errors import ALSError, FormatError
 from als.formats import estargz, gzindex, gzindex_writer
-from als.oci import GZIP_INDEX_ANNOTATION, GZIP_LAYER_TYPES, IMAGE_TYPES, OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, json_object
+from als.oci import (GZIP_INDEX_ANNOTATION, GZIP_INDEX_ARTIFACT_TYPE, GZIP_INDEX_LAYER_ANNOTATION, IMAGE_TYPES,
+                     OCI_CONFIG, OCI_LAYER_FOR_DOCKER, OCI_LAYER_GZIP, OCI_MANIFEST, json_object)
+from als.registry.referrers import Descriptor
 from als.tools.convert import ConvertError, each_image, put_manifests
 from als.tools.progress import Progress
 from als.tools.transport import ImageTransport, RegistryImage, TransportError
@@ -45,6 +55,7 @@ _PIECE = 1 << 20
 class IndexOptions:
     span_size: int = gzindex.DEFAULT_SPAN  # uncompressed bytes between checkpoints
     platform: str = ""  # "os/arch[/variant]": index only this one of an index; the result is one image
+    referrers: bool = True  # publish the indexes as a referrer of each SRC image manifest too (a registry SRC)
 
 
 @dataclass
@@ -61,6 +72,7 @@ class IndexResult:
     digest: str  # of the stored manifest or index
     media_type: str
     images: list[list[IndexedLayer]] = field(default_factory=list)
+    referrers: list[str] = field(default_factory=list)  # per SRC image manifest: what became of its referrer
 
 
 @dataclass
@@ -71,6 +83,7 @@ class _Image:
     indexes: list[bytes]
     report: list[IndexedLayer]
     platform: dict | None = None
+    subject: Descriptor | None = None  # SRC's manifest of this image, which the referrer refers to
 
 
 def index_image(src: ImageTransport, dst: ImageTransport, options: IndexOptions | None = None,
@@ -85,7 +98,10 @@ def index_image(src: ImageTransport, dst: ImageTransport, options: IndexOptions 
         images, index = each_image(src, options.platform, lambda manifest, media_type, label, platform:
                                    _index_image(src, manifest, media_type, options, progress, work, label,
                                                 platform))
-        return _store(src, dst, images, index, progress, work)
+        result = _store(src, dst, images, index, progress, work)
+        if options.referrers:
+            result.referrers = [_publish_referrer(src, image, progress) for image in images]
+        return result
 
 
 def _index_image(src, manifest: bytes, media_type: str, options: IndexOptions, progress: Progress, work: Path,
@@ -104,17 +120,24 @@ def _index_image(src, manifest: bytes, media_type: str, options: IndexOptions, p
         what = f"{src}{' ' + label if label else ''} layer {i + 1}/{len(layers)} ({desc.get('digest')})"
         digest, size = desc.get("digest", ""), int(desc.get("size", 0))
         annotations = dict(desc.get("annotations") or {})
-        annotations.pop(GZIP_INDEX_ANNOTATION, None)  # a stale index of an earlier run is replaced
-        if desc.get("mediaType") not in GZIP_LAYER_TYPES or estargz.TOC_DIGEST_ANNOTATION in annotations:
-            why = "eStargz already" if desc.get("mediaType") in GZIP_LAYER_TYPES else "not gzip"
+        earlier = annotations.pop(GZIP_INDEX_ANNOTATION, None)
+        if earlier is not None and annotations.get(estargz.TOC_DIGEST_ANNOTATION) == earlier:
+            del annotations[estargz.TOC_DIGEST_ANNOTATION]  # the index of an earlier run: written again
+        # An OCI manifest with Docker layer media types cannot be pushed or saved by Podman: OCI's names
+        # for the same bytes (the blob and its digest do not change).
+        desc["mediaType"] = OCI_LAYER_FOR_DOCKER.get(desc.get("mediaType"), desc.get("mediaType"))
+        if desc["mediaType"] != OCI_LAYER_GZIP or estargz.TOC_DIGEST_ANNOTATION in annotations:
+            why = "eStargz already" if desc["mediaType"] == OCI_LAYER_GZIP else "not gzip"
             progress.message(f"{what}: kept as it is ({why})")
             report.append(IndexedLayer(digest, size, note=why))
             blobs.append((digest, size, None))
         else:
             path, index = _index_layer(src, digest, size, options, progress, work, what)
             index_digest = sha256_digest(index)
+            # Both keys, the same digest: Podman >= 5.1 asks the store by the first; the store serves
+            # the layer as indexed only when the second, ours, agrees (docs/gzindex.md).
+            annotations[estargz.TOC_DIGEST_ANNOTATION] = index_digest
             annotations[GZIP_INDEX_ANNOTATION] = index_digest
-            desc["mediaType"] = OCI_LAYER_GZIP  # the same bytes; Docker's schema carries no annotations
             report.append(IndexedLayer(digest, size, index_digest, len(index)))
             blobs.append((digest, size, path))
             indexes.append(index)
@@ -126,7 +149,42 @@ def _index_image(src, manifest: bytes, media_type: str, options: IndexOptions, p
            "layers": descriptors}
     if isinstance(doc.get("annotations"), dict) and doc["annotations"]:
         out["annotations"] = doc["annotations"]
-    return _Image(json.dumps(out, separators=(",", ":")).encode(), config_ref, blobs, indexes, report, platform)
+    subject = Descriptor(doc.get("mediaType") or media_type or OCI_MANIFEST, sha256_digest(manifest), len(manifest))
+    return _Image(json.dumps(out, separators=(",", ":")).encode(), config_ref, blobs, indexes, report, platform,
+                  subject)
+
+
+def index_descriptors(indexes: list[tuple[str, bytes]]) -> list[Descriptor]:
+    """The layers of a gzip-index referrer: each (layer blob digest, index blob), annotated with the layer."""
+    return [Descriptor(gzindex.MEDIA_TYPE, sha256_digest(blob), len(blob),
+                       annotations={GZIP_INDEX_LAYER_ANNOTATION: layer}) for layer, blob in indexes]
+
+
+def _publish_referrer(src, image: _Image, progress: Progress) -> str:
+    """Publish ``image``'s indexes as a referrer of its SRC manifest; what became of it, in words.
+
+    A failure is a warning, not an error: DST is stored and serves lazily
+    without it; only engines that ask by blob digest miss it, for SRC.
+    """
+    indexed = [layer.digest for layer in image.report if layer.index_digest]
+    if not indexed or image.subject is None:
+        return "no index to publish"
+    if not isinstance(src, RegistryImage):
+        return "not published: SRC is not in a registry"
+    layers = index_descriptors(list(zip(indexed, image.indexes)))
+    try:
+        for blob in image.indexes:  # the referrer's layers live in SRC's repository
+            src.push_blob(io.BytesIO(blob), sha256_digest(blob), len(blob))
+        published = src.client.publish_referrer(src.ref, image.subject, GZIP_INDEX_ARTIFACT_TYPE, layers)
+    except (ALSError, TransportError) as e:
+        progress.message(f"warning: the indexes were not published as a referrer of {src}@"
+                         f"{image.subject.digest}: {e}")
+        log.warning("gzip index referrer of %s@%s not published: %s", src.ref.name, image.subject.digest, e)
+        return f"not published: {e}"
+    how = "referrers API" if published.tag is None else f"fallback tag {published.tag}"
+    progress.message(f"published the indexes as referrer {published.descriptor.digest} of "
+                     f"{src.ref.name}@{image.subject.digest} ({how})")
+    return f"published {published.descriptor.digest} ({how})"
 
 
 def _index_layer(src, digest: str, size: int, options: IndexOptions, progress: Progress, work: Path,

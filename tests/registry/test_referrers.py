@@ -143,6 +143,34 @@ def test_publish_stops_when_the_fallback_tag_cannot_be_read(registry, tmp_path):
         assert not front.seen(lambda s: s.method == "PUT" and "/manifests/sha256-" in s.path)
 
 
+def test_a_registry_without_the_api_is_asked_for_it_once(registry, tmp_path):
+    """A store lists the referrers of plain gzip images on every resolution: once a registry has said
+    it has no such route (a bare 404, not a registry error), only the fallback tag is read."""
+    with Front(registry.host) as front, client_for(tmp_path, front.host) as client:
+        ref = parse_reference(f"{front.host}/ns/once:v1")
+        subject = subject_of(client, ref, seed=11)
+        for _ in range(3):
+            assert client.list_referrers(ref, subject.digest) == []
+        assert len(front.seen(lambda s: "/referrers/" in s.path)) == 1
+        assert len(front.seen(lambda s: "/manifests/sha256-" in s.path)) == 3
+
+
+def test_a_registry_error_from_the_api_route_is_not_taken_for_no_api(registry, tmp_path):
+    """A JSON 404 (a repository the API does not know) says nothing about the route: asked each time."""
+    def unknown(seen):
+        if "/referrers/" in seen.path:
+            return (404, {"Content-Type": "application/json"},
+                    b'{"errors":[{"code":"NAME_UNKNOWN","message":"repository name not known"}]}')
+        return None
+
+    with Front(registry.host, hook=unknown) as front, client_for(tmp_path, front.host) as client:
+        ref = parse_reference(f"{front.host}/ns/unknown:v1")
+        subject = subject_of(client, ref, seed=12)
+        for _ in range(2):
+            assert client.list_referrers(ref, subject.digest) == []
+        assert len(front.seen(lambda s: "/referrers/" in s.path)) == 2
+
+
 # ---------------------------------------------------------------- the referrers API (front on docker-registry)
 def test_referrers_api(registry, tmp_path):
     with ReferrersFront(registry.host) as api, client_for(tmp_path, api.host) as client:

@@ -22,6 +22,7 @@ import pytest
 
 from als.errors import ALSError
 from als.formats import gzindex_writer
+from als.formats.estargz import TOC_DIGEST_ANNOTATION
 from als.oci import GZIP_INDEX_ANNOTATION, OCI_CONFIG, OCI_MANIFEST
 from als.reference import parse_reference
 from als.tools.image import gzip_layer, image_config
@@ -44,8 +45,15 @@ def entries() -> list[images.Entry]:
     return out
 
 
-def push_indexed(registry, tmp_path, *, index_for=None, tamper=None) -> tuple[bytes, object, str]:
-    """Push the gzip layer, its index and an annotated manifest; (the tar, the layer, the index digest)."""
+def both_keys(index_digest: str) -> dict[str, str]:
+    """The annotations `als index` writes: the eStargz TOC key and ours, the same digest."""
+    return {TOC_DIGEST_ANNOTATION: index_digest, GZIP_INDEX_ANNOTATION: index_digest}
+
+
+def push_indexed(registry, tmp_path, *, index_for=None, tamper=None, annotations=both_keys,
+                 ) -> tuple[bytes, object, str]:
+    """Push the gzip layer, its index and a manifest with ``annotations(index digest)`` on the layer;
+    (the tar, the layer, the index digest)."""
     tar = images.layer_tar(entries())
     layer = gzip_layer(tar, level=6)
     blob = layer.blob.getvalue()
@@ -59,7 +67,7 @@ def push_indexed(registry, tmp_path, *, index_for=None, tamper=None) -> tuple[by
     config = image_config([layer])
     for data in (blob, index, config):
         registry.push_blob(ref, data, sha(data), len(data))
-    desc = dict(layer.descriptor(), annotations={GZIP_INDEX_ANNOTATION: sha(index)})
+    desc = dict(layer.descriptor(), annotations=annotations(sha(index)))
     manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
                            "config": {"mediaType": OCI_CONFIG, "digest": sha(config), "size": len(config)},
                            "layers": [desc]}).encode()
@@ -160,3 +168,76 @@ def test_a_restarted_store_serves_an_indexed_layer_from_its_saved_index_and_cach
         assert h.read_all(h.layer(REF, layer.digest, "diff", "etc", "passwd")).startswith(b"root:")
         assert f"image {REF} layer {layer.digest}: serving it from saved metadata" in caplog.text
         assert "saved gzip index is unusable" not in caplog.text
+
+
+# ---- which layers are gzip-indexed: both keys, one digest, an index naming this blob and DiffID --------
+
+def test_looked_up_by_its_toc_digest_info_echoes_the_annotation_value(mem, tmp_path):
+    """Podman >= 5.1 asks by the annotation's value and fails the pull unless `info` says it back."""
+    tar, layer, index_digest = push_indexed(mem.registry, tmp_path)
+    info = json.loads(mem.read_all(mem.layer(REF, index_digest, "info")))
+    assert info["toc-digest"] == index_digest and "diff-digest" not in info
+    assert info["flags"] == {"expected-layer-diffid": sha(tar)}
+    assert info["diff-size"] == len(tar) and info["compressed-size"] == layer.size
+    assert mem.read_all(mem.layer(REF, index_digest, "diff", "etc", "passwd")).startswith(b"root:x:0:0")
+
+
+def test_our_key_alone_is_declined(mem, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="als.store")
+    _, layer, index_digest = push_indexed(mem.registry, tmp_path,
+                                          annotations=lambda d: {GZIP_INDEX_ANNOTATION: d})
+    _declined(mem, layer, caplog, f"but not in {TOC_DIGEST_ANNOTATION} too")
+    assert not mem.registry.served(BLOB, index_digest)
+
+
+def test_the_stargz_key_alone_is_taken_for_estargz_and_declined(mem, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="als.store")
+    _, layer, index_digest = push_indexed(mem.registry, tmp_path,
+                                          annotations=lambda d: {TOC_DIGEST_ANNOTATION: d})
+    _declined(mem, layer, caplog, "declined")
+    assert not mem.registry.served(BLOB, index_digest)  # never read as an index
+
+
+def test_keys_that_disagree_are_not_an_index(mem, tmp_path, caplog):
+    """A plain gzip layer whose keys disagree is declined without its index being read."""
+    caplog.set_level(logging.WARNING, logger="als.store")
+    other = sha(b"another index")
+    _, layer, index_digest = push_indexed(mem.registry, tmp_path, annotations=lambda d: {
+        TOC_DIGEST_ANNOTATION: other, GZIP_INDEX_ANNOTATION: d})
+    _declined(mem, layer, caplog, "declined")
+    assert not mem.registry.served(BLOB, index_digest)
+
+
+def test_a_real_estargz_layer_with_a_stale_index_key_is_served_as_estargz(mem):
+    """stargz-snapshotter's converter keeps descriptor annotations it does not know: ours, stale."""
+    layer = memstore.estargz(entries())
+    layer.annotations[GZIP_INDEX_ANNOTATION] = sha(b"the index of the gzip layer it was converted from")
+    memstore.push(mem.registry, REF, [layer])
+    info = json.loads(mem.read_all(mem.layer(REF, layer.digest, "info")))
+    assert info["diff-digest"] == layer.diff_id
+    assert mem.read_all(mem.layer(REF, layer.digest, "diff", "etc", "passwd")).startswith(b"root:x:0:0")
+
+
+def _with_layer_field(key: str, value):
+    def tamper(index: bytes) -> bytes:
+        doc = json.loads(gzip.decompress(index))
+        if value is None:
+            del doc["layer"][key]
+        else:
+            doc["layer"][key] = value
+        return gzip.compress(json.dumps(doc).encode())
+    return tamper
+
+
+def test_an_index_of_another_diff_id_is_declined(mem, tmp_path, caplog):
+    """The index digest becomes the layer's identity in containers/storage: it must commit to the
+    DiffID the image config gives, not only to the blob."""
+    caplog.set_level(logging.WARNING, logger="als.store")
+    _, layer, _ = push_indexed(mem.registry, tmp_path, tamper=_with_layer_field("diffID", sha(b"other")))
+    _declined(mem, layer, caplog, "the image config says")
+
+
+def test_an_index_without_a_diff_id_is_declined(mem, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="als.store")
+    _, layer, _ = push_indexed(mem.registry, tmp_path, tamper=_with_layer_field("diffID", None))
+    _declined(mem, layer, caplog, "diffID")

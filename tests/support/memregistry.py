@@ -30,7 +30,8 @@ from als.oci import OCI_EMPTY_DATA, OCI_MANIFEST
 from als.reference import Reference
 from als.registry.referrers import EMPTY, VIA_API, Descriptor, Published, artifact_manifest
 
-MANIFEST, BLOB, RANGE = "manifest", "blob", "range"  # the kinds of request counted and misbehaved on
+MANIFEST, BLOB, RANGE, REFERRERS = "manifest", "blob", "range", "referrers"  # the kinds of request counted
+# and misbehaved on (a referrers list is named by its subject's digest)
 HOLD_LIMIT = 10.0  # seconds a held request waits for its release at most: a test that forgets ends anyway
 PIECE = 64 << 10  # a range is streamed in pieces of this size, as a network body would be
 
@@ -127,6 +128,7 @@ class MemoryRegistry:
     def list_referrers(self, ref: Reference, subject_digest: str,
                        artifact_type: str | None = None) -> list[Descriptor]:
         """Every manifest of the repository whose ``subject`` is ``subject_digest``, in push order."""
+        self._arrive(REFERRERS, subject_digest)
         with self._lock:
             stored = [(name, data, mt) for (repo, name), (data, mt) in self.manifests.items()
                       if repo == ref.name and name == sha256(data)]

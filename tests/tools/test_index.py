@@ -9,12 +9,16 @@ mount file for file as the tar has them, fetching a file's span, not its layer.
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
 
 from als.formats import gzindex
-from als.oci import GZIP_INDEX_ANNOTATION, OCI_MANIFEST
+from als.formats.estargz import TOC_DIGEST_ANNOTATION
+from als.oci import GZIP_INDEX_ANNOTATION, GZIP_INDEX_ARTIFACT_TYPE, GZIP_INDEX_LAYER_ANNOTATION, OCI_MANIFEST
+from als.reference import parse_reference
+from als.registry.referrers import EMPTY_DIGEST
 from als.tools.image import gzip_layer
 from tests.support import images
 from tests.support.alsrun import get_blob, get_json, push_gzip, run_als, sha
@@ -56,18 +60,52 @@ def test_index_keeps_the_config_and_layers_and_adds_an_index_blob(registry, gzip
     [desc] = manifest["layers"]
     assert (desc["digest"], desc["size"]) == (layer.digest, layer.size)
     index_digest = desc["annotations"][GZIP_INDEX_ANNOTATION]
+    # The key Podman >= 5.1 asks the store by carries the same digest (docs/gzindex.md).
+    assert desc["annotations"] == {GZIP_INDEX_ANNOTATION: index_digest, TOC_DIGEST_ANNOTATION: index_digest}
     index = get_blob(registry, "idx/python-indexed", index_digest)
     assert len(index) < layer.size * 0.03, (len(index), layer.size)  # 2.1%, measured
     parsed = gzindex.parse_index(index, index_digest, layer_digest=layer.digest, layer_size=layer.size,
-                                 max_size=64 << 20, max_entries=1 << 20)
+                                 max_size=64 << 20, max_entries=1 << 20, diff_id=sha(python_rootfs))
     assert parsed.uncompressed_size == len(python_rootfs)
     assert abs(len(parsed.checkpoints) - len(python_rootfs) / (2 << 20)) <= 1  # one every 2 MiB (the default)
     assert max(len(e.chunks) for e in parsed.toc.entries) > 1  # big files cross spans
     # The layer and the config are in the new repository without having been uploaded: mounted.
     assert get_blob(registry, "idx/python-indexed", layer.digest)
-    uploads = [a for a in accesses if a.method in ("PUT", "PATCH") and "/blobs/uploads/" in a.uri]
+    uploads = [a for a in accesses if a.method in ("PUT", "PATCH") and "/v2/idx/python-indexed/blobs/uploads/" in a.uri]
     assert len(uploads) == 1, [a.uri for a in uploads]  # the index alone
     assert any(a.method == "POST" and "mount=sha256%3A" + layer.digest[7:] in a.uri for a in accesses)
+
+
+def test_index_publishes_the_indexes_as_a_referrer_of_the_source_manifest(registry, client, gzip_python,
+                                                                          indexed_python):
+    """Into SRC's repository: the index blob and a referrer of SRC's manifest (here through the referrers
+    tag, Debian's registry has no referrers API) naming, per index, the layer it indexes."""
+    src, layer = gzip_python
+    dst, _, accesses = indexed_python
+    source_digest = sha(get_raw(registry, "idx/python", "gzip"))
+    [desc] = get_json(registry, "idx/python-indexed", "1")["layers"]
+    index_digest = desc["annotations"][GZIP_INDEX_ANNOTATION]
+    [listed] = client.list_referrers(parse_reference(src), source_digest, GZIP_INDEX_ARTIFACT_TYPE)
+    referrer = get_json(registry, "idx/python", listed.digest)
+    assert referrer["artifactType"] == GZIP_INDEX_ARTIFACT_TYPE
+    assert referrer["subject"]["digest"] == source_digest
+    assert [(d["mediaType"], d["digest"], d["annotations"]) for d in referrer["layers"]] == [
+        (gzindex.MEDIA_TYPE, index_digest, {GZIP_INDEX_LAYER_ANNOTATION: layer.digest})]
+    assert get_blob(registry, "idx/python", index_digest)
+    # Nothing but the index and the empty config of an artifact is uploaded to SRC's repository.
+    uploads = {a.uri.rpartition("digest=")[2].replace("%3A", ":") for a in accesses
+               if a.method == "PUT" and "/v2/idx/python/blobs/uploads/" in a.uri}
+    assert uploads == {index_digest, EMPTY_DIGEST}, uploads
+
+
+def test_index_without_referrers_leaves_the_source_repository_alone(registry, registries_conf, client,
+                                                                    gzip_python):
+    src, _ = gzip_python
+    mark = registry.mark()
+    res = run_als("index", "--no-referrers", "--span-size", "1M", src, f"{registry.host}/idx/python-noref:1",
+                  conf=registries_conf)
+    assert res.returncode == 0, res.stderr
+    assert not [a for a in registry.accesses_since(mark) if a.method != "GET" and "/v2/idx/python/" in a.uri]
 
 
 def test_the_indexed_image_is_served_lazily_file_for_file(store, registry, gzip_python, indexed_python,
@@ -177,6 +215,89 @@ def test_index_into_the_same_repository_uploads_only_the_index(registry, registr
     accesses = registry.accesses_since(mark)
     assert not any("mount=" in a.uri for a in accesses)  # the layer is there already
     uploads = [a for a in accesses if a.method == "PUT" and "/blobs/uploads/" in a.uri]
-    assert len(uploads) == 1, [a.uri for a in uploads]
+    # the index alone (another test's `als index` may have stored this very index there as a referrer)
+    assert len(uploads) <= 1, [a.uri for a in uploads]
+    assert all(a.uri.endswith("digest=" + desc_index(registry).replace(":", "%3A")) for a in uploads)
     [desc] = get_json(registry, "idx/python", "indexed")["layers"]
     assert desc["digest"] == layer.digest and GZIP_INDEX_ANNOTATION in desc["annotations"]
+
+
+def desc_index(registry) -> str:
+    [desc] = get_json(registry, "idx/python", "indexed")["layers"]
+    return desc["annotations"][GZIP_INDEX_ANNOTATION]
+
+
+def get_raw(registry, repo: str, reference: str) -> bytes:
+    import urllib.request
+    req = urllib.request.Request(f"{registry.url}/v2/{repo}/manifests/{reference}", headers={"Accept": OCI_MANIFEST})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return r.read()
+
+
+def test_indexing_an_indexed_image_again_replaces_its_index_and_drops_a_stale_key(tmp_path):
+    """DST indexed again (another span size) gets a new index under both keys; an eStargz layer that kept
+    our key from the gzip layer it was converted from (a stale value) is kept as eStargz, without it."""
+    import io
+
+    from als.tools.image import estargz_layer
+    from als.tools.index import IndexOptions, index_image
+    from als.tools.transport import OCILayout
+    from tests.support.alsrun import config_for, tar_of
+
+    plain = gzip_layer(tar_of({"big": random_text(300_000)}), level=6)
+    esgz = estargz_layer(io.BytesIO(tar_of({"e": b"estargz\n"})))
+    stale = sha(b"the index of the gzip layer it was converted from")
+    src = OCILayout(tmp_path / "src", "v1")
+    config = config_for([plain, esgz])
+    for data in (plain.blob.getvalue(), esgz.blob.read(), config):
+        src.push_blob(io.BytesIO(data), sha(data), len(data))
+    descs = [plain.descriptor(), dict(esgz.descriptor(), annotations={**esgz.annotations, GZIP_INDEX_ANNOTATION: stale})]
+    src.put_manifest(json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                                 "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                            "digest": sha(config), "size": len(config)},
+                                 "layers": descs}).encode(), OCI_MANIFEST, tagged=True)
+    first = OCILayout(tmp_path / "first", "1")
+    index_image(src, first, IndexOptions(span_size=64 << 10))
+    second = OCILayout(tmp_path / "second", "1")
+    result = index_image(first, second, IndexOptions(span_size=128 << 10))
+    indexed, kept = json.loads(second.get_blob(result.digest, 1 << 20))["layers"]
+    assert [r.note for r in result.images[0]] == ["copied", "eStargz already, copied"]
+    again = indexed["annotations"][GZIP_INDEX_ANNOTATION]
+    assert indexed["annotations"] == {GZIP_INDEX_ANNOTATION: again, TOC_DIGEST_ANNOTATION: again}
+    assert json.loads(gzip.decompress(second.get_blob(again, 1 << 20)))["spanSize"] == 128 << 10
+    assert kept["annotations"] == esgz.annotations  # the stale key is gone
+    assert result.referrers == ["not published: SRC is not in a registry"]
+
+
+def test_each_platform_of_an_index_gets_its_referrer_and_the_store_finds_this_hosts(registry, registries_conf,
+                                                                                    client, store):
+    """A multi-platform SRC: one referrer per platform manifest, naming that platform's layer; the store,
+    asked by blob digest, picks this host's manifest from the index and its referrer."""
+    from als.oci import OCI_INDEX
+    from als.tools.image import push_image
+    from als.store.resolve import host_platform
+    from tests.support.alsrun import config_for, tar_of
+
+    host_arch = host_platform()[1]
+    arches = [host_arch, "s390x" if host_arch != "s390x" else "amd64"]
+    layers, entries = {}, []
+    for arch in arches:
+        layer = gzip_layer(tar_of({"arch": f"{arch}\n".encode(), "pad": random_text(200_000)}), level=6)
+        digest = push_image(client, parse_reference(f"{registry.host}/idx/multi:{arch}"), [layer],
+                            config_for([layer], arch=arch))
+        layers[arch] = layer
+        entries.append({"mediaType": OCI_MANIFEST, "digest": digest,
+                        "size": len(get_raw(registry, "idx/multi", arch)),
+                        "platform": {"os": "linux", "architecture": arch}})
+    src = f"{registry.host}/idx/multi:all"
+    client.put_manifest(parse_reference(src), json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                                          "manifests": entries}).encode(), OCI_INDEX)
+    res = run_als("index", "--span-size", "64K", src, f"{registry.host}/idx/multi-indexed:all", conf=registries_conf)
+    assert res.returncode == 0, res.stderr
+    for arch, entry in zip(arches, entries):
+        [listed] = client.list_referrers(parse_reference(src), entry["digest"], GZIP_INDEX_ARTIFACT_TYPE)
+        referrer = get_json(registry, "idx/multi", listed.digest)
+        assert [d["annotations"][GZIP_INDEX_LAYER_ANNOTATION] for d in referrer["layers"]] == [layers[arch].digest]
+    diff = store.layer_dir(src, layers[host_arch].digest) / "diff"
+    assert (diff / "data" / "arch").read_bytes() == f"{host_arch}\n".encode()
+    assert f"{layers[host_arch].digest}: serving it through gzip index" in store.log()
