@@ -28,7 +28,7 @@ class ResolveConfig:
     max_toc_entries: int = 1 << 20  # most TOC entries (and, with 64Ki implicit directories, tree nodes)
     failure_ttl: float = 5.0  # seconds a resolution that failed for a transient reason is kept
     max_idle_layers: int = 64  # resolved layers kept in memory that no container uses; 0: no bound
-    gzip_index_referrers: bool = True  # find gzip indexes of unannotated gzip layers through referrers
+    gzip_index_referrers: bool = False  # find gzip indexes of unannotated gzip layers through referrers
 
 
 @dataclass

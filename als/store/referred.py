@@ -20,14 +20,18 @@ directory, so a restart with the registry away still finds them.
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from als.digest import is_sha256
 from als.errors import ALSError
-from als.formats import gzindex
+from als.formats import gzindex, lazy
 from als.oci import GZIP_INDEX_ARTIFACT_TYPE, GZIP_INDEX_LAYER_ANNOTATION, json_object
-from als.reference import Reference
+from als.reference import Reference, parse_reference
 from als.registry.client import RegistryClient
 from als.store.state import StateDir
+from als.wait import wait_for
 
 log = logging.getLogger("als.store")
 
@@ -82,3 +86,59 @@ def _indexes(data: bytes, subject: str, digest: str) -> list[tuple[str, str]]:
         if is_sha256(layer) and is_sha256(d.get("digest")):
             out.append((layer, d["digest"]))
     return out
+
+
+class ReferrerListings:
+    """The referrers of each resolution's image manifest, listed at most once per resolution.
+
+    A resolution carries the listing as its ``referred`` future: started as
+    soon as its manifest is in, beside the config's fetch, when a layer of it
+    may need one (``start``), else by the first layer that asks (an image
+    rebuilt from saved metadata). Listings run on their own threads, so the
+    layers that wait for them can never starve them.
+    """
+
+    def __init__(self, client: RegistryClient, state: StateDir, timeout: float):
+        self.client, self.state, self.timeout = client, state, timeout
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="als-referrers")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def start(self, res, ref: str, manifest_digest: str, doc: dict) -> None:
+        """List the manifest's referrers now if a layer of ``doc`` is plain gzip (no TOC of its own)."""
+        layers = doc.get("layers")
+        if not isinstance(layers, list) or not any(
+                isinstance(l, dict) and lazy.plain_gzip(str(l.get("mediaType", "")), l.get("annotations") or {})
+                for l in layers):
+            return
+        with self._lock:
+            if res.referred is not None:
+                return
+            fut = res.referred = Future()
+        try:
+            self._pool.submit(self._list, fut, ref, manifest_digest)
+        except RuntimeError:  # closing
+            fut.set_result({})
+
+    def for_layers(self, res, ref: str, manifest_digest: str):
+        """What a plain gzip layer of the resolution ``res`` calls for the gzip indexes its referrers name."""
+        def referred() -> dict[str, list[str]]:
+            with self._lock:
+                fut, mine = res.referred, res.referred is None
+                if mine:
+                    fut = res.referred = Future()
+            if mine:
+                self._list(fut, ref, manifest_digest)
+            return wait_for(fut, time.monotonic() + self.timeout)
+
+        return referred
+
+    def _list(self, fut: Future, ref: str, manifest_digest: str) -> None:
+        try:
+            fut.set_result(gzip_indexes(self.client, self.state, parse_reference(ref), manifest_digest,
+                                        f"image {ref}"))
+        except Exception as e:  # never a failed resolve: no referrer, the layer is declined
+            log.warning("image %s: its referrers cannot be read: %s", ref, e)
+            fut.set_result({})

@@ -30,7 +30,6 @@ from typing import Callable
 from als.config import Config
 from als.errors import ALSError, BlockedError, FormatError, Interrupted, NotFoundError, RegistryError
 from als.fetch.fetcher import ChunkFetcher
-from als.formats import lazy
 from als.layer import startup
 from als.layer.resolved import Layer, LayerDescriptor
 from als.oci import INDEX_TYPES, json_object
@@ -38,7 +37,7 @@ from als import metrics
 from als.reference import parse_reference
 from als.registry.client import RegistryClient
 from als.store.build import Evicted, LayerBuilder, Referred
-from als.store.referred import gzip_indexes
+from als.store.referred import ReferrerListings
 from als.store.state import StateDir
 from als.store.warm import Warmer
 from als.wait import wait_for
@@ -133,8 +132,8 @@ class Resolver:
         self._held = held
         self._keep = keep
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="als-resolve")
-        # Referrer listings (store/referred.py), apart from the layers that wait for them: never starved by them.
-        self._referrers_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="als-referrers")
+        self.referrers = ReferrerListings(client, state, config.resolve.timeout) \
+            if config.resolve.gzip_index_referrers else None
         self._resolutions: dict[str, Resolution] = {}
         self._fallbacks: dict[str, Resolution] = {}  # ref -> image rebuilt from saved metadata
         self._adopting = threading.Lock()  # one rebuild from saved metadata per image at a time
@@ -143,7 +142,8 @@ class Resolver:
     def close(self) -> None:
         """Start no more resolutions; those running finish (a lookup's wait is bounded anyway)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._referrers_pool.shutdown(wait=False, cancel_futures=True)
+        if self.referrers is not None:
+            self.referrers.close()
 
     def prepare(self, ref: str) -> None:
         """Start resolving ``ref`` in the background, unless its resolution is still current."""
@@ -244,7 +244,7 @@ class Resolver:
             evicted = res.evicted.pop(desc.digest, None)
         image = res.image.result()  # done: desc was found in it
         self._pool.submit(self._run_layer, image.ref, desc, fut, image.entrypoint, evicted,
-                          self._referred_for(res, image))
+                          self._referred_for(res, image.ref, image.manifest_digest))
         return fut
 
     def _from_registry(self, ref: str, digest: str, deadline: float,
@@ -288,53 +288,12 @@ class Resolver:
                 else:
                     res.layers[desc.digest] = fut = Future()
                     start.append((desc, fut))
-        referred = self._referred_for(res, image)
+        referred = self._referred_for(res, image.ref, image.manifest_digest)
         for desc, fut in start:
             self._pool.submit(self._run_layer, image.ref, desc, fut, image.entrypoint, None, referred)
 
-    def _referred_for(self, res: Resolution, image: Image) -> Referred | None:
-        """What a plain gzip layer of ``image`` calls for the gzip indexes its referrers name, or None
-        when off: listed at most once per resolution, from when its manifest came in
-        (``_start_referrers``), else by the first layer that asks."""
-        if not self.config.resolve.gzip_index_referrers:
-            return None
-
-        def referred() -> dict[str, list[str]]:
-            with self._lock:
-                fut, mine = res.referred, res.referred is None
-                if mine:
-                    fut = res.referred = Future()
-            if mine:  # not started with the resolution (an image from saved metadata): list here
-                self._list_referrers(fut, image.ref, image.manifest_digest)
-            return wait_for(fut, time.monotonic() + self.config.resolve.timeout)
-
-        return referred
-
-    def _list_referrers(self, fut: Future, ref: str, manifest_digest: str) -> None:
-        try:
-            fut.set_result(gzip_indexes(self.client, self.state, parse_reference(ref), manifest_digest,
-                                        f"image {ref}"))
-        except Exception as e:  # never a failed resolve: no referrer, the layer is declined
-            log.warning("image %s: its referrers cannot be read: %s", ref, e)
-            fut.set_result({})
-
-    def _start_referrers(self, res: Resolution, ref: str, manifest_digest: str, doc: dict) -> None:
-        """List the manifest's referrers now, beside the config's fetch, if a layer of it may need them."""
-        if not self.config.resolve.gzip_index_referrers:
-            return
-        layers = doc.get("layers")
-        if not isinstance(layers, list) or not any(
-                isinstance(l, dict) and lazy.plain_gzip(str(l.get("mediaType", "")), l.get("annotations") or {})
-                for l in layers):
-            return
-        with self._lock:
-            if res.referred is not None:
-                return
-            fut = res.referred = Future()
-        try:
-            self._referrers_pool.submit(self._list_referrers, fut, ref, manifest_digest)
-        except RuntimeError:  # closing
-            fut.set_result({})
+    def _referred_for(self, res: Resolution, ref: str, manifest_digest: str) -> Referred | None:
+        return self.referrers.for_layers(res, ref, manifest_digest) if self.referrers is not None else None
 
     def _run_layer(self, ref: str, desc: LayerDescriptor, fut: Future, entrypoint: list[str],
                    evicted: Evicted | None = None, referred: Referred | None = None) -> None:
@@ -441,7 +400,8 @@ class Resolver:
             data, media_type, digest = m.data, m.media_type, m.digest
         self.state.put_blob(digest, data)
         if res is not None:
-            self._start_referrers(res, ref, digest, doc)
+            if self.referrers is not None:
+                self.referrers.start(res, ref, digest, doc)
 
         def config(_ref, cdigest):
             blob = self.client.get_blob(r, cdigest, MAX_METADATA)

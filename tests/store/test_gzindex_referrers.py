@@ -27,6 +27,14 @@ from tests.support.memregistry import BLOB, MANIFEST, RANGE, REFERRERS, MemoryRe
 
 REF = "registry.test/als/plain:1"
 SPAN = 64 << 10
+ON = memstore.QUIET + "[resolve]\ngzip_index_referrers = true\n"  # off by default: see config/config.toml
+
+
+@pytest.fixture
+def mem(tmp_path):
+    """The in-process store with the referrer path switched on."""
+    with memstore.harness(tmp_path, ON) as h:
+        yield h
 
 
 def _layers():
@@ -128,10 +136,9 @@ def test_layers_with_a_toc_never_list_referrers(mem):
     assert not mem.registry.served(REFERRERS)
 
 
-def test_switched_off_no_referrer_is_listed(tmp_path, caplog):
+def test_by_default_no_referrer_is_listed(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="als.store")
-    config = memstore.QUIET + "[resolve]\ngzip_index_referrers = false\n"
-    with memstore.harness(tmp_path, config) as mem:
+    with memstore.harness(tmp_path) as mem:  # the default
         layers, _, _ = push_plain(mem.registry, tmp_path)
         _declined(mem, layers[0].digest, caplog, "declined")
         assert not mem.registry.served(REFERRERS)
@@ -140,12 +147,12 @@ def test_switched_off_no_referrer_is_listed(tmp_path, caplog):
 def test_a_restarted_store_finds_the_saved_referrer_with_the_registry_away(tmp_path, caplog):
     registry = MemoryRegistry()
     layers, _, _ = push_plain(registry, tmp_path)
-    with memstore.harness(tmp_path, registry=registry) as h:
+    with memstore.harness(tmp_path, ON, registry=registry) as h:
         assert h.read_all(h.layer(REF, layers[0].digest, "diff", "etc", "passwd")).startswith(b"root:")
         h.cache.flush()
     for kind in (MANIFEST, BLOB, RANGE, REFERRERS):
         registry.fail(kind, times=100)
-    with memstore.harness(tmp_path, registry=registry) as h:  # the same state and cache directories
+    with memstore.harness(tmp_path, ON, registry=registry) as h:  # the same state and cache directories
         assert h.read_all(h.layer(REF, layers[0].digest, "diff", "etc", "passwd")).startswith(b"root:")
 
 

@@ -76,7 +76,9 @@ def lazy_run(tmp_path, registry, registries_conf, ref: str, layers: list[dict], 
     """Run CHECK in ``ref`` on a fresh Podman over a fresh store; (its output, the store's log)."""
     (tmp_path / f"als-{name}").mkdir()
     mark = registry.mark()
-    with StoreProcess(tmp_path / f"als-{name}", registries_conf=registries_conf, config=NO_BACKGROUND) as store, \
+    # the referrer path is off by default (config/config.toml says why): SRC is served through it only when on
+    config = NO_BACKGROUND + "[resolve]\ngzip_index_referrers = true\n"
+    with StoreProcess(tmp_path / f"als-{name}", registries_conf=registries_conf, config=config) as store, \
             Podman(tmp_path / f"podman-{name}", additional_layer_store=store.mountpoint,
                    insecure_registries=[registry.host]) as podman:
         out = podman.run("run", "--rm", ref, *CHECK).stdout
