@@ -115,7 +115,10 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.work = Path(tempfile.mkdtemp(prefix="als-bench-", dir="/var/tmp"))
-        self.registry = RegistryProcess(CACHE / "registry", port=args.registry_port).start()
+        # The images stay in the cache; the config and the access log (the byte counts) are this run's
+        # own, so another `make bench` at the same time cannot add its requests to ours.
+        self.registry = RegistryProcess(self.work / "registry", port=args.registry_port, extra={"storage": {
+            "filesystem": {"rootdirectory": str(CACHE / "registry" / "data")}, "delete": {"enabled": True}}}).start()
         self.link = LinkProxy(("127.0.0.1", self.registry.port), rtt=args.rtt, bandwidth=args.bandwidth).start()
         self.conf = write_registries_conf(self.work / "registries.conf", [self.link.host, self.registry.host])
         self.sizes: dict[str, int] = {}
