@@ -70,10 +70,11 @@ install-files:
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
 
-# What users run, side by side, over an emulated 20 ms / 200 Mbit/s link: a normal pull, als as shipped,
-# als with the background fetch off (extra) and the reference store, stargz-store, which is built here
-# with Debian's Go from a stargz-snapshotter source tree when one is there (tests/support/bench_stargz.py;
-# Debian packages no stargz-store) and otherwise left out, saying why. About 15 minutes on 2 cores.
+# What users run, side by side, over an emulated 20 ms / 200 Mbit/s link: a normal pull, als as shipped
+# (on the eStargz image, and on the gzip image indexed by `als index`), als with the background fetch off
+# (extra) and the reference store, stargz-store, which is built here with Debian's Go from a
+# stargz-snapshotter source tree when one is there (tests/support/bench_stargz.py; Debian packages no
+# stargz-store) and otherwise left out, saying why. About 17 minutes on 2 cores.
 BENCH_APT_PACKAGES = golang-go golang-github-containerd-stargz-snapshotter-dev golang-k8s-klog-dev \
 	golang-k8s-utils-dev golang-k8s-sigs-json-dev golang-k8s-sigs-structured-merge-diff-dev golang-k8s-sigs-yaml-dev
 bench: deps

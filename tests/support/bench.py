@@ -5,12 +5,15 @@ emulator (tests/support/linkproxy.py: 20 ms RTT, 200 Mbit/s by default), a
 Debian bookworm minbase + python3 image built with debootstrap (cached under
 /var/tmp/als-bench-cache), pushed as plain gzip, as eStargz and as optimized
 eStargz (the files `python3 -c 'print(1)'` reads, recorded by `als optimize`'s
-recorder, first, then a prefetch landmark). Each sample starts from nothing: a
-fresh Podman storage and, for lazy runs, a fresh store with an empty cache.
+recorder, first, then a prefetch landmark), and the gzip image indexed by `als
+index` with its defaults into a tag of its own (every run: its time and size
+are figures). Each sample starts from nothing: a fresh Podman storage and, for
+lazy runs, a fresh store with an empty cache.
 
 Columns (variants), in one run, the order reversed every other round:
   normal        Podman pulls the gzip image itself
   als           `als serve` with config/config.toml as shipped: every headline figure
+  als-gzindex   the same config on the indexed gzip image (no conversion): cold and readall
   als-nobg      the same with `[fetch] background = false`: an extra, labelled column
   stargz-store  containerd/stargz-snapshotter's store with its own defaults: the reference
                 (tests/support/bench_stargz.py: how it is found or built; without it the
@@ -30,7 +33,9 @@ Workloads:
 
 Reported: median and min-max over --runs, the ratio of each back-to-back pair
 (lazy / normal pull of the same round), bytes the registry sent by the time the
-container exited and once the link went quiet, the store's VmHWM.
+container exited and once the link went quiet, the store's VmHWM; for the
+indexed image, its index blobs over its layer blobs, and its cold start and
+bytes over the eStargz image's (the `als` column of the same round).
 """
 
 from __future__ import annotations
@@ -48,13 +53,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from als.oci import GZIP_INDEX_ANNOTATION
 from als.reference import parse_reference
 from als.registry.client import RegistryClient
 from als.registry.sysregistries import RegistriesConf
 from als.tools.image import estargz_layer, gzip_layer, push_image
 from als.tools.podman import Podman
 from tests.support import bench_stargz
-from tests.support.bench_report import Series, compute, print_tables, result_json
+from tests.support.alsrun import get_blob, get_json, run_als
+from tests.support.bench_report import Series, compute, index_figure, print_tables, result_json
 from tests.support.bench_runs import AlsStore, LazyStore, Sample, Variant, background_off, run_sample, shipped_config
 from tests.support.linkproxy import LinkProxy
 from tests.support.registry import RegistryProcess
@@ -65,6 +72,7 @@ MIRROR = "http://deb.debian.org/debian"
 PRINT1 = ["python3", "-c", "print(1)"]
 READALL = ["sh", "-c", "tar cf - /usr 2>/dev/null | wc -c"]
 LEVEL = 6  # gzip level for every variant, as docker and podman push use
+REPO_NAME = "bench/debian-python"
 
 
 @dataclass
@@ -75,10 +83,11 @@ class Workload:
     read_all: bool
     normal: bool  # the normal pull runs it too
     settle: bool  # wait for the link to go quiet after the exit (stargz-store's background fetch: ~45 s)
+    any_image: bool = True  # a column with an image of its own (Variant.image) runs it on that image
 
 
 WORKLOADS = [Workload("cold", "esgz", PRINT1, False, True, True),
-             Workload("cold-opt", "esgz-opt", PRINT1, False, False, False),
+             Workload("cold-opt", "esgz-opt", PRINT1, False, False, False, any_image=False),
              Workload("readall", "esgz", READALL, True, True, True)]
 
 
@@ -108,12 +117,16 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.work = Path(tempfile.mkdtemp(prefix="als-bench-", dir="/var/tmp"))
-        self.registry = RegistryProcess(CACHE / "registry", port=args.registry_port).start()
+        # The images stay in the cache; the config and the access log (the byte counts) are this run's
+        # own, so another `make bench` at the same time cannot add its requests to ours.
+        self.registry = RegistryProcess(self.work / "registry", port=args.registry_port, extra={"storage": {
+            "filesystem": {"rootdirectory": str(CACHE / "registry" / "data")}, "delete": {"enabled": True}}}).start()
         self.link = LinkProxy(("127.0.0.1", self.registry.port), rtt=args.rtt, bandwidth=args.bandwidth).start()
         self.conf = write_registries_conf(self.work / "registries.conf", [self.link.host, self.registry.host])
         self.sizes: dict[str, int] = {}
         self.stargz: Path | None = None
         self.stargz_note = ""  # how the reference store was found, or why it is left out
+        self.index: dict = {}  # the gzindex image: index_figure()
 
     def close(self) -> None:
         self.link.close()
@@ -122,7 +135,7 @@ class Bench:
 
     # ---- images ----------------------------------------------------------------------
     def ref(self, tag: str) -> str:
-        return f"{self.link.host}/bench/debian-python:{tag}"
+        return f"{self.link.host}/{REPO_NAME}:{tag}"
 
     def prepare_images(self, profile: list[str]) -> None:
         tar = debian_python_tar()
@@ -133,7 +146,7 @@ class Bench:
         base = f"{tar.stat().st_size}:{tar.stat().st_mtime_ns}:{self.args.chunk_size}"
         for tag, prioritized in variants.items():
             key = f"{base}:{hashlib.sha256(repr(prioritized).encode()).hexdigest()}"
-            ref = parse_reference(f"{self.registry.host}/bench/debian-python:{tag}")
+            ref = parse_reference(f"{self.registry.host}/{REPO_NAME}:{tag}")
             if pushed.get(tag, {}).get("key") == key:
                 self.sizes[tag] = pushed[tag]["size"]
                 continue
@@ -148,6 +161,27 @@ class Bench:
             pushed[tag] = {"key": key, "size": layer.size}
             stamp.write_text(json.dumps(pushed))
 
+    def index_gzip(self) -> None:
+        """`als index` the gzip image into its own tag, as a user runs it (defaults, straight to the
+        registry, not through the link), every run: the build time is a figure, and no index an older
+        writer made is measured. Same repository: only the index blobs are uploaded."""
+        src, dst = (f"{self.registry.host}/{REPO_NAME}:{t}" for t in ("gzip", "gzindex"))
+        print(f"als index {src} {dst} ...", flush=True)
+        t0 = time.monotonic()
+        done = run_als("index", src, dst, conf=self.conf, timeout=1800)
+        seconds = time.monotonic() - t0
+        if done.returncode != 0:
+            raise RuntimeError(f"als index failed ({done.returncode}): {done.stderr[-2000:]}")
+        layers = get_json(self.registry, REPO_NAME, "gzindex")["layers"]
+        indexes = [(d.get("annotations") or {}).get(GZIP_INDEX_ANNOTATION) for d in layers]
+        if not all(indexes):
+            raise RuntimeError(f"als index left layers without an index: {layers}")
+        index_bytes = sum(len(get_blob(self.registry, REPO_NAME, digest)) for digest in indexes)
+        self.sizes["gzindex"] = sum(int(d["size"]) for d in layers)
+        self.index = index_figure(index_bytes, self.sizes["gzindex"], len(layers), seconds)
+        print(f"  {index_bytes / 1e3:.0f} kB of index for {self.sizes['gzindex'] / 1e6:.1f} MB of layers "
+              f"({100 * self.index['fraction']:.2f}%), {seconds:.1f}s", flush=True)
+
     # ---- samples ---------------------------------------------------------------------
     def sample(self, variant: Variant, workload: Workload, name: str) -> Sample:
         d = self.work / name
@@ -159,7 +193,7 @@ class Bench:
             elif variant.kind == "stargz-store":
                 assert self.stargz is not None
                 store = bench_stargz.StargzStore(self.stargz, d / "store").start()
-            tag = "gzip" if store is None else workload.tag
+            tag = "gzip" if store is None else variant.image or workload.tag
             with Podman(d / "podman", additional_layer_store=store.mountpoint if store else None,
                         insecure_registries=[self.link.host]) as podman:
                 return run_sample(podman, self.ref(tag), workload.cmd, self.registry, self.link, store,
@@ -174,6 +208,8 @@ def variants(bench: Bench) -> list[Variant]:
     shipped = shipped_config()
     out = [Variant("normal", "normal pull (Podman pulls the gzip image)", "normal"),
            Variant("als", "als, config/config.toml as shipped (headline)", "als", shipped, headline=True),
+           Variant("als-gzindex", "als as shipped, the gzip image indexed by `als index` (not converted)",
+                   "als", shipped, image="gzindex"),
            Variant("als-nobg", "als, as shipped but [fetch] background = false (extra)", "als",
                    background_off(shipped))]
     if getattr(bench.args, "als_base", ""):
@@ -217,7 +253,7 @@ def record_profile(bench: Bench) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=4, help="rounds (default: 4, about 15 minutes on 2 cores)")
+    ap.add_argument("--runs", type=int, default=4, help="rounds (default: 4, about 17 minutes on 2 cores)")
     ap.add_argument("--rtt", type=float, default=0.020, help="seconds (default: 0.020)")
     ap.add_argument("--bandwidth", type=float, default=200e6, help="bits per second (default: 200e6)")
     ap.add_argument("--chunk-size", type=int, default=1 << 20)
@@ -240,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         if not profile_path.exists():
             profile_path.write_text("\n".join(record_profile(bench)) + "\n")
             bench.prepare_images(profile_path.read_text().split())
+        bench.index_gzip()
         cols = variants(bench)
         series: dict[tuple[str, str], Series] = {}
         orders = []
@@ -252,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.workloads and w.name not in args.workloads.split(","):
                     continue
                 for v in order:
-                    if v.kind == "normal" and not w.normal or v not in cols:
+                    if v.kind == "normal" and not w.normal or v.image and not w.any_image or v not in cols:
                         continue
                     t0 = time.monotonic()
                     try:
@@ -270,12 +307,13 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {w.name:<9}{v.name:<13}{sample.seconds:7.2f}s (pull {sample.pull_seconds:.2f}s)"
                           f"{sample.registry_bytes_at_exit / 1e6:8.1f} MB by the exit"
                           f"{settled}  [{time.monotonic() - t0:.0f}s]", flush=True)
-        rows = compute(series, cols, args.runs, bench.sizes["esgz"], bench.sizes["esgz-opt"])
+        rows = compute(series, cols, args.runs, bench.sizes["esgz"], bench.sizes["esgz-opt"],
+                       {v.name: bench.sizes[v.image] for v in cols if v.image})
         meta = {
             "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                         "podman": podman_version()},
             "link": {"rtt_s": args.rtt, "bandwidth_bit_s": args.bandwidth},
-            "runs": args.runs, "orders": orders, "image_compressed_bytes": bench.sizes,
+            "runs": args.runs, "orders": orders, "image_compressed_bytes": bench.sizes, "gzip_index": bench.index,
             "reference": ({"note": bench.stargz_note, **bench_stargz.describe(bench.stargz)} if bench.stargz
                           else {"note": bench.stargz_note or "left out"}),
             "seconds": {"total": round(time.monotonic() - started), "measuring": round(time.monotonic() - measuring)},
@@ -284,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nlink: {args.rtt * 1000:.0f} ms RTT, {args.bandwidth / 1e6:.0f} Mbit/s; image "
               f"{bench.sizes['gzip'] / 1e6:.1f} MB gzip, {bench.sizes['esgz'] / 1e6:.1f} MB eStargz; "
               f"{args.runs} rounds")
+        print(f"gzip index (`als index`, defaults): {bench.index['index_bytes'] / 1e3:.0f} kB for "
+              f"{bench.index['layer_bytes'] / 1e6:.1f} MB of layer blobs, {100 * bench.index['fraction']:.2f}% "
+              f"(target {bench.index['target']}: {'met' if bench.index['target_met'] else 'MISSED'}); "
+              f"built in {bench.index['seconds']:.1f}s")
         for v in cols:
             print(f"  {v.name:<14}{v.label}")
         print_tables(series, cols, rows)

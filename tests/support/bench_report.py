@@ -3,7 +3,8 @@
 Every ratio is given two ways: the ratio of the medians of the run, and the
 ratios of the pairs (a lazy sample divided by the normal pull of the same round,
 taken one right after the other), whose spread says how far the machine's
-moods move the figure.
+moods move the figure. The indexed gzip image's own figures pair its column
+with the eStargz image's (`als`) of the same round instead.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from typing import Callable
 from tests.support.bench_runs import Sample, Variant
 
 MB = 1e6
+GZINDEX = "als-gzindex"  # the column of the indexed gzip image
+ESGZ = "als"  # the column it is compared with: the same config on the eStargz image
+INDEX_TARGET = "<= 0.03"  # index blobs over layer blobs
 
 
 @dataclass
@@ -43,6 +47,7 @@ class Figure:
     target: str  # e.g. "<= 0.15", "" for none
     of: Callable[[dict[tuple[str, str], Series], str, int], float | None]
     unit: str = ""
+    column: str = ""  # only this column has the figure, and the target is its own (not the headline's)
 
 
 def _get(series, workload: str, variant: str, rnd: int, key: str) -> float | None:
@@ -51,24 +56,27 @@ def _get(series, workload: str, variant: str, rnd: int, key: str) -> float | Non
     return getattr(sample, key) if sample is not None else None
 
 
-def ratio(workload: str, key: str, versus: str, speed: bool = False):
-    """Ours over the normal pull's in the same round (``speed``: theirs over ours, so higher is better)."""
+def ratio(workload: str, key: str, versus: str, speed: bool = False, versus_variant: str = "normal"):
+    """Ours over ``versus_variant``'s (the normal pull) in the same round (``speed``: theirs over ours, so
+    higher is better)."""
     def of(series, variant, rnd):
-        ours, theirs = _get(series, workload, variant, rnd, key), _get(series, versus, "normal", rnd, key)
+        ours, theirs = _get(series, workload, variant, rnd, key), _get(series, versus, versus_variant, rnd, key)
         if not ours or not theirs:
             return None
         return theirs / ours if speed else ours / theirs
     return of
 
 
-def absolute(workload: str, key: str, scale: float = 1.0):
+def absolute(workload: str, key: str, scale: float = 1.0, scales: dict[str, float] | None = None):
+    """A value of the round, divided by ``scale`` (or the variant's own in ``scales``: its image's size)."""
     def of(series, variant, rnd):
         v = _get(series, workload, variant, rnd, key)
-        return None if v is None else v / scale
+        return None if v is None else v / (scales or {}).get(variant, scale)
     return of
 
 
-def figures(image_bytes: int, opt_bytes: int) -> list[Figure]:
+def figures(image_bytes: int, opt_bytes: int, images: dict[str, int] | None = None) -> list[Figure]:
+    """``images``: the compressed size of the image a column pulls instead of the eStargz one (Variant.image)."""
     return [
         Figure("cold", "cold start, pull + print(1) / normal pull", "<= 0.15", ratio("cold", "seconds", "cold")),
         Figure("cold_pull_s", "  its `podman pull` phase, s", "< stargz-store's", absolute("cold", "pull_seconds"), "s"),
@@ -76,9 +84,9 @@ def figures(image_bytes: int, opt_bytes: int) -> list[Figure]:
         Figure("cold_opt", "optimized image cold start / normal pull", "<= 0.10",
                ratio("cold-opt", "seconds", "cold")),
         Figure("cold_bytes_exit", "bytes fetched by the container's exit / image", "<= 0.09",
-               absolute("cold", "registry_bytes_at_exit", image_bytes)),
+               absolute("cold", "registry_bytes_at_exit", image_bytes, images)),
         Figure("cold_bytes_settled", "  and once the link is quiet / image", "",
-               absolute("cold", "registry_bytes_settled", image_bytes)),
+               absolute("cold", "registry_bytes_settled", image_bytes, images)),
         Figure("cold_settle_s", "  seconds from the exit to the last byte", "", absolute("cold", "settle_seconds"), "s"),
         Figure("cold_opt_bytes_exit", "optimized: bytes by the exit / image", "",
                absolute("cold-opt", "registry_bytes_at_exit", opt_bytes)),
@@ -89,7 +97,18 @@ def figures(image_bytes: int, opt_bytes: int) -> list[Figure]:
                ratio("readall", "warm_settled_s", "readall", speed=True)),
         Figure("peak_mb", "store peak memory reading everything, MB", "<= 60",
                absolute("readall", "store_peak_rss", MB), "MB"),
+        Figure("gz_cold_vs_esgz", "indexed gzip: cold start / eStargz image's", "<= 1.2",
+               ratio("cold", "seconds", "cold", versus_variant=ESGZ), column=GZINDEX),
+        Figure("gz_bytes_vs_esgz", "indexed gzip: bytes by the exit / eStargz's", "",
+               ratio("cold", "registry_bytes_at_exit", "cold", versus_variant=ESGZ), column=GZINDEX),
     ]
+
+
+def index_figure(index_bytes: int, layer_bytes: int, layers: int, seconds: float) -> dict:
+    """The indexed image's index blobs against its layer blobs (one figure per run, not per round)."""
+    fraction = index_bytes / layer_bytes
+    return {"index_bytes": index_bytes, "layer_bytes": layer_bytes, "layers": layers, "fraction": fraction,
+            "seconds": round(seconds, 1), "target": INDEX_TARGET, "target_met": met(INDEX_TARGET, fraction, None)}
 
 
 def spread(vals: list[float]) -> dict | None:
@@ -107,18 +126,20 @@ def met(target: str, value: float, reference: float | None) -> bool | None:
 
 
 def compute(series: dict[tuple[str, str], Series], variants: list[Variant], rounds: int,
-            image_bytes: int, opt_bytes: int) -> list[dict]:
+            image_bytes: int, opt_bytes: int, images: dict[str, int] | None = None) -> list[dict]:
     rows = []
-    for fig in figures(image_bytes, opt_bytes):
+    for fig in figures(image_bytes, opt_bytes, images):
         row = {"key": fig.key, "label": fig.label, "target": fig.target, "unit": fig.unit, "variants": {}}
         for v in variants:
+            if fig.column and v.name != fig.column:
+                continue
             vals = [x for r in range(rounds) if (x := fig.of(series, v.name, r)) is not None]
             if vals:
                 row["variants"][v.name] = {"pairs": spread(vals), "per_round": vals}
         ref = row["variants"].get("stargz-store")
         for v in variants:  # the targets are the shipped defaults'; other columns are for comparison
             cell = row["variants"].get(v.name)
-            if v.headline and cell and fig.target:
+            if (v.name == fig.column if fig.column else v.headline) and cell and fig.target:
                 cell["target_met"] = met(fig.target, cell["pairs"]["median"], ref["pairs"]["median"] if ref else None)
         rows.append(row)
     return rows

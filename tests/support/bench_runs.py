@@ -44,13 +44,16 @@ class LazyStore(Protocol):
 
 @dataclass
 class Variant:
-    """One column: ``kind`` is "normal", "als" or "stargz-store"; ``config`` the als config file's text."""
+    """One column: ``kind`` is "normal", "als" or "stargz-store"; ``config`` the als config file's text;
+    ``image`` the tag a lazy column pulls in every workload instead of the workload's own (the indexed
+    gzip image: the same workloads on an image that was not converted)."""
     name: str
     label: str
     kind: str
     config: str = ""
     headline: bool = False
     checkout: str = ""  # als from another checkout (--als-base): a before/after column
+    image: str = ""
 
 
 def shipped_config() -> str:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.support import bench_stargz
 from tests.support.bench import variants
-from tests.support.bench_report import Series, compute
+from tests.support.bench_report import Series, compute, index_figure
 from tests.support.bench_runs import SHIPPED_CONFIG, Sample, background_off
 
 
@@ -52,6 +52,41 @@ def test_ratios_pair_the_samples_of_one_round_and_targets_mark_the_headline_only
     assert als["target_met"] is False  # <= 0.15
     assert "target_met" not in rows["cold"]["variants"]["als-nobg"]
     assert rows["cold_bytes_exit"]["variants"]["als"]["pairs"]["median"] == 0.1
+
+
+def test_the_indexed_image_column_is_the_shipped_config_on_its_own_image_and_skips_the_optimized_one():
+    from tests.support.bench import WORKLOADS
+    cols = {v.name: v for v in _variants()}
+    gz = cols["als-gzindex"]
+    assert (gz.config, gz.image, gz.headline) == (SHIPPED_CONFIG.read_text(), "gzindex", False)
+    assert [v.image for v in cols.values() if v.name != "als-gzindex"] == ["", "", ""]
+    assert [w.name for w in WORKLOADS if w.any_image] == ["cold", "readall"]
+    order = [v.name for v in _variants()]  # next to the eStargz column whichever way a round runs
+    assert abs(order.index("als-gzindex") - order.index("als")) == 1
+
+
+def test_the_indexed_image_is_paired_with_the_estargz_image_of_the_same_round():
+    cols = _variants()
+    series = {("cold", "normal"): Series("cold", "normal", {0: _sample(10.0), 1: _sample(10.0)}),
+              ("cold", "als"): Series("cold", "als", {0: _sample(1.0), 1: _sample(2.0)}),
+              ("cold", "als-gzindex"): Series("cold", "als-gzindex", {0: _sample(1.5), 1: _sample(2.2)})}
+    series[("cold", "als-gzindex")].samples[0].registry_bytes_at_exit = 4000
+    rows = {r["key"]: r for r in compute(series, cols, 2, 10_000, 10_000, {"als-gzindex": 8_000})}
+    cell = rows["gz_cold_vs_esgz"]["variants"]
+    assert list(cell) == ["als-gzindex"]  # not a figure of the other columns
+    assert cell["als-gzindex"]["per_round"] == pytest.approx([1.5, 1.1])  # 1.5/1 and 2.2/2: by round
+    assert cell["als-gzindex"]["target_met"] is False  # median 1.3 > 1.2, its own target
+    assert rows["gz_bytes_vs_esgz"]["variants"]["als-gzindex"]["per_round"] == [4.0, 1.0]
+    # bytes over its own image (8,000), the eStargz column's over the eStargz image (10,000)
+    assert rows["cold_bytes_exit"]["variants"]["als-gzindex"]["per_round"] == [0.5, 0.125]
+    assert rows["cold_bytes_exit"]["variants"]["als"]["per_round"] == [0.1, 0.1]
+    assert "target_met" not in rows["cold"]["variants"]["als-gzindex"]  # the headline's targets stay its own
+
+
+def test_the_index_size_target_is_three_percent_of_the_layers():
+    assert index_figure(3000, 100_000, 1, 1.25)["target_met"] is True
+    over = index_figure(3001, 100_000, 1, 1.25)
+    assert over["target_met"] is False and over["fraction"] == 0.03001
 
 
 def test_no_reference_store_is_a_reason_not_a_failure(tmp_path, monkeypatch):
