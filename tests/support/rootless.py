@@ -244,12 +244,13 @@ class UnshareStore:
         return pid
 
     def stop(self) -> None:
-        """SIGTERM to the store itself (not to `podman unshare`): it unmounts, then exits."""
+        """SIGINT to the store itself (not to `podman unshare`): it stops for good, unmounts, then exits
+        (SIGTERM would leave the mounts to a next store)."""
         if self.proc is None:
             return
         for pid in self.pids():
             try:
-                os.kill(pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGINT)
             except ProcessLookupError:
                 pass
         try:

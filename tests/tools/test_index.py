@@ -270,7 +270,7 @@ def test_indexing_an_indexed_image_again_replaces_its_index_and_drops_a_stale_ke
 
 
 def test_each_platform_of_an_index_gets_its_referrer_and_the_store_finds_this_hosts(registry, registries_conf,
-                                                                                    client, store):
+                                                                                    client, tmp_path):
     """A multi-platform SRC: one referrer per platform manifest, naming that platform's layer; the store,
     asked by blob digest, picks this host's manifest from the index and its referrer."""
     from als.oci import OCI_INDEX
@@ -298,6 +298,11 @@ def test_each_platform_of_an_index_gets_its_referrer_and_the_store_finds_this_ho
         [listed] = client.list_referrers(parse_reference(src), entry["digest"], GZIP_INDEX_ARTIFACT_TYPE)
         referrer = get_json(registry, "idx/multi", listed.digest)
         assert [d["annotations"][GZIP_INDEX_LAYER_ANNOTATION] for d in referrer["layers"]] == [layers[arch].digest]
-    diff = store.layer_dir(src, layers[host_arch].digest) / "diff"
-    assert (diff / "data" / "arch").read_bytes() == f"{host_arch}\n".encode()
-    assert f"{layers[host_arch].digest}: serving it through gzip index" in store.log()
+    from tests.conftest import NO_BACKGROUND
+    from tests.support.store_process import StoreProcess
+    (tmp_path / "als").mkdir()
+    referrers_on = NO_BACKGROUND + "[resolve]\ngzip_index_referrers = true\n"  # off as shipped
+    with StoreProcess(tmp_path / "als", registries_conf=registries_conf, config=referrers_on) as store:
+        diff = store.layer_dir(src, layers[host_arch].digest) / "diff"
+        assert (diff / "data" / "arch").read_bytes() == f"{host_arch}\n".encode()
+        assert f"{layers[host_arch].digest}: serving it through gzip index" in store.log()
