@@ -24,6 +24,7 @@ from als.layer.resolved import Layer, LayerDescriptor
 from als.layer.view import LayerView
 from als.reference import parse_reference
 from als.registry.client import RegistryClient
+from als.store.early import EarlyReads
 from als.store.state import StateDir
 from als.store.warm import prefetch_chunks
 
@@ -81,6 +82,27 @@ class LayerBuilder:
     state: StateDir
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _next_layer_id: int = field(default=1, init=False, repr=False)
+    early: EarlyReads = field(default_factory=EarlyReads, init=False, repr=False)
+
+    def read_ahead(self, ref: str, digest: str, size: int, media_type: str, annotations: dict) -> bool:
+        """Start the first read a build of this layer will make (its TOC's bytes), as soon as the
+        image manifest describes the layer; whether one was started. Nothing is checked here:
+        the build does that, and reads again if this read failed."""
+        fmt = lazy.format_for(media_type, annotations)
+        where = fmt.first_read(size, annotations, self._toc_context()) if fmt is not None else None
+        if where is None:
+            return False
+        self.early.start((ref, digest), *where, partial(self.client.read_range, parse_reference(ref), digest))
+        return True
+
+    def _read_range(self, ref: str, digest: str):
+        """Reads of the layer's blob, the first of which may have been started already (read_ahead)."""
+        plain = partial(self.client.read_range, parse_reference(ref), digest)
+
+        def read_range(start: int, end: int) -> bytes:
+            early = self.early.take((ref, digest), start, end)
+            return early if early is not None else plain(start, end)
+        return read_range
 
     def build(self, ref: str, desc: LayerDescriptor, evicted: Evicted | None = None) -> Layer:
         """Layer ``desc`` of image ``ref`` (or the rebuild of an ``evicted`` one, with its layer id)."""
@@ -90,8 +112,12 @@ class LayerBuilder:
     def _build(self, ref: str, desc: LayerDescriptor, evicted: Evicted | None) -> Layer:
         r = parse_reference(ref)
         label = f"image {ref} layer {desc.digest}"
+        try:
+            opened = self._open_toc(label, desc, self._read_range(ref, desc.digest),
+                                    evicted.diff_size if evicted is not None else None)
+        finally:
+            self.early.discard((ref, desc.digest))  # taken, or not wanted after all
         read_range = partial(self.client.read_range, r, desc.digest)
-        opened = self._open_toc(label, desc, read_range, evicted.diff_size if evicted is not None else None)
         toc, diff_size = opened.toc, opened.diff_size
         if evicted is not None:
             layer_id = evicted.layer_id
@@ -128,8 +154,10 @@ class LayerBuilder:
         fmt = lazy.format_for(desc.media_type, desc.annotations)
         if fmt is None:
             raise FormatError(lazy.unserved_reason(desc.media_type))
+        return fmt.open_toc(label, desc.size, desc.annotations, read_range, self._toc_context(), known_diff_size)
+
+    def _toc_context(self) -> lazy.TOCContext:
         resolve = self.config.resolve
-        ctx = lazy.TOCContext(saved=self.state, log=log, max_toc_size=resolve.max_toc_size,
-                              max_entries=resolve.max_toc_entries, tail_size=resolve.tail_size,
-                              allow_unverified=resolve.allow_unverified, parse_slot=_PARSE_SLOTS)
-        return fmt.open_toc(label, desc.size, desc.annotations, read_range, ctx, known_diff_size)
+        return lazy.TOCContext(saved=self.state, log=log, max_toc_size=resolve.max_toc_size,
+                               max_entries=resolve.max_toc_entries, tail_size=resolve.tail_size,
+                               allow_unverified=resolve.allow_unverified, parse_slot=_PARSE_SLOTS)

@@ -44,6 +44,7 @@ from als.wait import wait_for
 log = logging.getLogger("als.store")
 
 MAX_METADATA = 8 << 20  # largest manifest or config accepted
+MAX_READ_AHEAD = 64  # layers of one image whose first read starts before the config is in
 SAVED_GRACE = 5.0  # seconds a layer rebuilt from saved metadata may take, past a failed resolution
 
 
@@ -135,6 +136,7 @@ class Resolver:
     def close(self) -> None:
         """Start no more resolutions; those running finish (a lookup's wait is bounded anyway)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.builder.early.close()
 
     def prepare(self, ref: str) -> None:
         """Start resolving ``ref`` in the background, unless its resolution is still current."""
@@ -251,6 +253,9 @@ class Resolver:
                 else:
                     res.layers[desc.digest] = fut = Future()
                     start.append((desc, fut))
+        for desc in image.layers:
+            if not any(d is desc for d, _ in start):
+                self.builder.early.discard((image.ref, desc.digest))  # read ahead, not built now
         for desc, fut in start:
             self._pool.submit(self._run_layer, image.ref, desc, fut, image.entrypoint)
 
@@ -358,15 +363,35 @@ class Resolver:
             m = self.client.get_manifest(r, chosen)
             data, media_type, digest = m.data, m.media_type, m.digest
         self.state.put_blob(digest, data)
+        ahead = self._read_ahead(ref, data)
 
         def config(_ref, cdigest):
             blob = self.client.get_blob(r, cdigest, MAX_METADATA)
             self.state.put_blob(cdigest, blob)
             return blob
 
-        image = self._image_from(ref, digest, data, config)
+        try:
+            image = self._image_from(ref, digest, data, config)
+        except BaseException:
+            for layer_digest in ahead:
+                self.builder.early.discard((ref, layer_digest))
+            raise
         self.state.add_manifest(ref, digest)
         return image
+
+    def _read_ahead(self, ref: str, manifest: bytes) -> list[str]:
+        """Start each layer's first read (its TOC's bytes) before the config is in; the layers
+        it started for. What the manifest gets wrong is left for ``_image_from`` to report."""
+        try:
+            layers = json_object(manifest, "manifest")["layers"]
+            started = []
+            for l in layers[:MAX_READ_AHEAD]:
+                if self.builder.read_ahead(ref, l["digest"], int(l["size"]), l.get("mediaType", ""),
+                                           dict(l.get("annotations") or {})):
+                    started.append(l["digest"])
+            return started
+        except (ALSError, KeyError, TypeError, ValueError, AttributeError):
+            return []
 
     def _image_from(self, ref: str, mdigest: str, data: bytes, get_config) -> Image:
         doc = json_object(data, f"manifest {mdigest} of {ref}")
