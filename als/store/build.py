@@ -26,7 +26,7 @@ from als.reference import parse_reference
 from als.registry.client import RegistryClient
 from als.store.early import EarlyReads
 from als.store.state import StateDir
-from als.store.warm import prefetch_chunks
+from als.store.warm import prefetch_chunks, prefetch_end
 
 log = logging.getLogger("als.store")
 
@@ -129,9 +129,11 @@ class LayerBuilder:
             log.warning("%s: %s", label, warning)
         if len(toc.warnings) > 20:
             log.warning("%s: %d more TOC entries confined the same way", label, len(toc.warnings) - 20)
+        prefetch_to = prefetch_end(toc, self.config.fetch.prefetch_size)
         with _PARSE_SLOTS:
+            # The tree takes the entries as it goes (consume): they and it are never whole at once.
             view = LayerView(toc.entries, ino_base=layer_id << 32, label=label,
-                             max_nodes=self.config.resolve.max_toc_entries + 65536)
+                             max_nodes=self.config.resolve.max_toc_entries + 65536, consume=True)
         if view.unservable:
             raise FormatError(f"it cannot be presented faithfully over FUSE ({len(view.unservable)} entries, "
                               f"first: {view.unservable[0]})")
@@ -141,7 +143,7 @@ class LayerBuilder:
         if opened.tail:
             self.fetcher.absorb(source, opened.tail[:max(toc.data_end - opened.tail_start, 0)], opened.tail_start)
         return Layer(ref=ref, desc=desc, toc_digest=toc.digest, diff_size=diff_size, view=view, source=source,
-                     prefetch=prefetch_chunks(toc, source, self.config.fetch.prefetch_size),
+                     prefetch=prefetch_chunks(source, prefetch_to),
                      layer_id=layer_id)
 
     # ---- finding and verifying the TOC, by format ------------------------------------
