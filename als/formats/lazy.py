@@ -102,12 +102,16 @@ class EStargz:
         toc_digest = annotations.get(estargz.TOC_DIGEST_ANNOTATION, "")
         if not (toc_digest or ctx.allow_unverified) or (toc_digest and ctx.saved.has_toc(toc_digest)):
             return None
-        return self._tail(size, ctx)
+        return self.tail_range(size, ctx)
 
     @staticmethod
-    def _tail(size: int, ctx: TOCContext) -> tuple[int, int]:
-        """The blob's last bytes, where the footer and (most often) the whole TOC are."""
-        return size - min(size, max(ctx.tail_size, estargz.FOOTER_SIZE)), size
+    def tail_length(ctx: TOCContext) -> int:
+        """How many bytes at the blob's end are read first: the footer and, most often, the whole TOC."""
+        return max(ctx.tail_size, estargz.FOOTER_SIZE)
+
+    def tail_range(self, size: int, ctx: TOCContext) -> tuple[int, int]:
+        """Those bytes of a ``size``-byte blob (all of it, if smaller)."""
+        return size - min(size, self.tail_length(ctx)), size
 
     def open_toc(self, label: str, size: int, annotations: Mapping[str, str], read_range: ReadRange,
                  ctx: TOCContext, known_diff_size: int | None = None) -> OpenedTOC:
@@ -128,7 +132,7 @@ class EStargz:
                 return OpenedTOC(parsed, diff_size)
             except FormatError:
                 ctx.log.warning("%s: saved TOC is unusable; reading it from the registry again", label)
-        tail_start, _ = self._tail(size, ctx)
+        tail_start, _ = self.tail_range(size, ctx)
         tail = read_range(tail_start, size)
         toc_offset, footer_size = estargz.parse_footer(tail, size)
         member_end = size - footer_size

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from als.config import Config
-from als.errors import FormatError
+from als.errors import FormatError, NotFoundError
 from als.fetch.fetcher import BlobSource, ChunkFetcher
 from als.formats import lazy
 from als.layer.resolved import Layer, LayerDescriptor
@@ -83,17 +83,47 @@ class LayerBuilder:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _next_layer_id: int = field(default=1, init=False, repr=False)
     early: EarlyReads = field(default_factory=EarlyReads, init=False, repr=False)
+    # Whether a layer looked up before its image's manifest is in has its tail read at once
+    # (guess_tail): on until a guess is wrong, which costs one read of tail_size bytes.
+    guessing: bool = field(default=True, init=False, repr=False)
+
+    def guess_tail(self, ref: str, digest: str) -> None:
+        """Read the tail of blob ``digest`` now, before the manifest says what the layer is: the
+        first read of an eStargz layer's build, if it is one and named by its blob digest."""
+        if not self.guessing:
+            return
+        r = parse_reference(ref)
+
+        def read_tail(length: int) -> tuple[int, bytes] | None:
+            try:
+                return self.client.read_tail(r, digest, length)
+            except NotFoundError:  # named by its TOC digest (Podman >= 5.1), say: not a blob
+                self._stop_guessing(f"image {ref} has no blob {digest}")
+                raise
+
+        self.early.start_tail((ref, digest), lazy.ESTARGZ.tail_length(self._toc_context()), read_tail)
 
     def read_ahead(self, ref: str, digest: str, size: int, media_type: str, annotations: dict) -> bool:
         """Start the first read a build of this layer will make (its TOC's bytes), as soon as the
-        image manifest describes the layer; whether one was started. Nothing is checked here:
+        image manifest describes the layer; whether one is under way. Nothing is checked here:
         the build does that, and reads again if this read failed."""
         fmt = lazy.format_for(media_type, annotations)
         where = fmt.first_read(size, annotations, self._toc_context()) if fmt is not None else None
+        guessed = self.early.tail_length((ref, digest))
+        if guessed:
+            if where is not None and where == (size - min(size, guessed), size):
+                return True  # the tail guessed before the manifest was in is the read it needs
+            self.early.discard((ref, digest))
+            self._stop_guessing(f"image {ref} layer {digest} is not read from its tail first")
         if where is None:
             return False
         self.early.start((ref, digest), *where, partial(self.client.read_range, parse_reference(ref), digest))
         return True
+
+    def _stop_guessing(self, why: str) -> None:
+        if self.guessing:
+            self.guessing = False
+            log.info("layers looked up before their image's manifest is in are no longer read ahead: %s", why)
 
     def _read_range(self, ref: str, digest: str):
         """Reads of the layer's blob, the first of which may have been started already (read_ahead)."""

@@ -216,6 +216,12 @@ class Resolver:
                        cancel: threading.Event | None) -> tuple[LayerDescriptor, Resolution, float]:
         """The layer's descriptor from the image's current resolution, or from saved metadata."""
         res = self._resolution(ref)
+        if not res.image.done():
+            with self._lock:
+                held = self._held(ref, digest) is not None
+            if not held:
+                # Podman waits on this layer: its tail is read while the manifest is fetched.
+                self.builder.guess_tail(ref, digest)
         try:
             image = self._wait(res.image, deadline, f"image {ref}", cancel)
         except LayerUnavailable as e:
@@ -253,9 +259,8 @@ class Resolver:
                 else:
                     res.layers[desc.digest] = fut = Future()
                     start.append((desc, fut))
-        for desc in image.layers:
-            if not any(d is desc for d, _ in start):
-                self.builder.early.discard((image.ref, desc.digest))  # read ahead, not built now
+        # Reads ahead of layers not built now, or of blobs the image does not have, are not wanted.
+        self.builder.early.discard_image(image.ref, {d.digest for d, _ in start})
         for desc, fut in start:
             self._pool.submit(self._run_layer, image.ref, desc, fut, image.entrypoint)
 
