@@ -9,9 +9,11 @@ here with a FormatError: the store declines it and Podman pulls it normally.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import threading
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -83,6 +85,12 @@ class LayerBuilder:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _next_layer_id: int = field(default=1, init=False, repr=False)
     early: EarlyReads = field(default_factory=EarlyReads, init=False, repr=False)
+    # Layers built while their image's config is fetched (prebuild): (ref, digest) -> (desc, future)
+    _prepared: dict = field(default_factory=dict, init=False, repr=False)
+    # As many at once as TOCs may be parsed at once (_PARSE_SLOTS).
+    _prebuilds: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="als-prebuild"),
+        init=False, repr=False)
     # Whether a layer looked up before its image's manifest is in has its tail read at once
     # (guess_tail): on until a guess is wrong, which costs one read of tail_size bytes.
     guessing: bool = field(default=True, init=False, repr=False)
@@ -134,8 +142,44 @@ class LayerBuilder:
             return early if early is not None else plain(start, end)
         return read_range
 
+    def prebuild(self, ref: str, desc: LayerDescriptor) -> None:
+        """Build layer ``desc`` now, before its image's config is in: ``desc`` lacks its DiffID,
+        which only the config gives and only ``info`` needs. ``build`` takes the result."""
+        with self._lock:
+            if (ref, desc.digest) in self._prepared:
+                return
+            try:
+                self._prepared[(ref, desc.digest)] = (desc, self._prebuilds.submit(self._build_paused, ref, desc))
+            except RuntimeError:  # shut down
+                pass
+
+    def forget_prebuilt(self, ref: str, keep: set[str]) -> None:
+        """Drop the layers of ``ref`` built ahead but those in ``keep``: nobody will take them."""
+        with self._lock:
+            gone = [k for k in self._prepared if k[0] == ref and k[1] not in keep]
+            futures = [self._prepared.pop(k)[1] for k in gone]
+        for fut in futures:
+            fut.cancel()
+
+    def close(self) -> None:
+        self._prebuilds.shutdown(wait=False, cancel_futures=True)
+        self.early.close()
+
     def build(self, ref: str, desc: LayerDescriptor, evicted: Evicted | None = None) -> Layer:
         """Layer ``desc`` of image ``ref`` (or the rebuild of an ``evicted`` one, with its layer id)."""
+        if evicted is None:
+            with self._lock:
+                prepared = self._prepared.pop((ref, desc.digest), None)
+            if prepared is not None and dataclasses.replace(desc, diff_id="") == prepared[0]:
+                try:
+                    layer = prepared[1].result()  # a failure is this build's: raised as it would be
+                except CancelledError:
+                    pass
+                else:
+                    return dataclasses.replace(layer, desc=desc)
+        return self._build_paused(ref, desc, evicted)
+
+    def _build_paused(self, ref: str, desc: LayerDescriptor, evicted: Evicted | None = None) -> Layer:
         with gc_paused():
             return self._build(ref, desc, evicted)
 

@@ -136,7 +136,7 @@ class Resolver:
     def close(self) -> None:
         """Start no more resolutions; those running finish (a lookup's wait is bounded anyway)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self.builder.early.close()
+        self.builder.close()
 
     def prepare(self, ref: str) -> None:
         """Start resolving ``ref`` in the background, unless its resolution is still current."""
@@ -259,8 +259,9 @@ class Resolver:
                 else:
                     res.layers[desc.digest] = fut = Future()
                     start.append((desc, fut))
-        # Reads ahead of layers not built now, or of blobs the image does not have, are not wanted.
+        # Reads and builds ahead of layers not built now, or of blobs the image lacks, are not wanted.
         self.builder.early.discard_image(image.ref, {d.digest for d, _ in start})
+        self.builder.forget_prebuilt(image.ref, {d.digest for d, _ in start})
         for desc, fut in start:
             self._pool.submit(self._run_layer, image.ref, desc, fut, image.entrypoint)
 
@@ -306,7 +307,7 @@ class Resolver:
     def _run_resolution(self, ref: str, res: Resolution, previous: Resolution | None = None) -> None:
         t0 = time.monotonic()
         try:
-            image = self._fetch_image(ref)
+            image = self._fetch_image(ref, previous)
         except Exception as e:
             log.warning("image %s: cannot resolve: %s", ref, e)
             res.image.set_exception(_as_unavailable(e, f"image {ref}"))
@@ -356,7 +357,7 @@ class Resolver:
             raise NotFoundError(f"{digest} is not saved")
         return data
 
-    def _fetch_image(self, ref: str) -> Image:
+    def _fetch_image(self, ref: str, previous: Resolution | None = None) -> Image:
         r = parse_reference(ref)
         m = self.client.get_manifest(r)
         data, media_type, digest = m.data, m.media_type, m.digest
@@ -368,7 +369,7 @@ class Resolver:
             m = self.client.get_manifest(r, chosen)
             data, media_type, digest = m.data, m.media_type, m.digest
         self.state.put_blob(digest, data)
-        ahead = self._read_ahead(ref, data)
+        ahead = self._read_ahead(ref, data, previous)
 
         def config(_ref, cdigest):
             blob = self.client.get_blob(r, cdigest, MAX_METADATA)
@@ -380,20 +381,29 @@ class Resolver:
         except BaseException:
             for layer_digest in ahead:
                 self.builder.early.discard((ref, layer_digest))
+            self.builder.forget_prebuilt(ref, set())
             raise
         self.state.add_manifest(ref, digest)
         return image
 
-    def _read_ahead(self, ref: str, manifest: bytes) -> list[str]:
-        """Start each layer's first read (its TOC's bytes) before the config is in; the layers
-        it started for. What the manifest gets wrong is left for ``_image_from`` to report."""
+    def _read_ahead(self, ref: str, manifest: bytes, previous: Resolution | None = None) -> list[str]:
+        """Start each layer's first read (its TOC's bytes), and its build, before the config is in;
+        the layers it started for. Layers held in memory, or evicted since ``previous``, are left
+        alone. What the manifest gets wrong is left for ``_image_from`` to report."""
         try:
             layers = json_object(manifest, "manifest")["layers"]
             started = []
-            for l in layers[:MAX_READ_AHEAD]:
-                if self.builder.read_ahead(ref, l["digest"], int(l["size"]), l.get("mediaType", ""),
-                                           dict(l.get("annotations") or {})):
-                    started.append(l["digest"])
+            for i, l in enumerate(layers[:MAX_READ_AHEAD]):
+                desc = LayerDescriptor(index=i, digest=l["digest"], size=int(l["size"]),
+                                       media_type=l.get("mediaType", ""),
+                                       annotations=dict(l.get("annotations") or {}), diff_id="")
+                with self._lock:
+                    skip = (self._held(ref, desc.digest) is not None
+                            or (previous is not None and desc.digest in previous.evicted))
+                if not skip and self.builder.read_ahead(ref, desc.digest, desc.size, desc.media_type,
+                                                        desc.annotations):
+                    started.append(desc.digest)
+                    self.builder.prebuild(ref, desc)
             return started
         except (ALSError, KeyError, TypeError, ValueError, AttributeError):
             return []

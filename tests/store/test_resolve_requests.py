@@ -160,3 +160,29 @@ def test_a_layer_named_by_its_toc_digest_costs_one_wasted_request_then_none(regi
         assert [len(gets(front, first[0].annotations["containerd.io/snapshot/stargz/toc.digest"])),
                 len(gets(front, second[0].annotations["containerd.io/snapshot/stargz/toc.digest"]))] == [1, 0]
         assert [len(gets(front, layer.digest)) for layer in (first[0], second[0])] == [1, 1]
+
+
+def test_the_layers_toc_is_read_and_parsed_before_the_config_is_in(registry, tmp_path):
+    """A layer is built while its image's config is fetched: only its `info` needs the config."""
+    layers, config_digest = push(registry, tmp_path, "resolve/prebuilt:1", 2)
+    where = work(tmp_path)
+    saved = [where / "root" / "state" / "tocs" / layer.annotations[
+        "containerd.io/snapshot/stargz/toc.digest"].split(":")[1] for layer in layers]
+    held: list[bool] = []
+
+    def hook(seen: Seen):
+        if seen.path.endswith(f"/blobs/{config_digest}"):
+            deadline = time.monotonic() + HOLD  # answered once both TOCs are verified and saved
+            while not all(p.exists() for p in saved) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            held.append(all(p.exists() for p in saved))
+        return None
+
+    with Front(registry.host, hook=hook) as front, \
+            inprocess.store(where, front_conf(tmp_path, front), CONFIG) as s:
+        ref = f"{front.host}/resolve/prebuilt:1"
+        for i, layer in enumerate(layers):
+            got = s.layer(ref, layer.digest)
+            assert got.view.lookup([f"l{i}", "f0"]) is not None
+            assert json.loads(got.info(layer.digest))["diff-digest"] == layer.diff_id  # from the config
+        assert held == [True], "the config was answered before the layers' TOCs were parsed"
