@@ -13,7 +13,7 @@ import dataclasses
 import gc
 import logging
 import threading
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -95,10 +95,11 @@ class LayerBuilder:
     # (guess_tail): on until a guess is wrong, which costs one read of tail_size bytes.
     guessing: bool = field(default=True, init=False, repr=False)
 
-    def guess_tail(self, ref: str, digest: str) -> None:
+    def guess_tail(self, ref: str, digest: str, manifest: Future) -> None:
         """Read the tail of blob ``digest`` now, before the manifest says what the layer is: the
-        first read of an eStargz layer's build, if it is one and named by its blob digest."""
-        if not self.guessing:
+        first read of an eStargz layer's build, if it is one and named by its blob digest. Not
+        once ``manifest`` (the image's resolution) is done: its builds read what they need."""
+        if not self.guessing or manifest.done():
             return
         r = parse_reference(ref)
 

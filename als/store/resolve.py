@@ -221,7 +221,7 @@ class Resolver:
                 held = self._held(ref, digest) is not None
             if not held:
                 # Podman waits on this layer: its tail is read while the manifest is fetched.
-                self.builder.guess_tail(ref, digest)
+                self.builder.guess_tail(ref, digest, res.image)
         try:
             image = self._wait(res.image, deadline, f"image {ref}", cancel)
         except LayerUnavailable as e:
