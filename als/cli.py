@@ -81,6 +81,8 @@ def setup_logging(level: str, fmt: str = "text") -> None:
 
 
 def cmd_serve(args) -> int:
+    from als.ops.lean import without_charset_detection
+    without_charset_detection()  # before the daemon's imports bring requests in
     from als.ops.daemon import serve
     return serve(Path(args.mountpoint), Path(args.root), args.config)
 

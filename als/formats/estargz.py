@@ -21,6 +21,7 @@ import operator
 import re
 import tarfile
 import zlib
+from typing import Iterable, Iterator
 
 from als.digest import is_sha256, sha256_digest
 from als.errors import FormatError, VerificationError
@@ -184,18 +185,18 @@ class _Gunzip:
 
 
 
-def _blob_ends(items: list[dict], toc_offset: int) -> list[int]:
-    """For each entry, where the compressed range starting at its offset ends.
+def _blob_ends(offsets: list[int], toc_offset: int) -> list[int]:
+    """For each entry (given by its ``offset``), where the compressed range starting there ends.
 
     That is the next later entry's offset that is non-zero and differs from this
     one (min-chunk-size mode repeats an offset with growing innerOffset), or the
     TOC offset for the last data. Computed back to front in one pass.
     """
-    ends = [0] * len(items)
+    ends = [0] * len(offsets)
     following: int | None = None  # offset of the nearest later entry with data
     following_end = toc_offset  # the end computed for that entry
-    for i in range(len(items) - 1, -1, -1):
-        offset = items[i].get("offset", 0)
+    for i in range(len(offsets) - 1, -1, -1):
+        offset = offsets[i]
         if following is None:
             end = toc_offset
         elif offset != following:
@@ -208,15 +209,20 @@ def _blob_ends(items: list[dict], toc_offset: int) -> list[int]:
     return ends
 
 
-def _chunk(obj: dict, end: int, entry: toc.Entry, toc_offset: int, digest_fallback: bool) -> toc.Chunk:
-    """One chunk of regular file ``entry``: its reg entry or a chunk entry, checked by ``checked_fields``."""
-    get = obj.get
-    chunk_offset = get("chunkOffset", 0)
-    size = get("chunkSize", 0) or entry.size - chunk_offset
+def _piece(get) -> tuple[int, int, str, int, int]:
+    """What a reg or chunk entry (its checked fields' ``get``) says of its chunk, kept instead of its
+    JSON object until the chunks are built: chunkOffset, chunkSize, chunkDigest, offset, innerOffset."""
+    return get("chunkOffset", 0), get("chunkSize", 0), get("chunkDigest", ""), get("offset", 0), get("innerOffset", 0)
+
+
+def _chunk(piece: tuple[int, int, str, int, int], end: int, entry: toc.Entry, toc_offset: int,
+           digest_fallback: bool) -> toc.Chunk:
+    """One chunk of regular file ``entry``, from its reg entry's or a chunk entry's ``_piece``."""
+    chunk_offset, size, digest, start, inner_offset = piece
+    size = size or entry.size - chunk_offset
     if size <= 0:
         raise FormatError(f"regular file {entry.name!r:.300}: chunk at {chunk_offset} lies beyond "
                           f"the file size {entry.size}")
-    digest = get("chunkDigest", "")
     if not digest:
         if not (digest_fallback and entry.digest):
             raise FormatError(f"regular file {entry.name!r:.300}: chunk at {chunk_offset} has no chunkDigest")
@@ -224,7 +230,6 @@ def _chunk(obj: dict, end: int, entry: toc.Entry, toc_offset: int, digest_fallba
     # The file's own digest is checked already, and a one-chunk file's chunkDigest repeats it.
     if digest != entry.digest and not is_sha256(digest):
         check_digest(digest, f"regular file {entry.name!r:.300}: chunkDigest")
-    start, inner_offset = get("offset", 0), get("innerOffset", 0)
     if inner_offset + size > MAX_CHUNK or end - start > MAX_CHUNK_SPAN:
         raise FormatError(
             f"regular file {entry.name!r:.300}: chunk at {chunk_offset} needs {inner_offset + size} bytes "
@@ -240,24 +245,24 @@ def _chunk(obj: dict, end: int, entry: toc.Entry, toc_offset: int, digest_fallba
 
 def _attach_chunks(
     entry: toc.Entry,
-    members: list[int],
-    items: list[dict],
+    members: list[tuple[int, tuple]],
     ends: list[int],
     toc_offset: int,
     digest_fallback: bool,
 ) -> None:
-    """Build ``entry.chunks`` from its reg entry and following chunk entries (indices into ``items``)."""
+    """Build ``entry.chunks`` from its reg entry and following chunk entries ((entry index, _piece) each)."""
     if entry.size == 0:
         if len(members) > 1:
             raise FormatError(f"regular file {entry.name!r:.300} is empty but has chunk entries")
         return
     if len(members) == 1:  # most files: one chunk, which must be the whole file
-        chunk = _chunk(items[members[0]], ends[members[0]], entry, toc_offset, digest_fallback)
+        i, piece = members[0]
+        chunk = _chunk(piece, ends[i], entry, toc_offset, digest_fallback)
         entry.chunks = [chunk]
         if chunk.offset != 0 or chunk.size != entry.size:
             toc.check_coverage(entry, entry.chunks)  # raises, saying how they differ
         return
-    chunks = [_chunk(items[i], ends[i], entry, toc_offset, digest_fallback) for i in members]
+    chunks = [_chunk(piece, ends[i], entry, toc_offset, digest_fallback) for i, piece in members]
     chunks.sort(key=_chunk_offset)
     toc.check_coverage(entry, chunks)
     entry.chunks = chunks
@@ -266,17 +271,21 @@ def _attach_chunks(
 _chunk_offset = operator.attrgetter("offset")
 
 
-def _normalise(doc: object, digest: str, toc_offset: int, max_entries: int = MAX_TOC_ENTRIES) -> toc.TOC:
-    items = toc.entry_list(doc, "TOC", max_entries)
-
+def _normalise(items: Iterable[object], digest: str, toc_offset: int, max_entries: int = MAX_TOC_ENTRIES) -> toc.TOC:
+    """The TOC from its JSON entries, taken one at a time: only what the chunks still need
+    (``_piece``) outlives each entry's JSON object."""
     entries: list[toc.Entry] = []
     warnings: list[str] = []
-    files: list[tuple[toc.Entry, list[int]]] = []
-    members: list[int] | None = None  # the current regular file's entry indices
+    offsets: list[int] = []  # each entry's "offset", for _blob_ends
+    files: list[tuple[toc.Entry, list[tuple[int, tuple]]]] = []
+    members: list[tuple[int, tuple]] | None = None  # the current regular file's (entry index, _piece)
     file_name = ""  # its name as the TOC spells it, to match chunk entries without cleaning theirs
     chunk_info = False  # whether any entry has a chunkDigest or is a chunk entry
     for i, obj in enumerate(items):
+        if i == max_entries:
+            raise FormatError(f"TOC has more than {max_entries} entries, over the limit of {max_entries}")
         get = checked_fields(obj, i).get
+        offsets.append(get("offset", 0))
         kind = get("type", "")
         name = get("name", "")
         if kind == CHUNK:
@@ -287,7 +296,7 @@ def _normalise(doc: object, digest: str, toc_offset: int, max_entries: int = MAX
                 raise FormatError(
                     f"TOC entry {i}: chunk of {name!r:.300} follows regular file {entries[-1].name!r:.300}"
                 )
-            members.append(i)
+            members.append((i, _piece(get)))
             continue
         if not chunk_info and get("chunkDigest"):
             chunk_info = True
@@ -296,15 +305,15 @@ def _normalise(doc: object, digest: str, toc_offset: int, max_entries: int = MAX
         if climbs(name) or (kind == toc.HARDLINK and climbs(get("linkName", ""))):
             warnings.append(f"TOC entry {i} {name!r:.300} (link {get('linkName', '')!r:.300}) climbs above "
                             f"the layer root with '..'; confined to {entry.name!r:.300}")
-        members, file_name = ([i], name) if kind == toc.REG else (None, "")
+        members, file_name = ([(i, _piece(get))], name) if kind == toc.REG else (None, "")
         if members is not None:
             files.append((entry, members))
-    ends = _blob_ends(items, toc_offset)
+    ends = _blob_ends(offsets, toc_offset)
     # sgz's fallback: a layer without any chunkDigest (and without chunk
     # entries) may be verified with each file's whole-content digest instead.
     digest_fallback = not chunk_info
     for entry, members in files:
-        _attach_chunks(entry, members, items, ends, toc_offset, digest_fallback)
+        _attach_chunks(entry, members, ends, toc_offset, digest_fallback)
     return toc.TOC(entries=entries, digest=digest, compression=toc.GZIP, data_end=toc_offset, warnings=warnings)
 
 
@@ -345,11 +354,25 @@ def parse_toc(
     digest = sha256_digest(raw_json)
     if expected_digest is not None and digest != expected_digest:
         raise VerificationError(f"TOC digest is {digest}, the manifest says {expected_digest}")
+    # json.loads(bytes) decodes them so first; done here, the bytes can go before the JSON is decoded.
+    text = raw_json.decode(json.detect_encoding(raw_json), "surrogatepass")
+    del raw_json
     try:
-        doc = json.loads(raw_json)
+        doc = json.loads(text)
     except (ValueError, RecursionError) as e:
         raise FormatError(f"TOC is not valid JSON: {e}") from None
-    return _normalise(doc, digest, toc_offset, max_entries)
+    del text
+    items = toc.entry_list(doc, "TOC", max_entries)
+    del doc
+    return _normalise(_consumed(items), digest, toc_offset, max_entries)
+
+
+def _consumed(items: list) -> Iterator[object]:
+    """``items`` one by one, each dropped from the list as it is handed out: a TOC's JSON objects
+    (about as much memory as the tree built from them) are freed while the tree is built, not after."""
+    for i in range(len(items)):
+        obj, items[i] = items[i], None
+        yield obj
 
 
 def decompress_chunk(data: bytes, chunk: toc.Chunk) -> bytes:

@@ -33,6 +33,8 @@ class SavedTOCs(Protocol):
 
     def get_toc(self, toc_digest: str) -> tuple[int, bytes] | None: ...
 
+    def has_toc(self, toc_digest: str) -> bool: ...
+
     def put_toc(self, toc_digest: str, toc_offset: int, member: bytes) -> None: ...
 
 
@@ -83,6 +85,10 @@ class LayerFormat(Protocol):
         FormatError in words for the operator's log.
         """
 
+    def first_read(self, size: int, annotations: Mapping[str, str], ctx: TOCContext) -> tuple[int, int] | None:
+        """The blob range ``open_toc`` reads first, known from the descriptor alone; None when it
+        reads nothing (a saved TOC) or declines the layer before reading."""
+
     def decompress_chunk(self, data: bytes | memoryview, chunk: toc.Chunk) -> bytes:
         """The chunk's bytes from its compressed range (the caller checks the digest)."""
 
@@ -99,6 +105,21 @@ class EStargz:
     def claims(self, media_type: str, annotations: Mapping[str, str]) -> bool:
         # A plain gzip layer is claimed too: open_toc declines it, saying which annotation it lacks.
         return media_type in GZIP_LAYER_TYPES
+
+    def first_read(self, size: int, annotations: Mapping[str, str], ctx: TOCContext) -> tuple[int, int] | None:
+        toc_digest = annotations.get(estargz.TOC_DIGEST_ANNOTATION, "")
+        if not (toc_digest or ctx.allow_unverified) or (toc_digest and ctx.saved.has_toc(toc_digest)):
+            return None
+        return self.tail_range(size, ctx)
+
+    @staticmethod
+    def tail_length(ctx: TOCContext) -> int:
+        """How many bytes at the blob's end are read first: the footer and, most often, the whole TOC."""
+        return max(ctx.tail_size, estargz.FOOTER_SIZE)
+
+    def tail_range(self, size: int, ctx: TOCContext) -> tuple[int, int]:
+        """Those bytes of a ``size``-byte blob (all of it, if smaller)."""
+        return size - min(size, self.tail_length(ctx)), size
 
     def open_toc(self, label: str, size: int, annotations: Mapping[str, str], read_range: ReadRange,
                  ctx: TOCContext, known_diff_size: int | None = None) -> OpenedTOC:
@@ -122,8 +143,7 @@ class EStargz:
                 return OpenedTOC(parsed, diff_size)
             except FormatError:
                 ctx.log.warning("%s: saved TOC is unusable; reading it from the registry again", label)
-        tail_len = min(size, max(ctx.tail_size, estargz.FOOTER_SIZE))
-        tail_start = size - tail_len
+        tail_start, _ = self.tail_range(size, ctx)
         tail = read_range(tail_start, size)
         toc_offset, footer_size = estargz.parse_footer(tail, size)
         member_end = size - footer_size
@@ -153,6 +173,15 @@ class ZstdChunked:
 
     def claims(self, media_type: str, annotations: Mapping[str, str]) -> bool:
         return media_type in ZSTD_LAYER_TYPES and zstdchunked.is_zstd_chunked(annotations)
+
+    def first_read(self, size: int, annotations: Mapping[str, str], ctx: TOCContext) -> tuple[int, int] | None:
+        try:
+            loc = zstdchunked.locate(annotations, size, max_toc_size=ctx.max_toc_size)
+        except FormatError:
+            return None  # open_toc says why
+        if ctx.saved.has_toc(loc.checksum):
+            return None
+        return loc.offset, loc.offset + loc.length
 
     def open_toc(self, label: str, size: int, annotations: Mapping[str, str], read_range: ReadRange,
                  ctx: TOCContext, known_diff_size: int | None = None) -> OpenedTOC:
@@ -228,6 +257,9 @@ class GzipIndexed:
     storage_compression = 2  # archive.Gzip: the blob is the original gzip layer
     toc_digest_annotations = (estargz.TOC_DIGEST_ANNOTATION, GZIP_INDEX_ANNOTATION)
     decompress_chunk = staticmethod(gzindex.decompress_chunk)
+
+    def first_read(self, size: int, annotations: Mapping[str, str], ctx: TOCContext) -> tuple[int, int] | None:
+        return None  # the index is another blob: nothing of the layer's own is read first
 
     def claims(self, media_type: str, annotations: Mapping[str, str]) -> bool:
         ours = annotations.get(GZIP_INDEX_ANNOTATION)

@@ -111,7 +111,7 @@ class TOC:
 def entry_list(doc: object, what: str, max_entries: int) -> list:
     """The raw ``entries`` of a version 1 TOC document (eStargz TOC or zstd:chunked manifest).
 
-    Every entry becomes objects of ours (about 1.5 KiB each once in a layer's
+    Every entry becomes objects of ours (about 1.2 KiB each once in a layer's
     tree), so their number is refused past ``max_entries`` before any is built.
     """
     if not isinstance(doc, dict):

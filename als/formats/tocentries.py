@@ -110,6 +110,15 @@ def clean_name(name: str, what: str = "name") -> str:
     ".." cannot climb above the root after this. Names no file system could
     hold (NUL, a component over 255 bytes) raise FormatError.
     """
+    if len(name) <= _MAX_NAME_COMPONENT and name.isascii() and "\x00" not in name:
+        # Most names (``./usr/bin/x``, ``./usr/lib/``) are clean but for a leading "./" and a
+        # trailing "/": take those off and, if nothing is left that normpath would change
+        # (an empty, "." or ".." component), that is the cleaned name, at a third of the cost.
+        plain = name[2:] if name.startswith("./") else name
+        if plain.endswith("/"):
+            plain = plain[:-1]
+        if not plain or not (plain[0] in "./" or plain[-1] == "/" or "//" in plain or "/." in plain):
+            return plain
     size = len(_check_text(name, what))
     cleaned = posixpath.normpath("/" + name).lstrip("/")
     # Cleaning only drops components, so a name of at most NAME_MAX bytes cannot have a

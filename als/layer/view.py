@@ -19,6 +19,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
 
 from als.errors import FormatError
 from als.formats.tocentries import MAX_TOC_ENTRIES
@@ -34,6 +35,10 @@ DIR_SIZE = 4096  # what ext4/xfs report, so `ls -l` matches a normally pulled la
 # A layer's inode numbers are its base plus 1..this: they stay below the next layer's base, and
 # leave the top 16 of each 2**32 range free for names the FUSE layer adds (info, blob).
 MAX_LAYER_NODES = (1 << 32) - 17
+# Shared by every node they describe, so that a tree of many thousand files does not hold as
+# many empty dicts and one-element lists: never changed in place.
+NO_XATTRS: dict[str, bytes] = {}
+ONE_CHUNK = (0,)
 
 _TYPE_BITS = {
     T.DIR: stat.S_IFDIR,
@@ -58,10 +63,11 @@ class Node:
     nlink: int = 1
     rdev: int = 0
     target: str = ""  # symlink target
-    xattrs: dict[str, bytes] = field(default_factory=dict)
+    # Never changed in place: the many nodes without any share one empty mapping (NO_XATTRS).
+    xattrs: dict[str, bytes] = field(default_factory=lambda: NO_XATTRS)
     children: dict[str, "Node"] | None = None  # directories only
-    chunks: list[T.Chunk] = field(default_factory=list)
-    chunk_offsets: list[int] = field(default_factory=list)  # for bisect
+    chunks: Sequence[T.Chunk] = ()
+    chunk_offsets: Sequence[int] = ()  # for bisect; the many one-chunk files share ONE_CHUNK
     mtime_nsec: int = 0
 
     @property
@@ -89,7 +95,9 @@ class LayerView:
     """The tree of one layer. ``ino_base`` keeps inode numbers unique across layers."""
 
     def __init__(self, entries: list[T.Entry], ino_base: int = 0, label: str = "layer",
-                 max_nodes: int = MAX_TOC_ENTRIES + 65536):
+                 max_nodes: int = MAX_TOC_ENTRIES + 65536, consume: bool = False):
+        """``consume``: take each entry out of ``entries`` (and its chunk list into the tree) as it is
+        built, so that a layer's entries and its tree are not all in memory at once."""
         self._next_ino = ino_base + 1
         self._last_ino = ino_base + max_nodes  # implicit parents too: a hostile TOC cannot build a huge tree
         self.label = label
@@ -97,7 +105,8 @@ class LayerView:
         self.rejected: list[str] = []
         self.unservable: list[str] = []  # reasons the layer cannot be presented faithfully over FUSE
         self.file_count = 0
-        self._build(entries)
+        self._consume = consume
+        self._build(_consumed(entries) if consume else entries)
         # overlay opaque marks included: a layer without any is served where the kernel never asks
         self.has_xattrs = any(n.xattrs for n in self._nodes())
         self._by_ino: dict[int, tuple[Node, str, Node]] | None = None  # built when first asked
@@ -155,7 +164,7 @@ class LayerView:
             node = child
         return node
 
-    def _build(self, entries: list[T.Entry]) -> None:
+    def _build(self, entries: Iterable[T.Entry]) -> None:
         opaque: list[Node] = []
         whiteouts: list[tuple[Node, str, T.Entry]] = []
         dirs = {"": self.root}  # see _parent_of
@@ -198,13 +207,13 @@ class LayerView:
                 parent.children[name] = self._new_node(stat.S_IFCHR, uid=e.uid, gid=e.gid, mtime=e.mtime,
                                                        mtime_nsec=e.mtime_nsec, rdev=0)
         for d in opaque:
-            d.xattrs.update(OPAQUE_XATTRS)
+            d.xattrs = {**d.xattrs, **OPAQUE_XATTRS}
         self._count_dir_links(self.root)
 
     def _apply_meta(self, node: Node, e: T.Entry) -> None:
         node.mode = stat.S_IFMT(node.mode) | (e.mode & 0o7777)
         node.uid, node.gid, node.mtime, node.mtime_nsec = e.uid, e.gid, e.mtime, e.mtime_nsec
-        node.xattrs = dict(e.xattrs)
+        node.xattrs = dict(e.xattrs) if e.xattrs else NO_XATTRS
 
     def _check_presentable(self, e: T.Entry) -> None:
         """Names reach the kernel as UTF-8 bytes (bytes that were not UTF-8 carried through as
@@ -250,11 +259,13 @@ class LayerView:
             return None
         # One constructor call per type, with everything known up front, is most of what
         # building a large tree costs, so nodes are not created and then patched.
-        mode, xattrs = bits | (e.mode & 0o7777), dict(e.xattrs)
+        mode, xattrs = bits | (e.mode & 0o7777), dict(e.xattrs) if e.xattrs else NO_XATTRS
         if e.type == T.REG:
             self.file_count += 1
+            chunks = e.chunks if self._consume else list(e.chunks)  # a consumed entry's list is ours
+            offsets = ONE_CHUNK if len(chunks) == 1 and chunks[0].offset == 0 else tuple(c.offset for c in chunks)
             return Node(self._take_ino(), mode, e.uid, e.gid, e.size, e.mtime, xattrs=xattrs,
-                        chunks=list(e.chunks), chunk_offsets=[c.offset for c in e.chunks], mtime_nsec=e.mtime_nsec)
+                        chunks=chunks, chunk_offsets=offsets, mtime_nsec=e.mtime_nsec)
         if e.type == T.DIR:
             return Node(self._take_ino(), mode, e.uid, e.gid, DIR_SIZE, e.mtime, xattrs=xattrs, children={},
                         mtime_nsec=e.mtime_nsec)
@@ -317,3 +328,10 @@ class LayerView:
     @property
     def max_ino(self) -> int:
         return self._next_ino - 1
+
+
+def _consumed(entries: list[T.Entry]) -> Iterator[T.Entry]:
+    """``entries`` one by one, each dropped from the list as it is handed out."""
+    for i in range(len(entries)):
+        e, entries[i] = entries[i], None  # type: ignore[call-overload]
+        yield e

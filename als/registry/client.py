@@ -95,6 +95,12 @@ class RegistryClient:
         self._puller.stream_range(ref, digest, start, end, out.extend)
         return bytes(out)
 
+    def read_tail(self, ref: Reference, digest: str, length: int) -> tuple[int, bytes] | None:
+        """The last ``length`` bytes of a blob (all of it if smaller) and where they start, or a
+        RegistryError: one suffix range request, for a reader that does not know the blob's size yet.
+        None when the registry ignores the range: the whole blob would come, and is not read."""
+        return self._puller.read_tail(ref, digest, length)
+
     def stream_range(self, ref: Reference, digest: str, start: int, end: int,
                      sink: Callable[[bytes], None]) -> int:
         """Hand bytes [start, end) of a blob to ``sink`` in order, as they arrive; returns their count.

@@ -2,7 +2,8 @@
 
 Pulls and pushes both need the same care around each request: connections
 pooled and shared by all threads, the 401 answered once through the
-Authenticator, an insecure registry probed over HTTPS before plain HTTP,
+Authenticator, an insecure registry probed over HTTPS and plain HTTP at once
+(HTTPS wins when it works),
 blob reads sent straight to the storage URL a registry redirected to, TLS
 failures explained with what the operator can do, 5xx/429 and dropped
 connections turned into a TransientError for the retry policy, and no URL
@@ -14,6 +15,9 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+from contextlib import nullcontext
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, TypeVar
 from urllib.parse import urlsplit
 
@@ -23,6 +27,7 @@ from requests.adapters import HTTPAdapter
 from ..errors import AuthError, ConfigError, RegistryError, TransientError
 from .challenges import Authenticator
 from .credentials.entries import CredentialLookup
+from .deadline import current_deadline, request_deadline
 from .deadline import install as watch_deadlines
 from .diagnosis import redact_url, tls_is_definitive, tls_wants_client_cert, why
 from .redirects import BlobLocations
@@ -157,9 +162,26 @@ class Exchange:
             urls = [f"{s}://{ep.host}{target}" for s in schemes]
         else:
             urls = [target]
+        # An insecure registry not yet spoken to: ask over plain HTTP while HTTPS is tried, so a
+        # registry that serves only HTTP costs no probe's round trips first (see _plain_leg).
+        plain = (self._plain_leg(ep, method, urls[1], headers)
+                 if len(urls) > 1 and body is None and method in ("GET", "HEAD") else None)
+        try:
+            return self._first_working(ep, repo, op, method, target, urls, headers, body, plain)
+        finally:
+            if plain is not None and not plain.taken:
+                plain.answer.add_done_callback(_discard)  # HTTPS answered (or failed for good): not used
+
+    def _first_working(self, ep: Endpoint, repo: str, op: Operation, method: str, target: str,
+                       urls: list[str], headers: dict[str, str], body: Body | None,
+                       plain: "_PlainLeg | None") -> requests.Response:
+        """The answer from the first of ``urls`` that can be reached (``plain``: the second's, under way)."""
         for n, url in enumerate(urls):
             try:
-                resp = self._send_authed(ep, repo, op, method, url, headers, body)
+                if plain is not None and n == 1:
+                    resp = self._send_authed(ep, repo, op, method, url, headers, body, first=plain)
+                else:
+                    resp = self._send_authed(ep, repo, op, method, url, headers, body)
             except requests.Timeout:
                 raise TransientError(f"registry {ep.host} timed out on {op.what} of image "
                                      f"{op.ref}") from None
@@ -195,11 +217,42 @@ class Exchange:
             return resp
         raise AssertionError("unreachable")
 
+    def _plain_leg(self, ep: Endpoint, method: str, url: str, headers: dict[str, str]) -> "_PlainLeg":
+        """Send ``method url`` (plain HTTP) on a thread of its own; its answer to come.
+
+        It carries no Authorization: it may reach the network before HTTPS is
+        found to work, and credentials go over plain HTTP only once HTTPS has
+        failed (a 401 it gets is answered then, as the sequential probe would).
+        It keeps the caller's request deadline.
+        """
+        leg = _PlainLeg()
+        deadline = current_deadline()
+
+        def run() -> None:
+            try:
+                with request_deadline(deadline) if deadline is not None else nullcontext():
+                    leg.answer.set_result(self._send(ep, method, url, headers, None, None))
+            except BaseException as exc:  # handed to whoever takes the answer
+                leg.answer.set_exception(exc)
+
+        threading.Thread(target=run, name="als-http-probe", daemon=True).start()
+        return leg
+
     def _send_authed(self, ep: Endpoint, repo: str, op: Operation, method: str, url: str,
-                     headers: dict[str, str], body: Body | None) -> requests.Response:
+                     headers: dict[str, str], body: Body | None,
+                     first: "_PlainLeg | None" = None) -> requests.Response:
+        """Send with the credentials we know of, answering a 401 once.
+
+        ``first``: the anonymous answer to the same request, already under way (_plain_leg).
+        """
         same_host = urlsplit(url).netloc == ep.host
-        auth = self.auth.header_for(ep.host, repo, op.actions) if same_host else None
-        resp = self._send(ep, method, url, headers, body, auth)
+        if first is not None:
+            auth = None
+            first.taken = True
+            resp = first.answer.result()
+        else:
+            auth = self.auth.header_for(ep.host, repo, op.actions) if same_host else None
+            resp = self._send(ep, method, url, headers, body, auth)
         if resp.status_code != 401 or not same_host:
             return resp
         www = resp.headers.get("WWW-Authenticate", "")
@@ -252,3 +305,17 @@ class Exchange:
                  "certificate", host)
         from urllib3.exceptions import InsecureRequestWarning
         warnings.filterwarnings("ignore", category=InsecureRequestWarning)
+
+
+@dataclass
+class _PlainLeg:
+    """The plain HTTP half of an insecure registry's first exchange (Exchange._plain_leg)."""
+
+    answer: Future = field(default_factory=Future)  # -> requests.Response
+    taken: bool = False  # the HTTPS half failed and this answer was used
+
+
+def _discard(fut: Future) -> None:
+    """Close an answer nobody will read (its connection goes back to the pool if it can)."""
+    if fut.exception() is None:
+        release(fut.result())

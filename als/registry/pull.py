@@ -144,6 +144,36 @@ class Puller:
         return self.pull(op, "GET", f"blobs/{digest}", consume, headers)
 
 
+    def read_tail(self, ref: Reference, digest: str, length: int) -> tuple[int, bytes] | None:
+        check_digest(digest)
+        if length <= 0:
+            raise ValueError(f"invalid tail length {length}")
+        op = Operation(ref, f"last {length} bytes of blob {digest}")
+
+        def consume(resp: requests.Response, ep: Endpoint) -> tuple[int, bytes] | None:
+            if resp.status_code == 200:
+                # Range ignored (a pull-through cache does so for a blob it has not cached yet): the
+                # whole blob is not read for its tail. An answer all the same: no other endpoint is asked.
+                resp.close()
+                return None
+            expect(resp, (206,), op, ep)
+            m = CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
+            if not m or m.group(3) == "*":
+                raise RegistryError(f"registry {ep.host} answered {op.what} of image {ref} "
+                                    "with a missing or malformed Content-Range")
+            first, last, total = int(m.group(1)), int(m.group(2)), int(m.group(3))
+            if last != total - 1 or first > last or last - first + 1 != min(length, total):
+                raise RegistryError(f"registry {ep.host} sent bytes {first}-{last} of {total} for "
+                                    f"{op.what} of image {ref}")
+            data = read_limited(resp, last - first + 1, op, ep)
+            if len(data) != last - first + 1:
+                raise TransientError(f"registry {ep.host} sent {len(data)} of {last - first + 1} "
+                                     f"bytes for {op.what} of image {ref}")
+            return first, data
+
+        return self.pull(op, "GET", f"blobs/{digest}", consume, {"Range": f"bytes=-{length}"})
+
+
 def _range_start(resp: requests.Response, start: int, end: int, op: Operation,
                  ep: Endpoint) -> int:
     """Check a range response; return how many body bytes to skip before ``start``."""

@@ -9,16 +9,18 @@ here with a FormatError: the store declines it and Podman pulls it normally.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import threading
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
 from als.config import Config
-from als.errors import FormatError, RegistryError
+from als.errors import FormatError, NotFoundError, RegistryError
 from als.fetch.fetcher import ChunkFetcher
 from als.fetch.source import BlobSource
 from als.formats import lazy
@@ -26,8 +28,9 @@ from als.layer.resolved import Layer, LayerDescriptor
 from als.layer.view import MAX_LAYER_NODES, LayerView
 from als.reference import parse_reference
 from als.registry.client import RegistryClient
+from als.store.early import EarlyReads
 from als.store.state import StateDir
-from als.store.warm import prefetch_chunks
+from als.store.warm import prefetch_chunks, prefetch_end
 
 log = logging.getLogger("als.store")
 
@@ -88,6 +91,91 @@ class LayerBuilder:
     client: RegistryClient
     fetcher: ChunkFetcher
     state: StateDir
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    early: EarlyReads = field(default_factory=EarlyReads, init=False, repr=False)
+    # Layers built while their image's config is fetched (prebuild): (ref, digest) -> (desc, future)
+    _prepared: dict = field(default_factory=dict, init=False, repr=False)
+    # As many at once as TOCs may be parsed at once (_PARSE_SLOTS).
+    _prebuilds: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="als-prebuild"),
+        init=False, repr=False)
+    # Whether a layer looked up before its image's manifest is in has its tail read at once
+    # (guess_tail): on until a guess is wrong, which costs one read of tail_size bytes.
+    guessing: bool = field(default=True, init=False, repr=False)
+
+    def guess_tail(self, ref: str, digest: str, manifest: Future) -> None:
+        """Read the tail of blob ``digest`` now, before the manifest says what the layer is: the
+        first read of an eStargz layer's build, if it is one and named by its blob digest. Not
+        once ``manifest`` (the image's resolution) is done: its builds read what they need."""
+        if not self.guessing or manifest.done():
+            return
+        r = parse_reference(ref)
+
+        def read_tail(length: int) -> tuple[int, bytes] | None:
+            try:
+                return self.client.read_tail(r, digest, length)
+            except NotFoundError:  # named by its TOC digest (Podman >= 5.1), say: not a blob
+                self._stop_guessing(f"image {ref} has no blob {digest}")
+                raise
+
+        self.early.start_tail((ref, digest), lazy.ESTARGZ.tail_length(self._toc_context()), read_tail)
+
+    def read_ahead(self, ref: str, digest: str, size: int, media_type: str, annotations: dict) -> bool:
+        """Start the first read a build of this layer will make (its TOC's bytes), as soon as the
+        image manifest describes the layer; whether one is under way. Nothing is checked here:
+        the build does that, and reads again if this read failed."""
+        fmt = lazy.format_for(media_type, annotations)
+        where = fmt.first_read(size, annotations, self._toc_context()) if fmt is not None else None
+        guessed = self.early.tail_length((ref, digest))
+        if guessed:
+            if where is not None and where == (size - min(size, guessed), size):
+                return True  # the tail guessed before the manifest was in is the read it needs
+            self.early.discard((ref, digest))
+            self._stop_guessing(f"image {ref} layer {digest} is not read from its tail first")
+        if where is None:
+            return False
+        self.early.start((ref, digest), *where, partial(self.client.read_range, parse_reference(ref), digest))
+        return True
+
+    def _stop_guessing(self, why: str) -> None:
+        if self.guessing:
+            self.guessing = False
+            log.info("layers looked up before their image's manifest is in are no longer read ahead: %s", why)
+
+    def _read_range(self, ref: str, digest: str):
+        """Reads of the layer's blob, the first of which may have been started already (read_ahead)."""
+        plain = partial(self.client.read_range, parse_reference(ref), digest)
+
+        def read_range(start: int, end: int) -> bytes:
+            early = self.early.take((ref, digest), start, end)
+            return early if early is not None else plain(start, end)
+        return read_range
+
+    def prebuild(self, ref: str, desc: LayerDescriptor) -> None:
+        """Build layer ``desc`` now, before its image's config is in: ``desc`` lacks its DiffID,
+        which only the config gives and only ``info`` needs. ``build`` takes the result. Not a
+        gzip-indexed layer: its index must name the DiffID, so it waits for the config."""
+        if lazy.format_for(desc.media_type, desc.annotations) in (None, lazy.GZIP_INDEX):
+            return
+        with self._lock:
+            if (ref, desc.digest) in self._prepared:
+                return
+            try:
+                self._prepared[(ref, desc.digest)] = (desc, self._prebuilds.submit(self._build_paused, ref, desc))
+            except RuntimeError:  # shut down
+                pass
+
+    def forget_prebuilt(self, ref: str, keep: set[str]) -> None:
+        """Drop the layers of ``ref`` built ahead but those in ``keep``: nobody will take them."""
+        with self._lock:
+            gone = [k for k in self._prepared if k[0] == ref and k[1] not in keep]
+            futures = [self._prepared.pop(k)[1] for k in gone]
+        for fut in futures:
+            fut.cancel()
+
+    def close(self) -> None:
+        self._prebuilds.shutdown(wait=False, cancel_futures=True)
+        self.early.close()
 
     def build(self, ref: str, desc: LayerDescriptor, evicted: Evicted | None = None,
               referred: Referred | None = None) -> Layer:
@@ -96,19 +184,37 @@ class LayerBuilder:
         ``referred`` gives the gzip indexes its image's referrers name, by
         layer blob digest: asked only for a gzip layer with no TOC annotation.
         """
+        if evicted is None:
+            with self._lock:
+                prepared = self._prepared.pop((ref, desc.digest), None)
+            if prepared is not None and dataclasses.replace(desc, diff_id="") == prepared[0]:
+                try:
+                    layer = prepared[1].result()  # a failure is this build's: raised as it would be
+                except CancelledError:
+                    pass
+                else:
+                    return dataclasses.replace(layer, desc=desc)
+        return self._build_paused(ref, desc, evicted, referred)
+
+    def _build_paused(self, ref: str, desc: LayerDescriptor, evicted: Evicted | None = None,
+                      referred: Referred | None = None) -> Layer:
         with gc_paused():
             return self._build(ref, desc, evicted, referred)
 
     def _build(self, ref: str, desc: LayerDescriptor, evicted: Evicted | None, referred: Referred | None) -> Layer:
         r = parse_reference(ref)
         label = f"image {ref} layer {desc.digest}"
-        read_range = partial(self.client.read_range, r, desc.digest)
         known = evicted.diff_size if evicted is not None else None
         read_blob = partial(self.client.get_blob, r)
-        if referred is not None and lazy.plain_gzip(desc.media_type, desc.annotations):
-            opened = self._open_referred(label, desc, read_range, known, read_blob, referred)
-        else:
-            opened = self._open_toc(label, desc, read_range, known, read_blob=read_blob)
+        try:
+            if referred is not None and lazy.plain_gzip(desc.media_type, desc.annotations):
+                opened = self._open_referred(label, desc, self._read_range(ref, desc.digest), known, read_blob,
+                                             referred)
+            else:
+                opened = self._open_toc(label, desc, self._read_range(ref, desc.digest), known, read_blob)
+        finally:
+            self.early.discard((ref, desc.digest))  # taken, or not wanted after all
+        read_range = partial(self.client.read_range, r, desc.digest)
         toc, diff_size = opened.toc, opened.diff_size
         # kept in the state directory: the same inode numbers after eviction and after a restart
         layer_id = evicted.layer_id if evicted is not None else self.state.ids.layer(ref, desc.digest)
@@ -116,9 +222,12 @@ class LayerBuilder:
             log.warning("%s: %s", label, warning)
         if len(toc.warnings) > 20:
             log.warning("%s: %d more TOC entries confined the same way", label, len(toc.warnings) - 20)
+        prefetch_to = prefetch_end(toc, self.config.fetch.prefetch_size)
         with _PARSE_SLOTS:
+            # The tree takes the entries as it goes (consume): they and it are never whole at once.
             view = LayerView(toc.entries, ino_base=layer_id << 32, label=label,
-                             max_nodes=min(self.config.resolve.max_toc_entries + 65536, MAX_LAYER_NODES))
+                             max_nodes=min(self.config.resolve.max_toc_entries + 65536, MAX_LAYER_NODES),
+                             consume=True)
         if view.unservable:
             raise FormatError(f"it cannot be presented faithfully over FUSE ({len(view.unservable)} entries, "
                               f"first: {view.unservable[0]})")
@@ -128,7 +237,7 @@ class LayerBuilder:
         if opened.tail:
             self.fetcher.absorb(source, opened.tail[:max(toc.data_end - opened.tail_start, 0)], opened.tail_start)
         return Layer(ref=ref, desc=desc, toc_digest=toc.digest, diff_size=diff_size, view=view, source=source,
-                     prefetch=prefetch_chunks(toc, source, self.config.fetch.prefetch_size),
+                     prefetch=prefetch_chunks(source, prefetch_to),
                      layer_id=layer_id)
 
     # ---- finding and verifying the TOC, by format ------------------------------------
@@ -144,12 +253,8 @@ class LayerBuilder:
         fmt = lazy.GZIP_INDEX if index_digest else lazy.format_for(desc.media_type, desc.annotations)
         if fmt is None:
             raise FormatError(lazy.unserved_reason(desc.media_type))
-        resolve = self.config.resolve
-        ctx = lazy.TOCContext(saved=self.state, log=log, max_toc_size=resolve.max_toc_size,
-                              max_entries=resolve.max_toc_entries, tail_size=resolve.tail_size,
-                              allow_unverified=resolve.allow_unverified, parse_slot=_PARSE_SLOTS,
-                              read_blob=read_blob, layer_digest=desc.digest, layer_diff_id=desc.diff_id,
-                              index_digest=index_digest)
+        ctx = dataclasses.replace(self._toc_context(), read_blob=read_blob, layer_digest=desc.digest,
+                                  layer_diff_id=desc.diff_id, index_digest=index_digest)
         return fmt.open_toc(label, desc.size, desc.annotations, read_range, ctx, known_diff_size)
 
     def _open_referred(self, label: str, desc: LayerDescriptor, read_range, known_diff_size: int | None,
@@ -170,3 +275,10 @@ class LayerBuilder:
                      index_digest)
             return opened
         raise FormatError(f"no gzip index its image's referrers name checks out ({'; '.join(problems)})")
+
+    def _toc_context(self) -> lazy.TOCContext:
+        """The store's side of opening a TOC; ``_open_toc`` adds the layer's own part."""
+        resolve = self.config.resolve
+        return lazy.TOCContext(saved=self.state, log=log, max_toc_size=resolve.max_toc_size,
+                               max_entries=resolve.max_toc_entries, tail_size=resolve.tail_size,
+                               allow_unverified=resolve.allow_unverified, parse_slot=_PARSE_SLOTS)

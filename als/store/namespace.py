@@ -5,7 +5,7 @@ it). A lookup of ``<image>/<digest>`` answers from the layers held in
 memory, else waits (bounded) for the image's resolution (als/store/resolve.py);
 warming is als/store/warm.py, `blob` is als/store/blob.py.
 
-A resolved layer's tree costs about 1.5 KiB of memory per TOC entry, so the
+A resolved layer's tree costs about 1.2 KiB of memory per TOC entry, so the
 store keeps at most ``resolve.max_idle_layers`` layers that no container uses
 (containers/storage's `use` count), dropping the least recently looked up
 first. Their TOCs stay in the state directory: a later lookup rebuilds the

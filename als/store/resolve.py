@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-import platform
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +37,7 @@ from als.reference import parse_reference
 from als.registry.client import RegistryClient
 from als.store.build import Evicted, LayerBuilder, Referred
 from als.store.referred import ReferrerListings
+from als.store.platforms import host_platform, parse_platform, pick_platform
 from als.store.state import StateDir
 from als.store.warm import Warmer
 from als.wait import wait_for
@@ -45,6 +45,7 @@ from als.wait import wait_for
 log = logging.getLogger("als.store")
 
 MAX_METADATA = 8 << 20  # largest manifest or config accepted
+MAX_READ_AHEAD = 64  # layers of one image whose first read starts before the config is in
 SAVED_GRACE = 5.0  # seconds a layer rebuilt from saved metadata may take, past a failed resolution
 
 
@@ -100,15 +101,6 @@ class Resolution:
                    for f in (self.image, *self.layers.values()))
 
 
-def host_platform() -> tuple[str, str, str]:
-    """The (os, architecture, variant) an index is searched for, in OCI's words (Python's differ)."""
-    machine = platform.machine().lower()
-    arch, variant = {"x86_64": ("amd64", ""), "amd64": ("amd64", ""), "aarch64": ("arm64", "v8"),
-                     "arm64": ("arm64", "v8"), "armv7l": ("arm", "v7"), "ppc64le": ("ppc64le", ""),
-                     "s390x": ("s390x", "")}.get(machine, (machine, ""))
-    return "linux", arch, variant
-
-
 class Resolver:
     """The resolutions of image references, and the futures of their layers.
 
@@ -142,6 +134,7 @@ class Resolver:
     def close(self) -> None:
         """Start no more resolutions; those running finish (a lookup's wait is bounded anyway)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.builder.close()
         if self.referrers is not None:
             self.referrers.close()
 
@@ -251,6 +244,12 @@ class Resolver:
                        cancel: threading.Event | None) -> tuple[LayerDescriptor, Resolution, float]:
         """The layer's descriptor from the image's current resolution, or from saved metadata."""
         res = self._resolution(ref)
+        if not res.image.done():
+            with self._lock:
+                held = self._held(ref, digest) is not None
+            if not held:
+                # Podman waits on this layer: its tail is read while the manifest is fetched.
+                self.builder.guess_tail(ref, digest, res.image)
         try:
             image = self._wait(res.image, deadline, f"image {ref}", cancel)
         except LayerUnavailable as e:
@@ -288,6 +287,9 @@ class Resolver:
                 else:
                     res.layers[desc.digest] = fut = Future()
                     start.append((desc, fut))
+        # Reads and builds ahead of layers not built now, or of blobs the image lacks, are not wanted.
+        self.builder.early.discard_image(image.ref, {d.digest for d, _ in start})
+        self.builder.forget_prebuilt(image.ref, {d.digest for d, _ in start})
         referred = self._referred_for(res, image.ref, image.manifest_digest)
         for desc, fut in start:
             self._pool.submit(self._run_layer, image.ref, desc, fut, image.entrypoint, None, referred)
@@ -337,7 +339,7 @@ class Resolver:
     def _run_resolution(self, ref: str, res: Resolution, previous: Resolution | None = None) -> None:
         t0 = time.monotonic()
         try:
-            image = self._fetch_image(ref, res)
+            image = self._fetch_image(ref, res, previous)
         except Exception as e:
             log.warning("image %s: cannot resolve: %s", ref, e)
             res.image.set_exception(_as_unavailable(e, f"image {ref}"))
@@ -387,7 +389,7 @@ class Resolver:
             raise NotFoundError(f"{digest} is not saved")
         return data
 
-    def _fetch_image(self, ref: str, res: Resolution | None = None) -> Image:
+    def _fetch_image(self, ref: str, res: Resolution | None = None, previous: Resolution | None = None) -> Image:
         r = parse_reference(ref)
         m = self.client.get_manifest(r)
         data, media_type, digest = m.data, m.media_type, m.digest
@@ -399,18 +401,46 @@ class Resolver:
             m = self.client.get_manifest(r, chosen)
             data, media_type, digest = m.data, m.media_type, m.digest
         self.state.put_blob(digest, data)
-        if res is not None:
-            if self.referrers is not None:
-                self.referrers.start(res, ref, digest, doc)
+        if res is not None and self.referrers is not None:
+            self.referrers.start(res, ref, digest, doc)
+        ahead = self._read_ahead(ref, data, previous)
 
         def config(_ref, cdigest):
             blob = self.client.get_blob(r, cdigest, MAX_METADATA)
             self.state.put_blob(cdigest, blob)
             return blob
 
-        image = self._image_from(ref, digest, data, config)
+        try:
+            image = self._image_from(ref, digest, data, config)
+        except BaseException:
+            for layer_digest in ahead:
+                self.builder.early.discard((ref, layer_digest))
+            self.builder.forget_prebuilt(ref, set())
+            raise
         self.state.add_manifest(ref, digest)
         return image
+
+    def _read_ahead(self, ref: str, manifest: bytes, previous: Resolution | None = None) -> list[str]:
+        """Start each layer's first read (its TOC's bytes), and its build, before the config is in;
+        the layers it started for. Layers held in memory, or evicted since ``previous``, are left
+        alone. What the manifest gets wrong is left for ``_image_from`` to report."""
+        try:
+            layers = json_object(manifest, "manifest")["layers"]
+            started = []
+            for i, l in enumerate(layers[:MAX_READ_AHEAD]):
+                desc = LayerDescriptor(index=i, digest=l["digest"], size=int(l["size"]),
+                                       media_type=l.get("mediaType", ""),
+                                       annotations=dict(l.get("annotations") or {}), diff_id="")
+                with self._lock:
+                    skip = (self._held(ref, desc.digest) is not None
+                            or (previous is not None and desc.digest in previous.evicted))
+                if not skip and self.builder.read_ahead(ref, desc.digest, desc.size, desc.media_type,
+                                                        desc.annotations):
+                    started.append(desc.digest)
+                    self.builder.prebuild(ref, desc)
+            return started
+        except (ALSError, KeyError, TypeError, ValueError, AttributeError):
+            return []
 
     def _image_from(self, ref: str, mdigest: str, data: bytes, get_config) -> Image:
         doc = json_object(data, f"manifest {mdigest} of {ref}")
@@ -442,32 +472,6 @@ class Resolver:
                                               f"{self.config.resolve.timeout:g}s") from None
         except Interrupted:
             raise Interrupted(f"{what}: the caller went away while it resolved") from None
-
-
-def parse_platform(text: str) -> tuple[str, str, str]:
-    """``os/arch[/variant]`` as (os, architecture, variant)."""
-    parts = text.split("/")
-    if not 2 <= len(parts) <= 3 or not all(parts):
-        raise ALSError(f"platform {text!r} is not os/arch[/variant] (like linux/amd64 or linux/arm64/v8)")
-    return parts[0], parts[1], parts[2] if len(parts) > 2 else ""
-
-
-def pick_platform(index: dict, ref: str, platform: tuple[str, str, str]) -> str:
-    """The digest of the manifest for ``platform`` in image ``ref``'s ``index`` (an exact variant first)."""
-    want_os, want_arch, want_variant = platform
-    candidates = []
-    for m in index.get("manifests") or []:
-        p = m.get("platform") or {}
-        if p.get("os") == want_os and p.get("architecture") == want_arch:
-            exact = not want_variant or p.get("variant", want_variant) == want_variant
-            candidates.append((not exact, m["digest"]))
-    if not candidates:
-        offered = ["/".join(filter(None, (str(p.get("os", "")), str(p.get("architecture", "")),
-                                          str(p.get("variant", "")))))
-                   for p in (m.get("platform") or {} for m in index.get("manifests") or [])]
-        raise NotFoundError(f"image {ref} has no manifest for {'/'.join(filter(None, platform))} "
-                            f"(it has: {', '.join(filter(None, offered)) or 'none with a platform'})")
-    return sorted(candidates)[0][1]
 
 
 def _transient(e: Exception) -> bool:

@@ -53,6 +53,13 @@ class StateDir:
         if not path.exists():
             self._write(path, b"%d\n" % toc_offset + member)
 
+    def has_toc(self, toc_digest: str) -> bool:
+        """Whether a TOC is saved (``get_toc`` still checks it can be used)."""
+        try:
+            return (self.root / "tocs" / hex_of(toc_digest)).exists()
+        except ValueError:  # not a digest: nothing saved under it
+            return False
+
     def get_toc(self, toc_digest: str) -> tuple[int, bytes] | None:
         """``(toc_offset, member)`` as saved by ``put_toc``, or None."""
         try:

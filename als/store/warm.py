@@ -28,18 +28,23 @@ from als import metrics
 log = logging.getLogger("als.store")
 
 
-def prefetch_chunks(toc: T.TOC, source: BlobSource, prefetch_size: int) -> list[T.Chunk]:
-    """What to fetch as soon as the layer resolves: landmarks first, else the configured size."""
+def prefetch_end(toc: T.TOC, prefetch_size: int) -> int:
+    """Where in the blob what to fetch as soon as the layer resolves ends: at its landmark if it
+    has one, else after the configured size (0: nothing). Asked before the layer's tree is built
+    from (and takes) the TOC's entries."""
     names = {e.name: e for e in toc.entries if e.name in (estargz.PREFETCH_LANDMARK,
                                                            estargz.NO_PREFETCH_LANDMARK)}
     if estargz.NO_PREFETCH_LANDMARK in names:
-        return []
+        return 0
     landmark = names.get(estargz.PREFETCH_LANDMARK)
     if landmark is not None and landmark.chunks:
-        end = landmark.chunks[0].blob_start
-    else:
-        end = prefetch_size
-    return [c for c in source.chunks if c.blob_end <= end]
+        return landmark.chunks[0].blob_start
+    return prefetch_size
+
+
+def prefetch_chunks(source: BlobSource, end: int) -> list[T.Chunk]:
+    """The chunks before ``end`` (``prefetch_end``)."""
+    return [c for c in source.chunks if c.blob_end <= end] if end > 0 else []
 
 
 class Warmer:

@@ -368,7 +368,12 @@ def test_store_takes_diff_size_from_the_tar_split_in_one_read(tmp_path, registry
         toc_length = int(desc["annotations"][Z.POSITION_ANNOTATION].split(":")[1])
         tar_split_length = int(desc["annotations"][Z.TAR_SPLIT_POSITION_ANNOTATION].split(":")[1])
         assert info["diff-size"] == raw_size
-        assert sorted(reads) == sorted([toc_length, tar_split_length]), reads  # the TOC, then the tar-split
+        # The TOC, then the tar-split. A new store may also have read the tail of the first layer looked
+        # up while the manifest was fetched (an eStargz layer's TOC is there): a zstd:chunked layer's is
+        # not, so such a guess is the store's last (als/store/early.py).
+        guessed = min(desc["size"], 512 << 10)
+        assert sorted(reads) in (sorted([toc_length, tar_split_length]),
+                                 sorted([guessed, toc_length, tar_split_length])), reads
         assert "comes from its tar-split" in store.log()
 
         # No tar-split annotation: the header frames (more requests), and the log says why.

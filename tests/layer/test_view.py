@@ -111,3 +111,34 @@ def test_a_layer_knows_whether_any_file_has_xattrs():
     assert not LayerView([E("d", T.DIR), E("d/f")]).has_xattrs
     assert LayerView([E("d", T.DIR), E("d/f", xattrs={"user.a": b"1"})]).has_xattrs
     assert LayerView([E("d", T.DIR), E("d/.wh..wh..opq")]).has_xattrs  # overlay's opaque mark is one
+
+
+def test_an_opaque_mark_is_its_directory_s_own_and_no_other_node_s():
+    """Nodes without xattrs share one empty mapping: marking a directory opaque must not touch it."""
+    v = LayerView([E("d", T.DIR), E("d/.wh..wh..opq"), E("e", T.DIR), E("f", size=0), E("g/h", size=0)])
+    assert v.lookup(["d"]).xattrs == OPAQUE_XATTRS
+    for path in (["e"], ["f"], ["g"], ["g", "h"], []):
+        assert v.lookup(path).xattrs == {}, path
+    assert not LayerView([E("x", T.DIR)]).has_xattrs  # a later layer's tree too
+
+
+def test_a_consumed_entry_list_builds_the_same_tree_and_is_emptied():
+    def entries():
+        return [E("", T.DIR, mode=0o755), E("d", T.DIR), E("d/.wh..wh..opq"), E("d/a", size=250,
+                chunks=[chunk(0, 100, 0), chunk(100, 100, 50), chunk(200, 50, 90)]),
+                E("d/b", size=5, chunks=[chunk(0, 5, 200)], xattrs={"user.x": b"1"}),
+                E("h", T.HARDLINK, linkname="d/a"), E("s", T.SYMLINK, linkname="d/b"), E(".wh.old")]
+    kept, taken = entries(), entries()
+    a, b = LayerView(kept), LayerView(taken, consume=True)
+    assert all(e is not None for e in kept) and taken == [None] * len(kept)
+
+    def walk(v):
+        out, stack = {}, [("", v.root)]
+        while stack:
+            path, n = stack.pop()
+            out[path] = (n.ino, n.mode, n.size, n.nlink, n.rdev, n.target, dict(n.xattrs), list(n.chunks),
+                         list(n.chunk_offsets))
+            stack.extend((f"{path}/{k}", c) for k, c in (n.children or {}).items())
+        return out
+    assert walk(a) == walk(b)
+    assert b.lookup(["d", "a"]).chunks_for(150, 60) == a.lookup(["d", "a"]).chunks_for(150, 60)

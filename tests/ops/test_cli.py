@@ -85,3 +85,28 @@ def test_cache_stats_prune_verify(tmp_path):
     r = als("cache", "prune", "--root", str(tmp_path))
     assert r.returncode == 0 and "freed bytes: 200" in r.stdout and "entries: 0" in r.stdout
     assert als("cache", "stats", "--root", str(tmp_path / "nope")).returncode == 1
+
+
+def test_serve_loads_no_character_set_detector(tmp_path):
+    """requests would import one (3.5 MiB resident) for Response.text, which the store never reads."""
+    s = StoreProcess(tmp_path)
+    s.start()
+    try:
+        maps = open(f"/proc/{s.proc.pid}/maps").read()
+        assert "python" in maps  # the process is ours and its maps were read
+        assert "charset_normalizer" not in maps and "chardet" not in maps
+    finally:
+        s.stop()
+
+
+def test_without_a_detector_requests_still_reads_text():
+    code = ("from als.ops.lean import without_charset_detection; without_charset_detection()\n"
+            "import sys, requests\n"
+            "assert not [m for m in sys.modules if m.startswith(('charset_normalizer', 'chardet'))"
+            " and sys.modules[m] is not None]\n"
+            "r = requests.models.Response(); r._content = 'caf\\u00e9'.encode(); r.encoding = None\n"
+            "print(r.text)\n")
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "caf\u00e9\n"

@@ -490,6 +490,27 @@ def test_read_range(plain, client):
     assert [(a.method, a.written) for a in partial] == [("GET", 100)]  # only the range
 
 
+def test_read_tail(plain, client):
+    """The last bytes of a blob whose size the reader does not know: one suffix range request."""
+    reg, _, image = plain
+    layer, d = image.layer, sha(image.layer)
+    mark = reg.mark()
+    assert client.read_tail(image.ref, d, 1000) == (len(layer) - 1000, layer[-1000:])
+    assert client.read_tail(image.ref, d, 10 * len(layer)) == (0, layer)  # a blob shorter than asked: all of it
+    answers = wait_accesses(reg, mark, lambda a: d in a.uri, n=2)
+    assert [(a.status, a.written) for a in answers] == [(206, 1000), (206, len(layer))]
+
+
+def test_read_tail_does_not_read_a_whole_blob():
+    """A registry that ignores Range (a pull-through cache, for a blob not cached yet) would send
+    the whole blob: not read, and no other endpoint asked."""
+    blob = random.Random(4).randbytes(4 << 20)
+    client, transport = fake_client(lambda req: (200, {}, blob))
+    assert client.read_tail(parse_reference("reg.fake/app:v1"), sha(blob), 1000) is None
+    assert transport.requests[0].headers["Range"] == "bytes=-1000"
+    assert transport.bytes_read < 256 * 1024
+
+
 def test_read_range_beyond_size(plain, client):
     _, _, image = plain
     d, n = sha(image.layer), len(image.layer)

@@ -13,7 +13,7 @@ from als.errors import ALSError
 from als.oci import OCI_INDEX, OCI_MANIFEST
 from als.reference import parse_reference
 from als.rootfs import overlay
-from als.store.resolve import host_platform
+from als.store.platforms import host_platform
 from als.tools.image import estargz_layer, image_config, push_image
 from tests.rootfs.conftest import als, is_mount_point
 from tests.support import images

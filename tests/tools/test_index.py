@@ -275,7 +275,7 @@ def test_each_platform_of_an_index_gets_its_referrer_and_the_store_finds_this_ho
     asked by blob digest, picks this host's manifest from the index and its referrer."""
     from als.oci import OCI_INDEX
     from als.tools.image import push_image
-    from als.store.resolve import host_platform
+    from als.store.platforms import host_platform
     from tests.support.alsrun import config_for, tar_of
 
     host_arch = host_platform()[1]
