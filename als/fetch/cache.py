@@ -108,7 +108,9 @@ class ChunkCache:
 
     Writes happen on a writer thread, off the read path: a verified chunk is
     served from memory (``_pending``) until it is on disk. Past
-    ``pending_bytes`` waiting, ``put`` writes itself, so memory stays bounded.
+    ``pending_bytes`` waiting, ``put`` writes itself, or, if another thread is
+    appending, leaves the chunk out: memory stays bounded however many
+    readers there are.
     """
 
     def __init__(self, root: Path, memory_bytes: int = 32 << 20, max_bytes: int = 0,
@@ -127,6 +129,7 @@ class ChunkCache:
         self._next_number = 0
         self._disk_bytes = 0
         self.hits = self.misses = self.corrupt = self.evicted = 0
+        self.skipped = 0  # chunks left out of the disk cache while the writer was behind and busy
         self._load()
         self._pending: dict[str, bytes] = {}
         self._pending_size = 0
@@ -250,7 +253,16 @@ class ChunkCache:
                 self._pending_size += len(data)
                 self._queue.put(digest)
                 return
-        self._store([(digest, data)])  # the writer is behind: write here, which also slows the producer
+        # The writer is behind: write here, which also slows the producer, if no one else is appending.
+        # If someone is, this chunk stays out of the disk cache rather than wait, held, for its turn:
+        # with many readers each waiting with a chunk, memory grew with the number of readers.
+        if self._write_lock.acquire(blocking=False):
+            try:
+                self._store([(digest, data)])
+            finally:
+                self._write_lock.release()
+        else:
+            self.skipped += 1
 
     def wait_for_room(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until at most half of ``pending_bytes`` awaits the writer.

@@ -188,3 +188,32 @@ def test_a_full_disk_evicts_least_recently_used_and_stores_the_new_chunk(tmp_pat
             cache.close()  # its open packs would keep the file system busy
         subprocess.run(["umount", str(root)], timeout=30)
         assert not is_mounted(root)
+
+
+def test_a_writer_behind_and_busy_leaves_a_chunk_out_instead_of_holding_it(tmp_path):
+    """Past pending_bytes, put writes the chunk itself, unless another thread is appending: then the chunk
+    is not cached on disk rather than held while it waits (many readers would each hold one)."""
+    import threading
+    cache = ChunkCache(tmp_path, memory_bytes=0, pending_bytes=0)  # every put finds the writer behind
+    try:
+        first, second = b"a" * 1000, b"b" * 1000
+        cache.put(sha256_digest(first), first)
+        assert cache.location(sha256_digest(first)) is not None  # written by put itself
+        appending, done = threading.Event(), threading.Event()
+
+        def append():  # another thread holding the pack, as a long append does
+            with cache._write_lock:
+                appending.set()
+                done.wait(10)
+
+        t = threading.Thread(target=append)
+        t.start()
+        appending.wait(10)
+        try:
+            cache.put(sha256_digest(second), second)  # returns at once: it does not wait for the append
+            assert cache.location(sha256_digest(second)) is None and cache.skipped == 1
+        finally:
+            done.set()
+            t.join(10)
+    finally:
+        cache.close()
