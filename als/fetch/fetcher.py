@@ -34,7 +34,7 @@ from als.fetch.cache import ChunkCache
 from als.fetch.memory import release_free_memory
 from als.digest import sha256_digest
 from als.errors import FormatError, RegistryError, VerificationError
-from als.formats import lazy
+from als.formats import gzindex, lazy
 from als.formats import toc as T
 from als.fetch.pace import Foreground, Pace
 from als.fetch.source import BlobSource
@@ -264,9 +264,7 @@ class ChunkFetcher:
             run = _RunDecoder(self, source, self._with_riders(source, runs.pop(0)))
             try:
                 source.stream_range(run.start, run.end, run.feed)
-                if run.left:
-                    raise RegistryError(f"{source.label}: got {run.received} of the {run.end - run.start} bytes "
-                                        f"at blob offset {run.start}")
+                run.finish()
             except Exception as e:  # every waiter must hear about it
                 failed = failed or e
                 run.abort(e)
@@ -341,10 +339,10 @@ class ChunkFetcher:
                 self._deliver_one(source, c, fut, view[c.blob_start - start:c.blob_end - start])
 
     def _deliver_one(self, source: BlobSource, c: T.Chunk, fut: Future,
-                     raw: bytes | memoryview) -> BaseException | None:
+                     raw: bytes | memoryview, inflated: bool = False) -> BaseException | None:
         """Decode, verify, cache and hand out one chunk; its failure, or None."""
         try:
-            chunk = self._decode(source, c, raw)
+            chunk = self._decode(source, c, raw, inflated)
         except Exception as e:
             self._finish(c, fut, exc=e)
             return e
@@ -381,11 +379,15 @@ class ChunkFetcher:
                 run = [(c, fut)]
         yield run
 
-    def _decode(self, source: BlobSource, c: T.Chunk, raw: bytes | memoryview) -> bytes:
-        fmt = lazy.for_compression(source.compression)
-        if fmt is None:
-            raise FormatError(f"{source.label}: no decompressor for {source.compression}")
-        data = fmt.decompress_chunk(raw, c)
+    def _decode(self, source: BlobSource, c: T.Chunk, raw: bytes | memoryview, inflated: bool = False) -> bytes:
+        """The chunk's verified bytes from its compressed ones (``inflated``: they are decompressed already)."""
+        if inflated:
+            data = raw
+        else:
+            fmt = lazy.for_compression(source.compression)
+            if fmt is None:
+                raise FormatError(f"{source.label}: no decompressor for {source.compression}")
+            data = fmt.decompress_chunk(raw, c)
         if sha256_digest(data) != c.digest:
             raise VerificationError(
                 f"{source.label}: chunk at blob offset {c.blob_start} does not match its digest {c.digest}")
@@ -407,6 +409,10 @@ class _RunDecoder:
     Only the bytes from the first undelivered chunk on are kept, so memory is
     about one compressed chunk plus one network read, whatever the run's size.
     Chunks are delivered in blob order; each claim is dropped once delivered.
+    The chunks of a gzip index's span share its whole range; they are
+    inflated as the span streams in (one inflate for all of them) and each is
+    handed out once its own bytes are inflated and match its own digest, not
+    when the span's last byte arrives.
     """
 
     def __init__(self, fetcher: ChunkFetcher, source: BlobSource, run: list):
@@ -419,12 +425,18 @@ class _RunDecoder:
         self.failed: BaseException | None = None
         self._buf = bytearray()
         self._buf_start = self.start  # blob offset of _buf[0]
+        self._spans = source.compression == T.GZIP_SPANS
+        self._inflater: gzindex.SpanInflater | None = None
+        self._inflating: T.Span | None = None  # the span _inflater inflates
+        self._fed = 0  # blob offset up to which _inflater has had the bytes
 
     def feed(self, piece: bytes) -> None:
         self.received += len(piece)
         self._buf += piece
         buf_end = self._buf_start + len(self._buf)
-        while self.left and self.left[0][0].blob_end <= buf_end:
+        if self._spans:
+            self._inflate(buf_end)
+        while not self._spans and self.left and self.left[0][0].blob_end <= buf_end:
             c, fut = self.left.popleft()
             raw = bytes(memoryview(self._buf)[c.blob_start - self._buf_start:c.blob_end - self._buf_start])
             # every chunk is delivered: one that fails its digest fails its own readers, not its neighbours'
@@ -437,13 +449,52 @@ class _RunDecoder:
             del self._buf[:keep - self._buf_start]
             self._buf_start = keep
 
+    def _inflate(self, buf_end: int) -> None:
+        """Hand out the span chunks at the head of the run whose bytes the bytes in so far inflate to."""
+        while self.left:
+            c, fut = self.left[0]
+            try:
+                if self._inflating is not c.span:
+                    self._inflater, self._inflating, self._fed = gzindex.SpanInflater(c.span), c.span, c.blob_start
+                if buf_end > self._fed:
+                    with memoryview(self._buf) as view:
+                        self._inflater.feed(view[self._fed - self._buf_start:buf_end - self._buf_start])
+                    self._fed = buf_end
+                data = self._inflater.piece(c.inner_offset, c.size)
+            except FormatError as e:  # the span's chunks fail; the run goes on with the next span
+                self._fail_span(c.span, FormatError(f"{self.source.label}: span at blob offset {c.blob_start}: {e}"))
+                continue
+            if data is None:
+                return
+            self.left.popleft()
+            self.failed = self.failed or self.fetcher._deliver_one(self.source, c, fut, data, inflated=True)
+            if self.left and self.left[0][0].span is c.span:
+                self._inflater.drop_before(self.left[0][0].inner_offset)
+
+    def _fail_span(self, span: T.Span | None, exc: BaseException) -> None:
+        while self.left and self.left[0][0].span is span:
+            c, fut = self.left.popleft()
+            self.fetcher._finish(c, fut, exc=exc)
+        self.failed = self.failed or exc
+        self._inflater = self._inflating = None
+
+    def finish(self) -> None:
+        """The request ended: raise if a chunk of it is still undelivered (then ``abort`` fails it)."""
+        if not self.left:
+            return
+        if self._spans and self.received == self.end - self.start and self._inflater is not None:
+            raise FormatError(f"{self.source.label}: span at blob offset {self.left[0][0].blob_start}: "
+                              f"{self._inflater.shortfall()}")
+        raise RegistryError(f"{self.source.label}: got {self.received} of the {self.end - self.start} bytes "
+                            f"at blob offset {self.start}")
+
     def abort(self, exc: BaseException) -> None:
         """The request failed: every chunk not delivered yet fails with it."""
         while self.left:
             c, fut = self.left.popleft()
             self.fetcher._finish(c, fut, exc=exc)
         self._buf = bytearray()
-
+        self._inflater = self._inflating = None
 
 def _sized(source: BlobSource, chunks: list[T.Chunk], out: dict[T.Chunk, bytes]) -> list[bytes]:
     """The chunks' bytes, in order, each exactly as long as the TOC says.
