@@ -44,6 +44,17 @@ log = logging.getLogger("als.fetch")
 
 # Longest a background batch waits for the cache's disk writer to catch up (seconds).
 WRITER_WAIT = 10.0
+# A gzip index span is fetched from its checkpoint only as far as the files a read needs are likely to
+# end: their share of the span's compressed bytes, times this, plus SPAN_SLACK. Short, the rest follows.
+SPAN_MARGIN = 1.25
+SPAN_SLACK = 64 << 10
+# Times a reader fetches a chunk itself after the fetch it waited on stopped short of it.
+SKIPPED_RETRIES = 3
+
+
+class Skipped(RegistryError):
+    """A chunk fetched only along with others (read-ahead, a span's other files) that the request
+    stopped short of: nothing is wrong with it, and whoever waits for it fetches it (``ChunkFetcher.read``)."""
 
 
 class ChunkFetcher:
@@ -122,14 +133,28 @@ class ChunkFetcher:
                 # What this call fetches is handed to _fetch, which answers every claim whatever
                 # fails; the read-ahead claims are not kept here: once delivered, their chunks
                 # belong to the cache and to whoever waits on them.
-                self._fetch(source, mine + self._read_ahead(source, mine, file_chunks, neighbours))
+                self._fetch(source, list(mine), optional=self._read_ahead(source, mine, file_chunks, neighbours))
             deadline = time.monotonic() + self.wait_timeout
             for c, fut in mine + theirs:
-                try:
-                    out[c] = wait_for(fut, deadline, cancel)
-                except FutureTimeout:
-                    raise RegistryError(f"timed out waiting for chunk {c.digest} of {source.label}") from None
+                out[c] = self._wait(source, c, fut, deadline, cancel)
         return _sized(source, chunks, out)
+
+    def _wait(self, source: BlobSource, c: T.Chunk, fut: Future, deadline: float,
+              cancel: threading.Event | None) -> bytes:
+        """Chunk ``c``'s bytes from ``fut``; fetched here if the fetch it was part of stopped short of it."""
+        for attempt in range(SKIPPED_RETRIES + 1):
+            try:
+                return wait_for(fut, deadline, cancel)
+            except FutureTimeout:
+                raise RegistryError(f"timed out waiting for chunk {c.digest} of {source.label}") from None
+            except Skipped:
+                if attempt == SKIPPED_RETRIES:
+                    raise
+                mine, theirs = self._claim([c])
+                fut = (mine or theirs)[0][1]
+                if mine:
+                    self._fetch(source, mine)
+        raise AssertionError("unreachable")
 
     def _read_ahead(self, source: BlobSource, mine: list, file_chunks: Sequence[T.Chunk],
                     neighbours: Sequence[T.Chunk]) -> list:
@@ -243,8 +268,13 @@ class ChunkFetcher:
                     theirs.append((c, fut))
         return mine, theirs
 
-    def _fetch(self, source: BlobSource, claimed: list, max_request: int | None = None) -> BaseException | None:
+    def _fetch(self, source: BlobSource, claimed: list, max_request: int | None = None,
+               optional: list | None = None) -> BaseException | None:
         """Fetch and deliver the claimed chunks; the first failure, or None.
+
+        ``optional`` claims (read-ahead) are fetched where they come cheaply;
+        a gzip index span is fetched only as far as ``claimed`` needs, and the
+        optional chunks past that end as Skipped (their waiters fetch them).
 
         Each run is one range request, streamed: a chunk is decoded and handed
         out as soon as its bytes are in, so neither the compressed run nor its
@@ -253,17 +283,26 @@ class ChunkFetcher:
         and empties it, for the same reason: a delivered chunk must not
         outlive its waiters because of a list here.
         """
+        optional = optional or []
+        required = {fut for _, fut in claimed}
+        claimed += optional
+        optional.clear()
         return self._answering(source, claimed,
-                               lambda: self._fetch_runs(source, claimed, max_request or self.max_request))
+                               lambda: self._fetch_runs(source, claimed, max_request or self.max_request, required))
 
-    def _fetch_runs(self, source: BlobSource, claimed: list, max_request: int) -> BaseException | None:
+    def _fetch_runs(self, source: BlobSource, claimed: list, max_request: int,
+                    required: set | None = None) -> BaseException | None:
         runs = list(self._runs_of(self._drop_cached(claimed), max_request))
         claimed.clear()
         failed = None
         while runs:
-            run = _RunDecoder(self, source, self._with_riders(source, runs.pop(0)))
+            run = _RunDecoder(self, source, self._with_riders(source, runs.pop(0)), required)
             try:
-                source.stream_range(run.start, run.end, run.feed)
+                source.stream_range(run.start, run.cut, run.feed)
+                if run.wants_more():  # the span's files end further on than estimated
+                    with self._lock:
+                        self.requests += 1
+                    source.stream_range(run.cut, run.end, run.feed)
                 run.finish()
             except Exception as e:  # every waiter must hear about it
                 failed = failed or e
@@ -415,7 +454,7 @@ class _RunDecoder:
     when the span's last byte arrives.
     """
 
-    def __init__(self, fetcher: ChunkFetcher, source: BlobSource, run: list):
+    def __init__(self, fetcher: ChunkFetcher, source: BlobSource, run: list, required: set | None = None):
         self.fetcher = fetcher
         self.source = source
         self.left = deque(run)  # (chunk, future) in blob order, not delivered yet
@@ -429,6 +468,13 @@ class _RunDecoder:
         self._inflater: gzindex.SpanInflater | None = None
         self._inflating: T.Span | None = None  # the span _inflater inflates
         self._fed = 0  # blob offset up to which _inflater has had the bytes
+        # Claims this run must answer (None: all); the others are delivered if the bytes come anyway.
+        self._required = required
+        self.cut = self.end  # the first request asks for [start, cut)
+        if self._spans and required is not None and not source.streaming:
+            needed = [c for c, fut in run if fut in required]
+            if needed:
+                self.cut = min(self.end, max(_span_reach(c) for c in needed))
 
     def feed(self, piece: bytes) -> None:
         self.received += len(piece)
@@ -478,9 +524,18 @@ class _RunDecoder:
         self.failed = self.failed or exc
         self._inflater = self._inflating = None
 
+    def wants_more(self) -> bool:
+        """Whether a claim this run must answer is left after [start, cut)."""
+        return self.cut < self.end and any(self._required is None or fut in self._required for _, fut in self.left)
+
     def finish(self) -> None:
-        """The request ended: raise if a chunk of it is still undelivered (then ``abort`` fails it)."""
+        """The request ended: raise if a chunk of it is still undelivered (then ``abort`` fails it).
+
+        Optional chunks past a cut short request end as Skipped: their waiters fetch them."""
         if not self.left:
+            return
+        if self.received == self.cut - self.start < self.end - self.start and not self.wants_more():
+            self.abort(Skipped(f"{self.source.label}: chunk not fetched along with the others"))
             return
         if self._spans and self.received == self.end - self.start and self._inflater is not None:
             raise FormatError(f"{self.source.label}: span at blob offset {self.left[0][0].blob_start}: "
@@ -495,6 +550,16 @@ class _RunDecoder:
             self.fetcher._finish(c, fut, exc=exc)
         self._buf = bytearray()
         self._inflater = self._inflating = None
+
+def _span_reach(c: T.Chunk) -> int:
+    """Where a gzip index span's compressed bytes likely suffice to inflate chunk ``c`` (see SPAN_MARGIN)."""
+    span = c.span
+    reach = c.inner_offset + c.size
+    if span is None or reach >= span.size:
+        return c.blob_end
+    share = (c.blob_end - c.blob_start) * reach / span.size
+    return min(c.blob_end, c.blob_start + int(share * SPAN_MARGIN) + SPAN_SLACK)
+
 
 def _sized(source: BlobSource, chunks: list[T.Chunk], out: dict[T.Chunk, bytes]) -> list[bytes]:
     """The chunks' bytes, in order, each exactly as long as the TOC says.

@@ -424,3 +424,80 @@ def test_the_background_fetch_takes_each_span_once_then_reads_stay_local(layer, 
         if e.type == T.REG and e.chunks:
             assert b"".join(fetcher.read(source, e.chunks)) == expected[e.name]
     assert requests == []
+
+
+def _span_with_files(idx: G.GzipIndex):
+    """A span of at least 16 KiB compressed whose first file ends in its first quarter, and its files in order."""
+    files = [e for e in idx.toc.entries if e.type == T.REG and len(e.chunks) == 1]
+    for e in files:
+        c = e.chunks[0]
+        if c.blob_end - c.blob_start > 16384 and c.inner_offset + c.size < c.span.size // 4:
+            same = [f for f in files if f.chunks[0].span is c.span]
+            if len(same) >= 3:
+                return sorted(same, key=lambda f: f.chunks[0].inner_offset)
+    raise AssertionError("the sample layer has no such span")
+
+
+def test_a_read_fetches_its_span_only_as_far_as_the_file_and_the_rest_comes_when_read(layer, tmp_path, monkeypatch):
+    """A small file near its checkpoint costs its share of the span (plus a margin), not the span; the
+    files after it that did not come along are fetched when read, and every byte is right."""
+    import als.fetch.fetcher as F
+
+    monkeypatch.setattr(F, "SPAN_SLACK", 1024)  # the sample's spans are small: keep the margin small too
+    tar, blob = layer[0], layer[1]
+    idx = parse(layer)
+    files = _span_with_files(idx)
+    requests = []
+    source = BlobSource("test layer", lambda s, e: requests.append((s, e)) or blob[s:e], idx.toc.compression,
+                        [c for e in idx.toc.entries for c in e.chunks])
+    fetcher = ChunkFetcher(ChunkCache(tmp_path / "cache"))
+    expected = tar_contents(tar)
+    first = files[0].chunks[0]
+    assert fetcher.read(source, files[0].chunks) == [expected[files[0].name]]
+    assert len(requests) == 1 and requests[0][0] == first.blob_start and requests[0][1] < first.blob_end, requests
+    last = files[-1]
+    assert not fetcher.cache.contains(last.chunks[0].digest)
+    assert fetcher.inflight() == 0  # the files it stopped short of left no claim behind
+    for e in files:
+        assert b"".join(fetcher.read(source, e.chunks)) == expected[e.name]
+    assert fetcher.inflight() == 0
+
+
+def test_a_reader_waiting_for_a_file_the_fetch_stopped_short_of_fetches_it(layer, tmp_path, monkeypatch):
+    """Another reader's fetch claimed the file along with its own and then stopped before it: the
+    waiting reader fetches it itself, and gets the right bytes."""
+    import threading
+    import time
+
+    import als.fetch.fetcher as F
+
+    monkeypatch.setattr(F, "SPAN_SLACK", 1024)
+    tar, blob = layer[0], layer[1]
+    idx = parse(layer)
+    files = _span_with_files(idx)
+    fetcher = ChunkFetcher(ChunkCache(tmp_path / "cache"))
+    expected = tar_contents(tar)
+    second: dict = {}
+
+    def read_last():
+        try:
+            second["data"] = b"".join(fetcher.read(source, files[-1].chunks))
+        except Exception as e:  # reported below
+            second["error"] = e
+
+    thread = threading.Thread(target=read_last)
+
+    def stream(start: int, end: int, sink) -> int:
+        if not thread.is_alive() and "data" not in second and "error" not in second:
+            thread.start()  # it finds the last file claimed by this fetch, and waits for it
+            time.sleep(0.3)
+        sink(blob[start:end])
+        return end - start
+
+    source = BlobSource("test layer", lambda s, e: blob[s:e], idx.toc.compression,
+                        [c for e in idx.toc.entries for c in e.chunks], stream_range=stream)
+    assert fetcher.read(source, files[0].chunks) == [expected[files[0].name]]
+    thread.join(30)
+    assert not thread.is_alive()
+    assert second.get("data") == expected[files[-1].name], second.get("error")
+    assert fetcher.inflight() == 0
