@@ -473,8 +473,11 @@ class _RunDecoder:
         self.cut = self.end  # the first request asks for [start, cut)
         if self._spans and required is not None and not source.streaming:
             needed = [c for c, fut in run if fut in required]
-            if needed:
+            # A span fetched in part once is wanted again: its next miss fetches it whole, so that
+            # reading a span's files one after another costs its prefix twice at most.
+            if needed and not any(c.blob_start in source.spans_cut for c in needed):
                 self.cut = min(self.end, max(_span_reach(c) for c in needed))
+                source.spans_cut.update(c.blob_start for c, _ in run if c.blob_end > self.cut)
 
     def feed(self, piece: bytes) -> None:
         self.received += len(piece)

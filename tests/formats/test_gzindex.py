@@ -461,6 +461,8 @@ def test_a_read_fetches_its_span_only_as_far_as_the_file_and_the_rest_comes_when
     for e in files:
         assert b"".join(fetcher.read(source, e.chunks)) == expected[e.name]
     assert fetcher.inflight() == 0
+    # read one after another, the span's files cost its prefix twice at most: the second miss takes it whole
+    assert len(requests) == 2 and requests[1] == (first.blob_start, first.blob_end), requests
 
 
 def test_a_reader_waiting_for_a_file_the_fetch_stopped_short_of_fetches_it(layer, tmp_path, monkeypatch):
