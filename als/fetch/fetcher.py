@@ -516,7 +516,8 @@ class _RunDecoder:
             if data is None:
                 return
             self.left.popleft()
-            self.failed = self.failed or self.fetcher._deliver_one(self.source, c, fut, data, inflated=True)
+            failed = self.fetcher._deliver_one(self.source, c, fut, data, inflated=True)  # each one, whatever failed
+            self.failed = self.failed or failed
             if self.left and self.left[0][0].span is c.span:
                 self._inflater.drop_before(self.left[0][0].inner_offset)
 
