@@ -444,7 +444,7 @@ def _span_with_files(idx: G.GzipIndex):
 def test_a_read_fetches_its_span_only_as_far_as_the_file_and_the_rest_comes_when_read(layer, tmp_path, monkeypatch):
     """A small file near its checkpoint costs its share of the span (plus a margin), not the span; the
     files after it that did not come along are fetched when read, and every byte is right."""
-    import als.fetch.fetcher as F
+    import als.fetch.rundecoder as F
 
     monkeypatch.setattr(F, "SPAN_SLACK", 1024)  # the sample's spans are small: keep the margin small too
     tar, blob = layer[0], layer[1]
@@ -474,7 +474,7 @@ def test_a_reader_waiting_for_a_file_the_fetch_stopped_short_of_fetches_it(layer
     import threading
     import time
 
-    import als.fetch.fetcher as F
+    import als.fetch.rundecoder as F
 
     monkeypatch.setattr(F, "SPAN_SLACK", 1024)
     tar, blob = layer[0], layer[1]
