@@ -51,7 +51,7 @@ SKIPPED_RETRIES = 3
 class ChunkFetcher:
     def __init__(self, cache: ChunkCache, *, coalesce_gap: int = 64 << 10, max_request: int = 16 << 20,
                  wait_timeout: float = 120.0, readahead_min: int = 256 << 10, readahead_max: int = 8 << 20,
-                 file_readahead: int = 0, dir_readahead: int = 0):
+                 file_readahead: int = 0, dir_readahead: int = 0, span_cut: bool = False):
         self.cache = cache
         self.coalesce_gap = coalesce_gap
         self.max_request = max_request
@@ -60,6 +60,7 @@ class ChunkFetcher:
         self.readahead_max = readahead_max
         self.file_readahead = file_readahead
         self.dir_readahead = dir_readahead
+        self.span_cut = span_cut  # gzip index spans: fetch only as far as a read needs ([fetch] span_cut)
         self._inflight: dict[str, Future] = {}
         self._lock = threading.Lock()
         self.foreground = Foreground()  # what the background fetch yields to (als/fetch/pace.py)
@@ -264,8 +265,9 @@ class ChunkFetcher:
         """Fetch and deliver the claimed chunks; the first failure, or None.
 
         ``optional`` claims (read-ahead) are fetched where they come cheaply;
-        a gzip index span is fetched only as far as ``claimed`` needs, and the
-        optional chunks past that end as Skipped (their waiters fetch them).
+        with ``span_cut``, a gzip index span is fetched only as far as
+        ``claimed`` needs, and the optional chunks past that end as Skipped
+        (their waiters fetch them).
 
         Each run is one range request, streamed: a chunk is decoded and handed
         out as soon as its bytes are in, so neither the compressed run nor its
@@ -287,7 +289,8 @@ class ChunkFetcher:
         claimed.clear()
         failed = None
         while runs:
-            run = RunDecoder(self, source, self._with_riders(source, runs.pop(0)), required)
+            run = RunDecoder(self, source, self._with_riders(source, runs.pop(0)),
+                             required if self.span_cut else None)
             try:
                 source.stream_range(run.start, run.cut, run.feed)
                 if run.wants_more():  # the span's files end further on than estimated
