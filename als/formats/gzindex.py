@@ -12,8 +12,10 @@ empty deflate blocks in front of it instead (``resume_stream``).
 
 The index is a separate blob that the layer's annotation names by digest, so
 it is trusted only as far as that digest goes: every offset, size, window and
-digest in it is checked here before a chunk is built, and each span's bytes
-are checked against its digest before any of them is served.
+digest in it is checked here before a chunk is built, and each file piece is
+checked against its own digest before it is served (by the chunk fetcher, as
+for any format). The span digests are `als index`'s check of what it wrote;
+the store does not wait for a whole span to check one.
 """
 
 from __future__ import annotations
