@@ -20,8 +20,9 @@ from als.fetch.source import BlobSource
 from als.formats import gzindex
 from als.formats import toc as T
 
-# A gzip index span is fetched from its checkpoint only as far as the files a read needs are likely to
-# end: their share of the span's compressed bytes, times this, plus SPAN_SLACK. Short, the rest follows.
+# With [fetch] span_cut, a gzip index span is fetched from its checkpoint only as far as the files a read
+# needs likely end: their share of the span's compressed bytes, times this, plus SPAN_SLACK. Short, the
+# rest follows in a second request.
 SPAN_MARGIN = 1.25
 SPAN_SLACK = 64 << 10
 
@@ -47,7 +48,9 @@ class RunDecoder:
     """The sink of one streamed range request: decodes each chunk of the run once its bytes are in.
 
     Only the bytes from the first undelivered chunk on are kept, so memory is
-    about one compressed chunk plus one network read, whatever the run's size.
+    about one compressed chunk (for a gzip index, one compressed span and the
+    inflated bytes of its pieces still to come) plus one network read,
+    whatever the run's size.
     Chunks are delivered in blob order; each claim is dropped once delivered.
     The chunks of a gzip index's span share its whole range; they are
     inflated as the span streams in (one inflate for all of them) and each is
