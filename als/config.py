@@ -64,6 +64,7 @@ class FetchConfig:
     readahead_max: int = 4 << 20  # largest read-ahead window
     file_readahead: int = 8 << 20  # on a miss, fetch the rest of the file up to this many compressed bytes
     dir_readahead: int = 512 << 10  # on a small file's miss, the small files after it in its directory
+    span_cut: bool = False  # gzip index: fetch a span from its checkpoint only as far as a read needs
     coalesce_gap: int = 64 << 10  # fetch the bytes between two missing chunks closer than this
     max_request: int = 16 << 20  # largest foreground request
     read_timeout: float = 60.0  # longest a read waits for a chunk someone else is fetching

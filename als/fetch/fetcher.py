@@ -25,7 +25,6 @@ import logging
 import threading
 import time
 import weakref
-from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, Sequence
@@ -37,6 +36,7 @@ from als.errors import FormatError, RegistryError, VerificationError
 from als.formats import lazy
 from als.formats import toc as T
 from als.fetch.pace import Foreground, Pace
+from als.fetch.rundecoder import RunDecoder, Skipped
 from als.fetch.source import BlobSource
 from als.wait import wait_for
 
@@ -44,12 +44,14 @@ log = logging.getLogger("als.fetch")
 
 # Longest a background batch waits for the cache's disk writer to catch up (seconds).
 WRITER_WAIT = 10.0
+# Times a reader fetches a chunk itself after the fetch it waited on stopped short of it.
+SKIPPED_RETRIES = 3
 
 
 class ChunkFetcher:
     def __init__(self, cache: ChunkCache, *, coalesce_gap: int = 64 << 10, max_request: int = 16 << 20,
                  wait_timeout: float = 120.0, readahead_min: int = 256 << 10, readahead_max: int = 8 << 20,
-                 file_readahead: int = 0, dir_readahead: int = 0):
+                 file_readahead: int = 0, dir_readahead: int = 0, span_cut: bool = False):
         self.cache = cache
         self.coalesce_gap = coalesce_gap
         self.max_request = max_request
@@ -58,6 +60,7 @@ class ChunkFetcher:
         self.readahead_max = readahead_max
         self.file_readahead = file_readahead
         self.dir_readahead = dir_readahead
+        self.span_cut = span_cut  # gzip index spans: fetch only as far as a read needs ([fetch] span_cut)
         self._inflight: dict[str, Future] = {}
         self._lock = threading.Lock()
         self.foreground = Foreground()  # what the background fetch yields to (als/fetch/pace.py)
@@ -122,14 +125,28 @@ class ChunkFetcher:
                 # What this call fetches is handed to _fetch, which answers every claim whatever
                 # fails; the read-ahead claims are not kept here: once delivered, their chunks
                 # belong to the cache and to whoever waits on them.
-                self._fetch(source, mine + self._read_ahead(source, mine, file_chunks, neighbours))
+                self._fetch(source, list(mine), optional=self._read_ahead(source, mine, file_chunks, neighbours))
             deadline = time.monotonic() + self.wait_timeout
             for c, fut in mine + theirs:
-                try:
-                    out[c] = wait_for(fut, deadline, cancel)
-                except FutureTimeout:
-                    raise RegistryError(f"timed out waiting for chunk {c.digest} of {source.label}") from None
+                out[c] = self._wait(source, c, fut, deadline, cancel)
         return _sized(source, chunks, out)
+
+    def _wait(self, source: BlobSource, c: T.Chunk, fut: Future, deadline: float,
+              cancel: threading.Event | None) -> bytes:
+        """Chunk ``c``'s bytes from ``fut``; fetched here if the fetch it was part of stopped short of it."""
+        for attempt in range(SKIPPED_RETRIES + 1):
+            try:
+                return wait_for(fut, deadline, cancel)
+            except FutureTimeout:
+                raise RegistryError(f"timed out waiting for chunk {c.digest} of {source.label}") from None
+            except Skipped:
+                if attempt == SKIPPED_RETRIES:
+                    raise
+                mine, theirs = self._claim([c])
+                fut = (mine or theirs)[0][1]
+                if mine:
+                    self._fetch(source, mine)
+        raise AssertionError("unreachable")
 
     def _read_ahead(self, source: BlobSource, mine: list, file_chunks: Sequence[T.Chunk],
                     neighbours: Sequence[T.Chunk]) -> list:
@@ -243,8 +260,14 @@ class ChunkFetcher:
                     theirs.append((c, fut))
         return mine, theirs
 
-    def _fetch(self, source: BlobSource, claimed: list, max_request: int | None = None) -> BaseException | None:
+    def _fetch(self, source: BlobSource, claimed: list, max_request: int | None = None,
+               optional: list | None = None) -> BaseException | None:
         """Fetch and deliver the claimed chunks; the first failure, or None.
+
+        ``optional`` claims (read-ahead) are fetched where they come cheaply;
+        with ``span_cut``, a gzip index span is fetched only as far as
+        ``claimed`` needs, and the optional chunks past that end as Skipped
+        (their waiters fetch them).
 
         Each run is one range request, streamed: a chunk is decoded and handed
         out as soon as its bytes are in, so neither the compressed run nor its
@@ -253,20 +276,28 @@ class ChunkFetcher:
         and empties it, for the same reason: a delivered chunk must not
         outlive its waiters because of a list here.
         """
+        optional = optional or []
+        required = {fut for _, fut in claimed}
+        claimed += optional
+        optional.clear()
         return self._answering(source, claimed,
-                               lambda: self._fetch_runs(source, claimed, max_request or self.max_request))
+                               lambda: self._fetch_runs(source, claimed, max_request or self.max_request, required))
 
-    def _fetch_runs(self, source: BlobSource, claimed: list, max_request: int) -> BaseException | None:
+    def _fetch_runs(self, source: BlobSource, claimed: list, max_request: int,
+                    required: set | None = None) -> BaseException | None:
         runs = list(self._runs_of(self._drop_cached(claimed), max_request))
         claimed.clear()
         failed = None
         while runs:
-            run = _RunDecoder(self, source, self._with_riders(source, runs.pop(0)))
+            run = RunDecoder(self, source, self._with_riders(source, runs.pop(0)),
+                             required if self.span_cut else None)
             try:
-                source.stream_range(run.start, run.end, run.feed)
-                if run.left:
-                    raise RegistryError(f"{source.label}: got {run.received} of the {run.end - run.start} bytes "
-                                        f"at blob offset {run.start}")
+                source.stream_range(run.start, run.cut, run.feed)
+                if run.wants_more():  # the span's files end further on than estimated
+                    with self._lock:
+                        self.requests += 1
+                    source.stream_range(run.cut, run.end, run.feed)
+                run.finish()
             except Exception as e:  # every waiter must hear about it
                 failed = failed or e
                 run.abort(e)
@@ -296,7 +327,7 @@ class ChunkFetcher:
             for c, ref in guard:
                 fut = ref()
                 if fut is not None and not fut.done():
-                    self._finish(c, fut, exc=failed or RegistryError(
+                    self.finish(c, fut, exc=failed or RegistryError(
                         f"{source.label}: the fetch of chunk {c.digest} ended without it"))
         return failed
 
@@ -338,21 +369,21 @@ class ChunkFetcher:
         """Decode, verify, cache and hand out each claimed chunk of ``data`` (blob bytes from ``start``)."""
         with memoryview(data) as view:
             for c, fut in claimed:
-                self._deliver_one(source, c, fut, view[c.blob_start - start:c.blob_end - start])
+                self.deliver_one(source, c, fut, view[c.blob_start - start:c.blob_end - start])
 
-    def _deliver_one(self, source: BlobSource, c: T.Chunk, fut: Future,
-                     raw: bytes | memoryview) -> BaseException | None:
+    def deliver_one(self, source: BlobSource, c: T.Chunk, fut: Future,
+                     raw: bytes | memoryview, inflated: bool = False) -> BaseException | None:
         """Decode, verify, cache and hand out one chunk; its failure, or None."""
         try:
-            chunk = self._decode(source, c, raw)
+            chunk = self._decode(source, c, raw, inflated)
         except Exception as e:
-            self._finish(c, fut, exc=e)
+            self.finish(c, fut, exc=e)
             return e
         try:
             self.cache.put(c.digest, chunk)
         except Exception as e:  # verified all the same: served from memory, fetched again next time
             log.warning("%s: caching chunk %s failed: %s", source.label, c.digest, e)
-        self._finish(c, fut, result=chunk)
+        self.finish(c, fut, result=chunk)
         return None
 
     def _drop_cached(self, claimed: list) -> list:
@@ -367,7 +398,7 @@ class ChunkFetcher:
             if data is None:
                 left.append((c, fut))
             else:
-                self._finish(c, fut, result=data)
+                self.finish(c, fut, result=data)
         return left
 
     def _runs(self, claimed, max_request: int):
@@ -381,17 +412,21 @@ class ChunkFetcher:
                 run = [(c, fut)]
         yield run
 
-    def _decode(self, source: BlobSource, c: T.Chunk, raw: bytes | memoryview) -> bytes:
-        fmt = lazy.for_compression(source.compression)
-        if fmt is None:
-            raise FormatError(f"{source.label}: no decompressor for {source.compression}")
-        data = fmt.decompress_chunk(raw, c)
+    def _decode(self, source: BlobSource, c: T.Chunk, raw: bytes | memoryview, inflated: bool = False) -> bytes:
+        """The chunk's verified bytes from its compressed ones (``inflated``: they are decompressed already)."""
+        if inflated:
+            data = raw
+        else:
+            fmt = lazy.for_compression(source.compression)
+            if fmt is None:
+                raise FormatError(f"{source.label}: no decompressor for {source.compression}")
+            data = fmt.decompress_chunk(raw, c)
         if sha256_digest(data) != c.digest:
             raise VerificationError(
                 f"{source.label}: chunk at blob offset {c.blob_start} does not match its digest {c.digest}")
         return data
 
-    def _finish(self, c: T.Chunk, fut: Future, *, result: bytes | None = None,
+    def finish(self, c: T.Chunk, fut: Future, *, result: bytes | None = None,
                 exc: BaseException | None = None) -> None:
         with self._lock:
             self._inflight.pop(c.digest, None)
@@ -399,50 +434,6 @@ class ChunkFetcher:
             fut.set_exception(exc)
         else:
             fut.set_result(result)
-
-
-class _RunDecoder:
-    """The sink of one streamed range request: decodes each chunk of the run once its bytes are in.
-
-    Only the bytes from the first undelivered chunk on are kept, so memory is
-    about one compressed chunk plus one network read, whatever the run's size.
-    Chunks are delivered in blob order; each claim is dropped once delivered.
-    """
-
-    def __init__(self, fetcher: ChunkFetcher, source: BlobSource, run: list):
-        self.fetcher = fetcher
-        self.source = source
-        self.left = deque(run)  # (chunk, future) in blob order, not delivered yet
-        self.start = run[0][0].blob_start
-        self.end = max(c.blob_end for c, _ in run)
-        self.received = 0
-        self.failed: BaseException | None = None
-        self._buf = bytearray()
-        self._buf_start = self.start  # blob offset of _buf[0]
-
-    def feed(self, piece: bytes) -> None:
-        self.received += len(piece)
-        self._buf += piece
-        buf_end = self._buf_start + len(self._buf)
-        while self.left and self.left[0][0].blob_end <= buf_end:
-            c, fut = self.left.popleft()
-            raw = bytes(memoryview(self._buf)[c.blob_start - self._buf_start:c.blob_end - self._buf_start])
-            # every chunk is delivered: one that fails its digest fails its own readers, not its neighbours'
-            failed = self.fetcher._deliver_one(self.source, c, fut, raw)
-            self.failed = self.failed or failed
-        # keep only what the next chunk needs (runs are sorted by blob start); a gap is dropped
-        # as it arrives, never ahead of it
-        keep = min(self.left[0][0].blob_start, buf_end) if self.left else buf_end
-        if keep > self._buf_start:
-            del self._buf[:keep - self._buf_start]
-            self._buf_start = keep
-
-    def abort(self, exc: BaseException) -> None:
-        """The request failed: every chunk not delivered yet fails with it."""
-        while self.left:
-            c, fut = self.left.popleft()
-            self.fetcher._finish(c, fut, exc=exc)
-        self._buf = bytearray()
 
 
 def _sized(source: BlobSource, chunks: list[T.Chunk], out: dict[T.Chunk, bytes]) -> list[bytes]:

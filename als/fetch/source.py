@@ -38,6 +38,8 @@ class BlobSource:
         # The read-ahead reached its largest window: a container reads this layer front to back
         # (a tar, a copy, a scan), which the background fetch helps rather than hinders.
         self.streaming = False
+        # gzip index spans (by blob start) a request fetched only in part: the next one takes them whole
+        self.spans_cut: set[int] = set()
 
     def stream_range(self, start: int, end: int, sink: Callable[[bytes], None]) -> int:
         """Hand blob bytes [start, end) to ``sink`` in order as they arrive; returns their count.

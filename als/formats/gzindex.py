@@ -12,8 +12,10 @@ empty deflate blocks in front of it instead (``resume_stream``).
 
 The index is a separate blob that the layer's annotation names by digest, so
 it is trusted only as far as that digest goes: every offset, size, window and
-digest in it is checked here before a chunk is built, and each span's bytes
-are checked against its digest before any of them is served.
+digest in it is checked here before a chunk is built, and each file piece is
+checked against its own digest before it is served (by the chunk fetcher, as
+for any format). The span digests are `als index`'s check of what it wrote;
+the store does not wait for a whole span to check one.
 """
 
 from __future__ import annotations
@@ -21,9 +23,7 @@ from __future__ import annotations
 import base64
 import bisect
 import json
-import threading
 import zlib
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from als.digest import is_sha256, sha256_digest
@@ -144,48 +144,66 @@ def inflate_span(data: bytes | memoryview, bit: int, window: bytes, size: int) -
     return out
 
 
-class _SpanMemo:
-    """The last verified spans, by digest: a span's many small files are one inflate, not one each.
+class SpanInflater:
+    """One span inflated from its checkpoint as its compressed bytes arrive, never past its size.
 
-    The fetcher delivers a span's chunks one after another (they share its
-    byte range); without this, each would inflate the span from its start.
+    The chunk fetcher streams a span's range and hands each file piece out as
+    soon as it is inflated, after checking it against the piece's own digest
+    (every piece has one): a small file near a checkpoint is served long
+    before the span's last byte is in, and no span is ever held whole. Output
+    before ``drop_before`` is let go, so memory is the pieces still to come.
     """
 
-    def __init__(self, max_bytes: int = 64 << 20):
-        self._max = max_bytes
-        self._spans: OrderedDict[str, bytes] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+    def __init__(self, span: toc.Span, limit: int | None = None):
+        window = unpack_window(span.window)
+        self._d = zlib.decompressobj(-15, zdict=window) if window else zlib.decompressobj(-15)
+        self._bit: int | None = span.bit  # until the first byte is in
+        self.size = span.size
+        self._limit = span.size if limit is None else min(limit, span.size)  # inflate no further
+        self.produced = 0  # span bytes inflated so far
+        self._out = bytearray()
+        self._out_start = 0  # span offset of _out[0]
 
-    def get(self, digest: str) -> bytes | None:
-        with self._lock:
-            data = self._spans.get(digest)
-            if data is not None:
-                self._spans.move_to_end(digest)
-            return data
-
-    def put(self, digest: str, data: bytes) -> None:
-        if len(data) > self._max:
+    def feed(self, data: bytes | memoryview) -> None:
+        """Inflate what ``data`` (the next compressed bytes of the span) holds; FormatError if corrupt."""
+        if self.produced >= self._limit or not len(data):
             return
-        with self._lock:
-            if digest in self._spans:
-                return
-            self._spans[digest] = data
-            self._bytes += len(data)
-            while self._bytes > self._max:
-                _, old = self._spans.popitem(last=False)
-                self._bytes -= len(old)
+        if self._bit is not None:
+            data, self._bit = resume_stream(data, self._bit), None
+        try:
+            out = self._d.decompress(data, self._limit - self.produced)
+        except zlib.error as e:
+            raise FormatError(f"corrupt deflate data in the span: {e}") from None
+        self.produced += len(out)
+        self._out += out
 
+    def piece(self, start: int, size: int) -> bytes | None:
+        """Span bytes [start, start + size) once inflated, else None (more input needed)."""
+        if start < self._out_start or start + size > self.size:
+            raise FormatError(f"bad chunk bounds: inner offset {start}, size {size}, span {self.size}")
+        if start + size > self.produced:
+            return None
+        return bytes(self._out[start - self._out_start:start + size - self._out_start])
 
-_memo = _SpanMemo()
+    def drop_before(self, start: int) -> None:
+        """Nothing before span offset ``start`` is asked for again: let it go."""
+        cut = min(start, self.produced) - self._out_start
+        if cut > 0:
+            del self._out[:cut]
+            self._out_start += cut
+
+    def shortfall(self) -> str:
+        """Why the span ended short, for the log, once its compressed bytes are all in."""
+        return f"the span inflates to {self.produced} bytes, the index says {self.size}"
 
 
 def decompress_chunk(data: bytes | memoryview, chunk: toc.Chunk) -> bytes:
     """The chunk's bytes from its span's compressed range (``[blob_start, blob_end)``).
 
-    The whole span is inflated from its checkpoint and checked against the
-    span digest first (VerificationError), then cut; the caller checks the
-    chunk's own digest as for any format.
+    The span is inflated from its checkpoint only as far as the chunk's end;
+    the caller checks the chunk's own digest, as for any format, and nothing
+    of the span is used without that check. (The chunk fetcher streams spans
+    through ``SpanInflater`` instead, one inflate for all of a span's files.)
     """
     span = chunk.span
     if span is None:
@@ -193,14 +211,12 @@ def decompress_chunk(data: bytes | memoryview, chunk: toc.Chunk) -> bytes:
     if chunk.size <= 0 or chunk.inner_offset < 0 or chunk.inner_offset + chunk.size > span.size:
         raise FormatError(f"bad chunk bounds: inner offset {chunk.inner_offset}, size {chunk.size}, "
                           f"span {span.size}")
-    whole = _memo.get(span.digest)
-    if whole is None:
-        whole = inflate_span(data, span.bit, unpack_window(span.window), span.size)
-        if sha256_digest(whole) != span.digest:
-            raise VerificationError(f"the span at blob offset {chunk.blob_start} does not match its digest "
-                                    f"{span.digest}")
-        _memo.put(span.digest, whole)
-    return whole[chunk.inner_offset:chunk.inner_offset + chunk.size]
+    inflater = SpanInflater(span, chunk.inner_offset + chunk.size)
+    inflater.feed(data)
+    piece = inflater.piece(chunk.inner_offset, chunk.size)
+    if piece is None:
+        raise FormatError(inflater.shortfall())
+    return piece
 
 
 # --------------------------------------------------------------------------

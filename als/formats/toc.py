@@ -34,9 +34,9 @@ class Span:
 
     Its compressed bytes start at bit ``bit`` (LSB first) of the chunk's
     ``blob_start`` byte; inflating them needs the 32 KiB of uncompressed data
-    before it (``window``, kept raw-deflate compressed). The whole span, ``size`` bytes, must hash to
-    ``digest`` before any chunk of it is served. Compared by identity: every
-    chunk of the span holds the same object.
+    before it (``window``, kept raw-deflate compressed). ``digest`` is the whole span's (``size``
+    bytes), which `als index` checks; the store serves each chunk once it matches its own digest.
+    Compared by identity: every chunk of the span holds the same object.
     """
 
     bit: int

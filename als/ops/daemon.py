@@ -98,7 +98,7 @@ def build_store(root: Path, config, client=None) -> Store:
     fetcher = ChunkFetcher(cache, coalesce_gap=f.coalesce_gap, max_request=f.max_request,
                            wait_timeout=f.read_timeout, readahead_min=f.readahead_min,
                            readahead_max=f.readahead_max, file_readahead=f.file_readahead,
-                           dir_readahead=f.dir_readahead)
+                           dir_readahead=f.dir_readahead, span_cut=f.span_cut)
     # Wrapped so that bytes, latency and failures per registry reach the metrics and `als status`.
     return Store(config, InstrumentedClient(client), fetcher, StateDir(root / "state"))
 

@@ -13,19 +13,22 @@ import dataclasses
 import gc
 import logging
 import threading
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+import time
+from concurrent.futures import CancelledError, Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
 from als.config import Config
+from als.digest import is_sha256
 from als.errors import FormatError, NotFoundError, RegistryError
 from als.fetch.fetcher import ChunkFetcher
 from als.fetch.source import BlobSource
 from als.formats import lazy
 from als.layer.resolved import Layer, LayerDescriptor
 from als.layer.view import MAX_LAYER_NODES, LayerView
+from als.oci import GZIP_INDEX_ANNOTATION
 from als.reference import parse_reference
 from als.registry.client import RegistryClient
 from als.store.early import EarlyReads
@@ -68,6 +71,8 @@ def gc_paused():
 
 
 MAX_REFERRED_TRIES = 3  # gzip indexes that referrers name for one layer tried at most
+MAX_EARLY = 16  # gzip index blobs fetched ahead of their layers' resolution at once
+EARLY_KEEP = 120.0  # seconds an early index blob no layer asked for is kept
 
 # Layer blob digest -> gzip index digests (store/referred.py), asked once per image resolution.
 Referred = Callable[[], dict[str, list[str]]]
@@ -102,6 +107,9 @@ class LayerBuilder:
     # Whether a layer looked up before its image's manifest is in has its tail read at once
     # (guess_tail): on until a guess is wrong, which costs one read of tail_size bytes.
     guessing: bool = field(default=True, init=False, repr=False)
+    # Gzip index blobs being fetched ahead (fetch_indexes_early): digest -> (when, the fetch)
+    _early_indexes: dict[str, tuple[float, Future]] = field(default_factory=dict, init=False, repr=False)
+    _indexes_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def guess_tail(self, ref: str, digest: str, manifest: Future) -> None:
         """Read the tail of blob ``digest`` now, before the manifest says what the layer is: the
@@ -177,6 +185,47 @@ class LayerBuilder:
         self._prebuilds.shutdown(wait=False, cancel_futures=True)
         self.early.close()
 
+    def fetch_indexes_early(self, pool: Executor, ref: str, manifest: dict) -> None:
+        """Start fetching the gzip indexes the image's manifest names, beside its config's fetch.
+
+        An index is a blob of its own, found only once the layer is looked
+        up; fetched here, it is in by the time the config is, a round trip
+        and its transfer off the pull. Only a hint: the layer's resolution
+        checks what it takes (``open_toc``), and fetches it itself if this failed.
+        """
+        layers = manifest.get("layers") if isinstance(manifest, dict) else None
+        if not isinstance(layers, list):
+            return
+        r = parse_reference(ref)
+        now = time.monotonic()
+        with self._indexes_lock:
+            for digest in [d for d, (when, _) in self._early_indexes.items() if now - when > EARLY_KEEP]:
+                del self._early_indexes[digest]
+            for layer in layers[:MAX_EARLY]:
+                annotations = layer.get("annotations") if isinstance(layer, dict) else None
+                if not isinstance(annotations, dict) or not lazy.GZIP_INDEX.claims(layer.get("mediaType", ""),
+                                                                                    annotations):
+                    continue
+                digest = annotations.get(GZIP_INDEX_ANNOTATION)
+                if (not is_sha256(digest) or digest in self._early_indexes or len(self._early_indexes) >= MAX_EARLY
+                        or self.state.get_toc(digest) is not None):
+                    continue
+                self._early_indexes[digest] = (now, pool.submit(self.client.get_blob, r, digest,
+                                                        self.config.resolve.max_toc_size))
+
+    def _read_blob(self, r, digest: str, max_size: int) -> bytes:
+        """A blob of the image's repository (a gzip index): the early fetch's, if it started one and it worked."""
+        with self._indexes_lock:
+            _, fut = self._early_indexes.pop(digest, (0.0, None))
+        if fut is not None:
+            try:
+                data = fut.result(timeout=self.config.resolve.timeout)
+                if len(data) <= max_size:
+                    return data
+            except Exception as e:  # fetched again below, with the error that counts
+                log.debug("early fetch of blob %s failed: %s", digest, e)
+        return self.client.get_blob(r, digest, max_size)
+
     def build(self, ref: str, desc: LayerDescriptor, evicted: Evicted | None = None,
               referred: Referred | None = None) -> Layer:
         """Layer ``desc`` of image ``ref`` (or the rebuild of an ``evicted`` one, with its layer id).
@@ -205,7 +254,7 @@ class LayerBuilder:
         r = parse_reference(ref)
         label = f"image {ref} layer {desc.digest}"
         known = evicted.diff_size if evicted is not None else None
-        read_blob = partial(self.client.get_blob, r)
+        read_blob = partial(self._read_blob, r)
         try:
             if referred is not None and lazy.plain_gzip(desc.media_type, desc.annotations):
                 opened = self._open_referred(label, desc, self._read_range(ref, desc.digest), known, read_blob,

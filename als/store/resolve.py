@@ -401,6 +401,7 @@ class Resolver:
             m = self.client.get_manifest(r, chosen)
             data, media_type, digest = m.data, m.media_type, m.digest
         self.state.put_blob(digest, data)
+        self.builder.fetch_indexes_early(self._pool, ref, doc)
         if res is not None and self.referrers is not None:
             self.referrers.start(res, ref, digest, doc)
         ahead = self._read_ahead(ref, data, previous)

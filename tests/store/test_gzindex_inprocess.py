@@ -94,6 +94,32 @@ def test_every_file_is_served_from_spans_with_the_exact_diff_size(mem, tmp_path)
     assert len(mem.registry.served(RANGE)) <= spans  # one range request per span at most
 
 
+def test_the_index_is_fetched_beside_the_config_not_after_it(mem, tmp_path):
+    """The manifest names the index: its fetch starts before the config is in (a round trip and its
+    transfer off the pull), and it is not fetched a second time when the layer resolves."""
+    import threading
+    import time
+
+    tar, layer, index_digest = push_indexed(mem.registry, tmp_path)
+    manifest = json.loads(mem.registry.manifests[(parse_reference(REF).name, "1")][0])
+    hold = mem.registry.hold(BLOB, manifest["config"]["digest"])
+    info: dict = {}
+    thread = threading.Thread(target=lambda: info.update(
+        json.loads(mem.read_all(mem.layer(REF, layer.digest, "info")))))
+    thread.start()
+    try:
+        assert hold.arrived.wait(30)
+        deadline = time.monotonic() + 5  # well inside the hold's own limit (HOLD_LIMIT)
+        while not mem.registry.served(BLOB, index_digest) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert mem.registry.served(BLOB, index_digest), "the index waited for the config"
+    finally:
+        hold.release()
+        thread.join(60)
+    assert info["diff-size"] == len(tar)
+    assert len(mem.registry.served(BLOB, index_digest)) == 1
+
+
 def _declined(mem, layer, caplog, words: str) -> None:
     with pytest.raises(ALSError) as e:
         mem.store.layer(REF, layer.digest)
