@@ -79,6 +79,10 @@ class InstrumentedClient:
     def read_range(self, ref, digest, start, end):
         return self._call(ref, "range", self._client.read_range, digest, start, end, timed=True)
 
+    def read_tail(self, ref, digest, length):
+        return self._call(ref, "range", self._client.read_tail, digest, length, timed=True,
+                          size_of=lambda got: len(got[1]) if got else 0)
+
     def stream_range(self, ref, digest, start, end, sink):
         return self._call(ref, "range", self._client.stream_range, digest, start, end, sink, timed=True,
                           size_of=int)
