@@ -18,7 +18,8 @@ def _serve_parser(sub) -> None:
     p = sub.add_parser(
         "serve", help="mount the additional layer store (runs in the foreground)",
         description="Mount an additional layer store for Podman and CRI-O at MOUNTPOINT and serve it "
-                    "in the foreground until SIGINT or SIGTERM, which unmount it. Name the mount point "
+                    "in the foreground until SIGINT, which unmounts it, or SIGTERM, which leaves it to the next "
+                    "`als serve` where the FUSE connection is kept (see the README's Restarts). Name the mount point "
                     "in storage.conf: additionallayerstores = [\"MOUNTPOINT:ref\"]. eStargz and zstd:chunked "
                     "layers are served lazily; every other layer is declined and pulled normally by the "
                     "engine.")

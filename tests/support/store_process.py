@@ -91,7 +91,8 @@ class StoreProcess:
         self.stop()
         raise RuntimeError(f"als serve did not mount in {timeout}s: {self.log()[-3000:]}")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 20.0) -> int | None:
+        """Stop for good (SIGINT: unmounts, and no holder is left waiting for a next store)."""
         rc = None
         if self.proc is not None:
             if self.proc.poll() is None:
