@@ -24,9 +24,8 @@ import zstandard
 
 from als.oci import OCI_INDEX, OCI_MANIFEST
 from als.formats import estargz, zstdchunked, zstdchunked_writer
-from als.tools.image import BuiltLayer, estargz_layer, gzip_layer, push_image
+from als.tools.image import BuiltLayer, estargz_layer, gzip_layer
 from als.reference import parse_reference
-from tests.support import images
 from tests.support.alsrun import LABELS, config_for, get_blob, get_json, push_gzip, read_toc, run_als, sha, tar_of
 from tests.support.store_process import REPO
 from tests.support.difftree import actual_tree, expected_tree
@@ -53,11 +52,6 @@ def manifest_exists(registry, repo: str, tag: str) -> bool:
         assert e.code == 404
         return False
     return True
-
-
-@pytest.fixture(scope="module")
-def python_rootfs() -> bytes:
-    return images.python_rootfs_tar().read_bytes()
 
 
 @pytest.fixture(scope="module")

@@ -26,11 +26,6 @@ from tests.support.difftree import actual_tree, expected_tree
 
 
 @pytest.fixture(scope="module")
-def python_rootfs() -> bytes:
-    return images.python_rootfs_tar().read_bytes()
-
-
-@pytest.fixture(scope="module")
 def gzip_python(registry, client, python_rootfs):
     """The python root file system as plain gzip, as docker and most tools write it (level 6)."""
     ref = f"{registry.host}/idx/python:gzip"
