@@ -13,8 +13,7 @@ import dataclasses
 import gc
 import logging
 import threading
-import time
-from concurrent.futures import CancelledError, Executor, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -71,8 +70,7 @@ def gc_paused():
 
 
 MAX_REFERRED_TRIES = 3  # gzip indexes that referrers name for one layer tried at most
-MAX_EARLY = 16  # gzip index blobs fetched ahead of their layers' resolution at once
-EARLY_KEEP = 120.0  # seconds an early index blob no layer asked for is kept
+MAX_EARLY = 16  # layers of a manifest whose gzip index is fetched ahead of their resolution
 
 # Layer blob digest -> gzip index digests (store/referred.py), asked once per image resolution.
 Referred = Callable[[], dict[str, list[str]]]
@@ -107,9 +105,6 @@ class LayerBuilder:
     # Whether a layer looked up before its image's manifest is in has its tail read at once
     # (guess_tail): on until a guess is wrong, which costs one read of tail_size bytes.
     guessing: bool = field(default=True, init=False, repr=False)
-    # Gzip index blobs being fetched ahead (fetch_indexes_early): digest -> (when, the fetch)
-    _early_indexes: dict[str, tuple[float, Future]] = field(default_factory=dict, init=False, repr=False)
-    _indexes_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def guess_tail(self, ref: str, digest: str, manifest: Future) -> None:
         """Read the tail of blob ``digest`` now, before the manifest says what the layer is: the
@@ -185,7 +180,7 @@ class LayerBuilder:
         self._prebuilds.shutdown(wait=False, cancel_futures=True)
         self.early.close()
 
-    def fetch_indexes_early(self, pool: Executor, ref: str, manifest: dict) -> None:
+    def fetch_indexes_early(self, ref: str, manifest: dict) -> None:
         """Start fetching the gzip indexes the image's manifest names, beside its config's fetch.
 
         An index is a blob of its own, found only once the layer is looked
@@ -197,34 +192,22 @@ class LayerBuilder:
         if not isinstance(layers, list):
             return
         r = parse_reference(ref)
-        now = time.monotonic()
-        with self._indexes_lock:
-            for digest in [d for d, (when, _) in self._early_indexes.items() if now - when > EARLY_KEEP]:
-                del self._early_indexes[digest]
-            for layer in layers[:MAX_EARLY]:
-                annotations = layer.get("annotations") if isinstance(layer, dict) else None
-                if not isinstance(annotations, dict) or not lazy.GZIP_INDEX.claims(layer.get("mediaType", ""),
-                                                                                    annotations):
-                    continue
-                digest = annotations.get(GZIP_INDEX_ANNOTATION)
-                if (not is_sha256(digest) or digest in self._early_indexes or len(self._early_indexes) >= MAX_EARLY
-                        or self.state.get_toc(digest) is not None):
-                    continue
-                self._early_indexes[digest] = (now, pool.submit(self.client.get_blob, r, digest,
-                                                        self.config.resolve.max_toc_size))
+        for layer in layers[:MAX_EARLY]:
+            annotations = layer.get("annotations") if isinstance(layer, dict) else None
+            if not isinstance(annotations, dict) or not lazy.GZIP_INDEX.claims(layer.get("mediaType", ""),
+                                                                                annotations):
+                continue
+            digest = annotations.get(GZIP_INDEX_ANNOTATION)
+            if is_sha256(digest) and self.state.get_toc(digest) is None:
+                self.early.start_blob((ref, digest), partial(self.client.get_blob, r, digest,
+                                                             self.config.resolve.max_toc_size))
 
-    def _read_blob(self, r, digest: str, max_size: int) -> bytes:
+    def _read_blob(self, ref: str, digest: str, max_size: int) -> bytes:
         """A blob of the image's repository (a gzip index): the early fetch's, if it started one and it worked."""
-        with self._indexes_lock:
-            _, fut = self._early_indexes.pop(digest, (0.0, None))
-        if fut is not None:
-            try:
-                data = fut.result(timeout=self.config.resolve.timeout)
-                if len(data) <= max_size:
-                    return data
-            except Exception as e:  # fetched again below, with the error that counts
-                log.debug("early fetch of blob %s failed: %s", digest, e)
-        return self.client.get_blob(r, digest, max_size)
+        data = self.early.take_blob((ref, digest))
+        if data is not None and len(data) <= max_size:
+            return data
+        return self.client.get_blob(parse_reference(ref), digest, max_size)
 
     def build(self, ref: str, desc: LayerDescriptor, evicted: Evicted | None = None,
               referred: Referred | None = None) -> Layer:
@@ -254,7 +237,7 @@ class LayerBuilder:
         r = parse_reference(ref)
         label = f"image {ref} layer {desc.digest}"
         known = evicted.diff_size if evicted is not None else None
-        read_blob = partial(self._read_blob, r)
+        read_blob = partial(self._read_blob, ref)
         try:
             if referred is not None and lazy.plain_gzip(desc.media_type, desc.annotations):
                 opened = self._open_referred(label, desc, self._read_range(ref, desc.digest), known, read_blob,

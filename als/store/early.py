@@ -1,4 +1,5 @@
-"""Blob reads started before a layer's build asks for them: the first range each layer's TOC needs.
+"""Blob reads started before a layer's build asks for them: the first range each layer's TOC needs,
+or the gzip index it names.
 
 A layer's build cannot start before its image's config is in (the config
 pairs each layer with its DiffID), but what it reads first (an eStargz
@@ -71,6 +72,10 @@ class EarlyReads:
             except RuntimeError:  # shut down: nothing to read ahead for
                 pass
 
+    def start_blob(self, key: Key, fetch: Callable[[], bytes]) -> None:
+        """Fetch a whole blob with ``fetch`` now (a gzip index the manifest names), for ``take_blob``."""
+        self._start(key, 0, lambda: (0, fetch()))
+
     def tail_length(self, key: Key) -> int:
         """The length of the suffix read under way for ``key`` (start_tail), or 0."""
         with self._lock:
@@ -80,19 +85,28 @@ class EarlyReads:
     def take(self, key: Key, start: int, end: int) -> bytes | None:
         """The bytes read ahead for exactly [start, end) of ``key``, waiting for them if under way;
         None if there are none, the read failed, or it read other bytes. A read is taken once."""
+        answer = self._answer(key)
+        if answer is None:
+            return None
+        at, data = answer
+        return data if (at, at + len(data)) == (start, end) else None
+
+    def take_blob(self, key: Key) -> bytes | None:
+        """The blob fetched ahead for ``key`` (start_blob), waiting for it if under way; None if there
+        is none or the fetch failed. Taken once."""
+        answer = self._answer(key)
+        return answer[1] if answer is not None else None
+
+    def _answer(self, key: Key) -> tuple[int, bytes] | None:
         with self._lock:
             pending = self._reads.pop(key, None)
         if pending is None:
             return None
         # A registry read is bounded by its retry deadline, so this wait is too.
         try:
-            answer = pending.answer.result()
+            return pending.answer.result()  # None: not to be had so
         except Exception:  # failed or cancelled: the build reads again and reports it
             return None
-        if answer is None:  # not to be had so
-            return None
-        at, data = answer
-        return data if (at, at + len(data)) == (start, end) else None
 
     def discard(self, key: Key) -> None:
         """Nobody will take ``key``'s read: forget it (a read under way finishes unseen)."""

@@ -31,7 +31,7 @@ from als.errors import ALSError, BlockedError, FormatError, Interrupted, NotFoun
 from als.fetch.fetcher import ChunkFetcher
 from als.layer import startup
 from als.layer.resolved import Layer, LayerDescriptor
-from als.oci import INDEX_TYPES, json_object
+from als.oci import GZIP_INDEX_ANNOTATION, INDEX_TYPES, json_object
 from als import metrics
 from als.reference import parse_reference
 from als.registry.client import RegistryClient
@@ -288,7 +288,8 @@ class Resolver:
                     res.layers[desc.digest] = fut = Future()
                     start.append((desc, fut))
         # Reads and builds ahead of layers not built now, or of blobs the image lacks, are not wanted.
-        self.builder.early.discard_image(image.ref, {d.digest for d, _ in start})
+        wanted = {d.digest for d, _ in start} | {d.annotations.get(GZIP_INDEX_ANNOTATION, "") for d, _ in start}
+        self.builder.early.discard_image(image.ref, wanted)
         self.builder.forget_prebuilt(image.ref, {d.digest for d, _ in start})
         referred = self._referred_for(res, image.ref, image.manifest_digest)
         for desc, fut in start:
@@ -401,7 +402,7 @@ class Resolver:
             m = self.client.get_manifest(r, chosen)
             data, media_type, digest = m.data, m.media_type, m.digest
         self.state.put_blob(digest, data)
-        self.builder.fetch_indexes_early(self._pool, ref, doc)
+        self.builder.fetch_indexes_early(ref, doc)
         if res is not None and self.referrers is not None:
             self.referrers.start(res, ref, digest, doc)
         ahead = self._read_ahead(ref, data, previous)
