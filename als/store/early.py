@@ -45,11 +45,15 @@ class EarlyReads:
         self._pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="als-early-read")
         self._lock = threading.Lock()
         self._reads: dict[Key, _Read] = {}
+        # When each key's read last started: a guessed tail is never started for a key whose build
+        # has read (or taken) its bytes already, however late the guess comes.
+        self._started: dict[Key, float] = {}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             self._reads.clear()
+            self._started.clear()
 
     def start(self, key: Key, start: int, end: int, read: Callable[[int, int], bytes]) -> None:
         """Read blob bytes [start, end) with ``read`` now, for a later ``take``; once per key."""
@@ -57,7 +61,8 @@ class EarlyReads:
 
     def start_tail(self, key: Key, length: int, read_tail: Callable[[int], tuple[int, bytes] | None]) -> None:
         """Read the blob's last ``length`` bytes with ``read_tail`` (-> where they start and the bytes,
-        or None if they cannot be had so)."""
+        or None if they cannot be had so). Not if a read of ``key`` was started already: the guess
+        would come after the manifest, whose read ahead knows exactly what to read."""
         self._start(key, length, lambda: read_tail(length))
 
     def _start(self, key: Key, tail: int, read: Callable[[], tuple[int, bytes] | None]) -> None:
@@ -65,12 +70,15 @@ class EarlyReads:
         with self._lock:
             for k in [k for k, r in self._reads.items() if now - r.started > MAX_AGE]:
                 del self._reads[k]
-            if key in self._reads:
+            for k in [k for k, t in self._started.items() if now - t > MAX_AGE]:
+                del self._started[k]
+            if key in self._reads or (tail and key in self._started):
                 return
             try:
                 self._reads[key] = _Read(self._pool.submit(read), tail)
             except RuntimeError:  # shut down: nothing to read ahead for
-                pass
+                return
+            self._started[key] = now
 
     def start_blob(self, key: Key, fetch: Callable[[], bytes]) -> None:
         """Fetch a whole blob with ``fetch`` now (a gzip index the manifest names), for ``take_blob``."""

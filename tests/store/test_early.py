@@ -60,3 +60,13 @@ def test_reads_an_image_does_not_build_are_dropped(early):
     gate.set()
     assert sorted(early.pending()) == [("img", "b"), ("other", "a")]
     assert early.take(("img", "b"), 0, 10) == BLOB[:10]
+
+
+def test_a_tail_guessed_after_the_layers_own_read_started_is_not_read(early):
+    """The guess races the manifest: once the read ahead the manifest asked for has started (and even
+    been taken by the build), a late guess would only read the tail a second time."""
+    calls = []
+    early.start(("img", "a"), 100, 200, read)
+    assert early.take(("img", "a"), 100, 200) == BLOB[100:200]
+    early.start_tail(("img", "a"), 1000, lambda n: calls.append(n) or (len(BLOB) - n, BLOB[-n:]))
+    assert early.pending() == [] and calls == []
