@@ -46,7 +46,7 @@ class RegistryConfig:
 
 @dataclass
 class CacheConfig:
-    memory_bytes: int = 4 << 20  # in-memory tier of decompressed chunks, and as much again awaiting disk
+    memory_bytes: int = 2 << 20  # in-memory tier of decompressed chunks, and as much again awaiting disk
     max_bytes: int = 20 << 30  # disk cache limit (least recently used chunks go first); 0: no limit
 
 

@@ -72,11 +72,11 @@ class RunDecoder:
         self._inflater: gzindex.SpanInflater | None = None
         self._inflating: T.Span | None = None  # the span _inflater inflates
         self._fed = 0  # blob offset up to which _inflater has had the bytes
-        # Claims this run must answer (None: all); the others are delivered if the bytes come anyway.
+        # Chunks this run must answer for (None: all); the others are delivered if the bytes come anyway.
         self._required = required
         self.cut = self.end  # the first request asks for [start, cut)
         if self._spans and required is not None and not source.streaming:
-            needed = [c for c, fut in run if fut in required]
+            needed = [c for c, _ in run if c in required]
             # A span fetched in part once is wanted again: its next miss fetches it whole, so that
             # reading a span's files one after another costs its prefix twice at most.
             if needed and not any(c.blob_start in source.spans_cut for c in needed):
@@ -134,7 +134,7 @@ class RunDecoder:
 
     def wants_more(self) -> bool:
         """Whether a claim this run must answer is left after [start, cut)."""
-        return self.cut < self.end and any(self._required is None or fut in self._required for _, fut in self.left)
+        return self.cut < self.end and any(self._required is None or c in self._required for c, _ in self.left)
 
     def finish(self) -> None:
         """The request ended: raise if a chunk of it is still undelivered (then ``abort`` fails it).

@@ -38,6 +38,9 @@ class BlobSource:
         # The read-ahead reached its largest window: a container reads this layer front to back
         # (a tar, a copy, a scan), which the background fetch helps rather than hinders.
         self.streaming = False
+        # The background fetch is bringing in the rest of the blob, in blob order: the start-up burst
+        # is over, and guessing what a container reads next only cuts that stream into pieces.
+        self.filling = False
         # gzip index spans (by blob start) a request fetched only in part: the next one takes them whole
         self.spans_cut: set[int] = set()
 

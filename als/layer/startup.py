@@ -200,7 +200,12 @@ class Predictor:
         self._fetch(layer, files)
 
     def after_exec(self, layer, node: Node) -> None:
-        """``node`` is a program being run: fetch the loader and libraries it names, once."""
+        """``node`` is a program being run: fetch the loader and libraries it names, once. Not once
+        the background fetch fills the layer: past the start-up burst, a container reading
+        programs (a tar, a scan) would have them guessed one after another, each guess a round
+        trip that cuts the background's stream into pieces."""
+        if layer.source.filling:
+            return
         with self._lock:
             key = (id(layer.view), node.ino)
             if key in self._seen:

@@ -160,7 +160,72 @@ def test_background_waits_for_a_container_read_and_for_its_fetch_to_end(tmp_path
     assert not bg.is_alive()
     # the container's request was answered before the background fetch sent its first
     assert rec.names()[:2] == ["foreground", "foreground done"]
-    assert "background" in rec.names()[2:]
+    assert any(n.startswith("als-background-fetch") for n in rec.names()[2:])
+
+
+def test_background_fills_the_small_holes_foreground_reads_leave_in_one_request(tmp_path, registry, layer_source):
+    make, view, files, layer = layer_source
+    fetcher, source = ChunkFetcher(ChunkCache(tmp_path), readahead_max=0), make()
+    for name in sorted(files)[::2]:  # a hole of one 256 KiB file after each file read
+        assert read_file(fetcher, source, view, name) == files[name]
+    mark = registry.mark()
+    fetcher.background(source, threading.Event(), step=16 << 20)
+    assert served(registry, mark, layer.digest)[0] == 1  # one request across them, not one per hole
+    assert fetcher.cached(source.chunks)
+    mark = registry.mark()
+    for name, data in files.items():
+        assert read_file(fetcher, source, view, name) == data
+    assert served(registry, mark, layer.digest) == (0, 0)
+
+
+def test_background_keeps_two_requests_in_flight(tmp_path, layer_source):
+    make, view, files, layer = layer_source
+    fetcher, source = ChunkFetcher(ChunkCache(tmp_path)), make()
+    inner, lock, now, most = source._stream_range, threading.Lock(), [0], [0]
+    second = threading.Event()
+
+    def stream(start, end, sink):
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+            if now[0] == 2:
+                second.set()
+        second.wait(2)  # the first request is still in flight when the next one starts
+        try:
+            return inner(start, end, sink)
+        finally:
+            with lock:
+                now[0] -= 1
+    source._stream_range = stream
+    fetcher.background(source, threading.Event(), step=256 << 10)
+    assert most[0] == 2 and fetcher.cached(source.chunks)
+
+
+def test_a_read_waiting_for_the_background_fetch_does_not_pause_it(tmp_path, layer_source):
+    """A container reading what the background fetch is bringing waits for it, and is no reason
+    for the background fetch to wait (in turn) before its next request."""
+    make, view, files, layer = layer_source
+    fetcher, source = ChunkFetcher(ChunkCache(tmp_path), readahead_max=0), make()
+    inner, go, held = source._stream_range, threading.Event(), threading.Event()
+
+    def stream(start, end, sink):
+        held.set()
+        go.wait(30)
+        return inner(start, end, sink)
+    source._stream_range = stream
+    bg = in_thread("background", fetcher.background, source, threading.Event(), 256 << 10)
+    assert held.wait(30)  # the first batch is claimed and in flight
+    reads = fetcher.container_reads()
+    fg = in_thread("foreground", read_file, fetcher, source, view, "f00")
+    deadline = time.monotonic() + 10
+    while fetcher.container_reads() == reads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fetcher.container_reads() == reads + 1 and fg.is_alive()  # waiting for the background's chunks
+    assert fetcher.foreground.in_flight == 0
+    go.set()
+    fg.join(30)
+    bg.join(30)
+    assert not bg.is_alive() and not fg.is_alive() and fetcher.cached(source.chunks)
 
 
 def test_background_of_a_layer_nobody_reads_starts_after_its_delay(tmp_path, layer_source):

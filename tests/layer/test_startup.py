@@ -9,7 +9,7 @@ import pytest
 
 from als.formats import toc as T
 from als.layer.view import LayerView
-from als.layer.startup import elf_needs_of, entrypoint, libraries, program, resolve
+from als.layer.startup import Predictor, elf_needs_of, entrypoint, libraries, program, resolve
 
 
 def E(name, type=T.REG, **kw):
@@ -144,3 +144,29 @@ def test_a_resolved_layer_has_its_start_files_program_and_libraries_fetched_befo
         mark = registry.mark()
         assert (diff / "usr/share/doc/f7").read_bytes() == filler["usr/share/doc/f7"]
         assert any(a.written for a in registry.accesses_since(mark))  # what is not predicted is fetched
+
+
+def test_programs_read_once_the_background_fetch_fills_the_layer_are_not_predicted(view):
+    """Past the start-up burst, a tar or a scan reads every program: guessing the libraries of
+    each would only cut the background fetch's stream into round trips."""
+    import threading
+    from types import SimpleNamespace
+
+    asked, done = [], threading.Event()
+
+    class Fetcher:
+        def read(self, source, chunks, warming=False):
+            asked.append(source.name)
+            done.set()
+            return [b"\0" * c.size for c in chunks]  # no ELF: nothing more is predicted
+
+    predictor = Predictor(Fetcher(), 1 << 20, workers=1)  # one worker: what is submitted runs in order
+    try:
+        dash, python = view.lookup(["usr", "bin", "dash"]), view.lookup(["usr", "bin", "python3.11"])
+        predictor.after_exec(SimpleNamespace(view=view, source=SimpleNamespace(name="filling", filling=True)), dash)
+        predictor.after_exec(SimpleNamespace(view=view, source=SimpleNamespace(name="starting", filling=False)),
+                             python)
+        assert done.wait(10)
+        assert asked == ["starting"]
+    finally:
+        predictor.close()
