@@ -53,6 +53,14 @@ def served(registry, mark, digest):
     return len(got), sum(a.written for a in got)
 
 
+def reads_stay_local(registry, fetcher, source, view, files, digest):
+    """Every file reads back right, and nothing more is asked of the registry."""
+    mark = registry.mark()
+    for name, data in files.items():
+        assert read_file(fetcher, source, view, name) == data
+    assert served(registry, mark, digest) == (0, 0)
+
+
 def read_file(fetcher, source, view, name):
     node = view.lookup([name])
     return b"".join(fetcher.read(source, node.chunks_for(0, node.size)))
@@ -94,10 +102,7 @@ def test_background_fetches_every_chunk_once_then_reads_stay_local(tmp_path, reg
     requests, written = served(registry, mark, layer.digest)
     assert written == fetched and written <= layer.size
     assert requests >= 4  # in steps, so foreground reads can get in between
-    mark = registry.mark()
-    for name, data in files.items():
-        assert read_file(fetcher, source, view, name) == data
-    assert served(registry, mark, layer.digest) == (0, 0)
+    reads_stay_local(registry, fetcher, source, view, files, layer.digest)
 
 
 def test_background_waits_while_a_foreground_read_is_in_flight(tmp_path, layer_source):
@@ -172,10 +177,7 @@ def test_background_fills_the_small_holes_foreground_reads_leave_in_one_request(
     fetcher.background(source, threading.Event(), step=16 << 20)
     assert served(registry, mark, layer.digest)[0] == 1  # one request across them, not one per hole
     assert fetcher.cached(source.chunks)
-    mark = registry.mark()
-    for name, data in files.items():
-        assert read_file(fetcher, source, view, name) == data
-    assert served(registry, mark, layer.digest) == (0, 0)
+    reads_stay_local(registry, fetcher, source, view, files, layer.digest)
 
 
 def test_background_keeps_two_requests_in_flight(tmp_path, layer_source):

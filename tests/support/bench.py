@@ -253,7 +253,7 @@ def record_profile(bench: Bench) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=4, help="rounds (default: 4, about 17 minutes on 2 cores)")
+    ap.add_argument("--runs", type=int, default=4, help="rounds (default: 4, about 14 minutes on 2 cores)")
     ap.add_argument("--rtt", type=float, default=0.020, help="seconds (default: 0.020)")
     ap.add_argument("--bandwidth", type=float, default=200e6, help="bits per second (default: 200e6)")
     ap.add_argument("--chunk-size", type=int, default=1 << 20)
