@@ -250,7 +250,8 @@ def kill_rounds(registry, client, workdir: Path, registries_conf: Path, rounds: 
             store.start()
             verify_all(store, ref, layers, contents, tally)
         if keep_connection:
-            afresh = [line for line in log.splitlines() if "mounting afresh" in line or "does not answer" in line]
+            afresh = [line for line in log.splitlines() if any(
+                w in line for w in ("mounting afresh", "does not answer", "cannot keep the FUSE"))]
             assert log.count("taking over the live FUSE connections") == rounds * 2, afresh
             assert "clearing the stale mount" not in log and tally.read_errors == 0
         else:
