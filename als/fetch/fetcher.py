@@ -11,12 +11,8 @@ Three producers feed the same table, so a read never fetches what another is
 already fetching: the foreground (FUSE reads, with an adaptive read-ahead in
 blob order that grows while misses stay sequential, like the kernel's, and the
 startup prediction's reads), the prefetch of a layer's prioritised region at
-resolve time, and the background fetch of the rest of the blob. The
-background fetch yields (als/fetch/pace.py): it starts once a container's start-up
-burst has gone quiet and waits whenever a foreground fetch is in flight, so
-it never competes with a container for the link (unless a container streams
-the layer front to back: then it runs flat out ahead of it); each wait is
-bounded, so it cannot be starved for good.
+resolve time, and the background fetch of the rest of the blob
+(als/fetch/background.py), which yields to the other two.
 """
 
 from __future__ import annotations
@@ -25,37 +21,24 @@ import logging
 import threading
 import time
 import weakref
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 from als.fetch.cache import ChunkCache
-from als.fetch.memory import release_free_memory
 from als.digest import sha256_digest
 from als.errors import FormatError, RegistryError, VerificationError
 from als.formats import lazy
 from als.formats import toc as T
-from als.fetch.pace import Foreground, Pace
+from als.fetch.pace import Foreground
 from als.fetch.rundecoder import RunDecoder, Skipped
 from als.fetch.source import BlobSource
 from als.wait import wait_for
 
 log = logging.getLogger("als.fetch")
 
-# Longest a background batch waits for the cache's disk writer to catch up (seconds).
-WRITER_WAIT = 10.0
 # Times a reader fetches a chunk itself after the fetch it waited on stopped short of it.
 SKIPPED_RETRIES = 3
-# The background fetch fetches across cached chunks up to this many bytes apart, in one request,
-# rather than one request for each side: on a 20 ms, 200 Mbit/s link a round trip costs the
-# time of 500 KB, and the foreground leaves many small holes for it to fill.
-BACKGROUND_GAP = 512 << 10
-# A background batch (the unit it pauses between): ``step`` missing bytes within BATCH_SPAN * step.
-BATCH_SPAN = 4
-# Background batches in flight at once, per layer: one after another left the link idle for a
-# round trip and the tail of each (4 MiB came at 17.5 MB/s over a 25 MB/s link).
-BACKGROUND_REQUESTS = 2
 
 
 class ChunkFetcher:
@@ -129,14 +112,14 @@ class ChunkFetcher:
             if not warming:
                 self.foreground.read_cached()
             return _sized(source, chunks, out)
-        mine, theirs = self._claim(missing)
+        mine, theirs = self.claim(missing)
         if mine:
             # The background fetch yields to this, not to a read waiting for what another fetch brings.
             with self.foreground.fetch(container=not warming):
                 # What this call fetches is handed to _fetch, which answers every claim whatever
                 # fails; the read-ahead claims are not kept here: once delivered, their chunks
                 # belong to the cache and to whoever waits on them.
-                self._fetch(source, list(mine), optional=self._read_ahead(source, mine, file_chunks, neighbours))
+                self.fetch_claims(source, list(mine), optional=self._read_ahead(source, mine, file_chunks, neighbours))
         elif not warming:
             self.foreground.read_cached()
         deadline = time.monotonic() + self.wait_timeout
@@ -155,10 +138,10 @@ class ChunkFetcher:
             except Skipped:
                 if attempt == SKIPPED_RETRIES:
                     raise
-                mine, theirs = self._claim([c])
+                mine, theirs = self.claim([c])
                 fut = (mine or theirs)[0][1]
                 if mine:
-                    self._fetch(source, mine)
+                    self.fetch_claims(source, mine)
         raise AssertionError("unreachable")
 
     def _read_ahead(self, source: BlobSource, mine: list, file_chunks: Sequence[T.Chunk],
@@ -170,7 +153,7 @@ class ChunkFetcher:
             if len(file_chunks) > 1:
                 ahead += self._following(file_chunks, by_offset[0], self.file_readahead)
             ahead += self._following(neighbours, by_offset[0], self.dir_readahead)
-            return self._claim([c for c in dict.fromkeys(ahead) if not self.cache.contains(c.digest)])[0]
+            return self.claim([c for c in dict.fromkeys(ahead) if not self.cache.contains(c.digest)])[0]
         except Exception as e:  # a read-ahead is an optimisation: the read goes on without it
             log.warning("%s: choosing what to read ahead failed: %s", source.label, e)
             return []
@@ -197,98 +180,11 @@ class ChunkFetcher:
         wanted = [c for c in chunks if not c.zeros and not self.cache.contains(c.digest)]
         if wanted:
             with self.foreground.fetch():
-                self._fetch(source, self._claim(wanted)[0], max_request=max_request)
+                self.fetch_claims(source, self.claim(wanted)[0], max_request=max_request)
         return self.bytes_fetched - before
 
-    def background(self, source: BlobSource, stop: threading.Event, step: int = 4 << 20,
-                   progress: Callable[[int], None] | None = None, pace: Pace = Pace(),
-                   since: int | None = None) -> int:
-        """Fetch every chunk of ``source`` not cached yet, yielding to the foreground (``pace``).
-
-        ``since``: the count of container reads (``container_reads``) when the
-        layer resolved; given, the first request waits for a container read
-        after it, then for the foreground to go quiet (both bounded by
-        ``pace.delay``). Returns the bytes fetched. Errors end the pass (the
-        next read or the next resolve retries); a failed background fetch
-        never fails a read. ``progress`` hears the bytes of each request (it
-        feeds the metrics).
-        """
-        fetched = 0
-        started = since is None
-        pending: deque[Future] = deque()  # the batches in flight, oldest first: (bytes, failure)
-        failed: BaseException | None = None
-
-        def collect(done: Future) -> BaseException | None:
-            nonlocal fetched
-            n, e = done.result()
-            fetched += n
-            if progress is not None and n:
-                progress(n)
-            return e
-        with ThreadPoolExecutor(max_workers=BACKGROUND_REQUESTS, thread_name_prefix="als-background-fetch") as pool:
-            for batch in self._batches(source, step):
-                if stop.is_set() or failed is not None:
-                    break
-                if not started:
-                    self.foreground.wait_start(stop, pace, since, lambda: source.streaming)
-                    started = True
-                source.filling = True
-                if not source.streaming:  # a container reading it front to back wants all of it
-                    self.foreground.wait_idle(stop, pace)
-                self._wait_writer(stop)
-                while len(pending) >= BACKGROUND_REQUESTS and failed is None:
-                    failed = collect(pending.popleft())
-                if failed is None and not stop.is_set():
-                    # The claims are handed over, not kept: a batch's chunks are released one by
-                    # one as they are delivered instead of all living until the batch ends.
-                    pending.append(pool.submit(self._fetch_counted, source, self._claim(batch)[0]))
-            for done in pending:
-                e = collect(done)
-                failed = failed or e
-        if failed is not None:
-            log.info("%s: background fetch stopped: %s", source.label, failed)
-        return fetched
-
-    def _batches(self, source: BlobSource, step: int) -> Iterator[list[T.Chunk]]:
-        """The chunks not cached yet in blob order, ``step`` compressed bytes at a time however far
-        apart the foreground's fetches left them; chunks sharing bytes (a gzip index's span) never
-        split between two batches, which may be in flight at once."""
-        chunks = source.chunks
-        i = 0
-        while i < len(chunks):
-            batch: list[T.Chunk] = []
-            missing = end = 0
-            while i < len(chunks) and (chunks[i].blob_start < end or missing < step and (
-                    not batch or chunks[i].blob_end - batch[0].blob_start <= BATCH_SPAN * step)):
-                if not self.cache.contains(chunks[i].digest):
-                    batch.append(chunks[i])
-                    missing += chunks[i].blob_end - chunks[i].blob_start
-                end = max(end, chunks[i].blob_end)
-                i += 1
-            if batch:
-                yield batch
-
-    def _fetch_counted(self, source: BlobSource, claimed: list) -> tuple[int, BaseException | None]:
-        """One background batch: the bytes it received and its failure, or None."""
-        received: list[int] = []
-        failed = self._fetch(source, claimed, gap=BACKGROUND_GAP, received=received)
-        release_free_memory()
-        return sum(received), failed
-
-    def _wait_writer(self, stop: threading.Event) -> None:
-        """Back-pressure on the background fetch only: wait while the cache's disk writer is behind.
-
-        Each background batch adds its chunks to the writer's queue; fetching the next before the
-        queue has room would only make ``put`` write inline or pile chunks up in memory. Bounded,
-        so a stuck disk cannot stall the pass for good (``put`` then writes inline).
-        """
-        deadline = time.monotonic() + WRITER_WAIT
-        while not stop.is_set() and not self.cache.wait_for_room(0.1):
-            if time.monotonic() >= deadline:
-                return
-
     # ---- mechanics ----------------------------------------------------------------------
-    def _claim(self, chunks: Sequence[T.Chunk]) -> tuple[list, list]:
+    def claim(self, chunks: Sequence[T.Chunk]) -> tuple[list, list]:
         """Split chunks into those this caller must fetch and those already being fetched."""
         mine, theirs = [], []
         with self._lock:
@@ -302,15 +198,14 @@ class ChunkFetcher:
                     theirs.append((c, fut))
         return mine, theirs
 
-    def _fetch(self, source: BlobSource, claimed: list, max_request: int | None = None,
-               optional: list | None = None, gap: int | None = None,
-               received: list[int] | None = None) -> BaseException | None:
-        """Fetch and deliver the claimed chunks; the first failure, or None.
+    def fetch_claims(self, source: BlobSource, claimed: list, max_request: int | None = None,
+                     optional: list | None = None, gap: int | None = None,
+                     received: list[int] | None = None) -> BaseException | None:
+        """Fetch and deliver the claimed chunks (``claim``); the first failure, or None.
 
         ``optional`` claims (read-ahead) are fetched where they come cheaply; claims at most
         ``gap`` bytes apart (default: ``coalesce_gap``) share a request; ``received`` hears the
-        bytes of each request;
-        with ``span_cut``, a gzip index span is fetched only as far as
+        bytes of each request; with ``span_cut``, a gzip index span is fetched only as far as
         ``claimed`` needs, and the optional chunks past that end as Skipped
         (their waiters fetch them).
 
@@ -391,7 +286,7 @@ class ChunkFetcher:
         riders = [c for c in source.within(start, end) if not self.cache.contains(c.digest)]
         if not riders:
             return run
-        mine, _ = self._claim(riders)  # those already in flight (ours among them) stay where they are
+        mine, _ = self.claim(riders)  # those already in flight (ours among them) stay where they are
         if not mine:
             return run
         return sorted(run + mine, key=lambda cf: (cf[0].blob_start, cf[0].inner_offset))
@@ -409,7 +304,7 @@ class ChunkFetcher:
         end = start + len(data)
         inside = [c for c in source.chunks if c.blob_start >= start and c.blob_end <= end
                   and not self.cache.contains(c.digest)]
-        mine, _ = self._claim(inside)
+        mine, _ = self.claim(inside)
         if mine:
             self._answering(source, mine, lambda: self._deliver(source, mine, data, start))
         return len(mine)

@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from als.config import Config
+from als.fetch import background
 from als.fetch.fetcher import ChunkFetcher
 from als.fetch.source import BlobSource
 from als.fetch.pace import Pace
@@ -96,9 +97,9 @@ class Warmer:
                            if not self.fetcher.cache.contains(c.digest))
                 with metrics.background_fetch(label, left) as progress:
                     f = self.config.fetch
-                    n = self.fetcher.background(layer.source, self._stop, f.background_step,
-                                                progress=progress.advance,
-                                                pace=Pace(f.background_quiet, f.background_delay), since=since)
+                    n = background.fill(self.fetcher, layer.source, self._stop, f.background_step,
+                                        progress=progress.advance,
+                                        pace=Pace(f.background_quiet, f.background_delay), since=since)
                 if not self._stop.is_set():
                     log.info("%s: background fetch done: %d bytes in %.2fs", label, n, time.monotonic() - t0)
         except Exception as e:  # warming is an optimisation: reads fetch what it missed

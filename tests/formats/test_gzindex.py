@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from als.errors import FormatError, VerificationError
+from als.fetch.background import fill
 from als.fetch.cache import ChunkCache
 from als.fetch.fetcher import ChunkFetcher
 from als.fetch.source import BlobSource
@@ -418,7 +419,7 @@ def test_the_background_fetch_takes_each_span_once_then_reads_stay_local(layer, 
     source = BlobSource("test layer", lambda s, e: requests.append((s, e)) or blob[s:e], idx.toc.compression,
                         [c for e in idx.toc.entries for c in e.chunks])
     fetcher = ChunkFetcher(ChunkCache(tmp_path / "cache"))
-    fetched = fetcher.background(source, threading.Event(), step=step)
+    fetched = fill(fetcher, source, threading.Event(), step=step)
     assert fetched <= len(blob)
     assert len(requests) <= len(idx.checkpoints)
     assert sorted(set(requests)) == sorted(requests)  # no range twice
