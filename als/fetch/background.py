@@ -6,8 +6,8 @@ link; yet on a shared link each request it has in flight is one a
 container's next miss waits behind. So it yields (als/fetch/pace.py): it
 starts once a container's start-up burst has gone quiet (or at once when a
 container streams the layer front to back), pauses while a foreground fetch
-is in flight, and keeps two requests in flight only while containers have
-been quiet for ``pace.quiet`` seconds (or stream the layer); each wait is bounded, so it cannot be starved for good. The
+is in flight, and keeps two requests in flight only while a container
+streams the layer and so waits on it; each wait is bounded, so it cannot be starved for good. The
 foreground's fetches leave holes; it fetches across the small ones.
 """
 
@@ -34,8 +34,10 @@ log = logging.getLogger("als.fetch")
 GAP = 512 << 10
 # A batch (the unit the fetch pauses between) gathers ``step`` missing bytes within SPAN * step of the blob.
 SPAN = 4
-# Batches in flight at once while the foreground is quiet (``pace.quiet``): one after another, 4 MiB
-# came at 17.5 MB/s over a 25 MB/s link. While a container reads, one: its next miss waits behind them.
+# Batches in flight at once while a container streams the layer (and waits on this fetch): one
+# after another, 4 MiB came at 17.5 MB/s over a 25 MB/s link. Otherwise one: a container's next
+# miss waits behind every request in flight, and on a fast link two decode on two cores at once,
+# which starved a container starting beside them on 2 cores (test_optimize's workload, under load).
 REQUESTS = 2
 # Longest a batch waits for the cache's disk writer to catch up (seconds).
 WRITER_WAIT = 10.0
@@ -76,13 +78,10 @@ def fill(fetcher: ChunkFetcher, source: BlobSource, stop: threading.Event, step:
             if not source.streaming:  # a container reading it front to back wants all of it
                 foreground.wait_idle(stop, pace)
             _wait_writer(fetcher.cache, stop)
-            quiet = source.streaming or time.monotonic() - foreground.busy_at >= pace.quiet
-            while len(pending) >= (REQUESTS if quiet else 1) and failed is None:
+            while len(pending) >= (REQUESTS if source.streaming else 1) and failed is None:
                 failed = collect(pending.popleft())
             if failed is None and not stop.is_set():
-                # The claims are handed over, not kept: a batch's chunks are released one by
-                # one as they are delivered instead of all living until the batch ends.
-                pending.append(pool.submit(_fetch_batch, fetcher, source, fetcher.claim(batch)[0]))
+                pending.append(pool.submit(_fetch_batch, fetcher, source, batch))
         for done in pending:
             e = collect(done)
             failed = failed or e
@@ -111,10 +110,12 @@ def _batches(cache: ChunkCache, source: BlobSource, step: int) -> Iterator[list[
             yield batch
 
 
-def _fetch_batch(fetcher: ChunkFetcher, source: BlobSource, claimed: list) -> tuple[int, BaseException | None]:
-    """One batch: the bytes it received and its failure, or None."""
+def _fetch_batch(fetcher: ChunkFetcher, source: BlobSource, batch: list[T.Chunk]) -> tuple[int, BaseException | None]:
+    """One batch: the bytes it received and its failure, or None. Claimed here, on the thread that
+    answers the claims, so that no claim is left unanswered if the batch never runs; and handed
+    over, not kept: its chunks are released one by one as they are delivered."""
     received: list[int] = []
-    failed = fetcher.fetch_claims(source, claimed, gap=GAP, received=received)
+    failed = fetcher.fetch_claims(source, fetcher.claim(batch)[0], gap=GAP, received=received)
     release_free_memory()
     return sum(received), failed
 

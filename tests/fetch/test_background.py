@@ -69,9 +69,10 @@ def test_background_fills_the_small_holes_foreground_reads_leave_in_one_request(
     reads_stay_local(registry, fetcher, source, view, files, layer.digest)
 
 
-def test_background_keeps_two_requests_in_flight(tmp_path, layer_source):
+def test_background_keeps_two_requests_in_flight_while_a_container_streams_the_layer(tmp_path, layer_source):
     make, view, files, layer = layer_source
     fetcher, source = ChunkFetcher(ChunkCache(tmp_path)), make()
+    source.streaming = True  # a container reads it front to back, waiting on the background fetch
     second = threading.Event()
 
     def hold(n):
@@ -196,12 +197,12 @@ def test_a_background_batch_holds_no_chunk_its_readers_have_had(tmp_path, layer_
     assert seen[0] < 1 << 20, f"{seen[0]} bytes held of {len(files) * 4 * CHUNK} decoded"
 
 
-def test_background_sends_one_request_at_a_time_while_a_container_reads(tmp_path, layer_source):
-    """A container that read lately (within ``pace.quiet``) and does not stream the layer: its next
-    miss would wait behind every background request on the link, so there is one at a time."""
+def test_background_sends_one_request_at_a_time_unless_a_container_streams_the_layer(tmp_path, layer_source):
+    """A container's next miss would wait behind every background request on the link, and on a
+    fast link each request keeps a core busy inflating: one at a time, unless a container waits
+    on the background fetch (streaming the layer)."""
     make, view, files, layer = layer_source
     fetcher, source = ChunkFetcher(ChunkCache(tmp_path)), make()
     requests = InFlight(source, lambda n: time.sleep(0.05))  # time for a second to start beside it, were one sent
-    fetcher.foreground.read_cached()  # a container read, just now
-    fill(fetcher, source, threading.Event(), step=256 << 10, pace=Pace(quiet=60.0, delay=60.0))
+    fill(fetcher, source, threading.Event(), step=256 << 10)
     assert requests.most == 1 and fetcher.cached(source.chunks)
