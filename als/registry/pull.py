@@ -143,7 +143,6 @@ class Puller:
 
         return self.pull(op, "GET", f"blobs/{digest}", consume, headers)
 
-
     def read_tail(self, ref: Reference, digest: str, length: int) -> tuple[int, bytes] | None:
         check_digest(digest)
         if length <= 0:

@@ -11,10 +11,8 @@ from __future__ import annotations
 import socket
 import threading
 
-import pytest
 
 from als.reference import parse_reference
-from tests.support.registry import RegistryProcess
 from tests.support.regtest import fast_client, hermetic_env, insecure, push_image, sha, write_conf  # noqa: F401
 
 HOLD = 1.0  # seconds a TLS connection waits for a plain one before it is dropped (below the client's timeouts)
@@ -96,19 +94,10 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
         pass
 
 
-@pytest.fixture(scope="module")
-def pushed():
-    reg = RegistryProcess().start()
-    try:
-        yield reg
-    finally:
-        reg.cleanup()
-
-
-def test_first_request_to_an_insecure_plain_registry_does_not_wait_for_https(pushed, tmp_path):
-    with fast_client(write_conf(tmp_path, insecure(pushed.host))) as c:
-        image = push_image(c, parse_reference(f"{pushed.host}/ns/app:v1"))
-    with TLSGate(("127.0.0.1", pushed.port)) as gate:
+def test_first_request_to_an_insecure_plain_registry_does_not_wait_for_https(registry, tmp_path):
+    with fast_client(write_conf(tmp_path, insecure(registry.host))) as c:
+        image = push_image(c, parse_reference(f"{registry.host}/ns/app:v1"))
+    with TLSGate(("127.0.0.1", registry.port)) as gate:
         (tmp_path / "gate").mkdir()
         with fast_client(write_conf(tmp_path / "gate", insecure(gate.host))) as c:
             m = c.get_manifest(parse_reference(f"{gate.host}/ns/app:v1"))

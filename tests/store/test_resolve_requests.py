@@ -17,7 +17,6 @@ import random
 import threading
 import time
 
-import pytest
 
 from als.reference import parse_reference
 from als.tools import image as alsimage
@@ -29,15 +28,6 @@ from tests.support.regtest import fast_client, hermetic_env, insecure, write_con
 # No background fetch, no prediction: only what resolving needs reaches the registry.
 CONFIG = "[fetch]\nbackground = false\npredict = false\n"
 HOLD = 5.0  # seconds the front holds the config answer waiting for the tails (it never needs them all)
-
-
-@pytest.fixture(scope="module")
-def registry():
-    reg = RegistryProcess().start()
-    try:
-        yield reg
-    finally:
-        reg.cleanup()
 
 
 def push(reg: RegistryProcess, tmp_path, ref: str, n_layers: int) -> tuple[list[alsimage.BuiltLayer], str]:
