@@ -114,12 +114,11 @@ class ChunkFetcher:
             return _sized(source, chunks, out)
         mine, theirs = self.claim(missing)
         if mine:
-            # The background fetch yields to this, not to a read waiting for what another fetch brings.
-            with self.foreground.fetch(container=not warming):
-                # What this call fetches is handed to _fetch, which answers every claim whatever
-                # fails; the read-ahead claims are not kept here: once delivered, their chunks
-                # belong to the cache and to whoever waits on them.
-                self.fetch_claims(source, list(mine), optional=self._read_ahead(source, mine, file_chunks, neighbours))
+            # What this call fetches is handed to fetch_claims, which answers every claim whatever
+            # fails; the read-ahead claims are not kept here: once delivered, their chunks belong
+            # to the cache and to whoever waits on them.
+            self._fetch_aside(source, list(mine), self._read_ahead(source, mine, file_chunks, neighbours),
+                              container=not warming)
         elif not warming:
             self.foreground.read_cached()
         deadline = time.monotonic() + self.wait_timeout
@@ -157,6 +156,20 @@ class ChunkFetcher:
         except Exception as e:  # a read-ahead is an optimisation: the read goes on without it
             log.warning("%s: choosing what to read ahead failed: %s", source.label, e)
             return []
+
+    def _fetch_aside(self, source: BlobSource, claimed: list, optional: list, container: bool) -> None:
+        """Fetch a read's claims, and what it reads ahead, on a thread of their own: the read waits
+        only for its own chunks, each handed out as its bytes are in, not for the end of requests
+        that bring more (the rest of a program, the small files after the one asked for).
+        ``container``: a container's read, which the background fetch yields to (``Foreground``)."""
+        def fetch() -> None:
+            with self.foreground.fetch(container=container):
+                self.fetch_claims(source, claimed, optional=optional)
+
+        try:
+            threading.Thread(target=fetch, name=f"{threading.current_thread().name}-fetch", daemon=True).start()
+        except RuntimeError:  # no thread to be had: fetched here, and every claim answered
+            fetch()
 
     @staticmethod
     def _following(chunks: Sequence[T.Chunk], first: T.Chunk, budget: int) -> list[T.Chunk]:

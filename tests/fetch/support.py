@@ -4,6 +4,7 @@ recording the requests a source makes."""
 from __future__ import annotations
 
 import threading
+import time
 
 from als.fetch.source import BlobSource
 
@@ -23,6 +24,15 @@ def reads_stay_local(registry, fetcher, source, view, files, digest):
     assert served(registry, mark, digest) == (0, 0)
 
 
+def settled(fetcher, timeout: float = 10.0) -> None:
+    """Wait, bounded, until no chunk is in flight: a read is answered once its own chunks are in,
+    and what its request brings along arrives after it."""
+    deadline = time.monotonic() + timeout
+    while fetcher.inflight() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fetcher.inflight() == 0, "fetches still in flight"
+
+
 def read_file(fetcher, source, view, name):
     node = view.lookup([name])
     return b"".join(fetcher.read(source, node.chunks_for(0, node.size)))
@@ -40,6 +50,8 @@ class Recording:
 
         def stream(start, end, sink):
             name = threading.current_thread().name
+            if name.startswith("foreground"):  # the reader's thread, or the one it fetches on
+                name = "foreground"
             self.calls.append((name, start))
             if name == "foreground" and not self.go.is_set():
                 self.held.set()

@@ -12,7 +12,7 @@ import pytest
 from als.fetch.cache import ChunkCache
 from als.errors import Interrupted, RegistryError
 from als.fetch.fetcher import ChunkFetcher
-from tests.fetch.support import CHUNK, read_file, served
+from tests.fetch.support import CHUNK, read_file, served, settled
 
 
 def test_concurrent_reads_of_one_chunk_fetch_it_once(tmp_path, registry, layer_source):
@@ -41,6 +41,40 @@ def test_prefetch_claims_first_so_readers_wait_for_it(tmp_path, registry, layer_
     mark = registry.mark()
     assert read_file(fetcher, source, view, "f05") == files["f05"]
     assert served(registry, mark, layer.digest) == (0, 0)
+
+
+def test_a_read_is_answered_once_its_own_chunks_are_in_not_when_its_request_ends(tmp_path, registry,
+                                                                                layer_source):
+    make, view, files, layer = layer_source
+    fetcher, source = ChunkFetcher(ChunkCache(tmp_path), readahead_max=0, file_readahead=8 << 20), make()
+    node = view.lookup(["f04"])
+    first = node.chunks[0]
+    release = threading.Event()
+    inner = source._stream_range
+
+    def stream(start, end, sink):  # the rest of the file waits until the read has had its answer
+        got = [0]
+
+        def held(data):
+            sink(data)
+            got[0] += len(data)
+            if start + got[0] >= first.blob_end:
+                release.wait(10)
+        return inner(start, end, held)
+
+    source._stream_range = stream
+    mark = registry.mark()
+    answered = []
+    reader = threading.Thread(target=lambda: answered.append(fetcher.read(source, [first], node.chunks)))
+    reader.start()
+    reader.join(5)
+    early = not reader.is_alive()  # answered while the request still held the rest of the file
+    release.set()
+    reader.join(10)
+    assert early and answered == [[files["f04"][:CHUNK]]]
+    settled(fetcher)
+    assert fetcher.cached(node.chunks)  # the rest of the file came in the same request
+    assert served(registry, mark, layer.digest)[0] == 1
 
 
 def test_read_ahead_grows_on_sequential_misses_only(tmp_path, registry, layer_source):
@@ -97,7 +131,8 @@ def test_streamed_runs_with_gaps_deliver_every_chunk(tmp_path, layer_source, pie
     wanted = [c for n in names for c in view.lookup([n]).chunks]
     fetcher = ChunkFetcher(ChunkCache(tmp_path), coalesce_gap=1 << 30)
     assert fetcher.fetch_claims(make(piece), fetcher.claim(wanted)[0]) is None
-    assert fetcher.requests == 1 and fetcher.inflight() == 0
+    settled(fetcher)
+    assert fetcher.requests == 1
     for name in names:
         assert read_file(fetcher, make(), view, name) == files[name]
     assert fetcher.requests == 1
@@ -115,7 +150,7 @@ def test_a_stream_cut_short_fails_the_chunks_it_did_not_bring(tmp_path, layer_so
     fetcher = ChunkFetcher(ChunkCache(tmp_path), coalesce_gap=1 << 30)
     chunks = view.lookup(["f01"]).chunks
     assert isinstance(fetcher.fetch_claims(source, fetcher.claim(chunks)[0]), RegistryError)
-    assert fetcher.inflight() == 0
+    settled(fetcher)
     assert all(fetcher.cache.contains(c.digest) for c in chunks[:-1])
 
 
@@ -132,7 +167,7 @@ def test_a_chunk_the_cache_cannot_store_is_served_and_leaves_no_claim_behind(tmp
     source = make()
     for _ in range(2):  # an orphaned claim would make the second read wait out the timeout and fail
         assert read_file(fetcher, source, view, "f03") == files["f03"]
-    assert fetcher.inflight() == 0
+    settled(fetcher)
 
 
 def test_a_failure_between_claim_and_fetch_answers_every_claim(tmp_path, layer_source):
@@ -144,7 +179,7 @@ def test_a_failure_between_claim_and_fetch_answers_every_claim(tmp_path, layer_s
     broken.stream_range = lambda *a: [][1]  # not a registry error: an unexpected one
     with pytest.raises(IndexError):
         read_file(fetcher, broken, view, "f05")
-    assert fetcher.inflight() == 0
+    settled(fetcher)
     assert read_file(fetcher, make(), view, "f05") == files["f05"]  # at once, not after the timeout
 
 

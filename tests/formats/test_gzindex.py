@@ -26,6 +26,7 @@ from als.errors import FormatError, VerificationError
 from als.fetch.background import fill
 from als.fetch.cache import ChunkCache
 from als.fetch.fetcher import ChunkFetcher
+from tests.fetch.support import settled
 from als.fetch.source import BlobSource
 from als.formats import gzindex as G
 from als.formats import gzindex_writer as GW
@@ -462,10 +463,10 @@ def test_a_read_fetches_its_span_only_as_far_as_the_file_and_the_rest_comes_when
     assert len(requests) == 1 and requests[0][0] == first.blob_start and requests[0][1] < first.blob_end, requests
     last = files[-1]
     assert not fetcher.cache.contains(last.chunks[0].digest)
-    assert fetcher.inflight() == 0  # the files it stopped short of left no claim behind
+    settled(fetcher)  # the files it stopped short of left no claim behind
     for e in files:
         assert b"".join(fetcher.read(source, e.chunks)) == expected[e.name]
-    assert fetcher.inflight() == 0
+    settled(fetcher)
     # read one after another, the span's files cost its prefix twice at most: the second miss takes it whole
     assert len(requests) == 2 and requests[1] == (first.blob_start, first.blob_end), requests
 
@@ -507,4 +508,4 @@ def test_a_reader_waiting_for_a_file_the_fetch_stopped_short_of_fetches_it(layer
     thread.join(30)
     assert not thread.is_alive()
     assert second.get("data") == expected[files[-1].name], second.get("error")
-    assert fetcher.inflight() == 0
+    settled(fetcher)

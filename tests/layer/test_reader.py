@@ -30,6 +30,7 @@ from als.layer.resolved import Layer, LayerDescriptor
 from als.layer.startup import Predictor, elf_needs_of
 from als.layer.view import LayerView
 from als.tools.image import estargz_layer
+from tests.fetch.support import settled
 from tests.support import images
 
 CHUNK = 64 << 10
@@ -104,6 +105,7 @@ def test_a_program_or_library_comes_whole_on_its_first_miss_and_a_data_file_does
         assert len(tree.requests) == before  # asking whether a read would wait fetches nothing
         node = layer.view.lookup(path.split("/"))
         assert f.read(0, 4096) == tree.files[path][:4096]
+        settled(reader.fetcher)
         assert len(tree.requests) == before + 1
         assert f.ready(2 * CHUNK, 4096) == (path != "data/big.bin"), path
         assert f.read(2 * CHUNK + 5, CHUNK) == tree.files[path][2 * CHUNK + 5:node.size]
@@ -114,10 +116,40 @@ def test_a_small_file_brings_the_small_files_after_it_in_its_directory(tmp_path,
     reader = LayerReader(fetcher_for(tmp_path), AccessRecorder())
     files = {n: open_file(reader, layer, f"py/{n}") for n in ("m0.py", "m1.py", "m4.py", "zz.bin")}
     assert files["m1.py"].read(0, 10) == tree.files["py/m1.py"][:10]
+    settled(reader.fetcher)
     assert len(tree.requests) == 1
     assert files["m4.py"].ready(0, 4096) and not files["zz.bin"].ready(0, 4096)
     assert files["m4.py"].read(0, 4096) == tree.files["py/m4.py"]
     assert len(tree.requests) == 1
+
+
+def test_a_read_is_answered_before_the_small_files_it_brings_along_are_in(tmp_path):
+    blob = Blob(dirs("py") + [images.Entry("py/a.py", data=os.urandom(4096)),
+                              images.Entry("py/big.bin", data=os.urandom(3 * CHUNK)),  # past the coalesce gap
+                              images.Entry("py/b.py", data=os.urandom(4096))])
+    layer = blob.layer()
+    far = layer.view.lookup(["py", "b.py"]).chunks[0].blob_start
+    release = threading.Event()
+    read_range = layer.source.read_range
+
+    def held(start, end):
+        if start == far:
+            release.wait(10)
+        return read_range(start, end)
+
+    layer.source.read_range = held
+    reader = LayerReader(fetcher_for(tmp_path), AccessRecorder())
+    answered = []
+    t = threading.Thread(target=lambda: answered.append(open_file(reader, layer, "py/a.py").read(0, 4096)))
+    t.start()
+    t.join(5)
+    early = not t.is_alive()  # answered while the small file past the gap was still on its way
+    release.set()
+    t.join(10)
+    assert early and answered == [blob.files["py/a.py"]]
+    settled(reader.fetcher)
+    assert sorted(s for s, _ in blob.requests)[1] == far  # past the coalesce gap: a request of its own
+    assert len(blob.requests) == 2 and open_file(reader, layer, "py/b.py").ready(0, 4096)
 
 
 def test_reads_are_recorded_by_path_while_recording_is_on(tmp_path, tree):
