@@ -30,6 +30,7 @@ from als.digest import sha256_digest
 from als.errors import FormatError, RegistryError, VerificationError
 from als.formats import lazy
 from als.formats import toc as T
+from als.fetch.front import FrontRead
 from als.fetch.pace import Foreground
 from als.fetch.rundecoder import RunDecoder, Skipped
 from als.fetch.source import BlobSource
@@ -183,18 +184,49 @@ class ChunkFetcher:
             out.append(c)
         return out
 
-    def prefetch(self, source: BlobSource, chunks: Sequence[T.Chunk], max_request: int) -> int:
+    def prefetch(self, source: BlobSource, chunks: Sequence[T.Chunk], max_request: int,
+                 front: FrontRead | None = None) -> int:
         """Fetch ``chunks`` (the prioritised front of a layer) in as few requests as allowed.
 
         Claims them first, so foreground reads that arrive meanwhile wait for
-        these fetches instead of starting their own. Returns bytes fetched.
+        these fetches instead of starting their own. The chunks that lie in
+        ``front``, a read of the blob's first bytes started before the layer
+        was built, are taken from it as its bytes arrive. Returns bytes fetched.
         """
         before = self.bytes_fetched
         wanted = [c for c in chunks if not c.zeros and not self.cache.contains(c.digest)]
         if wanted:
             with self.foreground.fetch():
-                self.fetch_claims(source, self.claim(wanted)[0], max_request=max_request)
+                mine = self.claim(wanted)[0]
+                self._answering(source, mine, lambda: self.fetch_claims(
+                    source, self._from_front(source, mine, front), max_request=max_request))
         return self.bytes_fetched - before
+
+    def _from_front(self, source: BlobSource, claimed: list, front: FrontRead | None) -> list:
+        """Deliver the claimed chunks that ``front`` brings and that check out; the claims left to
+        fetch. Empties ``claimed``. A chunk that fails its check there is fetched again, not failed:
+        that read was only a head start."""
+        if front is None:
+            return claimed
+        left: list = []
+        claimed.sort(key=lambda cf: cf[0].blob_start, reverse=True)
+        while claimed:
+            c, fut = claimed.pop()
+            raw = front.take(c.blob_start, c.blob_end)
+            if raw is None:
+                left.append((c, fut))
+                continue
+            try:
+                chunk = self._decode(source, c, raw)
+            except Exception as e:
+                log.warning("%s: %s; fetching it again", source.label, e)
+                left.append((c, fut))
+                continue
+            self._hand_out(source, c, fut, chunk)
+        with self._lock:
+            self.bytes_fetched += front.received()
+            self.requests += 1
+        return left
 
     # ---- mechanics ----------------------------------------------------------------------
     def claim(self, chunks: Sequence[T.Chunk]) -> tuple[list, list]:
@@ -336,12 +368,16 @@ class ChunkFetcher:
         except Exception as e:
             self.finish(c, fut, exc=e)
             return e
+        self._hand_out(source, c, fut, chunk)
+        return None
+
+    def _hand_out(self, source: BlobSource, c: T.Chunk, fut: Future, chunk: bytes) -> None:
+        """Cache a verified chunk and answer its claim with it."""
         try:
             self.cache.put(c.digest, chunk)
         except Exception as e:  # verified all the same: served from memory, fetched again next time
             log.warning("%s: caching chunk %s failed: %s", source.label, c.digest, e)
         self.finish(c, fut, result=chunk)
-        return None
 
     def _drop_cached(self, claimed: list) -> list:
         """Finish claims that another fetch completed between our cache check and our claim.

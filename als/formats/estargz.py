@@ -21,7 +21,7 @@ import operator
 import re
 import tarfile
 import zlib
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from als.digest import is_sha256, sha256_digest
 from als.errors import FormatError, VerificationError
@@ -34,6 +34,8 @@ LEGACY_FOOTER_SIZE = 47
 TOC_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
 NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
+_FRONT = (PREFETCH_LANDMARK, "./" + PREFETCH_LANDMARK)  # as a TOC may spell them
+_NO_FRONT = (NO_PREFETCH_LANDMARK, "./" + NO_PREFETCH_LANDMARK)
 LANDMARK_CONTENTS = b"\x0f"
 # The layer annotations, here under the format's name; zstd:chunked layers carry the size one too.
 TOC_DIGEST_ANNOTATION = tocentries.TOC_DIGEST_ANNOTATION
@@ -324,6 +326,7 @@ def parse_toc(
     toc_offset: int,
     max_toc_size: int = 64 << 20,
     max_entries: int = MAX_TOC_ENTRIES,
+    on_front: Callable[[int], None] | None = None,
 ) -> toc.TOC:
     """Decode, verify and normalise the TOC member of an eStargz blob.
 
@@ -333,6 +336,12 @@ def parse_toc(
     digest is over the JSON bytes (not the gzip member), which is what the
     ``containerd.io/snapshot/stargz/toc.digest`` annotation vouches for; a
     mismatch raises VerificationError before the JSON is even parsed.
+
+    ``on_front`` hears where the blob's prioritised front ends (its
+    ``.prefetch.landmark``) as soon as the JSON is decoded, before the
+    entries are checked and built (most of the parse): the store starts its
+    prefetch on that word. Only a head start: what it fetches is verified
+    chunk by chunk against the TOC once that is built.
     """
     if toc_offset < 0:
         raise FormatError(f"negative TOC offset {toc_offset}")
@@ -364,7 +373,24 @@ def parse_toc(
     del text
     items = toc.entry_list(doc, "TOC", max_entries)
     del doc
+    if on_front is not None:
+        end = front_end(items, toc_offset)
+        if end:
+            on_front(end)
     return _normalise(_consumed(items), digest, toc_offset, max_entries)
+
+
+def front_end(items: list, toc_offset: int) -> int:
+    """Where the prioritised front of the blob ends, from the TOC's raw entries: the offset of
+    its ``.prefetch.landmark``; 0 if it has none, or a ``.no.prefetch.landmark``."""
+    for obj in items:
+        name = obj.get("name") if isinstance(obj, dict) else None
+        if name in _NO_FRONT:
+            return 0
+        if name in _FRONT:
+            offset = obj.get("offset")
+            return offset if type(offset) is int and 0 < offset <= toc_offset else 0
+    return 0
 
 
 def _consumed(items: list) -> Iterator[object]:

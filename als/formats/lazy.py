@@ -53,6 +53,7 @@ class TOCContext:
     layer_digest: str = ""  # gzip index: the layer's blob digest, which its index must name
     layer_diff_id: str = ""  # gzip index: the config's DiffID of the layer, which its index must name
     index_digest: str = ""  # gzip index: found through a referrer of the image, not in the annotations
+    front_found: Callable[[int], None] | None = None  # eStargz: hears where the prioritised front ends, early
 
 
 @dataclass
@@ -156,7 +157,8 @@ class EStargz:
             member = read_range(toc_offset, tail_start) + tail[:member_end - tail_start]
         with ctx.parse_slot:
             parsed = estargz.parse_toc(member, toc_digest or None, toc_offset=toc_offset,
-                                       max_toc_size=ctx.max_toc_size, max_entries=ctx.max_entries)
+                                       max_toc_size=ctx.max_toc_size, max_entries=ctx.max_entries,
+                                       on_front=ctx.front_found)
         if toc_digest:
             ctx.saved.put_toc(toc_digest, toc_offset, member)
         return OpenedTOC(parsed, diff_size, tail, tail_start)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from als.fetch.front import FrontRead
 from als.fetch.source import BlobSource
 from als.formats import lazy
 from als.formats import toc as T
@@ -45,6 +46,9 @@ class Layer:
     view: LayerView
     source: BlobSource
     prefetch: list[T.Chunk] = field(default_factory=list)  # fetched as soon as the layer resolves
+    # The prefetch's first bytes, read from the blob's start as soon as its TOC said where the prefetch
+    # ends (before the tree was built): the prefetch takes them (``Warmer``) instead of fetching them.
+    front: FrontRead | None = None
     layer_id: int = 0  # the high half of its inode numbers; a rebuild after eviction keeps it
 
     def info(self, key: str) -> bytes:

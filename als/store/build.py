@@ -23,6 +23,7 @@ from als.config import Config
 from als.digest import is_sha256
 from als.errors import FormatError, NotFoundError, RegistryError
 from als.fetch.fetcher import ChunkFetcher
+from als.fetch.front import FrontRead
 from als.fetch.source import BlobSource
 from als.formats import lazy
 from als.layer.resolved import Layer, LayerDescriptor
@@ -71,6 +72,9 @@ def gc_paused():
 
 MAX_REFERRED_TRIES = 3  # gzip indexes that referrers name for one layer tried at most
 MAX_EARLY = 16  # layers of a manifest whose gzip index is fetched ahead of their resolution
+# The most of a layer's prioritised front read before its tree is built (FrontRead), held in memory
+# until its prefetch is over; the rest of a longer front is fetched by the prefetch itself.
+EARLY_FRONT = 8 << 20
 
 # Layer blob digest -> gzip index digests (store/referred.py), asked once per image resolution.
 Referred = Callable[[], dict[str, list[str]]]
@@ -238,15 +242,25 @@ class LayerBuilder:
         label = f"image {ref} layer {desc.digest}"
         known = evicted.diff_size if evicted is not None else None
         read_blob = partial(self._read_blob, ref)
+        read_range = partial(self.client.read_range, r, desc.digest)
+        stream = getattr(self.client, "stream_range", None)  # chunks decoded as they arrive, if it can
+        front: list[FrontRead] = []
+
+        def front_found(end: int) -> None:  # its prefetch starts here, streamed (``FrontRead``)
+            read = FrontRead(min(end, EARLY_FRONT))
+            if self.early.submit(partial(read.run, partial(stream, r, desc.digest))):
+                front.append(read)
+
         try:
             if referred is not None and lazy.plain_gzip(desc.media_type, desc.annotations):
                 opened = self._open_referred(label, desc, self._read_range(ref, desc.digest), known, read_blob,
                                              referred)
             else:
-                opened = self._open_toc(label, desc, self._read_range(ref, desc.digest), known, read_blob)
+                # A rebuilt layer's prefetch ran when it was first resolved.
+                opened = self._open_toc(label, desc, self._read_range(ref, desc.digest), known, read_blob,
+                                        front_found=front_found if evicted is None and stream else None)
         finally:
             self.early.discard((ref, desc.digest))  # taken, or not wanted after all
-        read_range = partial(self.client.read_range, r, desc.digest)
         toc, diff_size = opened.toc, opened.diff_size
         # kept in the state directory: the same inode numbers after eviction and after a restart
         layer_id = evicted.layer_id if evicted is not None else self.state.ids.layer(ref, desc.digest)
@@ -263,30 +277,32 @@ class LayerBuilder:
         if view.unservable:
             raise FormatError(f"it cannot be presented faithfully over FUSE ({len(view.unservable)} entries, "
                               f"first: {view.unservable[0]})")
-        stream = getattr(self.client, "stream_range", None)  # chunks decoded as they arrive, if it can
         source = BlobSource(label, read_range, toc.compression, view.chunks(),
                             stream_range=partial(stream, r, desc.digest) if stream else None)
         if opened.tail:
             self.fetcher.absorb(source, opened.tail[:max(toc.data_end - opened.tail_start, 0)], opened.tail_start)
         return Layer(ref=ref, desc=desc, toc_digest=toc.digest, diff_size=diff_size, view=view, source=source,
-                     prefetch=prefetch_chunks(source, prefetch_to),
+                     prefetch=prefetch_chunks(source, prefetch_to), front=front[0] if front else None,
                      layer_id=layer_id)
 
     # ---- finding and verifying the TOC, by format ------------------------------------
     def _open_toc(self, label: str, desc: LayerDescriptor, read_range, known_diff_size: int | None = None,
-                  read_blob: lazy.ReadBlob | None = None, index_digest: str = "") -> lazy.OpenedTOC:
+                  read_blob: lazy.ReadBlob | None = None, index_digest: str = "",
+                  front_found: Callable[[int], None] | None = None) -> lazy.OpenedTOC:
         """The layer's verified TOC and exact diff size, through its format; declined if it has none.
 
         ``known_diff_size`` is one computed before (the layer is rebuilt after
         eviction); ``read_blob`` fetches another blob of the image's
         repository (a gzip layer's index); ``index_digest`` is a gzip index
-        of the layer that a referrer of its image names.
+        of the layer that a referrer of its image names; ``front_found``
+        hears where an eStargz layer's prioritised front ends, as soon as its TOC is decoded.
         """
         fmt = lazy.GZIP_INDEX if index_digest else lazy.format_for(desc.media_type, desc.annotations)
         if fmt is None:
             raise FormatError(lazy.unserved_reason(desc.media_type))
         ctx = dataclasses.replace(self._toc_context(), read_blob=read_blob, layer_digest=desc.digest,
-                                  layer_diff_id=desc.diff_id, index_digest=index_digest)
+                                  layer_diff_id=desc.diff_id, index_digest=index_digest,
+                                  front_found=front_found)
         return fmt.open_toc(label, desc.size, desc.annotations, read_range, ctx, known_diff_size)
 
     def _open_referred(self, label: str, desc: LayerDescriptor, read_range, known_diff_size: int | None,

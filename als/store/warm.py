@@ -28,6 +28,9 @@ from als import metrics
 
 log = logging.getLogger("als.store")
 
+# Layers prefetched at once: each is one long request (or a few), and a container start needs them all.
+PREFETCHES = 8
+
 
 def prefetch_end(toc: T.TOC, prefetch_size: int) -> int:
     """Where in the blob what to fetch as soon as the layer resolves ends: at its landmark if it
@@ -51,14 +54,17 @@ def prefetch_chunks(source: BlobSource, end: int) -> list[T.Chunk]:
 class Warmer:
     """Prefetch, prediction and background fetch of newly resolved layers, on threads of its own.
 
-    Its pool is apart from the resolver's so that a long background fetch
-    never delays the resolution of another image's layers; its size
-    (``fetch.background_layers``) bounds how many layers stream at once.
+    Its pools are apart from the resolver's so that a long background fetch
+    never delays the resolution of another image's layers. Prefetches run at
+    once, each on a thread of its own (a container start waits on all of
+    them); the background fetches that follow them queue for
+    ``fetch.background_layers`` threads, which bound how many layers stream at once.
     """
 
     def __init__(self, config: Config, fetcher: ChunkFetcher):
         self.config = config
         self.fetcher = fetcher
+        self._prefetches = ThreadPoolExecutor(max_workers=PREFETCHES, thread_name_prefix="als-prefetch")
         self._pool = ThreadPoolExecutor(max_workers=max(config.fetch.background_layers, 1),
                                         thread_name_prefix="als-background")
         self._stop = threading.Event()
@@ -70,37 +76,57 @@ class Warmer:
         """Start warming a layer resolved for the first time (``entrypoint``: its image's program)."""
         if self.predictor is not None and not layer.prefetch:  # an optimized layer prefetches its own
             self.predictor.start(layer, entrypoint)
-        if layer.prefetch or self.config.fetch.background:
-            # Reads counted from now: the background fetch waits for the container that follows the pull.
-            self._pool.submit(self._warm, layer, self.fetcher.container_reads())
+        # Reads counted from now: the background fetch waits for the container that follows the pull.
+        since = self.fetcher.container_reads()
+        try:
+            if layer.prefetch:
+                self._prefetches.submit(self._prefetch, layer, since)
+            elif self.config.fetch.background:
+                self._pool.submit(self._fill, layer, since)
+        except RuntimeError:  # closed: the store is stopping
+            pass
 
     def close(self) -> None:
         """Stop background fetches at their next step; queued ones never start."""
         self._stop.set()
+        self._prefetches.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.predictor is not None:
             self.predictor.close()
 
-    def _warm(self, layer: Layer, since: int) -> None:
-        """Prefetch the layer's prioritised front, then stream the rest of it in the background,
-        once a container's start is over (``since``: container reads when the layer resolved)."""
+    def _prefetch(self, layer: Layer, since: int) -> None:
+        """Fetch the layer's prioritised front, then queue its background fetch."""
         label = layer.source.label
+        front, layer.front = layer.front, None  # taken once: its bytes go with the prefetch
         try:
-            if layer.prefetch:
-                t0 = time.monotonic()
-                n = self.fetcher.prefetch(layer.source, layer.prefetch, self.config.fetch.prefetch_request)
-                log.info("%s: prefetched %d chunks (%d bytes) in %.2fs", label, len(layer.prefetch), n,
-                         time.monotonic() - t0)
-            if self.config.fetch.background and not self._stop.is_set():
-                t0 = time.monotonic()
-                left = sum(c.blob_end - c.blob_start for c in layer.source.chunks
-                           if not self.fetcher.cache.contains(c.digest))
-                with metrics.background_fetch(label, left) as progress:
-                    f = self.config.fetch
-                    n = background.fill(self.fetcher, layer.source, self._stop, f.background_step,
-                                        progress=progress.advance,
-                                        pace=Pace(f.background_quiet, f.background_delay), since=since)
-                if not self._stop.is_set():
-                    log.info("%s: background fetch done: %d bytes in %.2fs", label, n, time.monotonic() - t0)
+            t0 = time.monotonic()
+            n = self.fetcher.prefetch(layer.source, layer.prefetch, self.config.fetch.prefetch_request, front)
+            log.info("%s: prefetched %d chunks (%d bytes) in %.2fs", label, len(layer.prefetch), n,
+                     time.monotonic() - t0)
         except Exception as e:  # warming is an optimisation: reads fetch what it missed
-            log.warning("%s: prefetch or background fetch failed: %s", label, e)
+            log.warning("%s: prefetch failed: %s", label, e)
+        if self.config.fetch.background and not self._stop.is_set():
+            try:
+                self._pool.submit(self._fill, layer, since)
+            except RuntimeError:  # closed meanwhile
+                pass
+
+    def _fill(self, layer: Layer, since: int) -> None:
+        """Stream the rest of the layer into the cache in the background, once a container's start
+        is over (``since``: container reads when the layer resolved)."""
+        label = layer.source.label
+        if self._stop.is_set():
+            return
+        try:
+            t0 = time.monotonic()
+            left = sum(c.blob_end - c.blob_start for c in layer.source.chunks
+                       if not self.fetcher.cache.contains(c.digest))
+            with metrics.background_fetch(label, left) as progress:
+                f = self.config.fetch
+                n = background.fill(self.fetcher, layer.source, self._stop, f.background_step,
+                                    progress=progress.advance,
+                                    pace=Pace(f.background_quiet, f.background_delay), since=since)
+            if not self._stop.is_set():
+                log.info("%s: background fetch done: %d bytes in %.2fs", label, n, time.monotonic() - t0)
+        except Exception as e:  # warming is an optimisation: reads fetch what it missed
+            log.warning("%s: background fetch failed: %s", label, e)

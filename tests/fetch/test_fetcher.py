@@ -12,6 +12,7 @@ import pytest
 from als.fetch.cache import ChunkCache
 from als.errors import Interrupted, RegistryError
 from als.fetch.fetcher import ChunkFetcher
+from als.fetch.front import FrontRead
 from tests.fetch.support import CHUNK, read_file, served, settled
 
 
@@ -41,6 +42,51 @@ def test_prefetch_claims_first_so_readers_wait_for_it(tmp_path, registry, layer_
     mark = registry.mark()
     assert read_file(fetcher, source, view, "f05") == files["f05"]
     assert served(registry, mark, layer.digest) == (0, 0)
+
+
+def _front(source, end, alter=None) -> FrontRead:
+    """A front read of the first ``end`` bytes, run at once; ``alter`` changes what it hands on."""
+    read = FrontRead(end)
+    stream = source.stream_range if alter is None else (
+        lambda start, stop, sink: source.stream_range(start, stop, lambda data: sink(alter(data))))
+    threading.Thread(target=read.run, args=(stream,), daemon=True).start()
+    return read
+
+
+def test_a_prefetch_takes_what_an_early_front_read_brings_and_fetches_only_the_rest(tmp_path, registry,
+                                                                                     layer_source):
+    make, view, files, layer = layer_source
+    fetcher, source = ChunkFetcher(ChunkCache(tmp_path), readahead_max=0), make(piece=1000)
+    front = source.chunks[:12]
+    mark = registry.mark()
+    read = _front(source, source.chunks[8].blob_end)  # a front shorter than the prefetch: the rest is fetched
+    fetched = fetcher.prefetch(source, front, 64 << 20, read)
+    assert served(registry, mark, layer.digest) == (2, fetched)
+    assert fetcher.cached(front) and not fetcher.cached(source.chunks[12:13])
+    mark = registry.mark()
+    for name in ("f00", "f01", "f02"):
+        assert read_file(fetcher, source, view, name) == files[name]
+    assert served(registry, mark, layer.digest) == (0, 0)
+
+
+@pytest.mark.parametrize("how", ["tampered", "failed"])
+def test_a_front_read_that_brings_wrong_bytes_or_none_costs_a_fetch_never_a_failed_read(tmp_path, registry,
+                                                                                        layer_source, how):
+    make, view, files, layer = layer_source
+    fetcher, source = ChunkFetcher(ChunkCache(tmp_path), readahead_max=0), make()
+    front = source.chunks[:8]
+
+    def alter(data):
+        if how == "failed":
+            raise OSError("connection reset")
+        return data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]  # the first chunk no longer checks out
+
+    mark = registry.mark()
+    fetcher.prefetch(source, front, 64 << 20, _front(source, front[-1].blob_end, alter))
+    assert served(registry, mark, layer.digest)[0] == 2  # the front, then what it did not bring right
+    assert fetcher.cached(front)
+    for name in ("f00", "f01"):
+        assert read_file(fetcher, source, view, name) == files[name]
 
 
 def test_a_read_is_answered_once_its_own_chunks_are_in_not_when_its_request_ends(tmp_path, registry,

@@ -365,6 +365,30 @@ def test_prioritized_but_nothing_matches_is_no_prefetch():
     assert [e.name for e in t.entries[1:]] == [i.name for i, _ in _prio_members()]
 
 
+def _front_heard(blob: bytes) -> list[int]:
+    heard: list[int] = []
+    toc_offset, footer_size = estargz.parse_footer(blob[-estargz.FOOTER_SIZE:], len(blob))
+    estargz.parse_toc(blob[toc_offset:len(blob) - footer_size], None, toc_offset=toc_offset,
+                      on_front=heard.append)
+    return heard
+
+
+def test_the_parse_tells_where_the_prioritised_front_ends_before_it_builds_the_entries():
+    blob, result = _convert(_tar(_prio_members()), chunk_size=CHUNK, prioritized=["c/f3"])
+    landmark = next(e for e in _read_toc(blob).entries if e.name == estargz.PREFETCH_LANDMARK)
+    assert _front_heard(blob) == [landmark.chunks[0].blob_start]
+    assert _front_heard(_convert(_tar(_prio_members()), prioritized=["nope"])[0]) == []  # no.prefetch
+    assert _front_heard(_convert(_tar(_prio_members()))[0]) == []  # no landmark at all
+
+
+@pytest.mark.parametrize("offset", ["12", -5, 1 << 40, 0, None])
+def test_a_landmark_offset_that_cannot_be_a_front_is_not_heard(offset):
+    items = [{"name": "a", "type": "reg", "offset": 0}, {"name": "./" + estargz.PREFETCH_LANDMARK, "offset": offset}]
+    assert estargz.front_end(items, toc_offset=1 << 20) == 0
+    items[1]["offset"] = 4096
+    assert estargz.front_end(items, toc_offset=1 << 20) == 4096
+
+
 def test_all_prioritized_puts_landmark_last():
     blob, result = _convert(_tar([(_member("only"), b"x")]), prioritized=["only"])
     t = _read_toc(blob, result.toc_digest)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 import time
 
 import pytest
 
 from als.ops import status
+from als.store import build
 from als.formats import estargz
 from als.tools.image import estargz_layer, push_image
 from als.reference import parse_reference
@@ -51,6 +53,58 @@ def test_landmark_prefetch_fetches_the_prioritised_files_in_one_request(store, r
         assert (store.layer_dir(ref, layer.digest) / "diff" / name).read_bytes() == files[name]
     assert blob_requests(registry, mark, layer.digest) == []
     assert sum(a.written for a in requests) < layer.size / 2
+
+
+def test_an_optimized_layers_front_is_read_while_its_tree_is_still_being_built(registry, client, registries_conf,
+                                                                               tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="als.store")
+    files = {f"lib/m{i}.py": os.urandom(20_000) for i in range(30)}
+    wanted = ["lib/m3.py", "lib/m17.py", "lib/m29.py"]
+    ref, layer = push_files(registry, client, "front", files, prioritized=wanted)
+    building, release = threading.Event(), threading.Event()
+    tree = build.LayerView
+
+    def held(*args, **kwargs):  # the tree (most of a build's time) waits until the test has looked
+        building.set()
+        release.wait(30)  # longer than the test looks for the front's request
+        return tree(*args, **kwargs)
+
+    monkeypatch.setattr(build, "LayerView", held)
+    with inprocess.store(tmp_path, registries_conf, "[fetch]\nbackground = false\npredict = false\n") as s:
+        mark = registry.mark()
+        resolved = []
+        t = threading.Thread(target=lambda: resolved.append(s.layer(ref, layer.digest)), daemon=True)
+        t.start()
+        assert building.wait(10)
+        deadline = time.monotonic() + 5
+        while len(blob_requests(registry, mark, layer.digest)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        while_building = len(blob_requests(registry, mark, layer.digest))
+        release.set()
+        t.join(10)
+        deadline = time.monotonic() + 10
+        while "prefetched" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert while_building == 2  # the tail (footer and TOC), then the prioritised front
+        for name in wanted:
+            assert inprocess.read_file(s, resolved[0], name) == files[name]
+        assert len(blob_requests(registry, mark, layer.digest)) == 2
+
+
+def test_a_layers_prefetch_never_queues_behind_another_layers_background_fetch(registry, client, registries_conf,
+                                                                                tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="als.store")
+    pushed = [push_files(registry, client, f"queue{i}", {f"m{j}": os.urandom(200_000) for j in range(8)},
+                         prioritized=["m1"]) for i in range(2)]
+    # One background fetch at a time, which waits a minute for a container that never comes.
+    config = "[fetch]\npredict = false\nbackground_layers = 1\nbackground_delay = 60\n"
+    with inprocess.store(tmp_path, registries_conf, config) as s:
+        for ref, layer in pushed:
+            s.layer(ref, layer.digest)
+        deadline = time.monotonic() + 10
+        while caplog.text.count(": prefetched") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [f"layer {layer.digest}: prefetched" in caplog.text for _, layer in pushed] == [True, True]
 
 
 def test_background_fetch_completes_a_layer_then_reads_stay_local(warm_store, registry, client):
