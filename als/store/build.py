@@ -106,6 +106,11 @@ class LayerBuilder:
     _prebuilds: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="als-prebuild"),
         init=False, repr=False)
+    # Optimized layers' fronts (FrontRead), apart from the early reads: a long front must not hold
+    # up another layer's tail, which a pull waits on.
+    _fronts: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=4, thread_name_prefix="als-front"),
+        init=False, repr=False)
     # Whether a layer looked up before its image's manifest is in has its tail read at once
     # (guess_tail): on until a guess is wrong, which costs one read of tail_size bytes.
     guessing: bool = field(default=True, init=False, repr=False)
@@ -182,6 +187,7 @@ class LayerBuilder:
 
     def close(self) -> None:
         self._prebuilds.shutdown(wait=False, cancel_futures=True)
+        self._fronts.shutdown(wait=False, cancel_futures=True)
         self.early.close()
 
     def fetch_indexes_early(self, ref: str, manifest: dict) -> None:
@@ -248,8 +254,11 @@ class LayerBuilder:
 
         def front_found(end: int) -> None:  # its prefetch starts here, streamed (``FrontRead``)
             read = FrontRead(min(end, EARLY_FRONT))
-            if self.early.submit(partial(read.run, partial(stream, r, desc.digest))):
-                front.append(read)
+            try:
+                self._fronts.submit(read.run, partial(stream, r, desc.digest))
+            except RuntimeError:  # closed: the store is stopping
+                return
+            front.append(read)
 
         try:
             if referred is not None and lazy.plain_gzip(desc.media_type, desc.annotations):

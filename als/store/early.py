@@ -80,14 +80,6 @@ class EarlyReads:
                 return
             self._started[key] = now
 
-    def submit(self, read: Callable[[], object]) -> Future | None:
-        """Run ``read`` on the pool now, for a caller that keeps the future itself (a layer's
-        prefetch front: ``LayerBuilder``); None once closed."""
-        try:
-            return self._pool.submit(read)
-        except RuntimeError:
-            return None
-
     def start_blob(self, key: Key, fetch: Callable[[], bytes]) -> None:
         """Fetch a whole blob with ``fetch`` now (a gzip index the manifest names), for ``take_blob``."""
         self._start(key, 0, lambda: (0, fetch()))

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from als.ops import status
+from als.registry.client import RegistryClient
 from als.store import build
 from als.formats import estargz
 from als.tools.image import estargz_layer, push_image
@@ -89,6 +90,36 @@ def test_an_optimized_layers_front_is_read_while_its_tree_is_still_being_built(r
         for name in wanted:
             assert inprocess.read_file(s, resolved[0], name) == files[name]
         assert len(blob_requests(registry, mark, layer.digest)) == 2
+
+
+def test_fronts_held_up_by_the_registry_never_hold_up_another_images_resolution(registry, client, registries_conf,
+                                                                                tmp_path, monkeypatch):
+    def optimized(repo):
+        files = {f"m{j}": os.urandom(300_000) for j in range(4)}  # past the tail read: the front starts at 0
+        return push_files(registry, client, repo, files, prioritized=["m0", "m1"])
+
+    held = [optimized(f"held{i}") for i in range(4)]
+    other = push_files(registry, client, "other", {"f": os.urandom(5000)})
+    release = threading.Event()
+    stream = RegistryClient.stream_range
+
+    def slow_fronts(self, ref, digest, start, end, sink):  # every front read waits on the test
+        if start == 0 and digest in {layer.digest for _, layer in held}:
+            release.wait(30)
+        return stream(self, ref, digest, start, end, sink)
+
+    monkeypatch.setattr(RegistryClient, "stream_range", slow_fronts)
+    with inprocess.store(tmp_path, registries_conf, "[fetch]\nbackground = false\npredict = false\n") as s:
+        try:
+            for ref, layer in held:
+                s.layer(ref, layer.digest)
+            resolved = []
+            t = threading.Thread(target=lambda: resolved.append(s.layer(other[0], other[1].digest)), daemon=True)
+            t.start()
+            t.join(10)
+            assert resolved, "another image's layer waited for the fronts"
+        finally:
+            release.set()
 
 
 def test_a_layers_prefetch_never_queues_behind_another_layers_background_fetch(registry, client, registries_conf,
