@@ -193,19 +193,20 @@ class ChunkFetcher:
         ``front``, a read of the blob's first bytes started before the layer
         was built, are taken from it as its bytes arrive. Returns bytes fetched.
         """
-        before = self.bytes_fetched
+        received: list[int] = []  # this prefetch's own: others fetch at the same time
         wanted = [c for c in chunks if not c.zeros and not self.cache.contains(c.digest)]
         if wanted:
             with self.foreground.fetch():
                 mine = self.claim(wanted)[0]
                 self._answering(source, mine, lambda: self.fetch_claims(
-                    source, self._from_front(source, mine, front), max_request=max_request))
-        return self.bytes_fetched - before
+                    source, self._from_front(source, mine, front, received), max_request=max_request,
+                    received=received))
+        return sum(received)
 
-    def _from_front(self, source: BlobSource, claimed: list, front: FrontRead | None) -> list:
+    def _from_front(self, source: BlobSource, claimed: list, front: FrontRead | None, received: list[int]) -> list:
         """Deliver the claimed chunks that ``front`` brings and that check out; the claims left to
-        fetch. Empties ``claimed``. A chunk that fails its check there is fetched again, not failed:
-        that read was only a head start."""
+        fetch. Empties ``claimed``; ``received`` hears the front's bytes. A chunk that fails its
+        check there is fetched again, not failed: that read was only a head start."""
         if front is None:
             return claimed
         left: list = []
@@ -223,8 +224,9 @@ class ChunkFetcher:
                 left.append((c, fut))
                 continue
             self._hand_out(source, c, fut, chunk)
+        received.append(front.received())
         with self._lock:
-            self.bytes_fetched += front.received()
+            self.bytes_fetched += received[-1]
             self.requests += 1
         return left
 
