@@ -224,10 +224,7 @@ class ChunkFetcher:
                 left.append((c, fut))
                 continue
             self._hand_out(source, c, fut, chunk)
-        received.append(front.received())
-        with self._lock:
-            self.bytes_fetched += received[-1]
-            self.requests += 1
+        self._count(front.received(), received)
         return left
 
     # ---- mechanics ----------------------------------------------------------------------
@@ -290,13 +287,17 @@ class ChunkFetcher:
             except Exception as e:  # every waiter must hear about it
                 failed = failed or e
                 run.abort(e)
-            with self._lock:
-                self.bytes_fetched += run.received
-                self.requests += 1
-            if received is not None:
-                received.append(run.received)
+            self._count(run.received, received)
             failed = failed or run.failed
         return failed
+
+    def _count(self, n: int, received: list[int] | None) -> None:
+        """One request of ``n`` bytes, in the fetcher's totals and in its caller's ``received``."""
+        with self._lock:
+            self.bytes_fetched += n
+            self.requests += 1
+        if received is not None:
+            received.append(n)
 
     def _answering(self, source: BlobSource, claimed: list,
                    work: Callable[[], BaseException | None]) -> BaseException | None:

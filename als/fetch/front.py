@@ -57,7 +57,7 @@ class FrontRead:
                     self._over = True
                     return None
                 self._cond.wait(left)
-            return bytes(self._buf[start:end]) if len(self._buf) >= end else None
+            return bytes(memoryview(self._buf)[start:end]) if len(self._buf) >= end else None  # one copy
 
     def received(self) -> int:
         """Bytes in so far."""

@@ -250,15 +250,16 @@ class LayerBuilder:
         read_blob = partial(self._read_blob, ref)
         read_range = partial(self.client.read_range, r, desc.digest)
         stream = getattr(self.client, "stream_range", None)  # chunks decoded as they arrive, if it can
-        front: list[FrontRead] = []
+        front: FrontRead | None = None
 
         def front_found(end: int) -> None:  # its prefetch starts here, streamed (``FrontRead``)
+            nonlocal front
             read = FrontRead(min(end, EARLY_FRONT))
             try:
                 self._fronts.submit(read.run, partial(stream, r, desc.digest))
             except RuntimeError:  # closed: the store is stopping
                 return
-            front.append(read)
+            front = read
 
         try:
             if referred is not None and lazy.plain_gzip(desc.media_type, desc.annotations):
@@ -291,7 +292,7 @@ class LayerBuilder:
         if opened.tail:
             self.fetcher.absorb(source, opened.tail[:max(toc.data_end - opened.tail_start, 0)], opened.tail_start)
         return Layer(ref=ref, desc=desc, toc_digest=toc.digest, diff_size=diff_size, view=view, source=source,
-                     prefetch=prefetch_chunks(source, prefetch_to), front=front[0] if front else None,
+                     prefetch=prefetch_chunks(source, prefetch_to), front=front,
                      layer_id=layer_id)
 
     # ---- finding and verifying the TOC, by format ------------------------------------
