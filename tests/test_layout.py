@@ -19,7 +19,7 @@ ALS = Path(__file__).resolve().parents[1] / "als"
 # The data flow, left to right; ops and tools sit on top (tools talk to a running store through ops).
 ORDER = ("registry", "formats", "fetch", "layer", "store", "fuse", "rootfs", "ops", "tools")
 BASICS = frozenset({"als", "als.errors", "als.digest", "als.reference", "als.oci", "als.config", "als.metrics",
-                    "als.wait"})
+                    "als.wait", "als.files"})
 ENTRY_POINTS = frozenset({"als.cli", "als.__main__"})
 MAX_LINES = 500
 

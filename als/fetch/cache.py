@@ -7,7 +7,8 @@ it lies in is dropped and its chunks are fetched again. Chunks are appended to
 large pack files (als/fetch/packs.py: why, and how a crash at any moment
 leaves no half chunk readable) by a writer thread, off the read path. A small
 in-memory tier serves the many small FUSE reads that land in one chunk without
-re-reading and re-hashing it.
+re-reading and re-hashing it; a page read back after the kernel dropped it
+reads and hashes only its chunk's blocks it lies in (als/fetch/blocks.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import logging
 import os
 import queue
 import shutil
-import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,55 +27,12 @@ from pathlib import Path
 from cachetools import LRUCache
 
 from als.digest import is_sha256, sha256_digest
-from als.errors import CacheError
+from als.fetch.blocks import BlockTables
 from als.fetch.memory import release_free_memory
 from als.fetch.packs import NAME, Pack, Record
+from als.files import private_dir
 
 log = logging.getLogger("als.cache")
-
-def atomic_write(path: Path, data: bytes, tmp_dir: Path, *, quiet_errnos: tuple[int, ...] = ()) -> int:
-    """Write ``data`` under a temporary name and rename it into place; 0, or the errno of the failure.
-
-    A crash leaves either nothing or the whole file under ``path``, never a
-    prefix of it. Failures (a full disk, a read-only directory) are logged
-    (unless their errno is in ``quiet_errnos``, which the caller handles) and
-    reported: callers keep serving from memory.
-    """
-    tmp = tmp_dir / f".{path.name}.{os.getpid()}.{threading.get_ident()}"
-    try:
-        # owner-only whatever the umask; never through a link planted under the temporary name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with open(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        return 0
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if e.errno not in quiet_errnos:
-            log.warning("cannot store %s: %s", path, e)
-        return e.errno or errno.EIO
-
-
-def private_dir(path: Path) -> Path:
-    """Create ``path`` or check it: a real directory of ours, mode 0700, whatever the umask.
-
-    The cache holds the content of private images, and the daemon (root) empties
-    and writes into these directories: one another user could open, or swap for
-    a symbolic link, would let them read that content or make the daemon delete
-    and write files elsewhere.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.mkdir(exist_ok=True, mode=0o700)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        raise CacheError(f"{path} is not a directory owned by uid {os.geteuid()} (a symbolic link, or "
-                         "someone else's): refusing to keep the cache or state there")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)
-    return path
-
 
 # Chunk bytes a pack holds before the next one is started (eviction drops whole packs: with a small
 # cache.max_bytes, packs are a sixteenth of it instead).
@@ -121,6 +78,7 @@ class ChunkCache:
         self.max_bytes = max_bytes  # 0: no limit
         self.pack_bytes = min(PACK_BYTES, max(max_bytes // 16, 1)) if max_bytes else PACK_BYTES
         self._mem: LRUCache = LRUCache(maxsize=max(memory_bytes, 1), getsizeof=len)
+        self.blocks = BlockTables()  # block digests of chunks written since the start
         self._lock = threading.Lock()
         self._write_lock = threading.RLock()  # appending to the current pack; removing packs
         self._index: dict[str, tuple[Pack, int, int]] = {}
@@ -208,8 +166,20 @@ class ChunkCache:
         entry = self._index.get(digest)
         return None if entry is None else (entry[0].data_path, entry[1], entry[2])
 
-    def get(self, digest: str) -> bytes | None:
-        """The verified chunk, or None if it is not cached (or was corrupt)."""
+    def length(self, digest: str) -> int | None:
+        """The cached chunk's length (not verified: ``get`` checks), or None if it is not cached."""
+        with self._lock:
+            data = self._mem.get(digest) or self._pending.get(digest)
+            entry = self._index.get(digest)
+        return len(data) if data is not None else entry[2] if entry is not None else None
+
+    def get(self, digest: str, start: int = 0, end: int | None = None) -> bytes | None:
+        """The verified chunk, or its bytes ``[start, end)``; None if it is not cached (or was corrupt).
+
+        From disk, a whole chunk is hashed against its digest; a range of one
+        whose block digests are known only costs the blocks it lies in
+        (als/fetch/blocks.py), and is not kept in the memory tier.
+        """
         with self._lock:
             data = self._mem.get(digest) or self._pending.get(digest)
             entry = self._index.get(digest)
@@ -217,28 +187,31 @@ class ChunkCache:
                 self._packs.move_to_end(entry[0].number)
         if data is not None:
             self.hits += 1
-            return data
+            return data[start:end]
         if entry is None:
             self.misses += 1
             return None
         pack, offset, length = entry
+        span = self.blocks.span(digest, start, length if end is None else min(end, length))
+        lo, hi = (span[0], min(span[1], length)) if span else (0, length)
         try:
-            data = pack.read(offset, length)
+            raw = pack.read(offset + lo, hi - lo)
         except OSError as e:
             log.warning("chunk cache: cannot read chunk %s from pack %d: %s; dropping the pack", digest,
                         pack.number, e)
             self._drop(pack)
             self.misses += 1
             return None
-        if sha256_digest(data) != digest:
+        if not (self.blocks.check(digest, lo, raw) if span else sha256_digest(raw) == digest):
             self.corrupt += 1
             log.warning("chunk cache: chunk %s in pack %d does not match its digest; dropping the pack "
                         "(its chunks are fetched again)", digest, pack.number)
             self._drop(pack)
             return None
         self.hits += 1
-        self._remember(digest, data)
-        return data
+        if span is None:
+            self._remember(digest, raw)
+        return raw[start - lo:None if end is None else end - lo]
 
     def put(self, digest: str, data: bytes) -> None:
         """Store a chunk the caller has verified. A full disk is logged, not fatal."""
@@ -327,6 +300,9 @@ class ChunkCache:
             self._store(chunks)
         except Exception as e:  # the writer must outlive any failure: the chunks stay served from memory
             log.error("chunk cache: storing %d chunks failed: %s", len(chunks), e)
+        for d, data in chunks:  # once on disk, a dropped page is read back by the block
+            if d in self._index:
+                self.blocks.add(d, data)
         with self._lock:
             for d, data in chunks:
                 if self._pending.pop(d, None) is not None:
@@ -423,6 +399,7 @@ class ChunkCache:
                         del self._index[d]
                         dropped += 1
                 self._disk_bytes -= pack.size
+            self.blocks.drop(pack.digests)
             if pack.foreign:
                 pack.seal()
             else:

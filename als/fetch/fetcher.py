@@ -127,6 +127,19 @@ class ChunkFetcher:
             out[c] = self._wait(source, c, fut, deadline, cancel)
         return _sized(source, chunks, out)
 
+    def read_cached(self, c: T.Chunk, start: int, end: int, warming: bool = False) -> bytes | None:
+        """Bytes ``[start, end)`` of chunk ``c`` if it is cached, verified; None if it is not (``read``
+        fetches it). A read within one chunk takes only what it needs from the disk cache."""
+        if c.zeros:
+            data: bytes | None = bytes(max(min(end, c.size) - start, 0))
+        elif self.cache.length(c.digest) != c.size:  # not cached, or ``_sized`` refuses it in ``read``
+            return None
+        else:
+            data = self.cache.get(c.digest, start, end)
+        if data is not None and not warming:
+            self.foreground.read_cached()
+        return data
+
     def _wait(self, source: BlobSource, c: T.Chunk, fut: Future, deadline: float,
               cancel: threading.Event | None) -> bytes:
         """Chunk ``c``'s bytes from ``fut``; fetched here if the fetch it was part of stopped short of it."""

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from als.fetch.cache import atomic_write
+from als.files import atomic_write
 from als.ops import holder, notify
 
 log = logging.getLogger("als")

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from als.errors import ALSError
-from als.fetch.cache import atomic_write, private_dir
+from als.files import atomic_write, private_dir
 from als.reference import parse_reference
 from als.rootfs import mountinfo, overlay
 from als.store.namespace import LayerUnavailable, Store

@@ -14,7 +14,7 @@ import logging
 import threading
 from pathlib import Path
 
-from als.fetch.cache import atomic_write, private_dir
+from als.files import atomic_write, private_dir
 from als.digest import hex_of, sha256_digest
 from als.store.ids import IdTable
 

@@ -6,8 +6,9 @@ import subprocess
 
 import pytest
 
+from als.fetch.blocks import BLOCK
 from als.fetch.cache import ChunkCache, sha256_digest
-from als.fetch.packs import MAGIC, RECORD_SIZE
+from als.fetch.packs import MAGIC, RECORD_SIZE, Pack
 
 
 def chunks(n, size=5000, seed=0):
@@ -217,3 +218,58 @@ def test_a_writer_behind_and_busy_leaves_a_chunk_out_instead_of_holding_it(tmp_p
             t.join(10)
     finally:
         cache.close()
+
+
+def big_chunk(root, **kw):
+    """A cache holding one chunk of several blocks, on disk only (the memory tier keeps nothing)."""
+    data = os.urandom(4 * BLOCK + 777)
+    cache = ChunkCache(root, memory_bytes=0, **kw)
+    cache.put(sha256_digest(data), data)
+    assert cache.flush()
+    return cache, data, sha256_digest(data)
+
+
+def disk_reads(monkeypatch) -> list[int]:
+    """The length of every read of a pack from now on."""
+    lengths: list[int] = []
+    real = Pack.read
+
+    def read(self, offset, length):
+        lengths.append(length)
+        return real(self, offset, length)
+    monkeypatch.setattr(Pack, "read", read)
+    return lengths
+
+
+def test_a_range_of_a_chunk_on_disk_reads_and_hashes_only_its_blocks(tmp_path, monkeypatch):
+    cache, data, d = big_chunk(tmp_path)
+    lengths = disk_reads(monkeypatch)
+    assert cache.get(d, BLOCK + 10, BLOCK + 4106) == data[BLOCK + 10:BLOCK + 4106]
+    assert cache.get(d, 2 * BLOCK - 5, 2 * BLOCK + 5) == data[2 * BLOCK - 5:2 * BLOCK + 5]
+    assert cache.get(d, 4 * BLOCK + 700, 5 * BLOCK) == data[4 * BLOCK + 700:]  # the short last block
+    assert lengths == [BLOCK, 2 * BLOCK, 777]
+    assert cache.get(d) == data and lengths[-1] == len(data)  # whole, it is hashed whole
+    assert cache.length(d) == len(data) and cache.length(sha256_digest(b"other")) is None
+
+
+def test_a_chunk_on_disk_before_the_start_is_read_whole_for_a_range(tmp_path, monkeypatch):
+    _, data, d = big_chunk(tmp_path)
+    fresh = ChunkCache(tmp_path, memory_bytes=0)  # its block digests went with the process that wrote it
+    lengths = disk_reads(monkeypatch)
+    assert fresh.get(d, BLOCK, BLOCK + 10) == data[BLOCK:BLOCK + 10]
+    assert lengths == [len(data)]
+
+
+@pytest.mark.parametrize("where", ["in the range", "elsewhere"])
+def test_a_damaged_block_is_never_served(tmp_path, where):
+    cache, data, d = big_chunk(tmp_path)
+    pack, offset, _ = cache.location(d)
+    raw = bytearray(pack.read_bytes())
+    raw[offset + (BLOCK + 100 if where == "in the range" else 3 * BLOCK + 100)] ^= 0x01
+    pack.write_bytes(bytes(raw))
+    got = cache.get(d, BLOCK, BLOCK + 4096)
+    if where == "in the range":
+        assert got is None and cache.corrupt == 1 and not pack.exists() and not cache.contains(d)
+    else:  # what is served was checked; the damage is caught where it is read
+        assert got == data[BLOCK:BLOCK + 4096] and cache.corrupt == 0
+        assert cache.get(d) is None and cache.corrupt == 1 and not pack.exists()

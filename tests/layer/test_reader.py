@@ -40,8 +40,8 @@ REF = "registry.test/reader:1"
 class Blob:
     """An eStargz blob held in memory, serving ranges as a registry would and counting the requests."""
 
-    def __init__(self, entries: list[images.Entry], tamper: str = ""):
-        built = estargz_layer(io.BytesIO(images.layer_tar(entries)), chunk_size=CHUNK)
+    def __init__(self, entries: list[images.Entry], tamper: str = "", chunk_size: int = CHUNK):
+        built = estargz_layer(io.BytesIO(images.layer_tar(entries)), chunk_size=chunk_size)
         built.blob.seek(0)
         self.data = bytearray(built.blob.read())
         self.digest = built.digest
@@ -197,3 +197,25 @@ def test_the_first_read_of_a_program_fetches_its_libraries(tmp_path):
         assert all(lib.ready(0, 4096) for lib in libs)
     finally:
         predictor.close()
+
+
+def test_a_page_read_back_from_the_disk_cache_is_checked_by_its_block_and_fetched_again_if_damaged(tmp_path):
+    """The kernel drops pages it cached; read again, one comes from the disk cache by its 64 KiB block
+    (no request), checked: a block damaged on disk is fetched again, never served."""
+    blob = Blob(dirs("d") + [images.Entry("d/big.bin", data=os.urandom(600 << 10))], chunk_size=512 << 10)
+    layer = blob.layer()
+    cache = ChunkCache(tmp_path / "cache", memory_bytes=0)  # nothing held in memory: every hit reads the disk
+    reader = LayerReader(ChunkFetcher(cache, readahead_max=0), AccessRecorder())
+    f = open_file(reader, layer, "d/big.bin")
+    want = blob.files["d/big.bin"]
+    assert f.read(0, 4096) == want[:4096]
+    settled(reader.fetcher)
+    assert cache.flush()
+    requests = len(blob.requests)
+    assert f.read(200_000, 4096) == want[200_000:204_096] and len(blob.requests) == requests
+    pack, offset, _ = cache.location(layer.view.lookup(["d", "big.bin"]).chunks[0].digest)
+    raw = bytearray(pack.read_bytes())
+    raw[offset + 300_000] ^= 0x01
+    pack.write_bytes(bytes(raw))
+    assert f.read(299_000, 4096) == want[299_000:303_096]
+    assert cache.corrupt == 1 and len(blob.requests) == requests + 1
