@@ -248,7 +248,8 @@ def test_a_range_of_a_chunk_on_disk_reads_and_hashes_only_its_blocks(tmp_path, m
     assert cache.get(d, 2 * BLOCK - 5, 2 * BLOCK + 5) == data[2 * BLOCK - 5:2 * BLOCK + 5]
     assert cache.get(d, 4 * BLOCK + 700, 5 * BLOCK) == data[4 * BLOCK + 700:]  # the short last block
     assert lengths == [BLOCK, 2 * BLOCK, 777]
-    assert cache.get(d) == data and lengths[-1] == len(data)  # whole, it is hashed whole
+    assert cache.get(d, 0, BLOCK + 1) == data[:BLOCK + 1]  # longer: a read-ahead, which goes on in the chunk
+    assert cache.get(d) == data and lengths[-2:] == [len(data)] * 2  # whole, it is hashed whole
     assert cache.length(d) == len(data) and cache.length(sha256_digest(b"other")) is None
 
 
