@@ -85,6 +85,9 @@ def fill(fetcher: ChunkFetcher, source: BlobSource, stop: threading.Event, step:
         for done in pending:
             e = collect(done)
             failed = failed or e
+    # Whole, the layer needs no guesses; cut short (a registry failure, the store stopping), its
+    # next containers' programs are worth predicting again, as before the pass began.
+    source.filling = False
     if failed is not None:
         log.info("%s: background fetch stopped: %s", source.label, failed)
     return fetched

@@ -206,3 +206,22 @@ def test_background_sends_one_request_at_a_time_unless_a_container_streams_the_l
     requests = InFlight(source, lambda n: time.sleep(0.05))  # time for a second to start beside it, were one sent
     fill(fetcher, source, threading.Event(), step=256 << 10)
     assert requests.most == 1 and fetcher.cached(source.chunks)
+
+
+def test_a_background_fetch_cut_short_lets_programs_be_predicted_again(tmp_path, layer_source):
+    """While the pass runs, the startup predictor stands aside (``filling``); once a registry failure
+    has ended it, the layer's next containers are predicted for again."""
+    from als.errors import RegistryError
+    make, view, files, layer = layer_source
+    fetcher, source = ChunkFetcher(ChunkCache(tmp_path)), make()
+    real, seen = source.stream_range, []
+
+    def failing(start, end, sink):  # the registry answers the first request, then goes away
+        seen.append(source.filling)
+        if len(seen) > 1:
+            raise RegistryError("connection reset")
+        return real(start, end, sink)
+    source.stream_range = failing
+    fetched = fill(fetcher, source, threading.Event(), step=256 << 10)
+    assert 0 < fetched < layer.size and seen[:2] == [True, True]
+    assert not source.filling
