@@ -27,7 +27,7 @@ from pathlib import Path
 from cachetools import LRUCache
 
 from als.digest import is_sha256, sha256_digest
-from als.fetch.blocks import BLOCK, BlockTables
+from als.fetch.blocks import BlockTables
 from als.fetch.memory import release_free_memory
 from als.fetch.packs import NAME, Pack, Record
 from als.files import private_dir
@@ -176,11 +176,9 @@ class ChunkCache:
     def get(self, digest: str, start: int = 0, end: int | None = None) -> bytes | None:
         """The verified chunk, or its bytes ``[start, end)``; None if it is not cached (or was corrupt).
 
-        From disk, a whole chunk is hashed against its digest. A range of at
-        most a block (a page the kernel dropped, read back) of a chunk whose
-        block digests are known costs only the blocks it lies in
-        (als/fetch/blocks.py), and is not kept in the memory tier; a longer one
-        is a reader's read-ahead, which goes on into the rest of the chunk.
+        From disk, a whole chunk is hashed against its digest; a range of one
+        whose block digests are known only costs the blocks it lies in
+        (als/fetch/blocks.py), and is not kept in the memory tier.
         """
         with self._lock:
             data = self._mem.get(digest) or self._pending.get(digest)
@@ -194,8 +192,7 @@ class ChunkCache:
             self.misses += 1
             return None
         pack, offset, length = entry
-        small = end is not None and end - start <= BLOCK
-        span = self.blocks.span(digest, start, min(end, length)) if small else None
+        span = self.blocks.span(digest, start, length if end is None else min(end, length))
         lo, hi = (span[0], min(span[1], length)) if span else (0, length)
         try:
             raw = pack.read(offset + lo, hi - lo)

@@ -127,18 +127,30 @@ class ChunkFetcher:
             out[c] = self._wait(source, c, fut, deadline, cancel)
         return _sized(source, chunks, out)
 
-    def read_cached(self, c: T.Chunk, start: int, end: int, warming: bool = False) -> bytes | None:
-        """Bytes ``[start, end)`` of chunk ``c`` if it is cached, verified; None if it is not (``read``
-        fetches it). A read within one chunk takes only what it needs from the disk cache."""
+    def read_span(self, source: BlobSource, chunks: list[T.Chunk], start: int, end: int,
+                  file_chunks: Sequence[T.Chunk] = (), neighbours: Sequence[T.Chunk] = (),
+                  cancel: threading.Event | None = None, warming: bool = False) -> bytes:
+        """Bytes ``[start, end)`` of a file (offsets in the file), which ``chunks`` (its chunks that
+        hold them, in order) cover; the rest as ``read``. Within one cached chunk, only the blocks
+        the span lies in are read from the disk cache (ChunkCache.get), not the whole chunk."""
+        if len(chunks) == 1:
+            c = chunks[0]
+            data = self._cached_span(c, start - c.offset, end - c.offset)
+            if data is not None:
+                if not warming:
+                    self.foreground.read_cached()
+                return data
+        pieces = self.read(source, chunks, file_chunks, neighbours, cancel=cancel, warming=warming)
+        first = chunks[0].offset
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return data[start - first:end - first]
+
+    def _cached_span(self, c: T.Chunk, start: int, end: int) -> bytes | None:
         if c.zeros:
-            data: bytes | None = bytes(max(min(end, c.size) - start, 0))
-        elif self.cache.length(c.digest) != c.size:  # not cached, or ``_sized`` refuses it in ``read``
+            return bytes(max(min(end, c.size) - start, 0))
+        if self.cache.length(c.digest) != c.size:  # not cached, or ``_sized`` refuses it in ``read``
             return None
-        else:
-            data = self.cache.get(c.digest, start, end)
-        if data is not None and not warming:
-            self.foreground.read_cached()
-        return data
+        return self.cache.get(c.digest, start, end)
 
     def _wait(self, source: BlobSource, c: T.Chunk, fut: Future, deadline: float,
               cancel: threading.Event | None) -> bytes:

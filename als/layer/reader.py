@@ -107,18 +107,11 @@ class LayerFile:
         if self.whole and reader.predictor is not None:
             reader.predictor.after_exec(layer, node)  # its loader and libraries come next
         end = min(offset + size, node.size)
-        if len(chunks) == 1:  # most reads: a page the kernel dropped comes back by the block, if cached
-            data = reader.fetcher.read_cached(chunks[0], offset - chunks[0].offset, end - chunks[0].offset)
-            if data is not None:
-                return data
         neighbours = reader.small_files(self.directory) if self.directory is not None else ()
         try:
-            pieces = reader.fetcher.read(layer.source, chunks, self.whole, neighbours, cancel=cancel)
+            return reader.fetcher.read_span(layer.source, chunks, offset, end, self.whole, neighbours, cancel=cancel)
         except Interrupted:
             raise
         except ALSError as e:
             log.error("image %s layer %s file /%s: read failed: %s", layer.ref, layer.desc.digest, self.path, e)
             raise
-        first = chunks[0].offset
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        return data[offset - first:end - first]

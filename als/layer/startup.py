@@ -218,8 +218,8 @@ class Predictor:
             chunks = node.chunks_for(offset, size) if offset >= 0 else []
             if not chunks:
                 return b""
-            data = b"".join(self.fetcher.read(layer.source, chunks, warming=True))
-            return data[offset - chunks[0].offset:offset - chunks[0].offset + size]
+            return self.fetcher.read_span(layer.source, chunks, offset, min(offset + size, node.size),
+                                          warming=True)
         try:
             interp, needed = elf_needs(read)
             self._fetch(layer, libraries(layer.view, interp, needed))
