@@ -176,9 +176,13 @@ class ChunkCache:
     def get(self, digest: str, start: int = 0, end: int | None = None) -> bytes | None:
         """The verified chunk, or its bytes ``[start, end)``; None if it is not cached (or was corrupt).
 
-        From disk, a whole chunk is hashed against its digest; a range of one
-        whose block digests are known only costs the blocks it lies in
-        (als/fetch/blocks.py), and is not kept in the memory tier.
+        From disk, a whole chunk is hashed against its digest, and so is a
+        range from its start: a reader going on into the chunk (a file read
+        from its beginning, a read-ahead), whose next reads the memory tier
+        then answers. Any other range of a chunk whose block digests are known
+        (a page the kernel dropped, a program's page faulted in out of order)
+        costs only the blocks it lies in (als/fetch/blocks.py), and is not
+        kept in the memory tier.
         """
         with self._lock:
             data = self._mem.get(digest) or self._pending.get(digest)
@@ -192,7 +196,7 @@ class ChunkCache:
             self.misses += 1
             return None
         pack, offset, length = entry
-        span = self.blocks.span(digest, start, length if end is None else min(end, length))
+        span = self.blocks.span(digest, start, min(end, length)) if start and end is not None else None
         lo, hi = (span[0], min(span[1], length)) if span else (0, length)
         try:
             raw = pack.read(offset + lo, hi - lo)

@@ -247,9 +247,10 @@ def test_a_range_of_a_chunk_on_disk_reads_and_hashes_only_its_blocks(tmp_path, m
     assert cache.get(d, BLOCK + 10, BLOCK + 4106) == data[BLOCK + 10:BLOCK + 4106]
     assert cache.get(d, 2 * BLOCK - 5, 2 * BLOCK + 5) == data[2 * BLOCK - 5:2 * BLOCK + 5]
     assert cache.get(d, 4 * BLOCK + 700, 5 * BLOCK) == data[4 * BLOCK + 700:]  # the short last block
-    assert cache.get(d, BLOCK - 1, 3 * BLOCK) == data[BLOCK - 1:3 * BLOCK]  # a read-ahead or a program's pages
+    assert cache.get(d, BLOCK - 1, 3 * BLOCK) == data[BLOCK - 1:3 * BLOCK]  # a program's pages, out of order
     assert lengths == [BLOCK, 2 * BLOCK, 777, 3 * BLOCK]
-    assert cache.get(d) == data and lengths[-1] == len(data)  # whole, it is hashed whole
+    assert cache.get(d, 0, 4096) == data[:4096]  # from its start: a reader going on into it reads it whole
+    assert cache.get(d) == data and lengths[-2:] == [len(data)] * 2  # whole, it is hashed whole
     assert cache.length(d) == len(data) and cache.length(sha256_digest(b"other")) is None
 
 
