@@ -15,8 +15,8 @@ chunks from disk to serve 7.7 MB of reads, 57 ms of the store's time.
 So a chunk the cache's writer puts on disk also gets the SHA-256 of each of its
 ``BLOCK``-byte blocks, computed from the verified bytes and kept in memory
 only: a table on disk could be rewritten along with the bytes it vouches
-for. A range is then served by reading and hashing just the blocks it lies
-in. A chunk without a table (on disk before the store started, or its table
+for. A range (one not from the chunk's start: ChunkCache.get) is then served
+by reading and hashing just the blocks it lies in. A chunk without a table (on disk before the store started, or its table
 evicted) is read and hashed whole, as before.
 """
 

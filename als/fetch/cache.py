@@ -7,8 +7,9 @@ it lies in is dropped and its chunks are fetched again. Chunks are appended to
 large pack files (als/fetch/packs.py: why, and how a crash at any moment
 leaves no half chunk readable) by a writer thread, off the read path. A small
 in-memory tier serves the many small FUSE reads that land in one chunk without
-re-reading and re-hashing it; a page read back after the kernel dropped it
-reads and hashes only its chunk's blocks it lies in (als/fetch/blocks.py).
+re-reading and re-hashing it, and a read within a chunk but not from its start
+(a page the kernel dropped, a program's page) reads and hashes only the
+blocks it lies in (als/fetch/blocks.py).
 """
 
 from __future__ import annotations
