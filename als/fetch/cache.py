@@ -167,15 +167,9 @@ class ChunkCache:
         entry = self._index.get(digest)
         return None if entry is None else (entry[0].data_path, entry[1], entry[2])
 
-    def length(self, digest: str) -> int | None:
-        """The cached chunk's length (not verified: ``get`` checks), or None if it is not cached."""
-        with self._lock:
-            data = self._mem.get(digest) or self._pending.get(digest)
-            entry = self._index.get(digest)
-        return len(data) if data is not None else entry[2] if entry is not None else None
-
-    def get(self, digest: str, start: int = 0, end: int | None = None) -> bytes | None:
-        """The verified chunk, or its bytes ``[start, end)``; None if it is not cached (or was corrupt).
+    def get(self, digest: str, start: int = 0, end: int | None = None, size: int | None = None) -> bytes | None:
+        """The verified chunk, or its bytes ``[start, end)``; None if it is not cached (or was corrupt),
+        or if ``size`` is given and the cached chunk is not that long.
 
         From disk, a whole chunk is hashed against its digest, and so is a
         range from its start: a reader going on into the chunk (a file read
@@ -190,6 +184,9 @@ class ChunkCache:
             entry = self._index.get(digest)
             if entry is not None and entry[0].number in self._packs:
                 self._packs.move_to_end(entry[0].number)
+        known = len(data) if data is not None else entry[2] if entry is not None else None
+        if size is not None and known is not None and known != size:
+            return None  # not the length the caller's TOC gives: it refuses the chunk (ChunkFetcher._sized)
         if data is not None:
             self.hits += 1
             return data[start:end]

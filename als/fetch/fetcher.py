@@ -148,9 +148,7 @@ class ChunkFetcher:
     def _cached_span(self, c: T.Chunk, start: int, end: int) -> bytes | None:
         if c.zeros:
             return bytes(max(min(end, c.size) - start, 0))
-        if self.cache.length(c.digest) != c.size:  # not cached, or ``_sized`` refuses it in ``read``
-            return None
-        return self.cache.get(c.digest, start, end)
+        return self.cache.get(c.digest, start, end, size=c.size)  # another length: ``read`` refuses it
 
     def _wait(self, source: BlobSource, c: T.Chunk, fut: Future, deadline: float,
               cancel: threading.Event | None) -> bytes:

@@ -251,7 +251,9 @@ def test_a_range_of_a_chunk_on_disk_reads_and_hashes_only_its_blocks(tmp_path, m
     assert lengths == [BLOCK, 2 * BLOCK, 777, 3 * BLOCK]
     assert cache.get(d, 0, 4096) == data[:4096]  # from its start: a reader going on into it reads it whole
     assert cache.get(d) == data and lengths[-2:] == [len(data)] * 2  # whole, it is hashed whole
-    assert cache.length(d) == len(data) and cache.length(sha256_digest(b"other")) is None
+    n = len(lengths)
+    assert cache.get(d, BLOCK, BLOCK + 10, size=len(data) + 1) is None  # another length: not read at all
+    assert cache.get(d, BLOCK, BLOCK + 10, size=len(data)) == data[BLOCK:BLOCK + 10] and len(lengths) == n + 1
 
 
 def test_a_chunk_on_disk_before_the_start_is_read_whole_for_a_range(tmp_path, monkeypatch):

@@ -250,3 +250,20 @@ def test_a_reader_that_goes_away_stops_waiting_for_anothers_fetch(tmp_path, laye
     gate.set()
     first.join(20)
     assert b"".join(fetcher.read(source, chunks)) == files["f06"][:CHUNK]
+
+
+@pytest.mark.parametrize("tier", ["memory", "disk"])
+def test_a_cached_chunk_another_toc_gives_another_size_is_refused_never_cut(tmp_path, registry, layer_source, tier):
+    """The cache is keyed by digest alone: a TOC naming a cached chunk's digest with another size gets an
+    error for that read, not the chunk's true bytes cut or padded to the size it claims."""
+    import dataclasses
+    from als.errors import VerificationError
+    make, view, files, layer = layer_source
+    fetcher, source = ChunkFetcher(ChunkCache(tmp_path, memory_bytes=8 * CHUNK if tier == "memory" else 0)), make()
+    chunk = view.lookup(["f05"]).chunks[2]
+    want = files["f05"][chunk.offset + 10:chunk.offset + 20]
+    assert fetcher.read_span(source, [chunk], chunk.offset + 10, chunk.offset + 20) == want
+    assert fetcher.cache.flush()
+    lying = dataclasses.replace(chunk, size=chunk.size - 1)
+    with pytest.raises(VerificationError):
+        fetcher.read_span(source, [lying], chunk.offset + 10, chunk.offset + 20)
