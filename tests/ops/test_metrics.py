@@ -86,10 +86,16 @@ def test_metrics_count_what_the_store_did(tmp_path, registry, registries_conf, t
         assert not (top / "diff/tree/absent").exists()  # an ENOENT lookup
         assert not os.path.exists(s.layer_dir(plain_ref, plain[0].digest) / "diff")  # declined
 
-        text = scrape_tcp(port)
+        # A read is answered once its own chunks are in; the request that brought them (and what it
+        # read ahead) may still be ending: wait, bounded, for the store's count and the registry's log.
+        for _ in range(20):  # at most about 8 s
+            text = scrape_tcp(port)
+            served = sum(a.written for a in registry.accesses_since(mark) if a.status in (200, 206))
+            if value(text, "als_registry_fetched_bytes_total", registry=registry.host) == served:
+                break
+            time.sleep(0.1)
         assert value(text, "als_layers_resolved_total") == len(layers)
         assert value(text, "als_layers_declined_total") == 1
-        served = sum(a.written for a in registry.accesses_since(mark) if a.status in (200, 206))
         assert value(text, "als_registry_fetched_bytes_total", registry=registry.host) == served
         assert value(text, "als_registry_fetch_seconds_count", registry=registry.host) >= 2
         assert value(text, "als_cache_misses_total") >= 1
