@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from als.fetch.blocks import BLOCK, BlockTables
+from als.fetch.blocks import BLOCK, WHOLE, BlockTables
 from als.fetch.cache import sha256_digest
 
 
@@ -42,14 +42,14 @@ def test_only_the_blocks_as_written_pass(chunk):
     assert not tables.check(sha256_digest(b"other"), 0, data[:BLOCK])  # no table: nothing passes
 
 
-def test_a_one_block_chunk_gets_no_table_and_tables_stay_within_their_memory(chunk):
+def test_a_chunk_of_two_blocks_gets_no_table_and_tables_stay_within_their_memory(chunk):
     data, d = chunk
-    small = os.urandom(BLOCK)
+    small = os.urandom(WHOLE)
     tables = BlockTables(memory=4 * 32)  # one table of this chunk's four blocks
     tables.add(sha256_digest(small), small)
     assert tables.span(sha256_digest(small), 0, 10) is None
     tables.add(d, data)
-    other = os.urandom(2 * BLOCK)
+    other = os.urandom(WHOLE + 1)  # three blocks
     tables.add(sha256_digest(other), other)
     assert tables.span(d, 0, 10) is None  # the least recently used table went
     assert tables.span(sha256_digest(other), 0, 10) == (0, BLOCK)
