@@ -31,7 +31,7 @@ from cachetools import LRUCache
 # (SHA-256 of 64 KiB is 36 us of it) and 80 us with 16 KiB ones; a native one, 50 us.
 BLOCK = 16 << 10
 # A chunk of up to two blocks gets no table: reading it whole costs 9 us more at most,
-# and a table costs about 200 bytes however short (a third of the tables of a Debian /usr).
+# and a table costs about 200 bytes however short (two fifths of the tables of a Debian /usr).
 WHOLE = 2 * BLOCK
 DIGEST = 32  # bytes of a raw SHA-256
 TABLE_MEMORY = 2 << 20  # tables for up to 1 GiB of chunks (32 bytes per block)
