@@ -97,8 +97,9 @@ def test_registry_errors_are_listed(daemon):
     st = status_json(daemon)
     image = next(i for i in st["images"] if i["ref"] == ref)
     assert image["state"] == "failed" and dead in image["error"]
+    # The manifest and the layer's tail are asked for at once: either may fail first.
     errors = [e for e in st["registry_errors"] if e["registry"] == dead]
-    assert errors and errors[0]["what"] == "manifest"
+    assert "manifest" in {e["what"] for e in errors}
     table = als("status", "--root", str(daemon.root)).stdout
     assert f"{dead} manifest:" in table and "registry errors in the last 10 minutes: " in table
 
