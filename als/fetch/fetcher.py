@@ -77,7 +77,7 @@ class ChunkFetcher:
 
     # ---- the three producers ---------------------------------------------------------
     def read(self, source: BlobSource, chunks: list[T.Chunk], file_chunks: Sequence[T.Chunk] = (),
-             neighbours: Sequence[T.Chunk] = (), cancel: threading.Event | None = None,
+             neighbours: Callable[[], Sequence[T.Chunk]] | None = None, cancel: threading.Event | None = None,
              warming: bool = False) -> list[bytes]:
         """The verified bytes of each chunk, in order. Raises ALSError subclasses.
 
@@ -90,10 +90,11 @@ class ChunkFetcher:
         programs and libraries: they are mapped and paged in out of order, so
         on a miss the rest of the file, up to ``file_readahead`` compressed
         bytes, comes in the same request instead of one per page fault.
-        ``neighbours`` are the chunks of the small files beside a small file
+        ``neighbours`` gives the chunks of the small files beside a small file
         being read: interpreters load many of one directory, one after
         another, so on a miss those that follow in the blob, up to
-        ``dir_readahead`` compressed bytes, come in the same request.
+        ``dir_readahead`` compressed bytes, come in the same request. Asked
+        only on a miss: listing them costs up to 70 us for a directory.
         ``warming``: the read is the store's own (the startup prediction
         reading an ELF header), not a container's: it does not tell the
         background fetch that a container started.
@@ -128,7 +129,7 @@ class ChunkFetcher:
         return _sized(source, chunks, out)
 
     def read_span(self, source: BlobSource, chunks: list[T.Chunk], start: int, end: int,
-                  file_chunks: Sequence[T.Chunk] = (), neighbours: Sequence[T.Chunk] = (),
+                  file_chunks: Sequence[T.Chunk] = (), neighbours: Callable[[], Sequence[T.Chunk]] | None = None,
                   cancel: threading.Event | None = None, warming: bool = False) -> bytes:
         """Bytes ``[start, end)`` of a file (offsets in the file), which ``chunks`` (its chunks that
         hold them, in order) cover; the rest as ``read``. Within one cached chunk, only the blocks
@@ -168,14 +169,15 @@ class ChunkFetcher:
         raise AssertionError("unreachable")
 
     def _read_ahead(self, source: BlobSource, mine: list, file_chunks: Sequence[T.Chunk],
-                    neighbours: Sequence[T.Chunk]) -> list:
+                    neighbours: Callable[[], Sequence[T.Chunk]] | None) -> list:
         """Claims for what to fetch along with a foreground miss (see ``read``); never raises."""
         try:
             by_offset = sorted((c for c, _ in mine), key=lambda c: c.blob_start)
             ahead = source.after(by_offset[0], by_offset[-1], self.readahead_min, self.readahead_max)
             if len(file_chunks) > 1:
                 ahead += self._following(file_chunks, by_offset[0], self.file_readahead)
-            ahead += self._following(neighbours, by_offset[0], self.dir_readahead)
+            if neighbours is not None:
+                ahead += self._following(neighbours(), by_offset[0], self.dir_readahead)
             return self.claim([c for c in dict.fromkeys(ahead) if not self.cache.contains(c.digest)])[0]
         except Exception as e:  # a read-ahead is an optimisation: the read goes on without it
             log.warning("%s: choosing what to read ahead failed: %s", source.label, e)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol, Sequence
 
 from cachetools import LRUCache
@@ -107,7 +108,7 @@ class LayerFile:
         if self.whole and reader.predictor is not None:
             reader.predictor.after_exec(layer, node)  # its loader and libraries come next
         end = min(offset + size, node.size)
-        neighbours = reader.small_files(self.directory) if self.directory is not None else ()
+        neighbours = partial(reader.small_files, self.directory) if self.directory is not None else None
         try:
             return reader.fetcher.read_span(layer.source, chunks, offset, end, self.whole, neighbours, cancel=cancel)
         except Interrupted:

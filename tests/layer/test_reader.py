@@ -114,13 +114,16 @@ def test_a_program_or_library_comes_whole_on_its_first_miss_and_a_data_file_does
 def test_a_small_file_brings_the_small_files_after_it_in_its_directory(tmp_path, tree):
     layer = tree.layer()
     reader = LayerReader(fetcher_for(tmp_path), AccessRecorder())
+    listed = []  # the directory's small files are listed for a miss only, not for a cached read
+    small_files = reader.small_files
+    reader.small_files = lambda d: listed.append(d) or small_files(d)
     files = {n: open_file(reader, layer, f"py/{n}") for n in ("m0.py", "m1.py", "m4.py", "zz.bin")}
     assert files["m1.py"].read(0, 10) == tree.files["py/m1.py"][:10]
     settled(reader.fetcher)
-    assert len(tree.requests) == 1
+    assert len(tree.requests) == 1 and len(listed) == 1
     assert files["m4.py"].ready(0, 4096) and not files["zz.bin"].ready(0, 4096)
     assert files["m4.py"].read(0, 4096) == tree.files["py/m4.py"]
-    assert len(tree.requests) == 1
+    assert len(tree.requests) == 1 and len(listed) == 1
 
 
 def test_a_read_is_answered_before_the_small_files_it_brings_along_are_in(tmp_path):
