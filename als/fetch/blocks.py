@@ -16,8 +16,9 @@ So a chunk the cache's writer puts on disk also gets the SHA-256 of each of its
 ``BLOCK``-byte blocks, computed from the verified bytes and kept in memory
 only: a table on disk could be rewritten along with the bytes it vouches
 for. A range (one not from the chunk's start: ChunkCache.get) is then served
-by reading and hashing just the blocks it lies in. A chunk without a table (on disk before the store started, or its table
-evicted) is read and hashed whole, as before.
+by reading and hashing just the blocks it lies in. A chunk without a table
+(on disk before the store started, its table evicted, or a chunk of up to
+``WHOLE`` bytes) is read and hashed whole.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ runs, failures, and the cache limit."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from als.fetch.cache import ChunkCache
-from als.errors import Interrupted, RegistryError
+from als.errors import Interrupted, RegistryError, VerificationError
 from als.fetch.fetcher import ChunkFetcher
 from als.fetch.front import FrontRead
 from tests.fetch.support import CHUNK, read_file, served, settled
@@ -256,8 +257,6 @@ def test_a_reader_that_goes_away_stops_waiting_for_anothers_fetch(tmp_path, laye
 def test_a_cached_chunk_another_toc_gives_another_size_is_refused_never_cut(tmp_path, registry, layer_source, tier):
     """The cache is keyed by digest alone: a TOC naming a cached chunk's digest with another size gets an
     error for that read, not the chunk's true bytes cut or padded to the size it claims."""
-    import dataclasses
-    from als.errors import VerificationError
     make, view, files, layer = layer_source
     fetcher, source = ChunkFetcher(ChunkCache(tmp_path, memory_bytes=8 * CHUNK if tier == "memory" else 0)), make()
     chunk = view.lookup(["f05"]).chunks[2]
