@@ -118,10 +118,12 @@ def write_at(path: Path, offset: int, data: bytes) -> None:
         f.write(data)
 
 
-def damage(cache_dir: Path, rng: random.Random, tally: Tally) -> None:
+def damage(cache_dir: Path, rng: random.Random, tally: Tally) -> int:
     """Damage packs the ways crashes and disks do: a pack cut short inside a chunk, a flipped bit,
-    other bytes planted over a chunk, an index's tail lost mid-record, a stray file."""
+    other bytes planted over a chunk, an index's tail lost mid-record, a stray file. Returns the
+    count of chunks damaged (none if the cache holds none)."""
     targets = [(p, r) for p in pack_files(cache_dir) for r in records(p)]
+    before = tally.damaged
     rng.shuffle(targets)
     for kind, (p, r) in zip(("truncate", "flip", "plant", "index"), targets):
         if kind == "truncate":
@@ -139,6 +141,7 @@ def damage(cache_dir: Path, rng: random.Random, tally: Tally) -> None:
             os.truncate(index, rng.randrange(len(MAGIC), index.stat().st_size))
         tally.damaged += 1
     (cache_dir / "packs" / "stray.1.2").write_bytes(b"half a chunk")
+    return tally.damaged - before
 
 
 def mid_write(cache_dir: Path) -> bool:
@@ -170,6 +173,18 @@ def aim_and_kill(store, cache_dir: Path, tries: int = 400) -> None:
         os.kill(pid, signal.SIGCONT)
         time.sleep(0.002)
     store.kill()  # SIGKILL (a frozen process dies too): whatever it was fetching or writing is cut off
+
+
+def drop_pages(store, ref, layers, contents) -> None:
+    """Drop the files' pages from the kernel's cache, which a kept connection keeps across the
+    kills: else later rounds' reads never reach the store, which then has nothing to fetch and
+    no cache write to be killed in."""
+    for name, layer in zip(sorted(contents), layers):
+        fd = os.open(store.layer_dir(ref, layer.digest) / "diff" / name, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def forget_some(cache_dir: Path, rng: random.Random) -> None:
@@ -215,8 +230,10 @@ def kill_rounds(registry, client, workdir: Path, registries_conf: Path, rounds: 
     store = StoreProcess(workdir, registries_conf=registries_conf, config=config, log_level="info")
     cache_dir = store.root / "cache"
     try:
+        damage_due = False
         for r in range(rounds):
             store.start()
+            drop_pages(store, ref, layers, contents)
             stop = threading.Event()
             threads = [threading.Thread(target=reader, args=(store, ref, layers, contents, stop, tally,
                                                               rng.random()), daemon=True) for _ in range(4)]
@@ -233,8 +250,9 @@ def kill_rounds(registry, client, workdir: Path, registries_conf: Path, rounds: 
             if mid_write(cache_dir):
                 tally.kills_mid_write += 1
             forget_some(cache_dir, rng)  # so that the next round has chunks to fetch and write again
-            if r % 3 == 2:
-                damage(cache_dir, rng, tally)  # after forgetting: the next start must meet every kind
+            damage_due = damage_due or r % 3 == 2
+            if damage_due:  # after forgetting: the next start must meet every kind
+                damage_due = not damage(cache_dir, rng, tally)
             if keep_connection:  # the readers wait for the next store, which takes the connection over
                 store.start()
                 for t in threads:
