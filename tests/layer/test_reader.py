@@ -16,6 +16,7 @@ import os
 import shutil
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -200,6 +201,23 @@ def test_the_first_read_of_a_program_fetches_its_libraries(tmp_path):
         assert all(lib.ready(0, 4096) for lib in libs)
     finally:
         predictor.close()
+
+
+def test_a_program_found_cached_is_not_read_again_for_its_libraries(tmp_path):
+    """The predictor hears of a program only when its read misses: one already cached (an optimized
+    image's prefetch brought it) would have its ELF header read from the disk cache for nothing,
+    while the program it serves starts."""
+    blob = Blob(dirs("bin") + [images.Entry(f"bin/{n}", mode=0o755, data=os.urandom(3 * CHUNK)) for n in ("a", "b")])
+    layer = blob.layer()
+    fetcher = fetcher_for(tmp_path)
+    told = []
+    reader = LayerReader(fetcher, AccessRecorder(), SimpleNamespace(after_exec=lambda _, node: told.append(node)))
+    open_file(LayerReader(fetcher, AccessRecorder()), layer, "bin/b").read(0, 4096)  # comes whole
+    settled(fetcher)
+    a, b = (open_file(reader, layer, f"bin/{n}") for n in ("a", "b"))
+    assert b.ready(0, 3 * CHUNK) and not a.ready(0, 4096)
+    assert a.read(0, 4096) == blob.files["bin/a"][:4096] and b.read(0, 4096) == blob.files["bin/b"][:4096]
+    assert told == [a.node]
 
 
 def test_a_page_read_back_from_the_disk_cache_is_checked_by_its_block_and_fetched_again_if_damaged(tmp_path):
