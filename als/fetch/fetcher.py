@@ -97,7 +97,7 @@ class ChunkFetcher:
         only on a miss: listing them costs up to 70 us for a directory.
         ``warming``: the read is the store's own (the startup prediction
         reading an ELF header), not a container's: it does not tell the
-        background fetch that a container started.
+        background fetch that a container started, and reads nothing ahead.
         """
         out: dict[T.Chunk, bytes] = {}
         missing = []
@@ -119,8 +119,10 @@ class ChunkFetcher:
             # What this call fetches is handed to fetch_claims, which answers every claim whatever
             # fails; the read-ahead claims are not kept here: once delivered, their chunks belong
             # to the cache and to whoever waits on them.
-            self._fetch_aside(source, list(mine), self._read_ahead(source, mine, file_chunks, neighbours),
-                              container=not warming)
+            # A warming read must not move the read-ahead window either: the window follows the
+            # containers' order, whose front-to-back reading starts the background's stream.
+            ahead = [] if warming else self._read_ahead(source, mine, file_chunks, neighbours)
+            self._fetch_aside(source, list(mine), ahead, container=not warming)
         elif not warming:
             self.foreground.read_cached()
         deadline = time.monotonic() + self.wait_timeout
@@ -173,7 +175,7 @@ class ChunkFetcher:
         """Claims for what to fetch along with a foreground miss (see ``read``); never raises."""
         try:
             by_offset = sorted((c for c, _ in mine), key=lambda c: c.blob_start)
-            ahead = source.after(by_offset[0], by_offset[-1], self.readahead_min, self.readahead_max)
+            ahead = source.after(by_offset[0], by_offset[-1], self.readahead_min, self.readahead_max, self._fetched)
             if len(file_chunks) > 1:
                 ahead += self._following(file_chunks, by_offset[0], self.file_readahead)
             if neighbours is not None:
@@ -182,6 +184,10 @@ class ChunkFetcher:
         except Exception as e:  # a read-ahead is an optimisation: the read goes on without it
             log.warning("%s: choosing what to read ahead failed: %s", source.label, e)
             return []
+
+    def _fetched(self, c: T.Chunk) -> bool:
+        """Whether chunk ``c`` is cached or being fetched (for the read-ahead's sense of order)."""
+        return c.digest in self._inflight or self.cache.contains(c.digest)
 
     def _fetch_aside(self, source: BlobSource, claimed: list, optional: list, container: bool) -> None:
         """Fetch a read's claims, and what it reads ahead, on a thread of their own: the read waits

@@ -145,6 +145,23 @@ def test_read_ahead_grows_on_sequential_misses_only(tmp_path, registry, layer_so
     assert written == sum(c.blob_end - c.blob_start for n in scattered for c in view.lookup([n]).chunks)
 
 
+def test_the_stores_own_reads_leave_the_containers_read_ahead_alone(tmp_path, layer_source):
+    """A warming read (the prediction parsing an ELF header) far from where a container reads the
+    layer front to back neither collapses its read-ahead nor stops its streaming, nor reads ahead."""
+    make, view, files, layer = layer_source
+    fetcher, source = ChunkFetcher(ChunkCache(tmp_path), readahead_min=CHUNK, readahead_max=16 * CHUNK), make()
+    names = sorted(files)
+    for name in names[:4]:
+        read_file(fetcher, source, view, name)
+    assert source.streaming
+    far = view.lookup([names[-1]]).chunks[2]
+    assert fetcher.read(source, [far], warming=True)
+    settled(fetcher)
+    assert source.streaming and not fetcher.cached([view.lookup([names[-1]]).chunks[3]])
+    fetcher.read(source, [view.lookup([names[-3]]).chunks[1]])  # a container's jump does collapse it
+    assert not source.streaming
+
+
 def test_cache_limit_evicts_least_recently_used(tmp_path):
     cache = ChunkCache(tmp_path, memory_bytes=0, max_bytes=3000)
     from als.digest import sha256_digest
