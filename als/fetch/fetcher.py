@@ -186,7 +186,8 @@ class ChunkFetcher:
             return []
 
     def _fetched(self, c: T.Chunk) -> bool:
-        """Whether chunk ``c`` is cached or being fetched (for the read-ahead's sense of order)."""
+        """Whether chunk ``c`` is cached or being fetched (for the read-ahead's sense of order). The
+        in-flight table is read without its lock: a stale answer only misjudges one read-ahead."""
         return c.digest in self._inflight or self.cache.contains(c.digest)
 
     def _fetch_aside(self, source: BlobSource, claimed: list, optional: list, container: bool) -> None:

@@ -83,7 +83,7 @@ class BlobSource:
             return []
         with self._lock:
             expect = self._expect
-            sequential = expect >= 0 and expect - 1 <= start <= expect + 2 or (
+            sequential = (expect >= 0 and expect - 1 <= start <= expect + 2) or (
                 fetched is not None and 0 <= expect < start <= expect + MAX_FILLED
                 and all(fetched(c) for c in self.chunks[expect:start]))
             # Quadrupled, not doubled: a tree walk (a tar, a scan) reaches the largest window, and so starts

@@ -221,7 +221,7 @@ def test_a_program_found_cached_is_not_read_again_for_its_libraries(tmp_path):
 
 
 def test_a_page_read_back_from_the_disk_cache_is_checked_by_its_block_and_fetched_again_if_damaged(tmp_path):
-    """The kernel drops pages it cached; read again, one comes from the disk cache by its 64 KiB block
+    """The kernel drops pages it cached; read again, one comes from the disk cache by its block
     (no request), checked: a block damaged on disk is fetched again, never served."""
     blob = Blob(dirs("d") + [images.Entry("d/big.bin", data=os.urandom(600 << 10))], chunk_size=512 << 10)
     layer = blob.layer()
