@@ -25,6 +25,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, Sequence
 
+from als.fetch import along
 from als.fetch.cache import ChunkCache
 from als.digest import sha256_digest
 from als.errors import FormatError, RegistryError, VerificationError
@@ -45,7 +46,8 @@ SKIPPED_RETRIES = 3
 class ChunkFetcher:
     def __init__(self, cache: ChunkCache, *, coalesce_gap: int = 64 << 10, max_request: int = 16 << 20,
                  wait_timeout: float = 120.0, readahead_min: int = 256 << 10, readahead_max: int = 8 << 20,
-                 file_readahead: int = 0, dir_readahead: int = 0, span_cut: bool = False):
+                 file_readahead: int = 0, dir_readahead: int = 0, span_cut: bool = False,
+                 program_end: int = along.PROGRAM_END):
         self.cache = cache
         self.coalesce_gap = coalesce_gap
         self.max_request = max_request
@@ -54,6 +56,7 @@ class ChunkFetcher:
         self.readahead_max = readahead_max
         self.file_readahead = file_readahead
         self.dir_readahead = dir_readahead
+        self.program_end = program_end
         self.span_cut = span_cut  # gzip index spans: fetch only as far as a read needs ([fetch] span_cut)
         self._inflight: dict[str, Future] = {}
         self._lock = threading.Lock()
@@ -78,7 +81,7 @@ class ChunkFetcher:
     # ---- the three producers ---------------------------------------------------------
     def read(self, source: BlobSource, chunks: list[T.Chunk], file_chunks: Sequence[T.Chunk] = (),
              neighbours: Callable[[], Sequence[T.Chunk]] | None = None, cancel: threading.Event | None = None,
-             warming: bool = False) -> list[bytes]:
+             warming: bool = False, on_miss: Callable[[], None] | None = None) -> list[bytes]:
         """The verified bytes of each chunk, in order. Raises ALSError subclasses.
 
         ``cancel``: the reader went away (a FUSE interrupt): stop waiting for
@@ -89,7 +92,9 @@ class ChunkFetcher:
         ``file_chunks`` are all the chunks of the file being read, given for
         programs and libraries: they are mapped and paged in out of order, so
         on a miss the rest of the file, up to ``file_readahead`` compressed
-        bytes, comes in the same request instead of one per page fault.
+        bytes, comes in the same request instead of one per page fault, but
+        for its last ``program_end`` bytes, asked for apart and first
+        (``along.split_end``).
         ``neighbours`` gives the chunks of the small files beside a small file
         being read: interpreters load many of one directory, one after
         another, so on a miss those that follow in the blob, up to
@@ -98,6 +103,9 @@ class ChunkFetcher:
         ``warming``: the read is the store's own (the startup prediction
         reading an ELF header), not a container's: it does not tell the
         background fetch that a container started, and reads nothing ahead.
+        ``on_miss`` is called once the chunks missing are being fetched, before the wait: what it
+        starts (the startup prediction, reading the program's header) finds them in flight,
+        rather than fetching them first, alone, and leaving this read without its read-ahead.
         """
         out: dict[T.Chunk, bytes] = {}
         missing = []
@@ -122,9 +130,14 @@ class ChunkFetcher:
             # A warming read must not move the read-ahead window either: the window follows the
             # containers' order, whose front-to-back reading starts the background's stream.
             ahead = [] if warming else self._read_ahead(source, mine, file_chunks, neighbours)
+            end = along.split_end(ahead, file_chunks, self.program_end)
+            if end:  # asked first: small, and wanted as soon as the first
+                self._fetch_aside(source, end, [], container=True)
             self._fetch_aside(source, list(mine), ahead, container=not warming)
         elif not warming:
             self.foreground.read_cached()
+        if on_miss is not None:
+            on_miss()
         deadline = time.monotonic() + self.wait_timeout
         for c, fut in mine + theirs:
             out[c] = self._wait(source, c, fut, deadline, cancel)
@@ -132,7 +145,8 @@ class ChunkFetcher:
 
     def read_span(self, source: BlobSource, chunks: list[T.Chunk], start: int, end: int,
                   file_chunks: Sequence[T.Chunk] = (), neighbours: Callable[[], Sequence[T.Chunk]] | None = None,
-                  cancel: threading.Event | None = None, warming: bool = False) -> bytes:
+                  cancel: threading.Event | None = None, warming: bool = False,
+                  on_miss: Callable[[], None] | None = None) -> bytes:
         """Bytes ``[start, end)`` of a file (offsets in the file), which ``chunks`` (its chunks that
         hold them, in order) cover; the rest as ``read``. Within one cached chunk, only the blocks
         the span lies in are read from the disk cache (ChunkCache.get), not the whole chunk."""
@@ -143,7 +157,7 @@ class ChunkFetcher:
                 if not warming:
                     self.foreground.read_cached()
                 return data
-        pieces = self.read(source, chunks, file_chunks, neighbours, cancel=cancel, warming=warming)
+        pieces = self.read(source, chunks, file_chunks, neighbours, cancel=cancel, warming=warming, on_miss=on_miss)
         first = chunks[0].offset
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         return data[start - first:end - first]
@@ -177,9 +191,9 @@ class ChunkFetcher:
             by_offset = sorted((c for c, _ in mine), key=lambda c: c.blob_start)
             ahead = source.after(by_offset[0], by_offset[-1], self.readahead_min, self.readahead_max, self._fetched)
             if len(file_chunks) > 1:
-                ahead += self._following(file_chunks, by_offset[0], self.file_readahead)
+                ahead += along.following(file_chunks, by_offset[0], self.file_readahead)
             if neighbours is not None:
-                ahead += self._following(neighbours(), by_offset[0], self.dir_readahead)
+                ahead += along.following(neighbours(), by_offset[0], self.dir_readahead)
             return self.claim([c for c in dict.fromkeys(ahead) if not self.cache.contains(c.digest)])[0]
         except Exception as e:  # a read-ahead is an optimisation: the read goes on without it
             log.warning("%s: choosing what to read ahead failed: %s", source.label, e)
@@ -203,18 +217,6 @@ class ChunkFetcher:
             threading.Thread(target=fetch, name=f"{threading.current_thread().name}-fetch", daemon=True).start()
         except RuntimeError:  # no thread to be had: fetched here, and every claim answered
             fetch()
-
-    @staticmethod
-    def _following(chunks: Sequence[T.Chunk], first: T.Chunk, budget: int) -> list[T.Chunk]:
-        """``chunks`` (in blob order) from ``first`` on, within ``budget`` compressed bytes of it."""
-        out = []
-        for c in chunks:
-            if c.blob_start < first.blob_start or c.zeros:
-                continue
-            if c.blob_end - first.blob_start > budget:
-                break
-            out.append(c)
-        return out
 
     def prefetch(self, source: BlobSource, chunks: Sequence[T.Chunk], max_request: int,
                  front: FrontRead | None = None) -> int:

@@ -105,15 +105,17 @@ class LayerFile:
         reader.accesses.record(layer.ref, layer.desc.digest, layer.desc.index, self.path)
         if not chunks:
             return b""
-        if self.whole and reader.predictor is not None and not reader.fetcher.cached(chunks):
-            # Its loader and libraries come next. A program found cached (an optimized image's
-            # prefetch brought it, or the background fetch) is not read again for its ELF header:
-            # what it needs most likely came with it, and reading it would slow the start it serves.
-            reader.predictor.after_exec(layer, node)
+        # A program's loader and libraries come next: predicted once its miss is being fetched. A
+        # program found cached (an optimized image's prefetch brought it, or the background fetch)
+        # is not read again for its ELF header: what it needs most likely came with it, and
+        # reading it would slow the start it serves.
+        predict = (partial(reader.predictor.after_exec, layer, node)
+                   if self.whole and reader.predictor is not None else None)
         end = min(offset + size, node.size)
         neighbours = partial(reader.small_files, self.directory) if self.directory is not None else None
         try:
-            return reader.fetcher.read_span(layer.source, chunks, offset, end, self.whole, neighbours, cancel=cancel)
+            return reader.fetcher.read_span(layer.source, chunks, offset, end, self.whole, neighbours, cancel=cancel,
+                                            on_miss=predict)
         except Interrupted:
             raise
         except ALSError as e:

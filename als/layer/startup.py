@@ -211,7 +211,10 @@ class Predictor:
             if key in self._seen:
                 return
             self._seen.add(key)
-        self._pool.submit(self._libraries_of, layer, node)
+        try:
+            self._pool.submit(self._libraries_of, layer, node)
+        except RuntimeError:  # closed: the store is stopping, and the read goes on without it
+            pass
 
     def _libraries_of(self, layer, node: Node) -> None:
         def read(offset: int, size: int) -> bytes:  # through the cache, like a container's read

@@ -124,6 +124,54 @@ def test_a_read_is_answered_once_its_own_chunks_are_in_not_when_its_request_ends
     assert served(registry, mark, layer.digest)[0] == 1
 
 
+def test_a_programs_end_is_asked_for_apart_from_the_code_before_it(tmp_path, layer_source):
+    """A program's first miss brings it whole, its end (an ELF file's data segment, which starting
+    the program reads right after the first page) in a request of its own rather than behind
+    everything between."""
+    make, view, files, layer = layer_source
+    fetcher = ChunkFetcher(ChunkCache(tmp_path), readahead_max=0, file_readahead=8 << 20, program_end=CHUNK)
+    source = make()
+    node = view.lookup(["f05"])
+    ranges = []
+    inner = source._stream_range
+
+    def stream(start, end, sink):
+        ranges.append((start, end))
+        return inner(start, end, sink)
+
+    source._stream_range = stream
+    assert fetcher.read(source, [node.chunks[0]], node.chunks) == [files["f05"][:CHUNK]]
+    settled(fetcher)
+    assert fetcher.cached(node.chunks)
+    c = node.chunks
+    assert sorted(ranges) == [(c[0].blob_start, c[2].blob_end), (c[3].blob_start, c[3].blob_end)]
+    ranges.clear()  # a miss in the end itself, or with nothing between it and the end: one request
+    other = view.lookup(["f06"])
+    fetcher.read(source, [other.chunks[2]], other.chunks)
+    settled(fetcher)
+    assert ranges == [(other.chunks[2].blob_start, other.chunks[3].blob_end)]
+
+
+def test_what_a_miss_starts_finds_the_files_chunks_already_in_flight(tmp_path, registry, layer_source):
+    """``on_miss`` (the startup prediction reading the program's header) runs once the miss and
+    its read-ahead are claimed: its own read waits for them, instead of fetching a chunk first,
+    alone, and leaving the container's read without the rest of the file."""
+    make, view, files, layer = layer_source
+    fetcher, source = ChunkFetcher(ChunkCache(tmp_path), readahead_max=0, file_readahead=8 << 20), make()
+    node, data = view.lookup(["f07"]), files["f07"]
+    mark = registry.mark()
+    predicted = []
+
+    def predict():  # the prediction's first reads: the header, then the end (the dynamic section)
+        predicted.append(fetcher.read(source, [node.chunks[-1]], warming=True))
+
+    assert fetcher.read(source, [node.chunks[0]], node.chunks, on_miss=predict) == [data[:CHUNK]]
+    assert predicted == [[data[3 * CHUNK:]]]
+    settled(fetcher)
+    assert served(registry, mark, layer.digest)[0] == 1
+    fetcher.read(source, [node.chunks[0]], node.chunks, on_miss=lambda: pytest.fail("a cached read predicts"))
+
+
 def test_read_ahead_grows_on_sequential_misses_only(tmp_path, registry, layer_source):
     make, view, files, layer = layer_source
     names = sorted(files)
