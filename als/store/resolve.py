@@ -318,9 +318,10 @@ class Resolver:
             log.info("image %s layer %s: ready: %d files, %d bytes compressed, %d uncompressed, in %.2fs",
                      ref, desc.digest, layer.view.file_count, desc.size, layer.diff_size, time.monotonic() - t0)
             metrics.layer_resolved()
-            self._warmer.start(layer, entrypoint)
         self._keep(layer)  # first: what it evicts is gone, hooks called, before a lookup gets it
         fut.set_result(layer)
+        if evicted is None:  # once the lookup has its answer: Podman's pull waits for none of this
+            self._warmer.start(layer, entrypoint)
 
     # ---- images -----------------------------------------------------------------------
     def _resolution(self, ref: str, *, fresh: bool = False) -> Resolution:
