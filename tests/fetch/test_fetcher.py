@@ -150,6 +150,12 @@ def test_a_programs_end_is_asked_for_apart_from_the_code_before_it(tmp_path, lay
     fetcher.read(source, [other.chunks[2]], other.chunks)
     settled(fetcher)
     assert ranges == [(other.chunks[2].blob_start, other.chunks[3].blob_end)]
+    ranges.clear()  # nor once the background fetch streams the blob: what comes first is wanted first
+    source.filling = True
+    third = view.lookup(["f08"])
+    fetcher.read(source, [third.chunks[0]], third.chunks)
+    settled(fetcher)
+    assert ranges == [(third.chunks[0].blob_start, third.chunks[3].blob_end)]
 
 
 def test_what_a_miss_starts_finds_the_files_chunks_already_in_flight(tmp_path, registry, layer_source):
