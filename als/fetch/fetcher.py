@@ -140,7 +140,10 @@ class ChunkFetcher:
         elif not warming:
             self.foreground.read_cached()
         if on_miss is not None:
-            on_miss()
+            try:
+                on_miss()
+            except Exception as e:  # what it starts is an optimisation: the read goes on without it
+                log.warning("%s: what a miss starts failed: %s", source.label, e)
         deadline = time.monotonic() + self.wait_timeout
         for c, fut in mine + theirs:
             out[c] = self._wait(source, c, fut, deadline, cancel)

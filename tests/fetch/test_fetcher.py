@@ -176,6 +176,11 @@ def test_what_a_miss_starts_finds_the_files_chunks_already_in_flight(tmp_path, r
     settled(fetcher)
     assert served(registry, mark, layer.digest)[0] == 1
     fetcher.read(source, [node.chunks[0]], node.chunks, on_miss=lambda: pytest.fail("a cached read predicts"))
+    other = view.lookup(["f09"])  # and what a miss starts failing fails nothing
+
+    def broken():
+        raise RuntimeError("no prediction")
+    assert fetcher.read(source, [other.chunks[0]], on_miss=broken) == [files["f09"][:CHUNK]]
 
 
 def test_read_ahead_grows_on_sequential_misses_only(tmp_path, registry, layer_source):
