@@ -132,8 +132,7 @@ class ChunkFetcher:
             ahead = [] if warming else self._read_ahead(source, mine, file_chunks, neighbours)
             # Not for a reader going front to back (a tar, a copy), nor once the background
             # fetch streams the blob: what is wanted first is then what comes first.
-            end = [] if source.streaming or source.filling else along.split_end(ahead, file_chunks,
-                                                                                   self.program_end)
+            end = [] if source.streaming or source.filling else along.split_end(ahead, file_chunks, self.program_end)
             if end:  # asked first: small, and wanted as soon as the first
                 self._fetch_aside(source, end, [], container=True)
             self._fetch_aside(source, list(mine), ahead, container=not warming)

@@ -211,10 +211,7 @@ class Predictor:
             if key in self._seen:
                 return
             self._seen.add(key)
-        try:
-            self._pool.submit(self._libraries_of, layer, node)
-        except RuntimeError:  # closed: the store is stopping, and the read goes on without it
-            pass
+        self._pool.submit(self._libraries_of, layer, node)
 
     def _libraries_of(self, layer, node: Node) -> None:
         def read(offset: int, size: int) -> bytes:  # through the cache, like a container's read
