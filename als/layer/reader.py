@@ -109,7 +109,7 @@ class LayerFile:
         # program found cached (an optimized image's prefetch brought it, or the background fetch)
         # is not read again for its ELF header: what it needs most likely came with it, and
         # reading it would slow the start it serves.
-        predict = (partial(reader.predictor.after_exec, layer, node)
+        predict = (partial(reader.predictor.after_exec, layer, node, self.path)
                    if self.whole and reader.predictor is not None else None)
         end = min(offset + size, node.size)
         neighbours = partial(reader.small_files, self.directory) if self.directory is not None else None

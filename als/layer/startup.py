@@ -3,10 +3,11 @@
 Lazy pulling pays one registry round trip per file a starting container
 misses, one after another: Podman reads /etc/passwd and /etc/group, the
 kernel maps the program, the dynamic loader opens ld.so.cache and each shared
-library in turn. Those reads are predictable from the layer alone: the image's
-entrypoint program, and for any program, the libraries its ELF header names.
-Fetching them side by side when the layer resolves, and as soon as a program
-is first read, turns a chain of round trips into one.
+library in turn, an interpreter imports its start-up modules. Those reads are
+predictable from the layer alone: the image's entrypoint program, for any
+program the libraries its ELF header names, and for an interpreter the files
+it reads on every start. Fetching them side by side when the layer resolves,
+and as soon as a program is first read, turns a chain of round trips into one.
 
 Nothing here is needed for correctness: a wrong guess costs bytes, never a
 wrong answer, and every read still goes through the verified fetch path.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import re
 import stat
 import struct
 import threading
@@ -41,12 +43,25 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_LINKS = 8  # symlink hops followed inside a layer
 MAX_NEEDED = 64  # DT_NEEDED entries taken from one program
 
+# CPython 3.N imports these from its standard library on every start, by name: they are known as
+# soon as the interpreter is run, before its own ELF header is in. From 3.11 on, the rest of its
+# start-up modules are frozen into the interpreter; before, they were read from there too.
+CPYTHON = re.compile(r"python3\.([0-9]{1,2})")
+CPYTHON_START = ("encodings/__init__", "encodings/aliases", "encodings/utf_8", "sitecustomize")
+CPYTHON_START_BEFORE_3_11 = ("abc", "codecs", "io", "os", "stat", "_collections_abc", "posixpath", "genericpath",
+                             "_sitebuiltins", "site")
+
 PT_LOAD, PT_DYNAMIC, PT_INTERP = 1, 2, 3
 DT_NULL, DT_NEEDED, DT_STRTAB = 0, 1, 5
 
 
 def resolve(view: LayerView, path: str) -> Node | None:
     """The regular file at ``path`` in the layer, following symlinks inside it as the container would."""
+    return resolve_path(view, path)[0]
+
+
+def resolve_path(view: LayerView, path: str) -> tuple[Node | None, str]:
+    """``resolve``, and the path the file was found at once the symlinks are followed."""
     todo = [p for p in path.split("/") if p not in ("", ".")]
     done: list[str] = []
     node, hops = view.root, 0
@@ -59,18 +74,18 @@ def resolve(view: LayerView, path: str) -> Node | None:
             continue
         child = (node.children or {}).get(part) if node is not None else None
         if child is None:
-            return None
+            return None, ""
         if stat.S_ISLNK(child.mode):
             hops += 1
             if hops > MAX_LINKS:
-                return None
+                return None, ""
             if child.target.startswith("/"):
                 done, node = [], view.root
             todo = [p for p in child.target.split("/") if p not in ("", ".")] + todo
             continue
         done.append(part)
         node = child
-    return node if node is not None and node.is_reg else None
+    return (node, "/".join(done)) if node is not None and node.is_reg else (None, "")
 
 
 def entrypoint(config: dict) -> list[str]:
@@ -91,9 +106,32 @@ def entrypoint(config: dict) -> list[str]:
     return [posixpath.join(d, prog) for d in path.split(":") if d.startswith("/")]
 
 
-def program(view: LayerView, candidates: Iterable[str]) -> Node | None:
-    """The first candidate path that is a file in the layer."""
-    return next((n for c in candidates if (n := resolve(view, c)) is not None), None)
+def program(view: LayerView, candidates: Iterable[str]) -> tuple[Node | None, str]:
+    """The first candidate path that is a file in the layer, and where it is once symlinks are followed."""
+    return next((found for c in candidates if (found := resolve_path(view, c))[0] is not None), (None, ""))
+
+
+def interpreter_files(view: LayerView, path: str) -> list[Node]:
+    """What the interpreter at ``path`` (in the layer, symlinks followed) reads on every start.
+
+    CPython 3.N (``<prefix>/bin/python3.N``): its start-up modules in
+    ``<prefix>/lib/python3.N``, compiled (``__pycache__``) where the layer has
+    them, else their source. Empty for any other program.
+    """
+    bindir, _, name = path.rpartition("/")
+    m = CPYTHON.fullmatch(name)
+    if m is None:
+        return []
+    minor = int(m.group(1))
+    stdlib = posixpath.join(posixpath.dirname(bindir), "lib", f"python3.{minor}")
+    out = []
+    for module in CPYTHON_START + (CPYTHON_START_BEFORE_3_11 if minor < 11 else ()):
+        package, _, base = module.rpartition("/")
+        compiled = posixpath.join(stdlib, package, "__pycache__", f"{base}.cpython-3{minor}.pyc")
+        node = resolve(view, compiled) or resolve(view, posixpath.join(stdlib, f"{module}.py"))
+        if node is not None:
+            out.append(node)
+    return out
 
 
 def elf_needs(read: Callable[[int, int], bytes]) -> tuple[str, list[str]]:
@@ -193,17 +231,18 @@ class Predictor:
         """A layer just resolved: fetch what any container start of its image reads first."""
         view = layer.view
         files = [n for n in (resolve(view, p) for p in START_FILES) if n is not None]
-        prog = program(view, entrypoint)
+        prog, path = program(view, entrypoint)
         if prog is not None:
             files.append(prog)
-            self.after_exec(layer, prog)
+            self.after_exec(layer, prog, path)
         self._fetch(layer, files)
 
-    def after_exec(self, layer, node: Node) -> None:
-        """``node`` is a program being run: fetch the loader and libraries it names, once. Not once
-        the background fetch fills the layer: past the start-up burst, a container reading
-        programs (a tar, a scan) would have them guessed one after another, each guess a round
-        trip that cuts the background's stream into pieces."""
+    def after_exec(self, layer, node: Node, path: str = "") -> None:
+        """``node`` (at ``path``) is a program being run: fetch the loader and libraries it names
+        and, if it is an interpreter, the files it reads on every start; once. Not once the
+        background fetch fills the layer: past the start-up burst, a container reading programs (a
+        tar, a scan) would have them guessed one after another, each guess a round trip that cuts
+        the background's stream into pieces."""
         if layer.source.filling:
             return
         with self._lock:
@@ -212,6 +251,9 @@ class Predictor:
                 return
             self._seen.add(key)
         self._pool.submit(self._libraries_of, layer, node)
+        started = interpreter_files(layer.view, path)
+        if started:  # small files, mostly side by side in the blob: one prefetch, as few requests as that
+            self._pool.submit(self._prefetch, layer, [c for n in started for c in n.chunks])
 
     def _libraries_of(self, layer, node: Node) -> None:
         def read(offset: int, size: int) -> bytes:  # through the cache, like a container's read
@@ -229,11 +271,11 @@ class Predictor:
     def _fetch(self, layer, nodes: list[Node]) -> None:
         for node in nodes:
             if node.chunks:
-                self._pool.submit(self._prefetch, layer, node)
+                self._pool.submit(self._prefetch, layer, node.chunks)
 
-    def _prefetch(self, layer, node: Node) -> None:
+    def _prefetch(self, layer, chunks: list) -> None:
         try:
-            self.fetcher.prefetch(layer.source, node.chunks, self.max_request)
+            self.fetcher.prefetch(layer.source, chunks, self.max_request)
         except Exception as e:
             log.debug("%s: predicted fetch failed: %s", layer.source.label, e)
 

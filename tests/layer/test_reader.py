@@ -211,13 +211,13 @@ def test_a_program_found_cached_is_not_read_again_for_its_libraries(tmp_path):
     layer = blob.layer()
     fetcher = fetcher_for(tmp_path)
     told = []
-    reader = LayerReader(fetcher, AccessRecorder(), SimpleNamespace(after_exec=lambda _, node: told.append(node)))
+    reader = LayerReader(fetcher, AccessRecorder(), SimpleNamespace(after_exec=lambda _, node, path: told.append((node, path))))
     open_file(LayerReader(fetcher, AccessRecorder()), layer, "bin/b").read(0, 4096)  # comes whole
     settled(fetcher)
     a, b = (open_file(reader, layer, f"bin/{n}") for n in ("a", "b"))
     assert b.ready(0, 3 * CHUNK) and not a.ready(0, 4096)
     assert a.read(0, 4096) == blob.files["bin/a"][:4096] and b.read(0, 4096) == blob.files["bin/b"][:4096]
-    assert told == [a.node]
+    assert told == [(a.node, "bin/a")]  # by its path too: an interpreter is known by its name
 
 
 def test_a_page_read_back_from_the_disk_cache_is_checked_by_its_block_and_fetched_again_if_damaged(tmp_path):

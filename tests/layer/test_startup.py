@@ -9,7 +9,7 @@ import pytest
 
 from als.formats import toc as T
 from als.layer.view import LayerView
-from als.layer.startup import Predictor, elf_needs_of, entrypoint, libraries, program, resolve
+from als.layer.startup import Predictor, elf_needs_of, entrypoint, interpreter_files, libraries, program, resolve
 
 
 def E(name, type=T.REG, **kw):
@@ -59,7 +59,7 @@ def test_symlinks_are_followed_inside_the_layer(view):
 def test_the_entrypoint_is_found_on_the_image_path(view):
     cfg = {"config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], "Cmd": ["sh", "-c", "x"]}}
     assert entrypoint(cfg) == ["/usr/local/bin/sh", "/usr/bin/sh", "/bin/sh"]
-    assert program(view, entrypoint(cfg)) is view.lookup(["usr", "bin", "dash"])
+    assert program(view, entrypoint(cfg)) == (view.lookup(["usr", "bin", "dash"]), "usr/bin/dash")
     assert entrypoint({"config": {"Entrypoint": ["/usr/bin/python3"], "Cmd": ["-c", "1"]}}) == ["/usr/bin/python3"]
     for bad in ({}, {"config": None}, {"config": {"Cmd": []}}, {"config": {"Cmd": [7]}}, [], {"config": "x"}):
         assert entrypoint(bad) == []
@@ -170,3 +170,76 @@ def test_programs_read_once_the_background_fetch_fills_the_layer_are_not_predict
         assert asked == ["starting"]
     finally:
         predictor.close()
+
+
+def python_layer():
+    """CPython 3.11 as Debian lays it out (compiled start-up modules, sitecustomize a link to /etc),
+    and a 3.9 under /usr/local with sources only."""
+    lib, local = "usr/lib/python3.11", "usr/local/lib/python3.9"
+    entries = [E("", T.DIR, mode=0o755)]
+    entries += [E(d, T.DIR, mode=0o755) for d in ("usr", "usr/bin", "usr/local", "usr/local/bin", "etc",
+                                                   "etc/python3.11", lib, f"{lib}/__pycache__", f"{lib}/encodings",
+                                                   f"{lib}/encodings/__pycache__", local, f"{local}/encodings")]
+    files = ["usr/bin/python3.11", "usr/bin/dash", "usr/local/bin/python3.9", "etc/python3.11/sitecustomize.py",
+             f"{lib}/encodings/__init__.py", f"{lib}/encodings/utf_8.py", f"{lib}/os.py",
+             f"{lib}/encodings/__pycache__/__init__.cpython-311.pyc", f"{lib}/encodings/__pycache__/utf_8.cpython-311.pyc",
+             f"{lib}/encodings/__pycache__/aliases.cpython-311.pyc", f"{lib}/__pycache__/sitecustomize.cpython-311.pyc",
+             f"{lib}/__pycache__/os.cpython-311.pyc", f"{lib}/__pycache__/json.cpython-311.pyc",
+             f"{local}/encodings/__init__.py", f"{local}/encodings/utf_8.py", f"{local}/os.py", f"{local}/site.py",
+             f"{local}/json.py"]
+    entries += [E(f, mode=0o755, size=3, chunks=chunk(3)) for f in files]
+    entries += [E(f"{lib}/sitecustomize.py", T.SYMLINK, linkname="/etc/python3.11/sitecustomize.py"),
+                E("usr/bin/python3", T.SYMLINK, linkname="python3.11")]
+    return LayerView(entries)
+
+
+def test_cpython_is_known_by_name_to_read_its_start_up_modules():
+    view = python_layer()
+
+    def nodes(*paths):
+        return [view.lookup(p.split("/")) for p in paths]
+    lib, local = "usr/lib/python3.11", "usr/local/lib/python3.9"
+    # 3.11 reads its encodings and Debian's sitecustomize, compiled; the rest is frozen into it
+    assert interpreter_files(view, "usr/bin/python3.11") == nodes(
+        f"{lib}/encodings/__pycache__/__init__.cpython-311.pyc", f"{lib}/encodings/__pycache__/aliases.cpython-311.pyc",
+        f"{lib}/encodings/__pycache__/utf_8.cpython-311.pyc", f"{lib}/__pycache__/sitecustomize.cpython-311.pyc")
+    # before 3.11, os, site and the others too; sources where nothing is compiled; what is missing is skipped
+    assert interpreter_files(view, "usr/local/bin/python3.9") == nodes(
+        f"{local}/encodings/__init__.py", f"{local}/encodings/utf_8.py", f"{local}/os.py", f"{local}/site.py")
+    for other in ("usr/bin/python3", "usr/bin/python3.11x", "usr/bin/dash", ""):
+        assert interpreter_files(view, other) == []  # python3 is a link's name: the kernel runs its target
+    assert program(view, ["/usr/bin/python3"]) == (nodes("usr/bin/python3.11")[0], "usr/bin/python3.11")
+
+
+def test_an_interpreters_start_up_files_are_fetched_without_waiting_for_its_header():
+    """The libraries wait for the program's ELF header to come in; CPython's modules are known by
+    its name alone and are asked for at once, in one prefetch."""
+    import threading
+    from types import SimpleNamespace
+
+    prefetched, fetched, read, header_waited = [], threading.Event(), threading.Event(), []
+
+    class Fetcher:
+        def read_span(self, source, chunks, start, end, warming=False):
+            header_waited.append(fetched.wait(10))  # the header comes only once the modules were asked for
+            read.set()
+            return b"\0" * (end - start)
+
+        def prefetch(self, source, chunks, max_request):
+            prefetched.append(len(chunks))
+            fetched.set()
+
+    view = python_layer()
+    predictor = Predictor(Fetcher(), 1 << 20)
+    try:
+        layer = SimpleNamespace(view=view, source=SimpleNamespace(filling=False))
+        predictor.after_exec(layer, view.lookup(["usr", "bin", "python3.11"]), "usr/bin/python3.11")
+        assert fetched.wait(10) and read.wait(20)
+        assert prefetched == [4]  # one prefetch of the four files' chunks
+        read.clear()
+        predictor.after_exec(layer, view.lookup(["usr", "bin", "dash"]), "usr/bin/dash")  # not an interpreter
+        assert read.wait(10)  # its libraries were looked for; nothing more was prefetched
+    finally:
+        predictor.close()
+    assert header_waited == [True, True]
+    assert prefetched == [4]
