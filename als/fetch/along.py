@@ -17,6 +17,10 @@ from als.formats import toc as T
 # How much of a program's or library's end is asked for apart from, and before, the rest
 # (``split_end``): an ELF file's data segment, which starting it reads at once (python3.11's is 1.3 MB).
 PROGRAM_END = 2 << 20
+# The rest of the program is asked for once the answer for its end has begun, at most this many seconds
+# later: a registry answers two requests in either order, and on a link that carries one answer after
+# the other the end would otherwise come after the rest about half the time.
+END_LEAD = 0.25
 
 Claim = TypeVar("Claim", bound=tuple)  # (chunk, ...): what the fetcher holds for a chunk it fetches
 

@@ -133,9 +133,10 @@ class ChunkFetcher:
             # Not for a reader going front to back (a tar, a copy), nor once the background
             # fetch streams the blob: what is wanted first is then what comes first.
             end = [] if source.streaming or source.filling else along.split_end(ahead, file_chunks, self.program_end)
+            begun = threading.Event() if end else None  # the end's answer has begun: the rest may follow
             if end:  # asked first: small, and wanted as soon as the first
-                self._fetch_aside(source, end, [], container=True)
-            self._fetch_aside(source, list(mine), ahead, container=not warming)
+                self._fetch_aside(source, end, [], container=True, begun=begun)
+            self._fetch_aside(source, list(mine), ahead, container=not warming, after=begun)
         elif not warming:
             self.foreground.read_cached()
         if on_miss is not None:
@@ -209,14 +210,23 @@ class ChunkFetcher:
         in-flight table is read without its lock: a stale answer only misjudges one read-ahead."""
         return c.digest in self._inflight or self.cache.contains(c.digest)
 
-    def _fetch_aside(self, source: BlobSource, claimed: list, optional: list, container: bool) -> None:
+    def _fetch_aside(self, source: BlobSource, claimed: list, optional: list, container: bool,
+                     begun: threading.Event | None = None, after: threading.Event | None = None) -> None:
         """Fetch a read's claims, and what it reads ahead, on a thread of their own: the read waits
         only for its own chunks, each handed out as its bytes are in, not for the end of requests
         that bring more (the rest of a program, the small files after the one asked for).
-        ``container``: a container's read, which the background fetch yields to (``Foreground``)."""
+        ``container``: a container's read, which the background fetch yields to (``Foreground``).
+        ``begun`` is set once the answer's first bytes are in (or the fetch ended); the request
+        waits for ``after`` to be, at most ``along.END_LEAD`` seconds."""
         def fetch() -> None:
             with self.foreground.fetch(container=container):
-                self.fetch_claims(source, claimed, optional=optional)
+                if after is not None:
+                    after.wait(along.END_LEAD)
+                try:
+                    self.fetch_claims(source, claimed, optional=optional, begun=begun)
+                finally:
+                    if begun is not None:
+                        begun.set()
 
         try:
             threading.Thread(target=fetch, name=f"{threading.current_thread().name}-fetch", daemon=True).start()
@@ -283,14 +293,14 @@ class ChunkFetcher:
 
     def fetch_claims(self, source: BlobSource, claimed: list, max_request: int | None = None,
                      optional: list | None = None, gap: int | None = None,
-                     received: list[int] | None = None) -> BaseException | None:
+                     received: list[int] | None = None, begun: threading.Event | None = None) -> BaseException | None:
         """Fetch and deliver the claimed chunks (``claim``); the first failure, or None.
 
         ``optional`` claims (read-ahead) are fetched where they come cheaply; claims at most
         ``gap`` bytes apart (default: ``coalesce_gap``) share a request; ``received`` hears the
-        bytes of each request; with ``span_cut``, a gzip index span is fetched only as far as
-        ``claimed`` needs, and the optional chunks past that end as Skipped
-        (their waiters fetch them).
+        bytes of each request; ``begun`` is set when the first bytes of an answer arrive; with
+        ``span_cut``, a gzip index span is fetched only as far as ``claimed`` needs, and the
+        optional chunks past that end as Skipped (their waiters fetch them).
 
         Each run is one range request, streamed: a chunk is decoded and handed
         out as soon as its bytes are in, so neither the compressed run nor its
@@ -307,15 +317,15 @@ class ChunkFetcher:
         optional.clear()
         return self._answering(source, claimed, lambda: self._fetch_runs(
             source, claimed, max_request or self.max_request, required, self.coalesce_gap if gap is None else gap,
-            received))
+            received, begun))
 
-    def _fetch_runs(self, source: BlobSource, claimed: list, max_request: int,
-                    required: set | None, gap: int, received: list[int] | None) -> BaseException | None:
+    def _fetch_runs(self, source: BlobSource, claimed: list, max_request: int, required: set | None, gap: int,
+                    received: list[int] | None, begun: threading.Event | None = None) -> BaseException | None:
         runs = list(self._runs_of(self._drop_cached(claimed), max_request, gap))
         claimed.clear()
         failed = None
         while runs:
-            run = RunDecoder(self, source, self._with_riders(source, runs.pop(0)), required)
+            run = RunDecoder(self, source, self._with_riders(source, runs.pop(0)), required, begun)
             try:
                 source.stream_range(run.start, run.cut, run.feed)
                 if run.wants_more():  # the span's files end further on than estimated

@@ -11,6 +11,7 @@ stop (``cut``) and ends the read-ahead claims it stopped short of as Skipped.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from concurrent.futures import Future
 from typing import Protocol
@@ -58,8 +59,10 @@ class RunDecoder:
     when the span's last byte arrives.
     """
 
-    def __init__(self, fetcher: Deliverer, source: BlobSource, run: list, required: set | None = None):
+    def __init__(self, fetcher: Deliverer, source: BlobSource, run: list, required: set | None = None,
+                 begun: threading.Event | None = None):
         self.fetcher = fetcher
+        self.begun = begun  # set once bytes come in: another request may wait for this one's answer to begin
         self.source = source
         self.left = deque(run)  # (chunk, future) in blob order, not delivered yet
         self.start = run[0][0].blob_start
@@ -84,6 +87,8 @@ class RunDecoder:
                 source.spans_cut.update(c.blob_start for c, _ in run if c.blob_end > self.cut)
 
     def feed(self, piece: bytes) -> None:
+        if self.begun is not None:
+            self.begun.set()
         self.received += len(piece)
         self._buf += piece
         buf_end = self._buf_start + len(self._buf)

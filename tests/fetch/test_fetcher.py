@@ -127,24 +127,34 @@ def test_a_read_is_answered_once_its_own_chunks_are_in_not_when_its_request_ends
 def test_a_programs_end_is_asked_for_apart_from_the_code_before_it(tmp_path, layer_source):
     """A program's first miss brings it whole, its end (an ELF file's data segment, which starting
     the program reads right after the first page) in a request of its own rather than behind
-    everything between."""
+    everything between, and first: the rest is asked for once the end's answer has begun, so that
+    on a link carrying one answer after the other the end comes first whatever the registry does."""
     make, view, files, layer = layer_source
     fetcher = ChunkFetcher(ChunkCache(tmp_path), readahead_max=0, file_readahead=8 << 20, program_end=CHUNK)
     source = make()
     node = view.lookup(["f05"])
-    ranges = []
+    c = node.chunks
+    ranges, events = [], []
     inner = source._stream_range
 
     def stream(start, end, sink):
         ranges.append((start, end))
-        return inner(start, end, sink)
+        events.append(("asked", start))
+        if start == c[3].blob_start:
+            time.sleep(0.1)  # the end's answer is slow to begin
+
+        def first(data, sink=sink):
+            if ("answered", start) not in events:
+                events.append(("answered", start))
+            sink(data)
+        return inner(start, end, first)
 
     source._stream_range = stream
     assert fetcher.read(source, [node.chunks[0]], node.chunks) == [files["f05"][:CHUNK]]
     settled(fetcher)
     assert fetcher.cached(node.chunks)
-    c = node.chunks
     assert sorted(ranges) == [(c[0].blob_start, c[2].blob_end), (c[3].blob_start, c[3].blob_end)]
+    assert events[:3] == [("asked", c[3].blob_start), ("answered", c[3].blob_start), ("asked", c[0].blob_start)]
     ranges.clear()  # a miss in the end itself, or with nothing between it and the end: one request
     other = view.lookup(["f06"])
     fetcher.read(source, [other.chunks[2]], other.chunks)
