@@ -251,9 +251,7 @@ class Predictor:
                 return
             self._seen.add(key)
         self._pool.submit(self._libraries_of, layer, node)
-        started = interpreter_files(layer.view, path)
-        if started:  # small files, mostly side by side in the blob: one prefetch, as few requests as that
-            self._pool.submit(self._prefetch, layer, [c for n in started for c in n.chunks])
+        self._fetch(layer, interpreter_files(layer.view, path))  # side by side: a round trip, not one each
 
     def _libraries_of(self, layer, node: Node) -> None:
         def read(offset: int, size: int) -> bytes:  # through the cache, like a container's read
