@@ -211,7 +211,8 @@ def test_a_program_found_cached_is_not_read_again_for_its_libraries(tmp_path):
     layer = blob.layer()
     fetcher = fetcher_for(tmp_path)
     told = []
-    reader = LayerReader(fetcher, AccessRecorder(), SimpleNamespace(after_exec=lambda _, node, path: told.append((node, path))))
+    predictor = SimpleNamespace(after_exec=lambda _, node, path: told.append((node, path)))
+    reader = LayerReader(fetcher, AccessRecorder(), predictor)
     open_file(LayerReader(fetcher, AccessRecorder()), layer, "bin/b").read(0, 4096)  # comes whole
     settled(fetcher)
     a, b = (open_file(reader, layer, f"bin/{n}") for n in ("a", "b"))

@@ -182,7 +182,8 @@ def python_layer():
                                                    f"{lib}/encodings/__pycache__", local, f"{local}/encodings")]
     files = ["usr/bin/python3.11", "usr/bin/dash", "usr/local/bin/python3.9", "etc/python3.11/sitecustomize.py",
              f"{lib}/encodings/__init__.py", f"{lib}/encodings/utf_8.py", f"{lib}/os.py",
-             f"{lib}/encodings/__pycache__/__init__.cpython-311.pyc", f"{lib}/encodings/__pycache__/utf_8.cpython-311.pyc",
+             f"{lib}/encodings/__pycache__/__init__.cpython-311.pyc",
+             f"{lib}/encodings/__pycache__/utf_8.cpython-311.pyc",
              f"{lib}/encodings/__pycache__/aliases.cpython-311.pyc", f"{lib}/__pycache__/sitecustomize.cpython-311.pyc",
              f"{lib}/__pycache__/os.cpython-311.pyc", f"{lib}/__pycache__/json.cpython-311.pyc",
              f"{local}/encodings/__init__.py", f"{local}/encodings/utf_8.py", f"{local}/os.py", f"{local}/site.py",
