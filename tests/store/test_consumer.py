@@ -2,17 +2,15 @@
 
 Real Go programs of this machine: Debian's Podman 4.3.1 (built without module
 versions, containers/storage 1.43), docker-registry and containerd (Go, no
-containers/storage), and, when the Podman 5 chroots exist, Debian trixie's
-Podman 5.4 (containers/storage 1.57: not affected) and sid's 5.8
-(containers/storage 1.64: affected).
+containers/storage), and, from the chroots the Podman 5 tier uses (built
+once if missing), Debian trixie's Podman 5.4 (containers/storage 1.57: not
+affected) and sid's 5.8 (containers/storage 1.64: affected).
 """
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -22,9 +20,9 @@ from als.store import consumer as C
 from als.ops import status
 from als.config import load_config
 from als.ops.daemon import build_store
+from tests.support import podman5
 
 PODMAN4 = "/usr/bin/podman"
-PODMAN5_ROOTS = os.environ.get("ALS_PODMAN5_ROOTS", "/var/tmp/als-podman5/*")  # chroots with Debian's Podman 5
 
 
 def test_debian_podman_4_3_is_recognised_and_not_affected():
@@ -40,27 +38,15 @@ def test_programs_without_containers_storage_are_no_consumers(program):
     assert C.inspect(program) is None
 
 
-def chroot_podmans() -> list[tuple[str, str]]:
-    """(podman binary, Debian version) in each Podman 5 chroot present."""
-    out = []
-    for root in sorted(glob.glob(PODMAN5_ROOTS)):
-        status_file = Path(root, "var/lib/dpkg/status")
-        binary = Path(root, "usr/bin/podman")
-        if binary.exists() and status_file.exists():
-            m = re.search(r"^Package: podman\n(?:.+\n)*?Version: (\S+)", status_file.read_text(), re.M)
-            if m:
-                out.append((str(binary), m[1]))
-    return out
-
-
-@pytest.mark.parametrize("binary, version", chroot_podmans() or [pytest.param("", "", marks=pytest.mark.skip(
-    reason=f"no Podman 5 chroot under {PODMAN5_ROOTS}"))])
-def test_debian_podman_5_binaries(binary, version):
-    """Podman 5.5 and later (containers/storage >= 1.58) are affected; 5.4 is not."""
-    major, minor = (int(x) for x in version.split(".")[:2])
-    c = C.inspect(binary)
+@pytest.mark.parametrize("suite", sorted(podman5.SUITES))
+def test_debian_podman_5_binaries(suite):
+    """Podman 5.5 and later (containers/storage >= 1.58) are affected; 5.4 is not. Always checked: a
+    machine without the chroots builds them, as the Podman 5 tier does, rather than skip."""
+    chroot = podman5.ensure_chroot(suite)
+    major, minor = chroot.podman_release
+    c = C.inspect(str(chroot.path / "usr" / "bin" / "podman"))
     assert c is not None
-    assert c.affected == ((major, minor) >= (5, 5)), (version, c)
+    assert c.affected == ((major, minor) >= (5, 5)), (chroot.podman_version, c)
     assert c.module == ("go.podman.io/storage" if (major, minor) >= (5, 7) else "github.com/containers/storage")
 
 
