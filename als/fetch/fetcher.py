@@ -320,7 +320,7 @@ class ChunkFetcher:
             received, begun))
 
     def _fetch_runs(self, source: BlobSource, claimed: list, max_request: int, required: set | None, gap: int,
-                    received: list[int] | None, begun: threading.Event | None = None) -> BaseException | None:
+                    received: list[int] | None, begun: threading.Event | None) -> BaseException | None:
         runs = list(self._runs_of(self._drop_cached(claimed), max_request, gap))
         claimed.clear()
         failed = None

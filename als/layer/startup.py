@@ -269,11 +269,11 @@ class Predictor:
     def _fetch(self, layer, nodes: list[Node]) -> None:
         for node in nodes:
             if node.chunks:
-                self._pool.submit(self._prefetch, layer, node.chunks)
+                self._pool.submit(self._prefetch, layer, node)
 
-    def _prefetch(self, layer, chunks: list) -> None:
+    def _prefetch(self, layer, node: Node) -> None:
         try:
-            self.fetcher.prefetch(layer.source, chunks, self.max_request)
+            self.fetcher.prefetch(layer.source, node.chunks, self.max_request)
         except Exception as e:
             log.debug("%s: predicted fetch failed: %s", layer.source.label, e)
 
