@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 
 from als.tools.podman import Podman
 from tests.support.linkproxy import LinkProxy
-from tests.support.procstat import cpu_seconds, peak_rss_mib
+from tests.support.procstat import cpu_seconds, peak_rss_mib, stolen_seconds
 from tests.support.registry import RegistryProcess
 from tests.support.store_process import StoreProcess
 
@@ -119,6 +119,7 @@ class Sample:
     warm_settled_s: float = 0.0    # read-all only: median of WARM_REPEATS once settled
     store_cpu_user_s: float = 0.0  # the store's CPU from its start to the container's exit (lazy variants)
     store_cpu_sys_s: float = 0.0
+    host_steal_cpus: float = 0.0   # CPUs the hypervisor took for others during pull + run, on average
 
 
 def blob_bytes(registry: RegistryProcess, mark: int, settle: float) -> int:
@@ -163,13 +164,14 @@ def unpacked_bytes(graphroot: Path) -> int:
 
 def run_sample(podman: Podman, ref: str, cmd: list[str], registry: RegistryProcess, link: LinkProxy,
                store: LazyStore | None, read_all: bool, wait_settled: bool = True) -> Sample:
-    mark, link0 = registry.mark(), link.stats.bytes_down
+    mark, link0, stolen0 = registry.mark(), link.stats.bytes_down, stolen_seconds()
     pull = timed(lambda: podman.run("pull", "-q", ref, timeout=900))
     if store is not None and unpacked_bytes(podman.graphroot) > 8 << 20:
         raise RuntimeError(f"Podman unpacked {ref} itself: the store did not serve it ({store.log()[-1500:]})")
     out: list[str] = []
     run = timed(lambda: out.append(podman.run("run", "--rm", ref, *cmd, timeout=900).stdout))
     s = Sample(pull + run, pull, run, blob_bytes(registry, mark, 0), link.stats.bytes_down - link0)
+    s.host_steal_cpus = (stolen_seconds() - stolen0) / (pull + run)
     if store is not None:
         s.store_peak_rss = int(peak_rss_mib(store.pid) * (1 << 20))
         s.store_cpu_user_s, s.store_cpu_sys_s = cpu_seconds(store.pid)

@@ -86,3 +86,14 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
         return 0.0, 0.0
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def stolen_seconds(stat_text: str | None = None) -> float:
+    """CPU seconds the hypervisor gave other guests while this machine's CPUs had work, summed over
+    them since boot (the ``steal`` column of /proc/stat's ``cpu`` line): a virtual machine whose host
+    is busy runs everything slower, and this says when."""
+    text = stat_text if stat_text is not None else Path("/proc/stat").read_text()
+    fields = text.split("\n", 1)[0].split()
+    if fields[0] != "cpu" or len(fields) < 9:
+        raise ValueError(f"not a /proc/stat cpu line: {text[:80]!r}")
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")

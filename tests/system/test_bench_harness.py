@@ -4,6 +4,7 @@ and a missing reference store is reported, not fatal."""
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tomllib
 from pathlib import Path
@@ -15,6 +16,7 @@ from tests.support import bench_stargz
 from tests.support.bench import variants
 from tests.support.bench_report import Series, compute, index_figure
 from tests.support.bench_runs import SHIPPED_CONFIG, Sample, background_off
+from tests.support.procstat import stolen_seconds
 
 
 def _variants():
@@ -34,6 +36,15 @@ def test_headline_is_the_shipped_config_and_the_extra_differs_only_in_background
 def test_background_off_refuses_a_config_it_cannot_change():
     with pytest.raises(RuntimeError, match="background = true"):
         background_off("[fetch]\nprefetch = true\n")
+
+
+def test_the_hosts_steal_is_the_eighth_figure_of_the_cpu_line():
+    tick = os.sysconf("SC_CLK_TCK")
+    text = f"cpu  386994 0 294656 1810563 148769 0 7068 {3 * tick} 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n"
+    assert stolen_seconds(text) == 3.0
+    assert stolen_seconds() >= 0.0  # this machine's own
+    with pytest.raises(ValueError, match="cpu line"):
+        stolen_seconds("intr 1 2 3\n")
 
 
 def _sample(seconds: float, peak: int = 0) -> Sample:
