@@ -120,6 +120,7 @@ class Sample:
     store_cpu_user_s: float = 0.0  # the store's CPU from its start to the container's exit (lazy variants)
     store_cpu_sys_s: float = 0.0
     host_steal_cpus: float = 0.0   # CPUs the hypervisor took for others during pull + run, on average
+    warm_steal_cpus: float = 0.0   # the same during the warm runs (read-all only)
 
 
 def blob_bytes(registry: RegistryProcess, mark: int, settle: float) -> int:
@@ -176,15 +177,26 @@ def run_sample(podman: Podman, ref: str, cmd: list[str], registry: RegistryProce
         s.store_peak_rss = int(peak_rss_mib(store.pid) * (1 << 20))
         s.store_cpu_user_s, s.store_cpu_sys_s = cpu_seconds(store.pid)
 
-    def again() -> None:
-        if podman.run("run", "--rm", ref, *cmd, timeout=900).stdout != out[0]:
+    warm_seconds = warm_stolen = 0.0
+
+    def again() -> float:
+        """The same command in a new container, timed; the host's steal meanwhile is added up."""
+        nonlocal warm_seconds, warm_stolen
+        stolen0, t0 = stolen_seconds(), time.monotonic()
+        printed = podman.run("run", "--rm", ref, *cmd, timeout=900).stdout
+        seconds = time.monotonic() - t0
+        warm_seconds, warm_stolen = warm_seconds + seconds, warm_stolen + stolen_seconds() - stolen0
+        s.warm_steal_cpus = warm_stolen / warm_seconds
+        if printed != out[0]:
             raise RuntimeError(f"{ref}: {cmd} printed something else in a new container")
+        return seconds
+
     if read_all:
-        s.warm_after_s = timed(again)
+        s.warm_after_s = again()
     if not wait_settled:
         return s
     s.settle_seconds = settle(link, store) if store is not None else 0.0
     s.registry_bytes_settled = blob_bytes(registry, mark, 0.3)
     if read_all:
-        s.warm_settled_s = statistics.median(timed(again) for _ in range(WARM_REPEATS))
+        s.warm_settled_s = statistics.median(again() for _ in range(WARM_REPEATS))
     return s
