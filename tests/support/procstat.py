@@ -1,4 +1,5 @@
-"""What a process costs, from /proc: peak memory and thread count, sampled while a test runs.
+"""What a process costs, from /proc: peak memory and thread count, sampled while a test runs; and
+what the machine's hypervisor took from it meanwhile.
 
 Memory and thread bounds are claims about the daemon process, so they are
 measured on it (``VmHWM``, ``Threads`` in /proc/<pid>/status), not inferred
