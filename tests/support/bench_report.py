@@ -161,6 +161,7 @@ def print_tables(series: dict[tuple[str, str], Series], variants: list[Variant],
         for key, label in (("seconds", workload), ("pull_seconds", "  pull"), ("run_seconds", "  run"),
                            ("warm_after_s", "  warm at once"), ("warm_settled_s", "  warm settled"),
                            ("warm_steal_cpus", "  host's steal in warm runs, CPUs"),
+                           ("warm_store_mb", "  store's writes in warm runs, MB"),
                            ("store_cpu_user_s", "  store CPU user"), ("store_cpu_sys_s", "  store CPU system"),
                            ("host_steal_cpus", "  host's steal, CPUs")):
             cells = []

@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 
 from als.tools.podman import Podman
 from tests.support.linkproxy import LinkProxy
-from tests.support.procstat import cpu_seconds, peak_rss_mib, stolen_seconds
+from tests.support.procstat import cpu_seconds, peak_rss_mib, stolen_seconds, written_bytes
 from tests.support.registry import RegistryProcess
 from tests.support.store_process import StoreProcess
 
@@ -121,6 +121,8 @@ class Sample:
     store_cpu_sys_s: float = 0.0
     host_steal_cpus: float = 0.0   # CPUs the hypervisor took for others during pull + run, on average
     warm_steal_cpus: float = 0.0   # the same during the warm runs (read-all only)
+    warm_store_mb: float = 0.0     # what the store wrote during them: pages the kernel had dropped, read
+                                   # back through it, and (at once) its cache's writes
 
 
 def blob_bytes(registry: RegistryProcess, mark: int, settle: float) -> int:
@@ -180,13 +182,16 @@ def run_sample(podman: Podman, ref: str, cmd: list[str], registry: RegistryProce
     warm_seconds = warm_stolen = 0.0
 
     def again() -> float:
-        """The same command in a new container, timed; the host's steal meanwhile is added up."""
+        """The same command in a new container, timed; the host's steal and the store's writes meanwhile
+        are added up."""
         nonlocal warm_seconds, warm_stolen
-        stolen0, t0 = stolen_seconds(), time.monotonic()
+        stolen0, written0, t0 = stolen_seconds(), written_bytes(store.pid) if store else 0, time.monotonic()
         printed = podman.run("run", "--rm", ref, *cmd, timeout=900).stdout
         seconds = time.monotonic() - t0
         warm_seconds, warm_stolen = warm_seconds + seconds, warm_stolen + stolen_seconds() - stolen0
         s.warm_steal_cpus = warm_stolen / warm_seconds
+        if store is not None:
+            s.warm_store_mb += (written_bytes(store.pid) - written0) / 1e6
         if printed != out[0]:
             raise RuntimeError(f"{ref}: {cmd} printed something else in a new container")
         return seconds

@@ -89,6 +89,19 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def written_bytes(pid: int) -> int:
+    """Bytes a process has written so far, to files, pipes and devices alike (``wchar`` in
+    /proc/PID/io): for the store, its FUSE replies and its cache's writes."""
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == "wchar":
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
 def stolen_seconds(stat_text: str | None = None) -> float:
     """CPU seconds the hypervisor gave other guests while this machine's CPUs had work, summed over
     them since boot (the ``steal`` column of /proc/stat's ``cpu`` line): a virtual machine whose host

@@ -16,7 +16,7 @@ from tests.support import bench_stargz
 from tests.support.bench import variants
 from tests.support.bench_report import Series, compute, index_figure
 from tests.support.bench_runs import SHIPPED_CONFIG, Sample, background_off
-from tests.support.procstat import stolen_seconds
+from tests.support.procstat import stolen_seconds, written_bytes
 
 
 def _variants():
@@ -45,6 +45,13 @@ def test_the_hosts_steal_is_the_eighth_figure_of_the_cpu_line():
     assert stolen_seconds() >= 0.0  # this machine's own
     with pytest.raises(ValueError, match="cpu line"):
         stolen_seconds("intr 1 2 3\n")
+
+
+def test_a_process_written_bytes_count_what_it_wrote(tmp_path):
+    before = written_bytes(os.getpid())
+    (tmp_path / "f").write_bytes(b"x" * (1 << 20))
+    assert written_bytes(os.getpid()) - before >= 1 << 20
+    assert written_bytes(2 ** 22 + 1) == 0  # no such process: nothing, not an error
 
 
 def _sample(seconds: float, peak: int = 0) -> Sample:
