@@ -15,12 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def status(pid: int) -> dict[str, str]:
+def _keyed(path: str) -> dict[str, str]:
+    """A /proc file of ``key: value`` lines."""
     out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    for line in Path(path).read_text().splitlines():
         key, _, value = line.partition(":")
         out[key] = value.strip()
     return out
+
+
+def status(pid: int) -> dict[str, str]:
+    return _keyed(f"/proc/{pid}/status")
 
 
 def _kib(value: str) -> int:
@@ -93,13 +98,9 @@ def written_bytes(pid: int) -> int:
     """Bytes a process has written so far, to files, pipes and devices alike (``wchar`` in
     /proc/PID/io): for the store, its FUSE replies and its cache's writes."""
     try:
-        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key == "wchar":
-                return int(value)
-    except OSError:
-        pass
-    return 0
+        return int(_keyed(f"/proc/{pid}/io")["wchar"])
+    except (OSError, KeyError):
+        return 0
 
 
 def stolen_seconds(stat_text: str | None = None) -> float:
